@@ -1,0 +1,3 @@
+from evcharge.cli import main
+
+raise SystemExit(main())

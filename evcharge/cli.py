@@ -1,0 +1,366 @@
+"""The ``evcharge`` command: server, station simulator, vehicle commands, inspect.
+
+Exit codes: 0 success, 1 the request failed (a typed error is printed; in
+``--json`` mode as ``{"error": {"code": ..., "message": ...}}``), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from rich.console import Console
+
+from evcharge import geo, render
+from evcharge.client import Client, connect
+from evcharge.errors import EvchargeError
+from evcharge.world import SHIPPED, World, WorldError, load_world
+
+log = logging.getLogger("evcharge")
+
+VEHICLE_COMMANDS = """\
+commands:
+  stations [--city C] [--near CITY|LAT,LON] [--limit N]   list the home operator's stations
+  nearest (--near CITY|LAT,LON) [--min-kw KW]              nearest charge point available now
+  status STATION                                           a station's charge points, "free in N min"
+  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve a charge point (default: now, 30 min)
+  reservations [--all]                                     your reservations (--all: past ones too)
+  cancel RESERVATION                                       cancel one of your reservations
+  charge RESERVATION                                       start charging on a reservation
+  release RESERVATION                                      stop charging and free the charge point
+  history                                                  your charging sessions with kWh and cost
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        world = load_world(args.world)
+    except WorldError as exc:
+        print(f"evcharge: bad world file: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(args.run(world, args))
+    except KeyboardInterrupt:
+        return 130
+    except WorldError as exc:
+        print(f"evcharge: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evcharge",
+        description="Book EV charging across companies. Each operator runs a server; "
+        "charge points, vehicles and operator tools connect to it.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--world", default=SHIPPED, help=f"world file (TOML) or a shipped world's name (default: {SHIPPED})"
+    )
+    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
+
+    server = sub.add_parser(
+        "server",
+        parents=[common],
+        help="run one operator's server",
+        description="Run one operator's server: its stations in memory, its store on disk. "
+        "SIGTERM/SIGINT stop it cleanly (in-flight requests finish, queued changes are committed).",
+    )
+    server.add_argument("--operator", required=True, help="operator id from the world file")
+    server.add_argument("--data-dir", type=Path, default=Path("data"), help="where the store lives (default: ./data)")
+    server.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per real second (e.g. 60)")
+    server.add_argument("--host", help="listen address (default: the world file's)")
+    server.add_argument("--port", type=int, help="listen port, 0 for any free one (default: the world file's)")
+    server.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
+    server.add_argument("--store-limit-mb", type=float, help="refuse changes once the store would grow past this")
+    server.set_defaults(run=run_server, log_level="info")
+
+    station = sub.add_parser(
+        "station",
+        parents=[common],
+        help="simulate an operator's charge points",
+        description="Run charge points of an operator as simulated stations that connect to its server.",
+    )
+    station.add_argument("--operator", required=True)
+    station.add_argument("--id", action="append", dest="ids", help="only this charge point (repeatable)")
+    station.add_argument("--server", help="HOST:PORT of the operator's server (default: the world file's)")
+    station.add_argument("--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault")
+    station.set_defaults(run=run_station, log_level="info")
+
+    vehicle = sub.add_parser(
+        "vehicle",
+        parents=[common],
+        help="act as a vehicle: find, reserve, charge, release, history",
+        description="Act as a vehicle connected to its home operator.",
+        epilog=VEHICLE_COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vehicle.add_argument("--id", required=True, help="vehicle id from the world file")
+    vehicle.add_argument("--server", help="HOST:PORT of the home operator (default: the world file's)")
+    vehicle.add_argument("--json", action="store_true", help="machine-readable output")
+    vcmd = vehicle.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
+    p = vcmd.add_parser("stations", help="list stations")
+    p.add_argument("--city")
+    p.add_argument("--near", help="CITY or LAT,LON: sort by distance")
+    p.add_argument("--limit", type=int)
+    p = vcmd.add_parser("nearest", help="nearest available charge point")
+    p.add_argument("--near", required=True, help="CITY or LAT,LON")
+    p.add_argument("--min-kw", type=float, default=0.0)
+    p = vcmd.add_parser("status", help="a station's live status")
+    p.add_argument("station")
+    p = vcmd.add_parser("reserve", help="reserve a charge point")
+    p.add_argument("charge_point")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--start", help="ISO time (UTC if no offset)")
+    when.add_argument("--in", dest="in_minutes", type=float, help="minutes from now (server time)")
+    p.add_argument("--minutes", type=int, default=30)
+    p = vcmd.add_parser("reservations", help="your reservations")
+    p.add_argument("--all", action="store_true", help="include finished ones")
+    for name, text in (("cancel", "cancel a reservation"), ("charge", "start charging"), ("release", "stop charging")):
+        vcmd.add_parser(name, help=text).add_argument("reservation")
+    vcmd.add_parser("history", help="charging history with kWh and cost")
+    vehicle.set_defaults(run=run_vehicle)
+
+    inspect = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="an operator's whole state (with its secret)",
+        description="Print every station, charge point and reservation of an operator.",
+    )
+    inspect.add_argument("--operator", required=True)
+    inspect.add_argument("--server", help="HOST:PORT (default: the world file's)")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=run_inspect)
+    return parser
+
+
+def _address(world: World, operator_id: str, override: str | None) -> tuple[str, int]:
+    if override:
+        host, _, port = override.rpartition(":")
+        return host or "127.0.0.1", int(port)
+    op = world.operator(operator_id)
+    return op.host, op.port
+
+
+# --- server and stations ------------------------------------------------------------
+
+
+async def run_server(world: World, args: argparse.Namespace) -> int:
+    from evcharge.server import Server
+
+    limit = int(args.store_limit_mb * 1024 * 1024) if args.store_limit_mb else None
+    server = Server(
+        world,
+        args.operator,
+        args.data_dir,
+        time_scale=args.time_scale,
+        host=args.host,
+        port=args.port,
+        store_max_bytes=limit,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if args.ready_file:
+        _write_atomically(args.ready_file, json.dumps({"host": server.host, "port": server.port, "pid": os.getpid()}))
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+async def run_station(world: World, args: argparse.Namespace) -> int:
+    from evcharge.station import run_stations
+
+    host, port = _address(world, args.operator, args.server)
+    task = asyncio.ensure_future(run_stations(world, args.operator, host=host, port=port, only=args.ids))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        return 0
+    except ValueError as exc:
+        print(f"evcharge station: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --- vehicle commands -------------------------------------------------------------------
+
+
+def _position(text: str) -> tuple[float, float]:
+    if "," in text:
+        lat, lon = text.split(",", 1)
+        try:
+            return float(lat), float(lon)
+        except ValueError:
+            pass
+    try:
+        return geo.find_city(text)[1]
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+
+
+class UsageError(Exception):
+    pass
+
+
+def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
+    if args.start:
+        try:
+            start = datetime.fromisoformat(args.start)
+        except ValueError:
+            raise UsageError(f"--start {args.start!r} is not an ISO time (e.g. 2026-11-23T14:30)") from None
+        return start if start.tzinfo else start.replace(tzinfo=UTC)
+    return now + timedelta(minutes=args.in_minutes or 0)
+
+
+async def run_vehicle(world: World, args: argparse.Namespace) -> int:
+    vehicle = world.vehicle(args.id)
+    host, port = _address(world, vehicle.home, args.server)
+    return await _run_client(
+        args, lambda: connect(host, port, role="vehicle", ident=vehicle.id, secret=vehicle.token), vehicle_command
+    )
+
+
+async def run_inspect(world: World, args: argparse.Namespace) -> int:
+    op = world.operator(args.operator)
+    host, port = _address(world, op.id, args.server)
+    return await _run_client(args, lambda: connect(host, port, role="operator", ident=op.id, secret=op.secret), inspect)
+
+
+async def _run_client(
+    args: argparse.Namespace,
+    connector: Callable[[], Any],
+    command: Callable[[Client, argparse.Namespace, Console], Awaitable[Any]],
+) -> int:
+    # Tables need room; a pipe or a log file gets a generous width, not 80.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    try:
+        async with connector() as client:
+            result = await command(client, args, console)
+    except EvchargeError as exc:
+        if args.json:
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+            if exc.next_free is not None:
+                error["next_free"] = exc.next_free
+            print(render.to_json({"error": error}))
+        else:
+            console.print(f"[red]{exc.code}[/]: {exc.message}")
+        return 1
+    except UsageError as exc:
+        print(f"evcharge: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(render.to_json(result))
+    return 0
+
+
+async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> Any:
+    now = c.server_now()
+    human = not args.json
+    match args.command:
+        case "stations":
+            near = _position(args.near) if args.near else None
+            stations = await c.list_stations(city=args.city, near=near, limit=args.limit)
+            if human:
+                out.print(render.stations_table(stations, now))
+            return {"stations": stations}
+        case "nearest":
+            lat, lon = _position(args.near)
+            found = await c.find_nearest(lat, lon, min_power_kw=args.min_kw)
+            if human:
+                cp = next(cp for cp in found.station.charge_points if cp.id == found.charge_point_id)
+                out.print(
+                    f"Nearest: [bold]{found.station.name}[/] ({found.station.city}), {found.distance_km:.1f} km — "
+                    f"charge point [bold]{cp.id}[/] {cp.power_kw:g} kW {cp.connector}, R$ {cp.price_per_kwh:.2f}/kWh"
+                )
+            return {
+                "station": found.station,
+                "charge_point_id": found.charge_point_id,
+                "distance_km": found.distance_km,
+            }
+        case "status":
+            station = await c.station_status(args.station)
+            if human:
+                render.station_status(station, now, out)
+            return {"station": station}
+        case "reserve":
+            r = await c.reserve(args.charge_point, _start_time(args, now), args.minutes)
+            if human:
+                out.print(
+                    f"Reserved [bold]{r.charge_point_id}[/] {render.when(r.start, now)} until {r.end:%H:%M}Z "
+                    f"— reservation [bold]{r.id}[/]"
+                )
+            return {"reservation": r}
+        case "reservations":
+            mine = await c.reservations(include_past=args.all)
+            if human:
+                out.print(render.reservations_table(mine, now, title=f"Reservations of {args.id}"))
+            return {"reservations": mine}
+        case "cancel":
+            r = await c.cancel(args.reservation)
+            if human:
+                out.print(f"Reservation [bold]{r.id}[/] is {r.state}; {r.charge_point_id} is free again")
+            return {"reservation": r}
+        case "charge":
+            r = await c.start_charging(args.reservation)
+            if human:
+                out.print(f"Charging on [bold]{r.charge_point_id}[/] until {r.end:%H:%M}Z (reservation {r.id})")
+            return {"reservation": r}
+        case "release":
+            r = await c.stop_charging(args.reservation)
+            if human:
+                out.print(f"Released [bold]{r.charge_point_id}[/]: {r.kwh:.2f} kWh, R$ {r.cost:.2f}")
+            return {"reservation": r}
+        case "history":
+            history = await c.history()
+            if human:
+                out.print(render.history_table(history))
+            return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
+    raise UsageError(f"unknown command {args.command}")
+
+
+async def inspect(c: Client, args: argparse.Namespace, out: Console) -> Any:
+    result = await c.inspect()
+    if not args.json:
+        out.print(render.stations_table(result.stations, result.server_time, title=f"Operator {result.operator_id}"))
+        out.print(render.reservations_table(result.reservations, result.server_time))
+    return {
+        "operator_id": result.operator_id,
+        "server_time": result.server_time,
+        "stations": result.stations,
+        "reservations": result.reservations,
+    }

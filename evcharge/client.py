@@ -1,0 +1,243 @@
+"""The Python client: one typed coroutine per request.
+
+    async with connect(host, port, role="vehicle", ident="V01", secret="...") as c:
+        nearest = await c.find_nearest(-5.79, -35.21)
+
+Requests are pipelined over one connection (call them concurrently with
+``asyncio.gather``); an ``Error`` reply is raised as the matching
+``EvchargeError`` subclass. Events pushed by the server go to the callbacks in
+``on_event``; a charge point's commands from the server go to ``on_request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from evcharge import protocol as p
+from evcharge.errors import (
+    BadRequestError,
+    ConnectionLostError,
+    EvchargeError,
+    ForbiddenError,
+    InternalError,
+    RequestTimeoutError,
+    UnavailableError,
+    error_from_reply,
+)
+from evcharge.protocol import FrameTooLarge, UndecodableMessage
+from evcharge.transport import DEFAULT_REQUEST_TIMEOUT, Connection, ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=p.Reply)
+RequestHandler = Callable[[p.Request], Awaitable[p.Reply]]
+EventHandler = Callable[[p.Event], None]
+
+
+class Client:
+    def __init__(self, conn: Connection, welcome: p.Welcome, *, timeout: float) -> None:
+        self.conn = conn
+        self.welcome = welcome
+        self.timeout = timeout
+        self.on_event: list[EventHandler] = []
+        self.on_request: RequestHandler | None = None
+        self._welcomed_at = time.monotonic()
+        self._reader: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+
+    @property
+    def time_scale(self) -> float:
+        return self.welcome.time_scale
+
+    def server_now(self) -> datetime:
+        """The server's simulated time, estimated from the handshake."""
+        elapsed = (time.monotonic() - self._welcomed_at) * self.welcome.time_scale
+        return self.welcome.server_time + timedelta(seconds=elapsed)
+
+    def _start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    message = await self.conn.receive()
+                except UndecodableMessage as exc:
+                    error = BadRequestError(f"undecodable message from server: {exc.reason}")
+                    if not self.conn.fail_request(exc.request_id, error):
+                        log.warning("%s", error)
+                    continue
+                if isinstance(message, p.Reply):
+                    self.conn.resolve(message)
+                elif isinstance(message, p.Event):
+                    for handler in list(self.on_event):
+                        handler(message)
+                elif isinstance(message, p.Request):
+                    task = asyncio.get_running_loop().create_task(self._serve(message))
+                    self._handlers.add(task)
+                    task.add_done_callback(self._handlers.discard)
+        except (ConnectionClosed, FrameTooLarge):
+            pass
+        finally:
+            await self.conn.close()
+            self.closed.set()
+
+    async def _serve(self, request: p.Request) -> None:
+        try:
+            if self.on_request is None:
+                raise ForbiddenError(f"this client does not accept {type(request).__name__}")
+            reply = await self.on_request(request)
+            reply.id = request.id
+        except EvchargeError as exc:
+            reply = exc.to_reply(request.id)
+        except Exception as exc:
+            log.exception("handling %s", type(request).__name__)
+            reply = InternalError(f"client failed: {exc}").to_reply(request.id)
+        with contextlib.suppress(ConnectionLostError):
+            await self.conn.send(reply)
+
+    async def close(self) -> None:
+        await self.conn.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def call(self, request: p.Request, expect: type[R], timeout: float | None = None) -> R:
+        reply = await self.conn.request(request, timeout=timeout or self.timeout)
+        if not isinstance(reply, expect):
+            raise BadRequestError(f"expected {expect.__name__} in reply, got {type(reply).__name__}")
+        return reply
+
+    # --- any role ---------------------------------------------------------------------
+
+    async def heartbeat(self) -> datetime:
+        return (await self.call(p.Heartbeat(), p.HeartbeatAck)).server_time
+
+    async def list_stations(
+        self, *, city: str | None = None, near: tuple[float, float] | None = None, limit: int | None = None
+    ) -> list[p.StationInfo]:
+        lat, lon = near if near is not None else (None, None)
+        reply = await self.call(p.ListStations(city=city, lat=lat, lon=lon, limit=limit), p.StationList)
+        return reply.stations
+
+    async def find_nearest(self, lat: float, lon: float, *, min_power_kw: float = 0.0) -> p.NearestResult:
+        return await self.call(p.FindNearest(lat=lat, lon=lon, min_power_kw=min_power_kw), p.NearestResult)
+
+    async def station_status(self, station_id: str) -> p.StationInfo:
+        return (await self.call(p.GetStationStatus(station_id=station_id), p.StationStatus)).station
+
+    # --- vehicles -------------------------------------------------------------------
+
+    async def reserve(self, charge_point_id: str, start: datetime, minutes: int) -> p.ReservationInfo:
+        reply = await self.call(
+            p.Reserve(charge_point_id=charge_point_id, start=start, minutes=minutes), p.ReservationReply
+        )
+        return reply.reservation
+
+    async def reservations(self, *, include_past: bool = False) -> list[p.ReservationInfo]:
+        return (await self.call(p.ListReservations(include_past=include_past), p.ReservationList)).reservations
+
+    async def cancel(self, reservation_id: str) -> p.ReservationInfo:
+        return (await self.call(p.CancelReservation(reservation_id=reservation_id), p.ReservationReply)).reservation
+
+    async def start_charging(self, reservation_id: str) -> p.ReservationInfo:
+        reply = await self.call(p.StartCharging(reservation_id=reservation_id), p.ReservationReply)
+        return reply.reservation
+
+    async def stop_charging(self, reservation_id: str) -> p.ReservationInfo:
+        reply = await self.call(p.StopCharging(reservation_id=reservation_id), p.ReservationReply)
+        return reply.reservation
+
+    async def history(self) -> p.History:
+        return await self.call(p.GetHistory(), p.History)
+
+    async def update_position(self, lat: float, lon: float) -> None:
+        await self.call(p.UpdatePosition(lat=lat, lon=lon), p.Ok)
+
+    # --- operators ------------------------------------------------------------------
+
+    async def inspect(self) -> p.InspectResult:
+        return await self.call(p.Inspect(), p.InspectResult)
+
+    # --- charge points ----------------------------------------------------------------
+
+    async def report_status(self, status: p.ReportedStatus, info: str = "") -> None:
+        await self.call(p.StatusNotification(status=status, info=info), p.Ok)
+
+    def send_meter(self, reservation_id: str, kwh: float) -> None:
+        self.conn.write_nowait(p.MeterValues(reservation_id=reservation_id, kwh=kwh))
+
+    async def session_complete(self, reservation_id: str, kwh: float, reason: str = "") -> None:
+        await self.call(p.SessionComplete(reservation_id=reservation_id, kwh=kwh, reason=reason), p.Ok)
+
+
+async def open_client(
+    host: str,
+    port: int,
+    *,
+    role: p.Role,
+    ident: str,
+    secret: str,
+    timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Client:
+    """Connect and say Hello; the caller must ``close()`` the client."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context, limit=p.MAX_FRAME)
+    except TimeoutError:
+        raise RequestTimeoutError(f"could not connect to {host}:{port} within {timeout:g} s") from None
+    except OSError as exc:
+        raise UnavailableError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    conn = Connection(reader, writer)
+    try:
+        hello = p.Hello(version=p.PROTOCOL_VERSION, role=role, ident=ident, credential=secret)
+        hello.id = 1
+        await conn.send(hello)
+        try:
+            reply = await conn.receive(timeout=timeout)
+        except TimeoutError:
+            raise RequestTimeoutError(f"{host}:{port} did not answer Hello within {timeout:g} s") from None
+        except (ConnectionClosed, UndecodableMessage, FrameTooLarge) as exc:
+            raise ConnectionLostError(f"{host}:{port} closed the connection during the handshake") from exc
+        if isinstance(reply, p.Error):
+            raise error_from_reply(reply)
+        if not isinstance(reply, p.Welcome):
+            raise BadRequestError(f"expected Welcome, got {type(reply).__name__}")
+    except BaseException:
+        await conn.close()
+        raise
+    client = Client(conn, reply, timeout=timeout)
+    client._start()
+    return client
+
+
+@asynccontextmanager
+async def connect(
+    host: str,
+    port: int,
+    *,
+    role: p.Role,
+    ident: str,
+    secret: str,
+    timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[Client]:
+    client = await open_client(
+        host, port, role=role, ident=ident, secret=secret, timeout=timeout, ssl_context=ssl_context
+    )
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -1,0 +1,39 @@
+"""In-memory records of an operator's state (what the store persists)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evcharge.protocol import LIVE_STATES
+
+
+@dataclass(slots=True)
+class Reservation:
+    id: str
+    charge_point_id: str
+    vehicle_id: str
+    start: int  # simulated epoch seconds, half-open [start, end)
+    end: int
+    state: str
+    created: int
+    trip_id: str | None = None
+    hold_deadline: int | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+
+@dataclass(slots=True)
+class ChargingSession:
+    reservation_id: str
+    vehicle_id: str
+    charge_point_id: str
+    started: int
+    price_per_kwh: float
+    ended: int | None = None
+    kwh: float = 0.0
+
+    @property
+    def cost(self) -> float:
+        return round(self.kwh * self.price_per_kwh, 2)

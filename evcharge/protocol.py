@@ -1,0 +1,437 @@
+"""Every message on the wire, and how it is framed. No I/O here.
+
+A frame is a 4-byte big-endian unsigned length followed by that many bytes of
+msgpack. Each message is a msgspec Struct tagged by its class name in the
+``type`` field, so one decoder turns any frame into the right class.
+
+Three kinds of message:
+
+* ``Request`` carries an ``id``; the other side answers with a ``Reply`` that
+  echoes it (``Error`` is a reply too). Either side may send requests: the
+  server sends commands to charge points the same way clients send queries.
+* ``Reply`` answers one request.
+* ``Event`` is pushed without an id and is never answered.
+"""
+
+from __future__ import annotations
+
+import struct
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20  # 1 MiB: the default cap, checked before the body is read
+HEADER = struct.Struct(">I")
+
+Role = Literal["vehicle", "station", "operator", "peer"]
+ErrorCode = Literal[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "unavailable",
+    "timeout",
+    "too_large",
+    "unsupported_version",
+    "internal",
+]
+ReservationState = Literal["held", "booked", "charging", "completed", "cancelled", "expired", "aborted"]
+LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
+ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "offline"]
+# What a charge point may say about itself; the server derives the rest.
+ReportedStatus = Literal["available", "faulted"]
+
+
+class Message(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    pass
+
+
+class Request(Message):
+    id: int = 0
+
+
+class Reply(Message):
+    id: int = 0
+
+
+class Event(Message):
+    pass
+
+
+# --- shared data shapes (not messages themselves) ---------------------------
+
+
+class Interval(msgspec.Struct, omit_defaults=True):
+    start: datetime
+    end: datetime
+
+
+class ChargePointInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    power_kw: float
+    connector: str
+    price_per_kwh: float
+    status: ChargePointStatus = "offline"
+    # Earliest time from now at which the charge point is free (None: free now).
+    free_at: datetime | None = None
+    # Live reservations ahead, without who holds them (only in station status).
+    busy: list[Interval] = []
+
+
+class StationInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    operator_id: str
+    name: str
+    city: str
+    lat: float
+    lon: float
+    charge_points: list[ChargePointInfo] = []
+    distance_km: float | None = None
+
+
+class ReservationInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    operator_id: str
+    station_id: str
+    charge_point_id: str
+    vehicle_id: str
+    start: datetime
+    end: datetime
+    state: ReservationState
+    trip_id: str | None = None
+    kwh: float = 0.0
+    cost: float = 0.0
+
+
+class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    reservation_id: str
+    operator_id: str
+    station_id: str
+    city: str
+    charge_point_id: str
+    started: datetime
+    ended: datetime
+    kwh: float
+    price_per_kwh: float
+    cost: float
+
+
+# --- handshake -----------------------------------------------------------------
+
+
+class Hello(Request, kw_only=True):
+    version: int
+    role: Role
+    ident: str
+    credential: str
+
+
+class Welcome(Reply, kw_only=True):
+    version: int
+    operator_id: str
+    operator_name: str
+    server_time: datetime
+    time_scale: float
+
+
+# --- generic replies -----------------------------------------------------------
+
+
+class Error(Reply, kw_only=True):
+    code: ErrorCode
+    message: str
+    # For `conflict`: the next start time at which the asked-for slot fits.
+    next_free: datetime | None = None
+
+
+class Ok(Reply, kw_only=True):
+    pass
+
+
+# --- vehicle requests and their replies ----------------------------------------
+
+
+class ListStations(Request, kw_only=True):
+    city: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    limit: int | None = None
+
+
+class StationList(Reply, kw_only=True):
+    stations: list[StationInfo]
+
+
+class FindNearest(Request, kw_only=True):
+    lat: float
+    lon: float
+    min_power_kw: float = 0.0
+
+
+class NearestResult(Reply, kw_only=True):
+    station: StationInfo
+    charge_point_id: str
+    distance_km: float
+
+
+class GetStationStatus(Request, kw_only=True):
+    station_id: str
+
+
+class StationStatus(Reply, kw_only=True):
+    station: StationInfo
+    server_time: datetime
+
+
+class Reserve(Request, kw_only=True):
+    charge_point_id: str
+    start: datetime
+    minutes: int
+
+
+class ListReservations(Request, kw_only=True):
+    include_past: bool = False
+
+
+class ReservationList(Reply, kw_only=True):
+    reservations: list[ReservationInfo]
+
+
+class CancelReservation(Request, kw_only=True):
+    reservation_id: str
+
+
+class StartCharging(Request, kw_only=True):
+    reservation_id: str
+
+
+class StopCharging(Request, kw_only=True):
+    reservation_id: str
+
+
+class ReservationReply(Reply, kw_only=True):
+    reservation: ReservationInfo
+
+
+class GetHistory(Request, kw_only=True):
+    pass
+
+
+class History(Reply, kw_only=True):
+    sessions: list[SessionInfo]
+    total_kwh: float
+    total_cost: float
+
+
+class UpdatePosition(Request, kw_only=True):
+    lat: float
+    lon: float
+
+
+# --- operator requests -----------------------------------------------------------
+
+
+class Inspect(Request, kw_only=True):
+    pass
+
+
+class InspectResult(Reply, kw_only=True):
+    operator_id: str
+    server_time: datetime
+    stations: list[StationInfo]
+    reservations: list[ReservationInfo]
+
+
+# --- charge point (station role) -----------------------------------------------
+
+
+class StatusNotification(Request, kw_only=True):
+    status: ReportedStatus
+    info: str = ""
+
+
+class Heartbeat(Request, kw_only=True):
+    pass
+
+
+class HeartbeatAck(Reply, kw_only=True):
+    server_time: datetime
+
+
+class MeterValues(Event, kw_only=True):
+    reservation_id: str
+    kwh: float
+
+
+class SessionComplete(Request, kw_only=True):
+    """The charge point ended a session itself (vehicle full, unplugged, fault)."""
+
+    reservation_id: str
+    kwh: float
+    reason: str = ""
+
+
+# Server -> charge point commands.
+class RemoteStart(Request, kw_only=True):
+    reservation_id: str
+    vehicle_id: str
+    until: datetime
+
+
+class RemoteStop(Request, kw_only=True):
+    reservation_id: str
+
+
+class SessionReport(Reply, kw_only=True):
+    reservation_id: str
+    kwh: float
+
+
+# --- pushes to vehicles and operators ------------------------------------------
+
+
+class ReservationChanged(Event, kw_only=True):
+    reservation: ReservationInfo
+    reason: str
+
+
+class ChargingProgress(Event, kw_only=True):
+    reservation_id: str
+    kwh: float
+    cost: float
+
+
+class ChargePointChanged(Event, kw_only=True):
+    station_id: str
+    charge_point_id: str
+    status: ChargePointStatus
+
+
+AnyMessage = (
+    Hello
+    | Welcome
+    | Error
+    | Ok
+    | ListStations
+    | StationList
+    | FindNearest
+    | NearestResult
+    | GetStationStatus
+    | StationStatus
+    | Reserve
+    | ListReservations
+    | ReservationList
+    | CancelReservation
+    | StartCharging
+    | StopCharging
+    | ReservationReply
+    | GetHistory
+    | History
+    | UpdatePosition
+    | Inspect
+    | InspectResult
+    | StatusNotification
+    | Heartbeat
+    | HeartbeatAck
+    | MeterValues
+    | SessionComplete
+    | RemoteStart
+    | RemoteStop
+    | SessionReport
+    | ReservationChanged
+    | ChargingProgress
+    | ChargePointChanged
+)
+
+
+# --- codec and framing ---------------------------------------------------------
+
+
+class FrameTooLarge(Exception):
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the {limit}-byte limit")
+        self.length = length
+        self.limit = limit
+
+
+class UndecodableMessage(Exception):
+    """A whole frame arrived but its body is not a valid message.
+
+    The framing is still in step, so the connection can go on; ``request_id``
+    is the id found in the body, if any, so the error can be answered.
+    """
+
+    def __init__(self, reason: str, request_id: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+class _IdProbe(msgspec.Struct):
+    id: int = 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+_id_probe = msgspec.msgpack.Decoder(_IdProbe)
+
+
+def encode_frame(message: Message) -> bytes:
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes | memoryview) -> Message:
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        try:
+            request_id = _id_probe.decode(body).id
+        except msgspec.DecodeError:
+            request_id = 0
+        raise UndecodableMessage(str(exc), request_id) from None
+
+
+class FrameBuffer:
+    """Splits a byte stream into frame bodies (sans-I/O).
+
+    Feed it bytes in any chunking; ``next_body`` returns each complete body
+    once. An announced length above the limit raises ``FrameTooLarge`` as soon
+    as the 4-byte header is in, before any of the body is buffered.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def next_body(self) -> bytes | None:
+        available = len(self._buf) - self._pos
+        if available < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buf, self._pos)
+        if length > self.max_frame:
+            raise FrameTooLarge(length, self.max_frame)
+        if available < HEADER.size + length:
+            return None
+        start = self._pos + HEADER.size
+        body = bytes(self._buf[start : start + length])
+        self._pos = start + length
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            # Drop consumed bytes now and then so the buffer does not only grow.
+            del self._buf[: self._pos]
+            self._pos = 0
+        return body
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos

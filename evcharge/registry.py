@@ -1,0 +1,502 @@
+"""An operator's stations, charge points and reservations, in memory.
+
+Reads (queries, status) take the reader side of one async reader-writer lock;
+changes take the writer side, apply in memory, and queue their SQL for the
+store. The lock is released before waiting for the commit, and the caller is
+answered only after that commit, so nothing is acknowledged that a crash could
+lose, and no lock is ever held across I/O.
+
+If the store fails, the change is refused with ``unavailable``; memory is then
+rebuilt from what is on disk once the store can write again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import aiorwlock
+
+from evcharge import protocol as p
+from evcharge.clock import SimClock, to_datetime
+from evcharge.errors import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    UnavailableError,
+)
+from evcharge.geo import great_circle_km
+from evcharge.ledger import Ledger
+from evcharge.model import ChargingSession, Reservation
+from evcharge.store import Op, Store, StoredState, StoreError, put_reservation, put_session
+from evcharge.world import ChargePointConfig, StationConfig, World
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIN = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asks: a vehicle acts for itself, an operator for all of its state."""
+
+    role: str
+    ident: str
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.ident}"
+
+
+@dataclass(slots=True)
+class ChargePointState:
+    config: ChargePointConfig
+    station: StationConfig
+    ledger: Ledger = field(default_factory=Ledger)
+    online: bool = False
+    faulted: bool = False
+    charging: str | None = None  # reservation being charged
+
+
+class Listener(Protocol):
+    def reservation_changed(self, reservation: Reservation, reason: str) -> None: ...
+
+    def charge_point_changed(self, cp_id: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _Change(Generic[T]):
+    result: T
+    ops: list[Op] = field(default_factory=list)
+    changed: list[tuple[Reservation, str]] = field(default_factory=list)
+
+
+class Registry:
+    def __init__(self, world: World, operator_id: str, store: Store, clock: SimClock) -> None:
+        self.world = world
+        self.operator_id = operator_id
+        self.rules = world.rules
+        self.store = store
+        self.clock = clock
+        self.lock = aiorwlock.RWLock()
+        self.listeners: list[Listener] = []
+        self.stations: dict[str, StationConfig] = {s.id: s for s in world.stations_of(operator_id)}
+        self.charge_points: dict[str, ChargePointState] = {
+            cp.id: ChargePointState(cp, s) for s in self.stations.values() for cp in s.charge_points
+        }
+        self.reservations: dict[str, Reservation] = {}
+        self.by_vehicle: dict[str, list[Reservation]] = {}
+        self.sessions: dict[str, ChargingSession] = {}
+        self.positions: dict[str, tuple[float, float]] = {}
+        self._recovery: asyncio.Task[None] | None = None
+
+    # --- loading ---------------------------------------------------------------------
+
+    def load(self, state: StoredState) -> None:
+        """Replace reservations and sessions with what the store holds."""
+        for cp in self.charge_points.values():
+            cp.ledger = Ledger()
+            cp.charging = None
+        self.reservations = {}
+        self.by_vehicle = {}
+        for r in state.reservations:
+            if r.charge_point_id not in self.charge_points:
+                log.warning("reservation %s names unknown charge point %s; kept as is", r.id, r.charge_point_id)
+            self._index(r)
+        self.sessions = {s.reservation_id: s for s in state.sessions}
+
+    def _index(self, r: Reservation) -> None:
+        self.reservations[r.id] = r
+        self.by_vehicle.setdefault(r.vehicle_id, []).append(r)
+        cp = self.charge_points.get(r.charge_point_id)
+        if cp is not None and r.live:
+            cp.ledger.add(r.start, r.end, r.id)
+            if r.state == "charging":
+                cp.charging = r.id
+
+    def _leave_live(self, r: Reservation, state: str) -> None:
+        cp = self.charge_points[r.charge_point_id]
+        if r.live:
+            cp.ledger.remove(r.start, r.id)
+        if cp.charging == r.id:
+            cp.charging = None
+        r.state = state
+
+    # --- the one way to change state -----------------------------------------------
+
+    async def _apply(self, actor: Actor, what: str, mutate: Callable[[], _Change[T]]) -> T:
+        if self.store.failed:
+            raise UnavailableError("the operator's store cannot be written; changes are refused for now")
+        async with self.lock.writer_lock:
+            change = mutate()
+        if change.ops:
+            try:
+                await self.store.commit(change.ops)
+            except StoreError as exc:
+                log.error("%s by %s refused: %s", what, actor, exc)
+                self._start_recovery()
+                raise UnavailableError("the change could not be stored; it was not made") from None
+            log.info("%s by %s", what, actor)
+        for reservation, reason in change.changed:
+            for listener in self.listeners:
+                listener.reservation_changed(reservation, reason)
+        return change.result
+
+    def _start_recovery(self) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            state = await self.store.recover()
+            if state is not None:
+                async with self.lock.writer_lock:
+                    self.load(state)
+                log.warning("store writable again; state reloaded from disk")
+                return
+            delay = min(delay * 2, 5.0)
+
+    async def stop(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
+
+    # --- reservations ------------------------------------------------------------
+
+    def _reservation(self, reservation_id: str) -> Reservation:
+        r = self.reservations.get(reservation_id)
+        if r is None:
+            raise NotFoundError(f"no reservation {reservation_id!r}")
+        return r
+
+    def _owned(self, actor: Actor, reservation_id: str) -> Reservation:
+        r = self._reservation(reservation_id)
+        if actor.role == "vehicle" and r.vehicle_id != actor.ident:
+            raise ForbiddenError(f"reservation {reservation_id} belongs to another vehicle")
+        return r
+
+    def _charge_point(self, cp_id: str) -> ChargePointState:
+        cp = self.charge_points.get(cp_id)
+        if cp is None:
+            raise NotFoundError(f"no charge point {cp_id!r} at operator {self.operator_id}")
+        return cp
+
+    async def reserve(self, actor: Actor, vehicle_id: str, cp_id: str, start: int, minutes: int) -> Reservation:
+        rules = self.rules
+        if not 1 <= minutes <= rules.max_reservation_min:
+            raise BadRequestError(f"duration must be 1..{rules.max_reservation_min} minutes, not {minutes}")
+        now = int(self.clock.now())
+        if start < now - MIN:
+            raise BadRequestError(f"start {to_datetime(start):%Y-%m-%d %H:%M}Z is in the past")
+        if start > now + rules.max_advance_days * 86400:
+            raise BadRequestError(f"start is more than {rules.max_advance_days} days ahead")
+        end = start + minutes * MIN
+
+        def mutate() -> _Change[Reservation]:
+            cp = self._charge_point(cp_id)
+            if cp.faulted:
+                raise UnavailableError(f"charge point {cp_id} is faulted")
+            if not cp.ledger.fits(start, end):
+                free = cp.ledger.next_free(start, end - start)
+                raise ConflictError(
+                    f"charge point {cp_id} is taken then; next free start {to_datetime(free):%Y-%m-%d %H:%M}Z",
+                    next_free=to_datetime(free),
+                )
+            r = Reservation(
+                id=f"{self.operator_id}-{secrets.token_hex(5)}",
+                charge_point_id=cp_id,
+                vehicle_id=vehicle_id,
+                start=start,
+                end=end,
+                state="booked",
+                created=now,
+            )
+            self._index(r)
+            return _Change(r, [put_reservation(r)], [(r, "booked")])
+
+        return await self._apply(actor, f"reserve {cp_id} {minutes} min for {vehicle_id}", mutate)
+
+    async def cancel(self, actor: Actor, reservation_id: str) -> Reservation:
+        def mutate() -> _Change[Reservation]:
+            r = self._owned(actor, reservation_id)
+            if r.state in ("cancelled", "expired", "completed", "aborted"):
+                return _Change(r)  # cancelling twice is not an error: the slot is free
+            if r.state == "charging":
+                raise ConflictError(f"reservation {reservation_id} is charging; stop charging first")
+            if r.state == "held":
+                raise ConflictError(f"reservation {reservation_id} is held by a trip booking in progress")
+            self._leave_live(r, "cancelled")
+            return _Change(r, [put_reservation(r)], [(r, "cancelled")])
+
+        return await self._apply(actor, f"cancel {reservation_id}", mutate)
+
+    def check_can_start(self, actor: Actor, reservation_id: str) -> tuple[Reservation, ChargePointState]:
+        """Raise unless charging may begin on this reservation now."""
+        r = self._owned(actor, reservation_id)
+        if r.state == "charging":
+            raise ConflictError(f"reservation {reservation_id} is already charging")
+        if r.state != "booked":
+            raise ConflictError(f"reservation {reservation_id} is {r.state}")
+        now = self.clock.now()
+        if now < r.start - self.rules.early_start_min * MIN:
+            raise ConflictError(
+                f"too early: reservation {reservation_id} starts at {to_datetime(r.start):%H:%M}Z "
+                f"(charging may begin {self.rules.early_start_min} min before)"
+            )
+        if now >= r.end:
+            raise ConflictError(f"reservation {reservation_id} has ended")
+        cp = self.charge_points[r.charge_point_id]
+        if not cp.online:
+            raise UnavailableError(f"charge point {cp.config.id} is offline")
+        if cp.faulted:
+            raise UnavailableError(f"charge point {cp.config.id} is faulted")
+        if cp.charging is not None:
+            raise ConflictError(f"charge point {cp.config.id} is still charging another vehicle")
+        return r, cp
+
+    async def begin_charging(self, actor: Actor, reservation_id: str) -> Reservation:
+        def mutate() -> _Change[Reservation]:
+            r, cp = self.check_can_start(actor, reservation_id)
+            r.state = "charging"
+            cp.charging = r.id
+            session = ChargingSession(
+                reservation_id=r.id,
+                vehicle_id=r.vehicle_id,
+                charge_point_id=cp.config.id,
+                started=int(self.clock.now()),
+                price_per_kwh=cp.config.price_per_kwh,
+            )
+            self.sessions[r.id] = session
+            return _Change(r, [put_reservation(r), put_session(session)], [(r, "charging")])
+
+        result = await self._apply(actor, f"start charging {reservation_id}", mutate)
+        self._charge_point_changed(result.charge_point_id)
+        return result
+
+    def check_charging(self, actor: Actor, reservation_id: str) -> Reservation:
+        r = self._owned(actor, reservation_id)
+        if r.state != "charging":
+            raise ConflictError(f"reservation {reservation_id} is {r.state}, not charging")
+        return r
+
+    def record_meter(self, cp_id: str, reservation_id: str, kwh: float) -> ChargingSession | None:
+        """A meter value from the charge point (kept in memory; stored at the end)."""
+        session = self.sessions.get(reservation_id)
+        if session is None or session.charge_point_id != cp_id or session.ended is not None:
+            return None
+        session.kwh = max(session.kwh, round(kwh, 4))
+        return session
+
+    async def complete_charging(self, actor: Actor, reservation_id: str, kwh: float | None, reason: str) -> Reservation:
+        """End a charging session with the final meter reading (None: the last one seen)."""
+
+        def mutate() -> _Change[Reservation]:
+            r = self._reservation(reservation_id)
+            if actor.role == "station" and r.charge_point_id != actor.ident:
+                raise ForbiddenError(f"reservation {reservation_id} is not on charge point {actor.ident}")
+            if actor.role == "vehicle" and r.vehicle_id != actor.ident:
+                raise ForbiddenError(f"reservation {reservation_id} belongs to another vehicle")
+            if r.state != "charging":
+                return _Change(r)  # already completed: reporting twice is harmless
+            session = self.sessions[r.id]
+            if kwh is not None:
+                session.kwh = max(session.kwh, round(kwh, 4))
+            session.ended = max(int(self.clock.now()), session.started)
+            self._leave_live(r, "completed")
+            return _Change(r, [put_reservation(r), put_session(session)], [(r, reason)])
+
+        result = await self._apply(actor, f"complete charging {reservation_id} ({reason})", mutate)
+        self._charge_point_changed(result.charge_point_id)
+        return result
+
+    async def expire_no_shows(self) -> list[Reservation]:
+        """Booked reservations whose grace period passed without charging."""
+        now = int(self.clock.now())
+        grace = self.rules.no_show_grace_min * MIN
+
+        def mutate() -> _Change[list[Reservation]]:
+            expired = [
+                r for r in self.reservations.values() if r.state == "booked" and now >= min(r.start + grace, r.end)
+            ]
+            for r in expired:
+                self._leave_live(r, "expired")
+            return _Change(expired, [put_reservation(r) for r in expired], [(r, "no-show") for r in expired])
+
+        return await self._apply(Actor("operator", self.operator_id), "expire no-shows", mutate)
+
+    def overdue_sessions(self) -> list[Reservation]:
+        """Charging reservations whose slot has ended (to be stopped)."""
+        now = self.clock.now()
+        return [
+            self.reservations[cp.charging]
+            for cp in self.charge_points.values()
+            if cp.charging is not None and now >= self.reservations[cp.charging].end
+        ]
+
+    # --- charge point liveness ----------------------------------------------------
+
+    def set_online(self, cp_id: str, online: bool) -> None:
+        cp = self.charge_points[cp_id]
+        if cp.online != online:
+            cp.online = online
+            log.info("charge point %s %s", cp_id, "online" if online else "offline")
+            self._charge_point_changed(cp_id)
+
+    def set_faulted(self, cp_id: str, faulted: bool) -> None:
+        cp = self.charge_points[cp_id]
+        if cp.faulted != faulted:
+            cp.faulted = faulted
+            log.info("charge point %s %s", cp_id, "faulted" if faulted else "available again")
+            self._charge_point_changed(cp_id)
+
+    def _charge_point_changed(self, cp_id: str) -> None:
+        for listener in self.listeners:
+            listener.charge_point_changed(cp_id)
+
+    # --- queries ------------------------------------------------------------------
+
+    def status_of(self, cp: ChargePointState, now: float) -> p.ChargePointStatus:
+        if not cp.online:
+            return "offline"
+        if cp.faulted:
+            return "faulted"
+        if cp.charging is not None:
+            return "charging"
+        if cp.ledger.busy(int(now), int(now) + self.rules.reserved_soon_min * MIN + 1):
+            return "reserved"
+        return "available"
+
+    def _cp_info(self, cp: ChargePointState, now: float, *, with_busy: bool = False) -> p.ChargePointInfo:
+        t = int(now)
+        free = cp.ledger.next_free(t, MIN)
+        info = p.ChargePointInfo(
+            id=cp.config.id,
+            power_kw=cp.config.power_kw,
+            connector=cp.config.connector,
+            price_per_kwh=cp.config.price_per_kwh,
+            status=self.status_of(cp, now),
+            free_at=to_datetime(free) if free > t else None,
+        )
+        if with_busy:
+            info.busy = [p.Interval(to_datetime(s), to_datetime(e)) for s, e in cp.ledger.busy(t, t + 86400)]
+        return info
+
+    def station_info(self, station: StationConfig, now: float, *, with_busy: bool = False) -> p.StationInfo:
+        return p.StationInfo(
+            id=station.id,
+            operator_id=station.operator,
+            name=station.name,
+            city=station.city,
+            lat=station.lat,
+            lon=station.lon,
+            charge_points=[
+                self._cp_info(self.charge_points[c.id], now, with_busy=with_busy) for c in station.charge_points
+            ],
+        )
+
+    async def list_stations(
+        self, city: str | None, near: tuple[float, float] | None, limit: int | None
+    ) -> list[p.StationInfo]:
+        async with self.lock.reader_lock:
+            now = self.clock.now()
+            chosen: Iterable[StationConfig] = self.stations.values()
+            if city:
+                chosen = [s for s in chosen if s.city.casefold() == city.casefold()]
+            infos = [self.station_info(s, now) for s in chosen]
+        if near is not None:
+            for info in infos:
+                info.distance_km = round(great_circle_km(near[0], near[1], info.lat, info.lon), 1)
+            infos.sort(key=lambda i: i.distance_km or 0.0)
+        return infos[:limit] if limit else infos
+
+    async def nearest_available(self, lat: float, lon: float, min_power_kw: float) -> tuple[p.StationInfo, str, float]:
+        async with self.lock.reader_lock:
+            now = self.clock.now()
+            best: tuple[float, StationConfig, ChargePointConfig] | None = None
+            for station in self.stations.values():
+                distance = great_circle_km(lat, lon, station.lat, station.lon)
+                if best is not None and distance >= best[0]:
+                    continue
+                usable = [
+                    c
+                    for c in station.charge_points
+                    if c.power_kw >= min_power_kw and self.status_of(self.charge_points[c.id], now) == "available"
+                ]
+                if usable:
+                    best = (distance, station, max(usable, key=lambda c: c.power_kw))
+            if best is None:
+                raise NotFoundError(f"no available charge point of at least {min_power_kw:g} kW right now")
+            distance, station, cp = best
+            return self.station_info(station, now), cp.id, round(distance, 1)
+
+    async def station_status(self, station_id: str) -> p.StationInfo:
+        async with self.lock.reader_lock:
+            station = self.stations.get(station_id)
+            if station is None:
+                raise NotFoundError(f"no station {station_id!r} at operator {self.operator_id}")
+            return self.station_info(station, self.clock.now(), with_busy=True)
+
+    def reservation_info(self, r: Reservation) -> p.ReservationInfo:
+        cp = self.charge_points.get(r.charge_point_id)
+        session = self.sessions.get(r.id)
+        return p.ReservationInfo(
+            id=r.id,
+            operator_id=self.operator_id,
+            station_id=cp.station.id if cp else "",
+            charge_point_id=r.charge_point_id,
+            vehicle_id=r.vehicle_id,
+            start=to_datetime(r.start),
+            end=to_datetime(r.end),
+            state=r.state,  # type: ignore[arg-type]
+            trip_id=r.trip_id,
+            kwh=session.kwh if session else 0.0,
+            cost=session.cost if session else 0.0,
+        )
+
+    async def reservations_of(self, vehicle_id: str, include_past: bool) -> list[p.ReservationInfo]:
+        async with self.lock.reader_lock:
+            mine = self.by_vehicle.get(vehicle_id, [])
+            return [self.reservation_info(r) for r in mine if include_past or r.live]
+
+    async def history_of(self, vehicle_id: str) -> list[p.SessionInfo]:
+        async with self.lock.reader_lock:
+            out = []
+            for r in self.by_vehicle.get(vehicle_id, []):
+                s = self.sessions.get(r.id)
+                if s is None or s.ended is None:
+                    continue
+                cp = self.charge_points[s.charge_point_id]
+                out.append(
+                    p.SessionInfo(
+                        reservation_id=r.id,
+                        operator_id=self.operator_id,
+                        station_id=cp.station.id,
+                        city=cp.station.city,
+                        charge_point_id=s.charge_point_id,
+                        started=to_datetime(s.started),
+                        ended=to_datetime(s.ended),
+                        kwh=s.kwh,
+                        price_per_kwh=s.price_per_kwh,
+                        cost=s.cost,
+                    )
+                )
+            out.sort(key=lambda s: s.started)
+            return out
+
+    async def snapshot(self) -> tuple[list[p.StationInfo], list[p.ReservationInfo]]:
+        async with self.lock.reader_lock:
+            now = self.clock.now()
+            stations = [self.station_info(s, now, with_busy=True) for s in self.stations.values()]
+            reservations = sorted(
+                (self.reservation_info(r) for r in self.reservations.values()),
+                key=lambda r: (r.start, r.charge_point_id),
+            )
+            return stations, reservations

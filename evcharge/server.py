@@ -1,0 +1,380 @@
+"""One operator's server: accept, handshake, route to role sessions, keep time.
+
+The server owns the registry (state), the store (durability), the links to its
+connected charge points, and the background sweeper that expires no-shows and
+stops sessions whose slot has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from evcharge import protocol as p
+from evcharge.clock import SimClock, to_datetime
+from evcharge.errors import (
+    BadRequestError,
+    EvchargeError,
+    ForbiddenError,
+    TooLargeError,
+    UnauthorizedError,
+    UnavailableError,
+    UnsupportedVersionError,
+)
+from evcharge.model import Reservation
+from evcharge.protocol import FrameTooLarge, UndecodableMessage
+from evcharge.registry import Actor, Registry
+from evcharge.sessions import OperatorSession, Session, StationSession, VehicleSession
+from evcharge.store import Store, put_meta
+from evcharge.transport import Connection, ConnectionClosed
+from evcharge.world import World
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0
+SWEEP_INTERVAL = 0.5  # real seconds between no-show / overdue checks
+SHUTDOWN_GRACE = 5.0
+
+
+class Server:
+    def __init__(
+        self,
+        world: World,
+        operator_id: str,
+        data_dir: Path,
+        *,
+        time_scale: float = 1.0,
+        host: str | None = None,
+        port: int | None = None,
+        hello_timeout: float = HELLO_TIMEOUT,
+        idle_timeout: float | None = 600.0,
+        store_max_bytes: int | None = None,
+    ) -> None:
+        self.world = world
+        self.operator = world.operator(operator_id)
+        self.host = host if host is not None else self.operator.host
+        self.port = port if port is not None else self.operator.port
+        self.hello_timeout = hello_timeout
+        self.idle_timeout = idle_timeout
+        self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
+        self._time_scale = time_scale
+        self.clock = SimClock(time_scale)
+        self.registry = Registry(world, operator_id, self.store, self.clock)
+        self.registry.listeners.append(self)
+        self.sessions: set[Session] = set()
+        self.stations_online: dict[str, StationSession] = {}
+        self.vehicles_online: dict[str, set[VehicleSession]] = {}
+        self._listener: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._ending: set[str] = set()  # reservations whose session is being ended
+        self._stopping = False
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        state = self.store.open()
+        self.clock = self._continue_clock(state.meta)
+        self.registry.clock = self.clock
+        self.registry.load(state)
+        self.store.start()
+        await self.store.commit(
+            [
+                put_meta("clock_anchor_sim", repr(self.clock.anchor_sim)),
+                put_meta("clock_anchor_real", repr(self.clock.anchor_real)),
+                put_meta("time_scale", repr(self.clock.time_scale)),
+            ]
+        )
+        self._listener = await asyncio.start_server(self._accept, self.host, self.port, limit=p.MAX_FRAME)
+        self.port = self._listener.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        live = sum(1 for r in self.registry.reservations.values() if r.live)
+        log.info(
+            "operator %s (%s) listening on %s:%d; %d stations, %d charge points, %d live reservations; "
+            "time x%g, now %s",
+            self.operator.id,
+            self.operator.name,
+            self.host,
+            self.port,
+            len(self.registry.stations),
+            len(self.registry.charge_points),
+            live,
+            self.clock.time_scale,
+            self.clock.now_dt().isoformat(timespec="seconds"),
+        )
+
+    def _continue_clock(self, meta: dict[str, str]) -> SimClock:
+        """Simulated time carries on from where the store left it."""
+        if "clock_anchor_sim" not in meta:
+            return SimClock(self._time_scale)
+        stored = SimClock(
+            float(meta["time_scale"]),
+            anchor_sim=float(meta["clock_anchor_sim"]),
+            anchor_real=float(meta["clock_anchor_real"]),
+        )
+        return stored.rescaled(self._time_scale)
+
+    async def stop(self) -> None:
+        """Stop accepting, finish requests in flight, close links, commit what is queued."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("operator %s shutting down", self.operator.id)
+        if self._listener is not None:
+            self._listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in list(self._handshakes):
+            task.cancel()
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE):
+                await asyncio.gather(*(s.wait_idle() for s in list(self.sessions)))
+        except TimeoutError:
+            log.warning("requests still running after %s s; closing anyway", SHUTDOWN_GRACE)
+        await asyncio.gather(*(s.conn.close() for s in list(self.sessions)), return_exceptions=True)
+        await asyncio.gather(*self._handshakes, *self._background, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        await self.registry.stop()
+        await self.store.close()
+        log.info("operator %s stopped", self.operator.id)
+
+    # --- accepting and handshake ---------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshakes.add(task)
+        conn = Connection(reader, writer)
+        try:
+            session = await self._handshake(conn)
+        except asyncio.CancelledError:
+            await conn.close()
+            raise
+        finally:
+            self._handshakes.discard(task)
+        if session is not None:
+            await session.run()
+
+    async def _handshake(self, conn: Connection) -> Session | None:
+        request_id = 0
+        try:
+            try:
+                hello = await conn.receive(timeout=self.hello_timeout)
+            except UndecodableMessage as exc:
+                request_id = exc.request_id
+                raise BadRequestError(f"expected Hello: {exc.reason}") from None
+            if not isinstance(hello, p.Hello):
+                raise BadRequestError(f"expected Hello, got {type(hello).__name__}")
+            request_id = hello.id
+            if hello.version != p.PROTOCOL_VERSION:
+                raise UnsupportedVersionError(
+                    f"protocol version {hello.version} is not supported (this server speaks {p.PROTOCOL_VERSION})"
+                )
+            if self._stopping:
+                raise UnavailableError("server is shutting down")
+            session = self._authenticate(conn, hello)
+        except EvchargeError as exc:
+            log.info("handshake from %s refused: %s", conn.peername, exc.message)
+            await conn.reply_error(request_id, exc)
+            await conn.close()
+            return None
+        except FrameTooLarge as exc:
+            await conn.reply_error(0, TooLargeError(str(exc)))
+            await conn.close()
+            return None
+        except TimeoutError:
+            log.info("no Hello from %s within %s s; closing", conn.peername, self.hello_timeout)
+            await conn.close()
+            return None
+        except ConnectionClosed:
+            await conn.close()
+            return None
+        await conn.send(
+            p.Welcome(
+                id=hello.id,
+                version=p.PROTOCOL_VERSION,
+                operator_id=self.operator.id,
+                operator_name=self.operator.name,
+                server_time=self.clock.now_dt(),
+                time_scale=self.clock.time_scale,
+            )
+        )
+        self._register(session)
+        log.info("%s connected", session)
+        return session
+
+    def _authenticate(self, conn: Connection, hello: p.Hello) -> Session:
+        denied = UnauthorizedError(f"{hello.role} {hello.ident!r}: unknown identity or wrong credential")
+        match hello.role:
+            case "vehicle":
+                vehicle = next((v for v in self.world.vehicles if v.id == hello.ident), None)
+                if vehicle is None or not _same(vehicle.token, hello.credential):
+                    raise denied
+                if vehicle.home != self.operator.id:
+                    raise ForbiddenError(f"vehicle {vehicle.id} belongs to operator {vehicle.home}; connect there")
+                return VehicleSession(self, conn, vehicle.id)
+            case "station":
+                cp = self.registry.charge_points.get(hello.ident)
+                if cp is None or not _same(cp.config.secret, hello.credential):
+                    raise denied
+                session = StationSession(self, conn, cp.config.id)
+                session.idle_timeout = 3 * self.world.rules.heartbeat_s
+                return session
+            case "operator":
+                if hello.ident != self.operator.id or not _same(self.operator.secret, hello.credential):
+                    raise denied
+                return OperatorSession(self, conn, self.operator.id)
+            case _:
+                raise UnavailableError(f"role {hello.role!r} is not served by this server yet")
+
+    def _register(self, session: Session) -> None:
+        self.sessions.add(session)
+        if isinstance(session, StationSession):
+            old = self.stations_online.get(session.ident)
+            if old is not None:
+                log.info("%s replaces an older connection of the same charge point", session)
+                old.conn.abort()
+            self.stations_online[session.ident] = session
+            self.registry.set_online(session.ident, True)
+        elif isinstance(session, VehicleSession):
+            self.vehicles_online.setdefault(session.ident, set()).add(session)
+
+    def forget(self, session: Session) -> None:
+        """A session's connection closed."""
+        self.sessions.discard(session)
+        log.info("%s disconnected", session)
+        if isinstance(session, StationSession) and self.stations_online.get(session.ident) is session:
+            del self.stations_online[session.ident]
+            self.registry.set_online(session.ident, False)
+            cp = self.registry.charge_points[session.ident]
+            if cp.charging is not None and not self._stopping:
+                # A vanished charge point must not leave a session open forever.
+                self._spawn(self._end_session(cp.charging, None, "charge point went offline"))
+        elif isinstance(session, VehicleSession):
+            peers = self.vehicles_online.get(session.ident)
+            if peers is not None:
+                peers.discard(session)
+                if not peers:
+                    del self.vehicles_online[session.ident]
+
+    # --- charging, which needs both the registry and the charge point's link -------
+
+    async def start_charging(self, actor: Actor, reservation_id: str) -> p.ReservationInfo:
+        async with self.registry.lock.reader_lock:
+            r, cp = self.registry.check_can_start(actor, reservation_id)
+        station = self.stations_online.get(cp.config.id)
+        if station is None:
+            raise UnavailableError(f"charge point {cp.config.id} is offline")
+        await station.command(p.RemoteStart(reservation_id=r.id, vehicle_id=r.vehicle_id, until=to_datetime(r.end)))
+        try:
+            r = await self.registry.begin_charging(actor, reservation_id)
+        except EvchargeError:
+            # The charge point started but we could not record it: stop it again.
+            self._spawn(self._command_quietly(station, p.RemoteStop(reservation_id=reservation_id)))
+            raise
+        return self.registry.reservation_info(r)
+
+    async def stop_charging(self, actor: Actor, reservation_id: str) -> p.ReservationInfo:
+        async with self.registry.lock.reader_lock:
+            r = self.registry.check_charging(actor, reservation_id)
+        r = await self._end_session(r.id, actor, "stopped by vehicle")
+        return self.registry.reservation_info(r)
+
+    async def _end_session(self, reservation_id: str, actor: Actor | None, reason: str) -> Reservation:
+        """Stop the charge point if it is there, then record the final reading."""
+        self._ending.add(reservation_id)
+        try:
+            return await self._stop_and_record(reservation_id, actor, reason)
+        finally:
+            self._ending.discard(reservation_id)
+
+    async def _stop_and_record(self, reservation_id: str, actor: Actor | None, reason: str) -> Reservation:
+        r = self.registry.reservations[reservation_id]
+        kwh: float | None = None
+        station = self.stations_online.get(r.charge_point_id)
+        if station is not None:
+            try:
+                report = await station.command(p.RemoteStop(reservation_id=reservation_id))
+                if isinstance(report, p.SessionReport):
+                    kwh = report.kwh
+            except EvchargeError as exc:
+                log.warning("stopping %s on %s: %s; using the last meter value", reservation_id, station, exc)
+        return await self.registry.complete_charging(
+            actor or Actor("operator", self.operator.id), reservation_id, kwh, reason
+        )
+
+    async def _command_quietly(self, station: StationSession, request: p.Request) -> None:
+        try:
+            await station.command(request)
+        except EvchargeError as exc:
+            log.warning("%s: %s failed: %s", station, type(request).__name__, exc)
+
+    async def charge_point_reported(self, actor: Actor, status: str, info: str) -> None:
+        self.registry.set_faulted(actor.ident, status == "faulted")
+        cp = self.registry.charge_points[actor.ident]
+        if status == "faulted" and cp.charging is not None:
+            await self.registry.complete_charging(actor, cp.charging, None, f"charge point fault: {info}".strip())
+
+    def meter_value(self, cp_id: str, reservation_id: str, kwh: float) -> None:
+        session = self.registry.record_meter(cp_id, reservation_id, kwh)
+        if session is not None:
+            event = p.ChargingProgress(reservation_id=reservation_id, kwh=session.kwh, cost=session.cost)
+            for vehicle in self.vehicles_online.get(session.vehicle_id, ()):
+                vehicle.push(event)
+
+    # --- pushes (the registry calls these after a change is durable) ----------------
+
+    def reservation_changed(self, reservation: Reservation, reason: str) -> None:
+        event = p.ReservationChanged(reservation=self.registry.reservation_info(reservation), reason=reason)
+        for vehicle in self.vehicles_online.get(reservation.vehicle_id, ()):
+            vehicle.push(event)
+        for session in self.sessions:
+            if isinstance(session, OperatorSession):
+                session.push(event)
+
+    def charge_point_changed(self, cp_id: str) -> None:
+        cp = self.registry.charge_points[cp_id]
+        event = p.ChargePointChanged(
+            station_id=cp.station.id,
+            charge_point_id=cp_id,
+            status=self.registry.status_of(cp, self.clock.now()),
+        )
+        for session in self.sessions:
+            if isinstance(session, OperatorSession):
+                session.push(event)
+
+    # --- background work ------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.registry.expire_no_shows()
+                for r in self.registry.overdue_sessions():
+                    if r.id not in self._ending:
+                        self._spawn(self._end_session(r.id, None, "reservation ended"))
+            except EvchargeError as exc:
+                log.warning("sweep: %s", exc)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(_logged(work))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def _logged(work: Coroutine[Any, Any, Any]) -> None:
+    try:
+        await work
+    except EvchargeError as exc:
+        log.warning("background work failed: %s", exc)
+
+
+def _same(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.encode())

@@ -1,0 +1,230 @@
+"""One connected peer after its handshake, and how each role's messages are handled.
+
+Every request a client can send is handled in exactly one ``handle`` method
+below, by a ``match`` on its type: ``VehicleSession.handle``,
+``StationSession.handle`` and ``OperatorSession.handle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from evcharge import protocol as p
+from evcharge.clock import to_seconds
+from evcharge.errors import (
+    BadRequestError,
+    ConnectionLostError,
+    EvchargeError,
+    ForbiddenError,
+    InternalError,
+    TooLargeError,
+    UnavailableError,
+)
+from evcharge.protocol import FrameTooLarge, UndecodableMessage
+from evcharge.registry import Actor
+from evcharge.transport import Connection, ConnectionClosed
+
+if TYPE_CHECKING:
+    from evcharge.server import Server
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 64  # requests per connection being served at once; then we stop reading
+PUSH_BUFFER_LIMIT = 4 << 20  # a client this far behind on pushes is disconnected
+STATION_COMMAND_TIMEOUT = 10.0
+
+
+class Session:
+    role: str = ""
+
+    def __init__(self, server: Server, conn: Connection, ident: str) -> None:
+        self.server = server
+        self.registry = server.registry
+        self.conn = conn
+        self.ident = ident
+        self.actor = Actor(self.role, ident)
+        self.idle_timeout: float | None = server.idle_timeout
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.ident} ({self.conn.peername})"
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    message = await self.conn.receive(timeout=self.idle_timeout)
+                except UndecodableMessage as exc:
+                    await self._answer_undecodable(exc)
+                    continue
+                if isinstance(message, p.Reply):
+                    self.conn.resolve(message)
+                elif isinstance(message, p.Event):
+                    self.on_event(message)
+                else:
+                    assert isinstance(message, p.Request)
+                    await self._slots.acquire()
+                    task = asyncio.get_running_loop().create_task(self._serve(message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        except FrameTooLarge as exc:
+            log.warning("%s: %s; closing", self, exc)
+            await self.conn.reply_error(0, TooLargeError(str(exc)))
+        except TimeoutError:
+            log.info("%s: idle for %s s; closing", self, self.idle_timeout)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self.conn.close()
+            self.closed()
+
+    async def wait_idle(self) -> None:
+        """Wait for the requests being served (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _answer_undecodable(self, exc: UndecodableMessage) -> None:
+        error = BadRequestError(f"undecodable message: {exc.reason}")
+        if exc.request_id and self.conn.fail_request(exc.request_id, error):
+            return  # it was the reply to one of our own requests
+        log.info("%s: bad message: %s", self, exc.reason)
+        await self.conn.reply_error(exc.request_id, error)
+
+    async def _serve(self, request: p.Request) -> None:
+        try:
+            try:
+                reply = await self.handle(request)
+                reply.id = request.id
+            except EvchargeError as exc:
+                reply = exc.to_reply(request.id)
+            except Exception:
+                log.exception("%s: %s failed", self, type(request).__name__)
+                reply = InternalError("internal error; the operator's log has the details").to_reply(request.id)
+        finally:
+            self._slots.release()
+        with contextlib.suppress(ConnectionLostError):
+            await self.conn.send(reply)
+
+    def push(self, event: p.Event) -> None:
+        """Send an event without waiting; a client that does not keep up is dropped."""
+        if self.conn.closed:
+            return
+        try:
+            self.conn.write_nowait(event)
+        except ConnectionLostError:
+            return
+        if self.conn.buffered_out > PUSH_BUFFER_LIMIT:
+            log.warning("%s is not reading its events; disconnecting", self)
+            self.conn.abort()
+
+    async def handle(self, request: p.Request) -> p.Reply:
+        match request:
+            case p.Heartbeat():
+                return p.HeartbeatAck(server_time=self.server.clock.now_dt())
+            case p.Hello():
+                raise BadRequestError("already said Hello")
+            case p.ListStations(city=city, lat=lat, lon=lon, limit=limit):
+                near = (lat, lon) if lat is not None and lon is not None else None
+                return p.StationList(stations=await self.registry.list_stations(city, near, limit))
+            case p.FindNearest(lat=lat, lon=lon, min_power_kw=min_kw):
+                station, cp_id, distance = await self.registry.nearest_available(lat, lon, min_kw)
+                return p.NearestResult(station=station, charge_point_id=cp_id, distance_km=distance)
+            case p.GetStationStatus(station_id=station_id):
+                station = await self.registry.station_status(station_id)
+                return p.StationStatus(station=station, server_time=self.server.clock.now_dt())
+        raise ForbiddenError(f"{type(request).__name__} is not a request a {self.role} may send")
+
+    def on_event(self, event: p.Event) -> None:
+        log.info("%s: ignoring %s", self, type(event).__name__)
+
+    def closed(self) -> None:
+        self.server.forget(self)
+
+
+class VehicleSession(Session):
+    role = "vehicle"
+
+    async def handle(self, request: p.Request) -> p.Reply:
+        registry, me = self.registry, self.actor
+        match request:
+            case p.Reserve(charge_point_id=cp_id, start=start, minutes=minutes):
+                r = await registry.reserve(me, self.ident, cp_id, to_seconds(start), minutes)
+                return p.ReservationReply(reservation=registry.reservation_info(r))
+            case p.ListReservations(include_past=include_past):
+                return p.ReservationList(reservations=await registry.reservations_of(self.ident, include_past))
+            case p.CancelReservation(reservation_id=rid):
+                r = await registry.cancel(me, rid)
+                return p.ReservationReply(reservation=registry.reservation_info(r))
+            case p.StartCharging(reservation_id=rid):
+                return p.ReservationReply(reservation=await self.server.start_charging(me, rid))
+            case p.StopCharging(reservation_id=rid):
+                return p.ReservationReply(reservation=await self.server.stop_charging(me, rid))
+            case p.GetHistory():
+                sessions = await registry.history_of(self.ident)
+                return p.History(
+                    sessions=sessions,
+                    total_kwh=round(sum(s.kwh for s in sessions), 3),
+                    total_cost=round(sum(s.cost for s in sessions), 2),
+                )
+            case p.UpdatePosition(lat=lat, lon=lon):
+                if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                    raise BadRequestError(f"position ({lat}, {lon}) is not on Earth")
+                registry.positions[self.ident] = (lat, lon)
+                return p.Ok()
+        return await super().handle(request)
+
+
+class StationSession(Session):
+    """One charge point; it speaks only for itself."""
+
+    role = "station"
+
+    async def handle(self, request: p.Request) -> p.Reply:
+        match request:
+            case p.StatusNotification(status=status, info=info):
+                await self.server.charge_point_reported(self.actor, status, info)
+                return p.Ok()
+            case p.Heartbeat():
+                return p.HeartbeatAck(server_time=self.server.clock.now_dt())
+            case p.SessionComplete(reservation_id=rid, kwh=kwh, reason=reason):
+                await self.registry.complete_charging(self.actor, rid, kwh, reason or "completed by charge point")
+                return p.Ok()
+        raise ForbiddenError(f"{type(request).__name__} is not a request a charge point may send")
+
+    def on_event(self, event: p.Event) -> None:
+        match event:
+            case p.MeterValues(reservation_id=rid, kwh=kwh):
+                self.server.meter_value(self.ident, rid, kwh)
+            case _:
+                super().on_event(event)
+
+    async def command(self, request: p.Request) -> p.Reply:
+        try:
+            return await self.conn.request(request, timeout=STATION_COMMAND_TIMEOUT)
+        except ConnectionLostError:
+            raise UnavailableError(f"charge point {self.ident} went offline") from None
+
+
+class OperatorSession(Session):
+    """The operator's own tools (inspect, monitor): sees and may cancel everything."""
+
+    role = "operator"
+
+    async def handle(self, request: p.Request) -> p.Reply:
+        match request:
+            case p.Inspect():
+                stations, reservations = await self.registry.snapshot()
+                return p.InspectResult(
+                    operator_id=self.registry.operator_id,
+                    server_time=self.server.clock.now_dt(),
+                    stations=stations,
+                    reservations=reservations,
+                )
+            case p.CancelReservation(reservation_id=rid):
+                r = await self.registry.cancel(self.actor, rid)
+                return p.ReservationReply(reservation=self.registry.reservation_info(r))
+        return await super().handle(request)

@@ -1,0 +1,173 @@
+"""The world file: one TOML document describing a whole deployment.
+
+Operators (who runs a server where), their stations and charge points, and
+the vehicles with their home operator. ``load_world`` checks it completely and
+reports the first problem as ``file: key: problem`` (TOML syntax errors carry
+their line and column).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Secret = Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
+Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
+Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ChargePointConfig(msgspec.Struct, forbid_unknown_fields=True):
+    id: Id
+    power_kw: Annotated[float, msgspec.Meta(gt=0, le=1000)]
+    connector: str
+    price_per_kwh: Annotated[float, msgspec.Meta(ge=0)]
+    secret: Secret
+
+
+class StationConfig(msgspec.Struct, forbid_unknown_fields=True):
+    id: Id
+    operator: Id
+    name: str
+    city: str
+    lat: Latitude
+    lon: Longitude
+    charge_points: Annotated[list[ChargePointConfig], msgspec.Meta(min_length=1)]
+
+
+class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    id: Id
+    name: str
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
+    secret: Secret
+
+
+class VehicleConfig(msgspec.Struct, forbid_unknown_fields=True):
+    id: Id
+    home: Id
+    token: Secret
+    battery_kwh: Positive
+    consumption_kwh_per_km: Positive
+
+
+class Rules(msgspec.Struct, forbid_unknown_fields=True):
+    """Operating rules shared by every operator (simulated minutes)."""
+
+    no_show_grace_min: Annotated[int, msgspec.Meta(ge=1)] = 15
+    # A charge point shows `reserved` when its next reservation starts this soon.
+    reserved_soon_min: Annotated[int, msgspec.Meta(ge=0)] = 30
+    # How early before its start a reservation may begin charging.
+    early_start_min: Annotated[int, msgspec.Meta(ge=0)] = 10
+    max_reservation_min: Annotated[int, msgspec.Meta(ge=1)] = 480
+    # How far ahead a reservation may start.
+    max_advance_days: Annotated[int, msgspec.Meta(ge=1)] = 30
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+
+class World(msgspec.Struct, forbid_unknown_fields=True):
+    operators: Annotated[list[OperatorConfig], msgspec.Meta(min_length=1)]
+    stations: list[StationConfig] = []
+    vehicles: list[VehicleConfig] = []
+    rules: Rules = msgspec.field(default_factory=Rules)
+    source: str = ""
+
+    def operator(self, operator_id: str) -> OperatorConfig:
+        for op in self.operators:
+            if op.id == operator_id:
+                return op
+        known = ", ".join(op.id for op in self.operators)
+        raise WorldError(f"{self.source}: no operator {operator_id!r} (known: {known})")
+
+    def vehicle(self, vehicle_id: str) -> VehicleConfig:
+        for vehicle in self.vehicles:
+            if vehicle.id == vehicle_id:
+                return vehicle
+        raise WorldError(f"{self.source}: no vehicle {vehicle_id!r}")
+
+    def stations_of(self, operator_id: str) -> list[StationConfig]:
+        return [s for s in self.stations if s.operator == operator_id]
+
+    def charge_point(self, cp_id: str) -> tuple[StationConfig, ChargePointConfig]:
+        for station in self.stations:
+            for cp in station.charge_points:
+                if cp.id == cp_id:
+                    return station, cp
+        raise WorldError(f"{self.source}: no charge point {cp_id!r}")
+
+
+class WorldError(Exception):
+    pass
+
+
+SHIPPED = "northeast"
+
+
+def resolve_world_path(name_or_path: str) -> Path:
+    """A path, or the name of a world shipped with evcharge (e.g. ``northeast``)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix == ".toml" or "/" in name_or_path:
+        return path
+    shipped = resources.files("evcharge") / "worlds" / f"{name_or_path}.toml"
+    return Path(str(shipped))
+
+
+def load_world(name_or_path: str) -> World:
+    path = resolve_world_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise WorldError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise WorldError(f"{path}: {exc}") from None
+    try:
+        world = msgspec.convert(raw, World)
+    except msgspec.ValidationError as exc:
+        raise WorldError(f"{path}: {_readable(str(exc))}") from None
+    world.source = str(path)
+    _check_references(world)
+    return world
+
+
+def _readable(message: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.operators[0].port`";
+    # lead with the key, as people read a config error.
+    if " - at `$" in message:
+        problem, _, where = message.rpartition(" - at `$")
+        return f"{where.rstrip('`').lstrip('.')}: {problem}"
+    return message
+
+
+def _check_references(world: World) -> None:
+    src = world.source
+
+    def unique(kind: str, ids: list[tuple[str, str]]) -> None:
+        seen: set[str] = set()
+        for key, ident in ids:
+            if ident in seen:
+                raise WorldError(f"{src}: {key}: duplicate {kind} id {ident!r}")
+            seen.add(ident)
+
+    unique("operator", [(f"operators[{i}].id", op.id) for i, op in enumerate(world.operators)])
+    unique("station", [(f"stations[{i}].id", s.id) for i, s in enumerate(world.stations)])
+    unique(
+        "charge point",
+        [
+            (f"stations[{i}].charge_points[{j}].id", cp.id)
+            for i, s in enumerate(world.stations)
+            for j, cp in enumerate(s.charge_points)
+        ],
+    )
+    unique("vehicle", [(f"vehicles[{i}].id", v.id) for i, v in enumerate(world.vehicles)])
+    operator_ids = {op.id for op in world.operators}
+    for i, station in enumerate(world.stations):
+        if station.operator not in operator_ids:
+            raise WorldError(f"{src}: stations[{i}].operator: unknown operator {station.operator!r}")
+    for i, vehicle in enumerate(world.vehicles):
+        if vehicle.home not in operator_ids:
+            raise WorldError(f"{src}: vehicles[{i}].home: unknown operator {vehicle.home!r}")
