@@ -94,6 +94,7 @@ class Registry:
         self.by_vehicle: dict[str, list[Reservation]] = {}
         self.sessions: dict[str, ChargingSession] = {}
         self.positions: dict[str, tuple[float, float]] = {}
+        self._reload: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
 
     # --- loading ---------------------------------------------------------------------
@@ -140,7 +141,7 @@ class Registry:
                 await self.store.commit(change.ops)
             except StoreError as exc:
                 log.error("%s by %s refused: %s", what, actor, exc)
-                self._start_recovery()
+                await self._forget_unstored()
                 raise UnavailableError("the change could not be stored; it was not made") from None
             log.info("%s by %s", what, actor)
         for reservation, reason in change.changed:
@@ -148,26 +149,33 @@ class Registry:
                 listener.reservation_changed(reservation, reason)
         return change.result
 
-    def _start_recovery(self) -> None:
-        if self._recovery is None or self._recovery.done():
-            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+    async def _forget_unstored(self) -> None:
+        """Make memory match the disk again before anyone is told of the failure."""
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.get_running_loop().create_task(self._reload_from_store())
+        await asyncio.shield(self._reload)
 
-    async def _recover(self) -> None:
+    async def _reload_from_store(self) -> None:
+        state = await self.store.reread()
+        async with self.lock.writer_lock:
+            self.load(state)
+        log.warning("state reloaded from the store; changes refused until it can write again")
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._wait_until_writable())
+
+    async def _wait_until_writable(self) -> None:
         delay = 0.2
-        while True:
+        while not await self.store.probe():
             await asyncio.sleep(delay)
-            state = await self.store.recover()
-            if state is not None:
-                async with self.lock.writer_lock:
-                    self.load(state)
-                log.warning("store writable again; state reloaded from disk")
-                return
             delay = min(delay * 2, 5.0)
+        self.store.resume()
+        log.warning("store writable again; accepting changes")
 
     async def stop(self) -> None:
-        if self._recovery is not None:
-            self._recovery.cancel()
-            await asyncio.gather(self._recovery, return_exceptions=True)
+        for task in (self._reload, self._recovery):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     # --- reservations ------------------------------------------------------------
 

@@ -170,9 +170,9 @@ class Server:
             except UndecodableMessage as exc:
                 request_id = exc.request_id
                 raise BadRequestError(f"expected Hello: {exc.reason}") from None
+            request_id = getattr(hello, "id", 0)
             if not isinstance(hello, p.Hello):
                 raise BadRequestError(f"expected Hello, got {type(hello).__name__}")
-            request_id = hello.id
             if hello.version != p.PROTOCOL_VERSION:
                 raise UnsupportedVersionError(
                     f"protocol version {hello.version} is not supported (this server speaks {p.PROTOCOL_VERSION})"

@@ -167,7 +167,7 @@ class VehicleSession(Session):
                 sessions = await registry.history_of(self.ident)
                 return p.History(
                     sessions=sessions,
-                    total_kwh=round(sum(s.kwh for s in sessions), 3),
+                    total_kwh=round(sum(s.kwh for s in sessions), 4),
                     total_cost=round(sum(s.cost for s in sessions), 2),
                 )
             case p.UpdatePosition(lat=lat, lon=lon):

@@ -6,9 +6,10 @@ future. One writer thread takes everything queued, runs it in one transaction
 and commits once (group commit: one fsync for a whole batch), then resolves
 the batch's futures. The caller acknowledges only after its future resolved.
 
-If a commit fails (disk full, read-only file) the batch is rolled back, the
-store turns ``failed`` and refuses everything queued behind it until
-``recover`` has proved it can write again and re-read what is on disk.
+If a commit fails (disk full, read-only file) the batch is rolled back and the
+store turns ``failed``: it refuses everything queued behind it and every new
+change, until the owner has re-read what is on disk (``reread``), found with
+``probe`` that it can write again, and called ``resume``.
 """
 
 from __future__ import annotations
@@ -195,11 +196,22 @@ class Store:
             self._queue.put(_Batch(ops, future))
         return future
 
-    async def recover(self) -> StoredState | None:
-        """Try a write; if it works, leave the failed state and return what is on disk."""
+    async def reread(self) -> StoredState:
+        """What is on disk, read after everything queued before this call."""
+        return await self._ask_thread("reread")
+
+    async def probe(self) -> bool:
+        """Whether a write (of a page or so) goes through now."""
+        return await self._ask_thread("probe")
+
+    def resume(self) -> None:
+        """Accept changes again (the owner's memory matches the disk)."""
+        self.failed = False
+
+    async def _ask_thread(self, what: str) -> Any:
         assert self._loop is not None
-        future: asyncio.Future[StoredState | None] = self._loop.create_future()
-        self._queue.put(("recover", future))
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put((what, future))
         return await future
 
     async def close(self) -> None:
@@ -227,7 +239,7 @@ class Store:
                 else:
                     self._flush(batch)
                     batch = []
-                    self._recover(item[1])
+                    self._answer(*item)
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -265,12 +277,13 @@ class Store:
                 conn.execute("ROLLBACK")
             return StoreError(f"store write failed: {exc}")
 
-    def _recover(self, future: asyncio.Future[StoredState | None]) -> None:
-        result: StoredState | None = None
-        if self._transaction(_PROBE) is None:
-            assert self._conn is not None
-            result = read_state(self._conn)
-            self.failed = False
+    def _answer(self, what: str, future: asyncio.Future[Any]) -> None:
+        assert self._conn is not None
+        try:
+            result = read_state(self._conn) if what == "reread" else self._transaction(_PROBE) is None
+        except sqlite3.Error as exc:
+            self._call_loop(_set_exception, future, StoreError(f"store read failed: {exc}"))
+            return
         self._call_loop(_set_result, future, result)
 
     def _call_loop(self, fn: Any, *args: Any) -> None:
@@ -292,3 +305,8 @@ def _resolve_batch(batch: list[_Batch], error: Exception | None) -> None:
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)

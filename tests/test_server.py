@@ -1,0 +1,244 @@
+"""One operator's server over real sockets: reservations, conflicts, charging, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from evcharge.errors import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    UnavailableError,
+)
+from evcharge.server import Server
+from evcharge.station import ChargePointSim
+from evcharge.world import World
+
+from .conftest import operator, running_server, vehicle
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def soon(client, minutes: float = 5):
+    return client.server_now() + timedelta(minutes=minutes)
+
+
+async def test_fifty_vehicles_race_for_one_slot_exactly_one_wins(server: Server, world: World) -> None:
+    racers = [f"T{n:03d}" for n in range(1, 51)]
+    async with vehicle(server, racers[0]) as probe:
+        start = soon(probe, 30).replace(microsecond=0)
+
+    async def attempt(vehicle_id: str):
+        async with vehicle(server, vehicle_id) as c:
+            try:
+                return await c.reserve("NAT-PN-1", start, 45)
+            except ConflictError as exc:
+                return exc
+
+    results = await asyncio.gather(*(attempt(v) for v in racers))
+    winners = [r for r in results if not isinstance(r, Exception)]
+    losers = [r for r in results if isinstance(r, ConflictError)]
+    assert len(winners) == 1 and len(losers) == 49
+    # Every loser is told when the charge point is free for the same duration.
+    assert {e.next_free for e in losers} == {start + timedelta(minutes=45)}
+    async with operator(server) as op:
+        live = [r for r in (await op.inspect()).reservations if r.state == "booked"]
+    assert [(r.vehicle_id, r.charge_point_id) for r in live] == [(winners[0].vehicle_id, "NAT-PN-1")]
+
+
+async def test_intervals_are_half_open(server: Server) -> None:
+    async with vehicle(server, "V01") as a, vehicle(server, "V04") as b:
+        t0 = soon(a, 60).replace(second=0, microsecond=0)
+        first = await a.reserve("NAT-CEN-1", t0, 30)
+        # Adjacent on both sides: fine.
+        await b.reserve("NAT-CEN-1", t0 + timedelta(minutes=30), 30)
+        await b.reserve("NAT-CEN-1", t0 - timedelta(minutes=30), 30)
+        # Overlapping by one minute at either end: conflict naming the next free start.
+        with pytest.raises(ConflictError) as late:
+            await b.reserve("NAT-CEN-1", t0 + timedelta(minutes=29), 10)
+        assert late.value.next_free == t0 + timedelta(minutes=60)
+        with pytest.raises(ConflictError):
+            await b.reserve("NAT-CEN-1", t0 - timedelta(minutes=1), 2)
+        # Another charge point of the same station is unaffected.
+        await b.reserve("NAT-CEN-2", t0, 30)
+        assert first.state == "booked" and first.end - first.start == timedelta(minutes=30)
+
+
+async def test_only_the_owner_cancels_and_the_slot_frees(server: Server) -> None:
+    async with vehicle(server, "V01") as owner, vehicle(server, "V04") as other, operator(server) as op:
+        start = soon(owner, 20)
+        r = await owner.reserve("MOS-1-1", start, 30)
+        with pytest.raises(ForbiddenError):
+            await other.cancel(r.id)
+        with pytest.raises(ConflictError):
+            await other.reserve("MOS-1-1", start, 30)
+        assert (await owner.cancel(r.id)).state == "cancelled"
+        assert (await owner.cancel(r.id)).state == "cancelled"  # idempotent
+        taken = await other.reserve("MOS-1-1", start, 30)
+        # The operator may cancel anyone's reservation.
+        assert (await op.cancel(taken.id)).state == "cancelled"
+        with pytest.raises(NotFoundError):
+            await owner.cancel("A-doesnotexist")
+        assert [x.id for x in await other.reservations()] == []
+        assert {x.id for x in await other.reservations(include_past=True)} == {taken.id}
+
+
+async def test_reservation_input_is_checked(server: Server) -> None:
+    async with vehicle(server, "V01") as c:
+        with pytest.raises(NotFoundError):
+            await c.reserve("NOPE-1", soon(c), 30)
+        with pytest.raises(NotFoundError):
+            await c.reserve("REC-BV-1", soon(c), 30)  # another operator's charge point
+        with pytest.raises(BadRequestError):
+            await c.reserve("NAT-PN-1", soon(c), 0)
+        with pytest.raises(BadRequestError):
+            await c.reserve("NAT-PN-1", soon(c), 100_000)
+        with pytest.raises(BadRequestError):
+            await c.reserve("NAT-PN-1", c.server_now() - timedelta(hours=2), 30)
+        with pytest.raises(BadRequestError):
+            await c.update_position(123.0, 0.0)
+        assert await c.reservations() == []
+
+
+async def run_charge_points(server: Server, *cp_ids: str) -> tuple[list[ChargePointSim], list[asyncio.Task[None]]]:
+    sims = [
+        ChargePointSim(server.world.charge_point(cp_id)[1], "127.0.0.1", server.port, heartbeat_s=5) for cp_id in cp_ids
+    ]
+    tasks = [asyncio.create_task(sim.run()) for sim in sims]
+    async with asyncio.timeout(10):
+        while not all(server.registry.charge_points[cp].online for cp in cp_ids):
+            await asyncio.sleep(0.02)
+    return sims, tasks
+
+
+async def stop_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_nearest_and_live_status(server: Server) -> None:
+    natal = (-5.7945, -35.2110)
+    async with vehicle(server, "V01") as c:
+        with pytest.raises(NotFoundError):
+            await c.find_nearest(*natal)  # nothing is online yet
+        _, tasks = await run_charge_points(server, "NAT-CEN-1", "NAT-PN-1")
+        try:
+            found = await c.find_nearest(*natal)
+            assert (found.station.id, found.charge_point_id) == ("NAT-CEN", "NAT-CEN-1")
+            assert found.distance_km < 1
+            found = await c.find_nearest(*natal, min_power_kw=100)
+            assert found.charge_point_id == "NAT-PN-1"
+            with pytest.raises(NotFoundError):
+                await c.find_nearest(*natal, min_power_kw=200)
+
+            r = await c.reserve("NAT-CEN-1", soon(c, 10), 40)
+            status = {cp.id: cp for cp in (await c.station_status("NAT-CEN")).charge_points}
+            assert status["NAT-CEN-1"].status == "reserved"
+            assert status["NAT-CEN-2"].status == "offline"
+            assert [(i.start, i.end) for i in status["NAT-CEN-1"].busy] == [(r.start, r.end)]
+            # Free now (the reservation starts in 10 min), so no "free in" yet...
+            assert status["NAT-CEN-1"].free_at is None
+            # ...until the slot begins: then it is free again at the reservation's end.
+            await c.reserve("NAT-CEN-1", c.server_now() - timedelta(seconds=30), 10)
+            status = {cp.id: cp for cp in (await c.station_status("NAT-CEN")).charge_points}
+            assert status["NAT-CEN-1"].free_at == r.end
+            # The nearest *available* charge point is now the next one out.
+            assert (await c.find_nearest(*natal)).charge_point_id == "NAT-PN-1"
+        finally:
+            await stop_all(tasks)
+
+
+async def test_charging_meters_kwh_and_cost_into_history(server: Server) -> None:
+    sims, tasks = await run_charge_points(server, "NAT-PN-1")
+    events = []
+    try:
+        async with vehicle(server, "V01") as c, vehicle(server, "V04") as other:
+            c.on_event.append(events.append)
+            later = await c.reserve("NAT-PN-1", soon(c, 120), 30)
+            with pytest.raises(ConflictError, match="too early"):
+                await c.start_charging(later.id)
+            r = await c.reserve("NAT-PN-1", c.server_now(), 30)
+            with pytest.raises(ForbiddenError):
+                await other.start_charging(r.id)
+            charging = await c.start_charging(r.id)
+            assert charging.state == "charging"
+            with pytest.raises(ConflictError):
+                await c.start_charging(r.id)
+            await asyncio.sleep(1.5)  # 1.5 simulated minutes at 150 kW: ~3.75 kWh
+            done = await c.stop_charging(r.id)
+            assert done.state == "completed"
+            assert done.kwh == pytest.approx(sims[0].kwh, abs=1e-3)
+            assert 2.0 < done.kwh < 8.0
+            assert done.cost == pytest.approx(round(done.kwh * 2.29, 2))
+            history = await c.history()
+            assert [s.reservation_id for s in history.sessions] == [r.id]
+            assert history.total_kwh == pytest.approx(done.kwh) and history.total_cost == done.cost
+            assert history.sessions[0].city == "Natal"
+            assert (await other.history()).sessions == []
+        progress = [e for e in events if type(e).__name__ == "ChargingProgress"]
+        assert progress and progress[-1].kwh <= done.kwh
+    finally:
+        await stop_all(tasks)
+
+
+async def test_a_vanished_charge_point_ends_its_session(server: Server) -> None:
+    _sims, tasks = await run_charge_points(server, "NAT-PN-2")
+    async with vehicle(server, "V01") as c:
+        r = await c.reserve("NAT-PN-2", c.server_now(), 30)
+        await c.start_charging(r.id)
+        await asyncio.sleep(0.7)
+        await stop_all(tasks)  # the charge point disappears mid-session
+        async with asyncio.timeout(5):
+            while (await c.reservations(include_past=True))[0].state == "charging":
+                await asyncio.sleep(0.05)
+        [ended] = await c.reservations(include_past=True)
+        assert ended.state == "completed" and ended.kwh > 0
+        # Its slot is free again, but nobody can charge on it while it is offline.
+        r2 = await c.reserve("NAT-PN-2", c.server_now(), 10)
+        with pytest.raises(UnavailableError, match="offline"):
+            await c.start_charging(r2.id)
+
+
+async def test_no_show_expires_and_frees_the_slot(world: World, tmp_path: Path) -> None:
+    # x600: the 15-minute grace period passes in 1.5 s.
+    async with running_server(world, tmp_path / "data", time_scale=600.0) as srv, vehicle(srv, "V01") as c:
+        pushed = []
+        c.on_event.append(pushed.append)
+        r = await c.reserve("FOR-1-1", c.server_now(), 60)
+        async with asyncio.timeout(10):
+            while (await c.reservations(include_past=True))[0].state == "booked":
+                await asyncio.sleep(0.1)
+        [expired] = await c.reservations(include_past=True)
+        assert expired.state == "expired"
+        assert any(getattr(e, "reason", "") == "no-show" and e.reservation.id == r.id for e in pushed)
+        async with vehicle(srv, "V04") as other:
+            await other.reserve("FOR-1-1", r.start + timedelta(minutes=20), 30)
+
+
+async def test_pipelined_requests_on_one_connection(server: Server) -> None:
+    async with vehicle(server, "V01") as c:
+        start = soon(c, 10)
+        cps = [cp.id for s in server.world.stations_of("A") for cp in s.charge_points]
+        replies = await asyncio.gather(*(c.reserve(cp, start, 30) for cp in cps))
+        assert sorted(r.charge_point_id for r in replies) == sorted(cps)
+        statuses = await asyncio.gather(*(c.station_status(s.id) for s in server.world.stations_of("A")))
+        assert all(cp.free_at is not None or cp.status == "offline" for s in statuses for cp in s.charge_points)
+
+
+async def test_state_survives_a_clean_restart(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with running_server(world, data, time_scale=60.0) as srv, vehicle(srv, "V01") as c:
+        r = await c.reserve("JPA-1-1", soon(c, 30), 30)
+        now_before = c.server_now()
+    async with running_server(world, data, time_scale=60.0) as srv, vehicle(srv, "V01") as c:
+        assert [x.id for x in await c.reservations()] == [r.id]
+        # Simulated time carried on instead of jumping back to the wall clock.
+        assert c.server_now() >= now_before
+        with pytest.raises(ConflictError):
+            await c.reserve("JPA-1-1", r.start, 30)
