@@ -31,7 +31,7 @@ log = logging.getLogger("evcharge")
 VEHICLE_COMMANDS = """\
 commands:
   stations [--city C] [--near CITY|LAT,LON] [--limit N]   list the home operator's stations
-  nearest (--near CITY|LAT,LON) [--min-kw KW]              nearest charge point available now
+  nearest --near=CITY|LAT,LON [--min-kw KW]                nearest charge point available now
   status STATION                                           a station's charge points, "free in N min"
   reserve CP [--start ISO | --in MIN] [--minutes N]        reserve a charge point (default: now, 30 min)
   reservations [--all]                                     your reservations (--all: past ones too)

@@ -47,7 +47,7 @@ class Ledger:
 
     def remove(self, start: int, reservation_id: str) -> bool:
         i = bisect_left(self._starts, start)
-        if i < len(self._starts) and self._ids[i] == reservation_id:
+        if i < len(self._starts) and self._starts[i] == start and self._ids[i] == reservation_id:
             del self._starts[i], self._ends[i], self._ids[i]
             return True
         return False
@@ -65,6 +65,8 @@ class Ledger:
 
     def busy(self, start: int, end: int) -> list[tuple[int, int]]:
         """The live intervals overlapping ``[start, end)``, in order."""
+        if start >= end:
+            return []
         i = bisect_right(self._starts, start) - 1
         if i < 0 or self._ends[i] <= start:
             i += 1

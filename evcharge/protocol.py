@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -39,6 +39,10 @@ ErrorCode = Literal[
     "internal",
 ]
 ReservationState = Literal["held", "booked", "charging", "completed", "cancelled", "expired", "aborted"]
+# Times in requests must say their offset; a bare "14:30" means nothing across operators.
+UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
+Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
+Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
 ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "offline"]
 # What a charge point may say about itself; the server derives the rest.
@@ -156,9 +160,9 @@ class Ok(Reply, kw_only=True):
 
 class ListStations(Request, kw_only=True):
     city: str | None = None
-    lat: float | None = None
-    lon: float | None = None
-    limit: int | None = None
+    lat: Latitude | None = None
+    lon: Longitude | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class StationList(Reply, kw_only=True):
@@ -166,9 +170,9 @@ class StationList(Reply, kw_only=True):
 
 
 class FindNearest(Request, kw_only=True):
-    lat: float
-    lon: float
-    min_power_kw: float = 0.0
+    lat: Latitude
+    lon: Longitude
+    min_power_kw: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class NearestResult(Reply, kw_only=True):
@@ -188,7 +192,7 @@ class StationStatus(Reply, kw_only=True):
 
 class Reserve(Request, kw_only=True):
     charge_point_id: str
-    start: datetime
+    start: UtcTime
     minutes: int
 
 
@@ -227,8 +231,8 @@ class History(Reply, kw_only=True):
 
 
 class UpdatePosition(Request, kw_only=True):
-    lat: float
-    lon: float
+    lat: Latitude
+    lon: Longitude
 
 
 # --- operator requests -----------------------------------------------------------

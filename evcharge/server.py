@@ -166,7 +166,9 @@ class Server:
         request_id = 0
         try:
             try:
-                hello = await conn.receive(timeout=self.hello_timeout)
+                # One deadline for the whole Hello: trickling bytes does not extend it.
+                async with asyncio.timeout(self.hello_timeout):
+                    hello = await conn.receive()
             except UndecodableMessage as exc:
                 request_id = exc.request_id
                 raise BadRequestError(f"expected Hello: {exc.reason}") from None

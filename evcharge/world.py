@@ -57,7 +57,7 @@ class VehicleConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Rules(msgspec.Struct, forbid_unknown_fields=True):
-    """Operating rules shared by every operator (simulated minutes)."""
+    """Operating rules shared by every operator: `_min` in simulated minutes, `_s` in real seconds."""
 
     no_show_grace_min: Annotated[int, msgspec.Meta(ge=1)] = 15
     # A charge point shows `reserved` when its next reservation starts this soon.

@@ -178,11 +178,6 @@ def test_remove_then_slot_is_free_again() -> None:
     assert len(ledger) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Ledger.remove matches the id at the bisect position of `start` without checking that the "
-    "interval there starts at `start`, so a wrong start before the real one still removes it",
-)
 def test_remove_with_wrong_start_removes_nothing() -> None:
     ledger = Ledger()
     ledger.add(10, 20, "a")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv with the test extra and run the whole suite: lint, format, pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k race -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVCHARGE_EXTRAS=test source scripts/_venv.sh
+
+echo "==> ruff check"
+ruff check .
+echo "==> ruff format --check"
+ruff format --check .
+echo "==> pytest"
+exec python -m pytest "$@"

@@ -1,0 +1,45 @@
+"""The scripts a newcomer runs: they work, and leave nothing running behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def leftover_processes(marker: str) -> str:
+    found = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True)
+    return found.stdout.strip()
+
+
+def test_demo_quick_runs_the_whole_story_and_cleans_up() -> None:
+    done = subprocess.run(["bash", "scripts/demo.sh", "--quick"], cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    for expected in ("Nearest: Natal Ponta Negra", "conflict: charge point NAT-PN-1 is taken", "Released NAT-PN-1"):
+        assert expected in out, out[-3000:]
+    assert "Charging history" in out and "completed" in out
+    assert leftover_processes("evcharge-demo") == ""
+
+
+def test_demo_interrupted_with_ctrl_c_stops_everything() -> None:
+    proc = subprocess.Popen(
+        ["bash", "scripts/demo.sh"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "V01 reserves" in line:
+                break  # the server and the charge points are running now
+        assert leftover_processes("evcharge-demo") != ""
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert leftover_processes("evcharge-demo") == ""
