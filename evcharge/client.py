@@ -52,6 +52,7 @@ class Client:
         self._welcomed_at = time.monotonic()
         self._reader: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._position_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
 
     @property
@@ -106,6 +107,9 @@ class Client:
             await self.conn.send(reply)
 
     async def close(self) -> None:
+        if self._position_task is not None:
+            self._position_task.cancel()
+            await asyncio.gather(self._position_task, return_exceptions=True)
         await self.conn.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -164,6 +168,22 @@ class Client:
 
     async def update_position(self, lat: float, lon: float) -> None:
         await self.call(p.UpdatePosition(lat=lat, lon=lon), p.Ok)
+
+    def report_position(self, where: Callable[[], tuple[float, float]], every: float = 60.0) -> None:
+        """Send ``where()`` now and then every ``every`` seconds until the client closes."""
+        if self._position_task is not None:
+            self._position_task.cancel()
+        self._position_task = asyncio.get_running_loop().create_task(self._report_position(where, every))
+
+    async def _report_position(self, where: Callable[[], tuple[float, float]], every: float) -> None:
+        while not self.closed.is_set():
+            try:
+                await self.update_position(*where())
+            except ConnectionLostError:
+                return
+            except EvchargeError as exc:
+                log.warning("position update failed: %s", exc.message)
+            await asyncio.sleep(every)
 
     # --- operators ------------------------------------------------------------------
 

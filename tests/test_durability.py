@@ -155,3 +155,11 @@ async def test_server_with_a_full_store_refuses_changes_but_keeps_serving(spawn_
     restarted: ServerProcess = spawn_server("A", data_dir=server.data_dir)
     async with connect("127.0.0.1", restarted.port, role="vehicle", ident=v.id, secret=v.token) as c:
         assert sorted(r.id for r in await c.reservations()) == sorted(acked)
+
+
+def test_a_store_from_a_newer_evcharge_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={store_mod.SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer"):
+        Store(path).open()

@@ -242,3 +242,41 @@ async def test_state_survives_a_clean_restart(world: World, tmp_path: Path) -> N
         assert c.server_now() >= now_before
         with pytest.raises(ConflictError):
             await c.reserve("JPA-1-1", r.start, 30)
+
+
+async def test_position_is_reported_periodically(server: Server) -> None:
+    route = iter([(-5.79, -35.21), (-6.5, -35.0), (-7.12, -34.85)])
+    async with vehicle(server, "V01") as c:
+        c.report_position(lambda: next(route), every=0.1)
+        async with asyncio.timeout(5):
+            while server.registry.positions.get("V01") != (-7.12, -34.85):
+                await asyncio.sleep(0.02)
+
+
+async def test_charge_point_reports_completion_and_faults(server: Server) -> None:
+    sims, tasks = await run_charge_points(server, "CGR-1-1")
+    try:
+        async with vehicle(server, "V01") as c:
+            r = await c.reserve("CGR-1-1", c.server_now(), 30)
+            await c.start_charging(r.id)
+            await asyncio.sleep(0.6)
+            # The charge point ends the session itself (the car is full).
+            station = sims[0].client
+            assert station is not None
+            await station.session_complete(r.id, 12.5, "vehicle full")
+            [done] = await c.reservations(include_past=True)
+            assert (done.state, done.kwh, done.cost) == ("completed", 12.5, round(12.5 * 1.95, 2))
+            # A charge point cannot end a session that is not on it.
+            other = await c.reserve("CGR-1-2", c.server_now(), 30)
+            with pytest.raises(ForbiddenError):
+                await station.session_complete(other.id, 1.0)
+            # A fault makes it unusable until it says it is available again.
+            await station.report_status("faulted", "ground fault")
+            status = {cp.id: cp.status for cp in (await c.station_status("CGR-1")).charge_points}
+            assert status["CGR-1-1"] == "faulted"
+            with pytest.raises(UnavailableError, match="faulted"):
+                await c.reserve("CGR-1-1", c.server_now() + timedelta(minutes=40), 30)
+            await station.report_status("available")
+            await c.reserve("CGR-1-1", c.server_now() + timedelta(minutes=40), 30)
+    finally:
+        await stop_all(tasks)
