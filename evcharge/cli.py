@@ -22,6 +22,7 @@ import uvloop
 from rich.console import Console
 
 from evcharge import geo, render
+from evcharge import protocol as p
 from evcharge.client import Client, connect
 from evcharge.errors import EvchargeError
 from evcharge.world import SHIPPED, World, WorldError, load_world
@@ -39,6 +40,10 @@ commands:
   charge RESERVATION                                       start charging on a reservation
   release RESERVATION                                      stop charging and free the charge point
   history                                                  your charging sessions with kWh and cost
+  plan --from CITY --to CITY [--soc PCT] [--depart ISO]    plan an intercity trip over every operator's chargers
+  book --from CITY --to CITY [--soc PCT] [--depart ISO]    plan and book every stop atomically (all or none)
+  trips [--all]                                            your booked trips (--all: cancelled ones too)
+  cancel-trip TRIP                                         release every stop of a trip, at every operator
 """
 
 
@@ -94,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, help="listen port, 0 for any free one (default: the world file's)")
     server.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     server.add_argument("--store-limit-mb", type=float, help="refuse changes once the store would grow past this")
+    server.add_argument(
+        "--clock-anchor",
+        type=float,
+        help="epoch seconds where simulated and real time meet; give every federated server the same one",
+    )
     server.set_defaults(run=run_server, log_level="info")
 
     station = sub.add_parser(
@@ -120,26 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
     vehicle.add_argument("--server", help="HOST:PORT of the home operator (default: the world file's)")
     vehicle.add_argument("--json", action="store_true", help="machine-readable output")
     vcmd = vehicle.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
-    p = vcmd.add_parser("stations", help="list stations")
-    p.add_argument("--city")
-    p.add_argument("--near", help="CITY or LAT,LON: sort by distance")
-    p.add_argument("--limit", type=int)
-    p = vcmd.add_parser("nearest", help="nearest available charge point")
-    p.add_argument("--near", required=True, help="CITY or LAT,LON")
-    p.add_argument("--min-kw", type=float, default=0.0)
-    p = vcmd.add_parser("status", help="a station's live status")
-    p.add_argument("station")
-    p = vcmd.add_parser("reserve", help="reserve a charge point")
-    p.add_argument("charge_point")
-    when = p.add_mutually_exclusive_group()
+    cmd = vcmd.add_parser("stations", help="list stations")
+    cmd.add_argument("--city")
+    cmd.add_argument("--near", help="CITY or LAT,LON: sort by distance")
+    cmd.add_argument("--limit", type=int)
+    cmd = vcmd.add_parser("nearest", help="nearest available charge point")
+    cmd.add_argument("--near", required=True, help="CITY or LAT,LON")
+    cmd.add_argument("--min-kw", type=float, default=0.0)
+    cmd = vcmd.add_parser("status", help="a station's live status")
+    cmd.add_argument("station")
+    cmd = vcmd.add_parser("reserve", help="reserve a charge point")
+    cmd.add_argument("charge_point")
+    when = cmd.add_mutually_exclusive_group()
     when.add_argument("--start", help="ISO time (UTC if no offset)")
     when.add_argument("--in", dest="in_minutes", type=float, help="minutes from now (server time)")
-    p.add_argument("--minutes", type=int, default=30)
-    p = vcmd.add_parser("reservations", help="your reservations")
-    p.add_argument("--all", action="store_true", help="include finished ones")
+    cmd.add_argument("--minutes", type=int, default=30)
+    cmd = vcmd.add_parser("reservations", help="your reservations")
+    cmd.add_argument("--all", action="store_true", help="include finished ones")
     for name, text in (("cancel", "cancel a reservation"), ("charge", "start charging"), ("release", "stop charging")):
         vcmd.add_parser(name, help=text).add_argument("reservation")
     vcmd.add_parser("history", help="charging history with kWh and cost")
+    for name, text in (("plan", "plan a trip"), ("book", "book a trip atomically")):
+        cmd = vcmd.add_parser(name, help=text)
+        cmd.add_argument("--from", dest="origin", required=True, help="origin city")
+        cmd.add_argument("--to", dest="destination", required=True, help="destination city")
+        cmd.add_argument("--soc", type=float, default=80.0, help="state of charge at departure, %% (default 80)")
+        cmd.add_argument("--depart", help="ISO departure time (default: now, server time)")
+        cmd.add_argument("--min-arrival-soc", type=float, default=10.0, help="never arrive below this %% (default 10)")
+        cmd.add_argument("--max-charge-soc", type=float, default=80.0, help="never charge above this %% (default 80)")
+    cmd = vcmd.add_parser("trips", help="your trips")
+    cmd.add_argument("--all", action="store_true", help="include cancelled ones")
+    vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
     vehicle.set_defaults(run=run_vehicle)
 
     inspect = sub.add_parser(
@@ -178,6 +199,7 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         store_max_bytes=limit,
+        clock_anchor=args.clock_anchor,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -235,6 +257,24 @@ def _position(text: str) -> tuple[float, float]:
 
 class UsageError(Exception):
     pass
+
+
+def _trip_query(args: argparse.Namespace) -> p.TripQuery:
+    depart = None
+    if args.depart:
+        try:
+            depart = datetime.fromisoformat(args.depart)
+        except ValueError:
+            raise UsageError(f"--depart {args.depart!r} is not an ISO time (e.g. 2026-11-23T14:30)") from None
+        depart = depart if depart.tzinfo else depart.replace(tzinfo=UTC)
+    return p.TripQuery(
+        origin=args.origin,
+        destination=args.destination,
+        soc_pct=args.soc,
+        depart=depart,
+        min_arrival_soc_pct=args.min_arrival_soc,
+        max_charge_soc_pct=args.max_charge_soc,
+    )
 
 
 def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
@@ -350,6 +390,30 @@ async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> 
             if human:
                 out.print(render.history_table(history))
             return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
+        case "plan":
+            trip = await c.plan_trip(_trip_query(args))
+            if human:
+                render.trip(trip, out, title="Plan")
+            return {"trip": trip}
+        case "book":
+            booked = await c.book_trip(_trip_query(args))
+            if human:
+                note = f" (re-planned {booked.attempts - 1}x after losing slots)" if booked.attempts > 1 else ""
+                render.trip(booked.trip, out, title=f"Booked trip {booked.trip.id}{note}")
+            return {"trip": booked.trip, "attempts": booked.attempts}
+        case "trips":
+            trips = await c.trips(include_cancelled=args.all)
+            if human:
+                for trip in trips:
+                    render.trip(trip, out, title=f"Trip {trip.id} [{trip.state}]")
+                if not trips:
+                    out.print("No trips.")
+            return {"trips": trips}
+        case "cancel-trip":
+            trip = await c.cancel_trip(args.trip)
+            if human:
+                out.print(f"Trip [bold]{trip.id}[/] is {trip.state}; its {len(trip.stops)} stops are released")
+            return {"trip": trip}
     raise UsageError(f"unknown command {args.command}")
 
 

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from evcharge import protocol as p
+from evcharge.auth import new_nonce, peer_proof, same_secret
 from evcharge.errors import (
     BadRequestError,
     ConnectionLostError,
@@ -29,6 +30,7 @@ from evcharge.errors import (
     ForbiddenError,
     InternalError,
     RequestTimeoutError,
+    UnauthorizedError,
     UnavailableError,
     error_from_reply,
 )
@@ -185,6 +187,20 @@ class Client:
                 log.warning("position update failed: %s", exc.message)
             await asyncio.sleep(every)
 
+    # --- trips ---------------------------------------------------------------------
+
+    async def plan_trip(self, query: p.TripQuery) -> p.TripInfo:
+        return (await self.call(p.PlanTrip(query=query), p.TripReply, timeout=max(self.timeout, 30.0))).trip
+
+    async def book_trip(self, query: p.TripQuery) -> p.TripReply:
+        return await self.call(p.BookTrip(query=query), p.TripReply, timeout=max(self.timeout, 60.0))
+
+    async def trips(self, *, include_cancelled: bool = False) -> list[p.TripInfo]:
+        return (await self.call(p.ListTrips(include_cancelled=include_cancelled), p.TripList)).trips
+
+    async def cancel_trip(self, trip_id: str) -> p.TripInfo:
+        return (await self.call(p.CancelTrip(trip_id=trip_id), p.TripReply, timeout=max(self.timeout, 30.0))).trip
+
     # --- operators ------------------------------------------------------------------
 
     async def inspect(self) -> p.InspectResult:
@@ -222,17 +238,19 @@ async def open_client(
         raise UnavailableError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     conn = Connection(reader, writer)
     try:
-        hello = p.Hello(version=p.PROTOCOL_VERSION, role=role, ident=ident, credential=secret)
+        # A peer sends a nonce, never its secret (see evcharge.auth).
+        nonce = new_nonce() if role == "peer" else ""
+        hello = p.Hello(version=p.PROTOCOL_VERSION, role=role, ident=ident, credential=nonce or secret)
         hello.id = 1
         await conn.send(hello)
-        try:
-            reply = await conn.receive(timeout=timeout)
-        except TimeoutError:
-            raise RequestTimeoutError(f"{host}:{port} did not answer Hello within {timeout:g} s") from None
-        except (ConnectionClosed, UndecodableMessage, FrameTooLarge) as exc:
-            raise ConnectionLostError(f"{host}:{port} closed the connection during the handshake") from exc
-        if isinstance(reply, p.Error):
-            raise error_from_reply(reply)
+        reply = await _handshake_reply(conn, host, port, timeout)
+        if isinstance(reply, p.PeerChallenge):
+            if not same_secret(peer_proof(secret, "server", nonce, reply.nonce, ident), reply.proof):
+                raise UnauthorizedError(f"{host}:{port} could not prove it knows operator {ident}'s secret")
+            answer = p.PeerProof(proof=peer_proof(secret, "client", nonce, reply.nonce, ident))
+            answer.id = 2
+            await conn.send(answer)
+            reply = await _handshake_reply(conn, host, port, timeout)
         if not isinstance(reply, p.Welcome):
             raise BadRequestError(f"expected Welcome, got {type(reply).__name__}")
     except BaseException:
@@ -241,6 +259,18 @@ async def open_client(
     client = Client(conn, reply, timeout=timeout)
     client._start()
     return client
+
+
+async def _handshake_reply(conn: Connection, host: str, port: int, timeout: float) -> p.Message:
+    try:
+        reply = await conn.receive(timeout=timeout)
+    except TimeoutError:
+        raise RequestTimeoutError(f"{host}:{port} did not answer the handshake within {timeout:g} s") from None
+    except (ConnectionClosed, UndecodableMessage, FrameTooLarge) as exc:
+        raise ConnectionLostError(f"{host}:{port} closed the connection during the handshake") from exc
+    if isinstance(reply, p.Error):
+        raise error_from_reply(reply)
+    return reply
 
 
 @asynccontextmanager

@@ -7,6 +7,11 @@ import unicodedata
 
 EARTH_RADIUS_KM = 6371.0088
 
+# Roads are not great circles. Documented assumption: between the Northeast's
+# cities the road is about 25 % longer than the great circle (BR-101 Natal ->
+# João Pessoa is ~185 km over 153 km, Recife -> Maceió ~255 km over 203 km).
+ROAD_FACTOR = 1.25
+
 
 def great_circle_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Haversine distance in kilometres."""
@@ -15,6 +20,11 @@ def great_circle_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float
     dl = math.radians(lon2 - lon1)
     a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+def road_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Estimated road distance in kilometres: the great circle times ``ROAD_FACTOR``."""
+    return great_circle_km(lat1, lon1, lat2, lon2) * ROAD_FACTOR
 
 
 # City centres (latitude, longitude) of Brazil's Northeast, for "near CITY".
@@ -31,6 +41,8 @@ CITIES: dict[str, tuple[float, float]] = {
     "Maceió": (-9.6658, -35.7350),
     "Arapiraca": (-9.7525, -36.6611),
     "Aracaju": (-10.9472, -37.0731),
+    "Estância": (-11.2683, -37.4386),
+    "Alagoinhas": (-12.1356, -38.4192),
     "Feira de Santana": (-12.2664, -38.9663),
     "Salvador": (-12.9714, -38.5014),
     "Vitória da Conquista": (-14.8615, -40.8442),

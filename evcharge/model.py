@@ -17,7 +17,9 @@ class Reservation:
     state: str
     created: int
     trip_id: str | None = None
-    hold_deadline: int | None = None
+    hold_deadline: float | None = None  # real epoch seconds (held only)
+    txn_id: str | None = None  # the trip booking that placed it
+    coordinator: str | None = None  # operator coordinating that trip
 
     @property
     def live(self) -> bool:
@@ -37,3 +39,17 @@ class ChargingSession:
     @property
     def cost(self) -> float:
         return round(self.kwh * self.price_per_kwh, 2)
+
+
+@dataclass(slots=True)
+class Trip:
+    """A trip this operator coordinates; its row is the two-phase commit record."""
+
+    id: str
+    vehicle_id: str
+    state: str  # committed | cancelled
+    txn_id: str
+    participants: list[str]  # operators owning its stops
+    unacked: list[str]  # participants not yet told the latest decision
+    info: bytes  # the TripInfo, as JSON
+    created: int

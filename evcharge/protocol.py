@@ -123,6 +123,51 @@ class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     cost: float
 
 
+class TripStop(msgspec.Struct, kw_only=True, omit_defaults=True):
+    city: str
+    operator_id: str
+    station_id: str
+    station_name: str
+    charge_point_id: str
+    power_kw: float
+    drive_km: float
+    arrival: datetime
+    slot_start: datetime
+    slot_end: datetime
+    soc_in: float
+    soc_out: float
+    kwh: float
+    cost: float
+    reservation_id: str | None = None
+
+
+TripState = Literal["planned", "committed", "cancelled"]
+
+
+class TripInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    vehicle_id: str
+    state: TripState
+    origin: str
+    destination: str
+    depart: datetime
+    arrival: datetime
+    distance_km: float
+    soc_at_arrival: float
+    total_kwh: float
+    total_cost: float
+    stops: list[TripStop] = []
+    home_operator_id: str = ""
+
+
+class PeerInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    operator_id: str
+    address: str
+    up: bool
+    last_seen: datetime | None = None
+    last_error: str = ""
+
+
 # --- handshake -----------------------------------------------------------------
 
 
@@ -247,6 +292,8 @@ class InspectResult(Reply, kw_only=True):
     server_time: datetime
     stations: list[StationInfo]
     reservations: list[ReservationInfo]
+    trips: list[TripInfo] = []
+    peers: list[PeerInfo] = []
 
 
 # --- charge point (station role) -----------------------------------------------
@@ -292,6 +339,135 @@ class RemoteStop(Request, kw_only=True):
 class SessionReport(Reply, kw_only=True):
     reservation_id: str
     kwh: float
+
+
+# --- trips (vehicle -> home operator) ------------------------------------------
+
+
+class TripQuery(msgspec.Struct, kw_only=True, omit_defaults=True):
+    origin: str
+    destination: str
+    soc_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 80.0
+    depart: UtcTime | None = None  # default: now
+    min_arrival_soc_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 10.0
+    max_charge_soc_pct: Annotated[float, msgspec.Meta(ge=1, le=100)] = 80.0
+
+
+class PlanTrip(Request, kw_only=True):
+    query: TripQuery
+
+
+class BookTrip(Request, kw_only=True):
+    query: TripQuery
+
+
+class TripReply(Reply, kw_only=True):
+    trip: TripInfo
+    attempts: int = 1  # plans tried (more than one: re-planned around conflicts)
+
+
+class ListTrips(Request, kw_only=True):
+    include_cancelled: bool = False
+
+
+class TripList(Reply, kw_only=True):
+    trips: list[TripInfo]
+
+
+class CancelTrip(Request, kw_only=True):
+    trip_id: str
+
+
+# --- federation (operator <-> operator) ----------------------------------------
+#
+# Handshake: Hello(role="peer", ident=<my operator>, credential=<my nonce>) is
+# answered by PeerChallenge (the server's nonce and its proof); the client
+# checks that proof and sends PeerProof; then Welcome. Proofs are HMAC-SHA256
+# over both nonces with the connecting operator's secret, which never crosses
+# the wire; fresh nonces make a replayed handshake fail.
+
+
+class PeerChallenge(Reply, kw_only=True):
+    nonce: str
+    proof: str
+
+
+class PeerProof(Request, kw_only=True):
+    proof: str
+
+
+class GetCatalog(Request, kw_only=True):
+    pass
+
+
+class Catalog(Reply, kw_only=True):
+    operator_id: str
+    stations: list[StationInfo]
+
+
+class GetAvailability(Request, kw_only=True):
+    start: UtcTime
+    end: UtcTime
+
+
+class CpBusy(msgspec.Struct, omit_defaults=True):
+    charge_point_id: str
+    busy: list[Interval]
+
+
+class Availability(Reply, kw_only=True):
+    charge_points: list[CpBusy]
+
+
+class StopRequest(msgspec.Struct, kw_only=True):
+    charge_point_id: str
+    start: UtcTime
+    end: UtcTime
+
+
+class Prepare(Request, kw_only=True):
+    txn_id: str
+    trip_id: str
+    vehicle_id: str
+    stops: list[StopRequest]
+    deadline: float  # real (wall-clock) epoch seconds: the coordinator decides before this
+
+
+class StopConflict(msgspec.Struct, kw_only=True):
+    charge_point_id: str
+    next_free: datetime
+
+
+class Vote(Reply, kw_only=True):
+    txn_id: str
+    yes: bool
+    reservation_ids: list[str] = []  # with yes: one per stop, in order
+    conflicts: list[StopConflict] = []  # with no
+    reason: str = ""
+
+
+class Decide(Request, kw_only=True):
+    txn_id: str
+    trip_id: str
+    commit: bool
+
+
+class QueryDecision(Request, kw_only=True):
+    txn_id: str
+
+
+Outcome = Literal["commit", "abort", "pending"]
+
+
+class Decision(Reply, kw_only=True):
+    txn_id: str
+    outcome: Outcome
+
+
+class ReleaseTrip(Request, kw_only=True):
+    """Cancel every stop of a committed trip at this participant (idempotent)."""
+
+    trip_id: str
 
 
 # --- pushes to vehicles and operators ------------------------------------------
@@ -348,6 +524,24 @@ AnyMessage = (
     | ReservationChanged
     | ChargingProgress
     | ChargePointChanged
+    | PlanTrip
+    | BookTrip
+    | TripReply
+    | ListTrips
+    | TripList
+    | CancelTrip
+    | PeerChallenge
+    | PeerProof
+    | GetCatalog
+    | Catalog
+    | GetAvailability
+    | Availability
+    | Prepare
+    | Vote
+    | Decide
+    | QueryDecision
+    | Decision
+    | ReleaseTrip
 )
 
 

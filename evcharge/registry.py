@@ -22,7 +22,7 @@ from typing import Generic, Protocol, TypeVar
 import aiorwlock
 
 from evcharge import protocol as p
-from evcharge.clock import SimClock, to_datetime
+from evcharge.clock import SimClock, to_datetime, to_seconds
 from evcharge.errors import (
     BadRequestError,
     ConflictError,
@@ -92,6 +92,7 @@ class Registry:
         }
         self.reservations: dict[str, Reservation] = {}
         self.by_vehicle: dict[str, list[Reservation]] = {}
+        self.by_trip: dict[str, list[Reservation]] = {}  # trip stops here (also holds, by txn)
         self.sessions: dict[str, ChargingSession] = {}
         self.positions: dict[str, tuple[float, float]] = {}
         self._reload: asyncio.Task[None] | None = None
@@ -106,6 +107,7 @@ class Registry:
             cp.charging = None
         self.reservations = {}
         self.by_vehicle = {}
+        self.by_trip = {}
         for r in state.reservations:
             if r.charge_point_id not in self.charge_points:
                 log.warning("reservation %s names unknown charge point %s; kept as is", r.id, r.charge_point_id)
@@ -115,6 +117,8 @@ class Registry:
     def _index(self, r: Reservation) -> None:
         self.reservations[r.id] = r
         self.by_vehicle.setdefault(r.vehicle_id, []).append(r)
+        if r.trip_id is not None:
+            self.by_trip.setdefault(r.trip_id, []).append(r)
         cp = self.charge_points.get(r.charge_point_id)
         if cp is not None and r.live:
             cp.ledger.add(r.start, r.end, r.id)
@@ -241,6 +245,8 @@ class Registry:
                 raise ConflictError(f"reservation {reservation_id} is charging; stop charging first")
             if r.state == "held":
                 raise ConflictError(f"reservation {reservation_id} is held by a trip booking in progress")
+            if r.trip_id is not None and actor.role == "vehicle":
+                raise ConflictError(f"reservation {reservation_id} is a stop of trip {r.trip_id}; cancel the trip")
             self._leave_live(r, "cancelled")
             return _Change(r, [put_reservation(r)], [(r, "cancelled")])
 
@@ -348,6 +354,117 @@ class Registry:
             for cp in self.charge_points.values()
             if cp.charging is not None and now >= self.reservations[cp.charging].end
         ]
+
+    # --- trip stops: this operator as a two-phase-commit participant ------------------
+
+    async def hold(self, coordinator: str, prepare: p.Prepare) -> p.Vote:
+        """PREPARE: check every stop and hold them all in one writer section, or none."""
+        stops = [(st.charge_point_id, to_seconds(st.start), to_seconds(st.end)) for st in prepare.stops]
+        actor = Actor("peer", coordinator)
+
+        def mutate() -> _Change[p.Vote]:
+            held = [r for r in self.by_trip.get(prepare.trip_id, []) if r.txn_id == prepare.txn_id]
+            if held:  # a repeated PREPARE: same answer
+                return _Change(p.Vote(txn_id=prepare.txn_id, yes=True, reservation_ids=[r.id for r in held]))
+            conflicts: list[p.StopConflict] = []
+            for i, (cp_id, start, end) in enumerate(stops):
+                cp = self.charge_points.get(cp_id)
+                if cp is None:
+                    return _Change(self._no(prepare, f"no charge point {cp_id!r} at operator {self.operator_id}"))
+                if not start < end:
+                    return _Change(self._no(prepare, f"empty slot for {cp_id}"))
+                clash = not cp.ledger.fits(start, end) or any(
+                    other == cp_id and o_start < end and start < o_end for other, o_start, o_end in stops[:i]
+                )
+                if clash or cp.faulted:
+                    free = cp.ledger.next_free(start, end - start)
+                    conflicts.append(p.StopConflict(charge_point_id=cp_id, next_free=to_datetime(free)))
+            if conflicts:
+                return _Change(p.Vote(txn_id=prepare.txn_id, yes=False, conflicts=conflicts, reason="slots taken"))
+            now = int(self.clock.now())
+            made = [
+                Reservation(
+                    id=f"{self.operator_id}-{secrets.token_hex(5)}",
+                    charge_point_id=cp_id,
+                    vehicle_id=prepare.vehicle_id,
+                    start=start,
+                    end=end,
+                    state="held",
+                    created=now,
+                    trip_id=prepare.trip_id,
+                    hold_deadline=prepare.deadline,
+                    txn_id=prepare.txn_id,
+                    coordinator=coordinator,
+                )
+                for cp_id, start, end in stops
+            ]
+            for r in made:
+                self._index(r)
+            vote = p.Vote(txn_id=prepare.txn_id, yes=True, reservation_ids=[r.id for r in made])
+            return _Change(vote, [put_reservation(r) for r in made], [(r, "held") for r in made])
+
+        return await self._apply(actor, f"hold {len(stops)} stops of trip {prepare.trip_id}", mutate)
+
+    @staticmethod
+    def _no(prepare: p.Prepare, reason: str) -> p.Vote:
+        return p.Vote(txn_id=prepare.txn_id, yes=False, reason=reason)
+
+    async def resolve(self, coordinator: str, txn_id: str, trip_id: str | None, commit: bool) -> list[Reservation]:
+        """The coordinator's decision: held stops become booked, or are dropped."""
+        actor = Actor("peer", coordinator)
+
+        def mutate() -> _Change[list[Reservation]]:
+            held = [
+                r
+                for r in self._held_of(txn_id, trip_id)
+                if r.state == "held" and r.coordinator == coordinator and r.txn_id == txn_id
+            ]
+            for r in held:
+                if commit:
+                    r.state = "booked"
+                    r.hold_deadline = None
+                else:
+                    self._leave_live(r, "aborted")
+            reason = "booked" if commit else "aborted"
+            return _Change(held, [put_reservation(r) for r in held], [(r, reason) for r in held])
+
+        return await self._apply(actor, f"{'commit' if commit else 'abort'} {txn_id}", mutate)
+
+    def _held_of(self, txn_id: str, trip_id: str | None) -> list[Reservation]:
+        if trip_id is not None:
+            return self.by_trip.get(trip_id, [])
+        return [r for r in self.reservations.values() if r.txn_id == txn_id]
+
+    async def release_trip(self, coordinator: str, trip_id: str) -> list[Reservation]:
+        """Cancel the trip's booked stops here (only its coordinator may); idempotent."""
+        actor = Actor("peer", coordinator)
+
+        def mutate() -> _Change[list[Reservation]]:
+            stops = self.by_trip.get(trip_id, [])
+            if any(r.coordinator != coordinator for r in stops):
+                raise ForbiddenError(f"trip {trip_id} is coordinated by another operator")
+            # Held stops too: a cancellation can overtake the commit it follows.
+            freed = [r for r in stops if r.state in ("booked", "held")]
+            for r in freed:
+                self._leave_live(r, "cancelled")
+            return _Change(freed, [put_reservation(r) for r in freed], [(r, "trip cancelled") for r in freed])
+
+        return await self._apply(actor, f"release trip {trip_id}", mutate)
+
+    def overdue_holds(self, now_real: float) -> dict[str, tuple[str, str | None]]:
+        """Holds whose deadline passed: txn id -> (coordinator, trip id)."""
+        return {
+            r.txn_id: (r.coordinator, r.trip_id)
+            for r in self.reservations.values()
+            if r.state == "held" and r.txn_id and r.coordinator and (r.hold_deadline or 0) <= now_real
+        }
+
+    async def busy_between(self, start: int, end: int) -> list[p.CpBusy]:
+        async with self.lock.reader_lock:
+            return [
+                p.CpBusy(cp_id, [p.Interval(to_datetime(s), to_datetime(e)) for s, e in cp.ledger.busy(start, end)])
+                for cp_id, cp in self.charge_points.items()
+            ]
 
     # --- charge point liveness ----------------------------------------------------
 

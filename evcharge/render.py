@@ -130,3 +130,34 @@ def history_table(history: p.History) -> Table:
             f"{s.cost:.2f}",
         )
     return table
+
+
+def trip(info: p.TripInfo, console: Console, title: str) -> None:
+    table = Table(title=title, title_justify="left", show_footer=True)
+    table.add_column("#", footer="")
+    table.add_column("city", footer=info.destination)
+    table.add_column("operator")
+    table.add_column("charge point")
+    table.add_column("drive km", justify="right", footer=f"{info.distance_km:.0f}")
+    table.add_column("arrive", footer=f"{info.arrival:%m-%d %H:%M}Z")
+    table.add_column("slot")
+    table.add_column("SoC %", footer=f"{info.soc_at_arrival:.0f}")
+    table.add_column("kWh", justify="right", footer=f"{info.total_kwh:.1f}")
+    table.add_column("R$", justify="right", footer=f"{info.total_cost:.2f}")
+    table.add_column("reservation")
+    for n, stop in enumerate(info.stops, 1):
+        table.add_row(
+            str(n),
+            stop.city,
+            stop.operator_id,
+            f"{stop.charge_point_id} ({stop.power_kw:g} kW)",
+            f"{stop.drive_km:.0f}",
+            f"{stop.arrival:%m-%d %H:%M}Z",
+            f"{stop.slot_start:%H:%M}-{stop.slot_end:%H:%M}",
+            f"{stop.soc_in:.0f}→{stop.soc_out:.0f}",
+            f"{stop.kwh:.1f}",
+            f"{stop.cost:.2f}",
+            stop.reservation_id or "",
+        )
+    console.print(f"{info.origin} → {info.destination}, departing {info.depart:%Y-%m-%d %H:%M}Z")
+    console.print(table)

@@ -8,13 +8,13 @@ stops sessions whose slot has ended.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from evcharge import protocol as p
+from evcharge.auth import new_nonce, peer_proof, same_secret
 from evcharge.clock import SimClock, to_datetime
 from evcharge.errors import (
     BadRequestError,
@@ -25,10 +25,11 @@ from evcharge.errors import (
     UnavailableError,
     UnsupportedVersionError,
 )
+from evcharge.federation import Federation
 from evcharge.model import Reservation
 from evcharge.protocol import FrameTooLarge, UndecodableMessage
 from evcharge.registry import Actor, Registry
-from evcharge.sessions import OperatorSession, Session, StationSession, VehicleSession
+from evcharge.sessions import OperatorSession, PeerSession, Session, StationSession, VehicleSession
 from evcharge.store import Store, put_meta
 from evcharge.transport import Connection, ConnectionClosed
 from evcharge.world import World
@@ -53,6 +54,7 @@ class Server:
         hello_timeout: float = HELLO_TIMEOUT,
         idle_timeout: float | None = 600.0,
         store_max_bytes: int | None = None,
+        clock_anchor: float | None = None,
     ) -> None:
         self.world = world
         self.operator = world.operator(operator_id)
@@ -62,9 +64,11 @@ class Server:
         self.idle_timeout = idle_timeout
         self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
         self._time_scale = time_scale
+        self._clock_anchor = clock_anchor
         self.clock = SimClock(time_scale)
         self.registry = Registry(world, operator_id, self.store, self.clock)
         self.registry.listeners.append(self)
+        self.federation = Federation(self) if len(world.operators) > 1 else None
         self.sessions: set[Session] = set()
         self.stations_online: dict[str, StationSession] = {}
         self.vehicles_online: dict[str, set[VehicleSession]] = {}
@@ -82,6 +86,8 @@ class Server:
         self.clock = self._continue_clock(state.meta)
         self.registry.clock = self.clock
         self.registry.load(state)
+        if self.federation is not None:
+            self.federation.load(state.trips)
         self.store.start()
         await self.store.commit(
             [
@@ -93,6 +99,8 @@ class Server:
         self._listener = await asyncio.start_server(self._accept, self.host, self.port, limit=p.MAX_FRAME)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.federation is not None:
+            self.federation.start()
         live = sum(1 for r in self.registry.reservations.values() if r.live)
         log.info(
             "operator %s (%s) listening on %s:%d; %d stations, %d charge points, %d live reservations; "
@@ -109,7 +117,10 @@ class Server:
         )
 
     def _continue_clock(self, meta: dict[str, str]) -> SimClock:
-        """Simulated time carries on from where the store left it."""
+        """Simulated time carries on from where the store left it (or from a shared anchor)."""
+        if self._clock_anchor is not None:
+            # Federated servers share an anchor so they agree on simulated time.
+            return SimClock(self._time_scale, anchor_sim=self._clock_anchor, anchor_real=self._clock_anchor)
         if "clock_anchor_sim" not in meta:
             return SimClock(self._time_scale)
         stored = SimClock(
@@ -130,6 +141,8 @@ class Server:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self.federation is not None:
+            await self.federation.stop()
         for task in list(self._handshakes):
             task.cancel()
         try:
@@ -165,23 +178,26 @@ class Server:
     async def _handshake(self, conn: Connection) -> Session | None:
         request_id = 0
         try:
-            try:
-                # One deadline for the whole Hello: trickling bytes does not extend it.
-                async with asyncio.timeout(self.hello_timeout):
+            # One deadline for the whole handshake: trickling bytes does not extend it.
+            async with asyncio.timeout(self.hello_timeout):
+                try:
                     hello = await conn.receive()
-            except UndecodableMessage as exc:
-                request_id = exc.request_id
-                raise BadRequestError(f"expected Hello: {exc.reason}") from None
-            request_id = getattr(hello, "id", 0)
-            if not isinstance(hello, p.Hello):
-                raise BadRequestError(f"expected Hello, got {type(hello).__name__}")
-            if hello.version != p.PROTOCOL_VERSION:
-                raise UnsupportedVersionError(
-                    f"protocol version {hello.version} is not supported (this server speaks {p.PROTOCOL_VERSION})"
-                )
-            if self._stopping:
-                raise UnavailableError("server is shutting down")
-            session = self._authenticate(conn, hello)
+                except UndecodableMessage as exc:
+                    request_id = exc.request_id
+                    raise BadRequestError(f"expected Hello: {exc.reason}") from None
+                request_id = getattr(hello, "id", 0)
+                if not isinstance(hello, p.Hello):
+                    raise BadRequestError(f"expected Hello, got {type(hello).__name__}")
+                if hello.version != p.PROTOCOL_VERSION:
+                    raise UnsupportedVersionError(
+                        f"protocol version {hello.version} is not supported (this server speaks {p.PROTOCOL_VERSION})"
+                    )
+                if self._stopping:
+                    raise UnavailableError("server is shutting down")
+                if hello.role == "peer":
+                    session, request_id = await self._authenticate_peer(conn, hello)
+                else:
+                    session = self._authenticate(conn, hello)
         except EvchargeError as exc:
             log.info("handshake from %s refused: %s", conn.peername, exc.message)
             await conn.reply_error(request_id, exc)
@@ -192,15 +208,15 @@ class Server:
             await conn.close()
             return None
         except TimeoutError:
-            log.info("no Hello from %s within %s s; closing", conn.peername, self.hello_timeout)
+            log.info("no complete handshake from %s within %s s; closing", conn.peername, self.hello_timeout)
             await conn.close()
             return None
-        except ConnectionClosed:
+        except (ConnectionClosed, UndecodableMessage):
             await conn.close()
             return None
         await conn.send(
             p.Welcome(
-                id=hello.id,
+                id=request_id,
                 version=p.PROTOCOL_VERSION,
                 operator_id=self.operator.id,
                 operator_name=self.operator.name,
@@ -217,24 +233,39 @@ class Server:
         match hello.role:
             case "vehicle":
                 vehicle = next((v for v in self.world.vehicles if v.id == hello.ident), None)
-                if vehicle is None or not _same(vehicle.token, hello.credential):
+                if vehicle is None or not same_secret(vehicle.token, hello.credential):
                     raise denied
                 if vehicle.home != self.operator.id:
                     raise ForbiddenError(f"vehicle {vehicle.id} belongs to operator {vehicle.home}; connect there")
                 return VehicleSession(self, conn, vehicle.id)
             case "station":
                 cp = self.registry.charge_points.get(hello.ident)
-                if cp is None or not _same(cp.config.secret, hello.credential):
+                if cp is None or not same_secret(cp.config.secret, hello.credential):
                     raise denied
                 session = StationSession(self, conn, cp.config.id)
                 session.idle_timeout = 3 * self.world.rules.heartbeat_s
                 return session
             case "operator":
-                if hello.ident != self.operator.id or not _same(self.operator.secret, hello.credential):
+                if hello.ident != self.operator.id or not same_secret(self.operator.secret, hello.credential):
                     raise denied
                 return OperatorSession(self, conn, self.operator.id)
-            case _:
-                raise UnavailableError(f"role {hello.role!r} is not served by this server yet")
+        raise BadRequestError(f"unknown role {hello.role!r}")
+
+    async def _authenticate_peer(self, conn: Connection, hello: p.Hello) -> tuple[Session, int]:
+        """Challenge-response: the peer proves it knows its secret without sending it."""
+        peer = next((op for op in self.world.operators if op.id == hello.ident), None)
+        if peer is None or peer.id == self.operator.id or self.federation is None:
+            raise UnauthorizedError(f"peer {hello.ident!r}: not an operator of this federation")
+        if len(hello.credential) < 16:
+            raise BadRequestError("a peer's Hello carries its nonce as credential")
+        nonce = new_nonce()
+        proof = peer_proof(peer.secret, "server", hello.credential, nonce, peer.id)
+        await conn.send(p.PeerChallenge(id=hello.id, nonce=nonce, proof=proof))
+        answer = await conn.receive()
+        expected = peer_proof(peer.secret, "client", hello.credential, nonce, peer.id)
+        if not isinstance(answer, p.PeerProof) or not same_secret(expected, answer.proof):
+            raise UnauthorizedError(f"peer {peer.id}: wrong proof")
+        return PeerSession(self, conn, peer.id), answer.id
 
     def _register(self, session: Session) -> None:
         self.sessions.add(session)
@@ -265,6 +296,11 @@ class Server:
                 peers.discard(session)
                 if not peers:
                     del self.vehicles_online[session.ident]
+
+    def federation_or_refuse(self) -> Federation:
+        if self.federation is None:
+            raise UnavailableError(f"operator {self.operator.id} is not federated with anyone")
+        return self.federation
 
     # --- charging, which needs both the registry and the charge point's link -------
 
@@ -376,7 +412,3 @@ async def _logged(work: Coroutine[Any, Any, Any]) -> None:
         await work
     except EvchargeError as exc:
         log.warning("background work failed: %s", exc)
-
-
-def _same(expected: str, given: str) -> bool:
-    return hmac.compare_digest(expected.encode(), given.encode())

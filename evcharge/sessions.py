@@ -23,6 +23,8 @@ from evcharge.errors import (
     TooLargeError,
     UnavailableError,
 )
+from evcharge.faults import crash_point
+from evcharge.federation import plan_info
 from evcharge.protocol import FrameTooLarge, UndecodableMessage
 from evcharge.registry import Actor
 from evcharge.transport import Connection, ConnectionClosed
@@ -110,6 +112,8 @@ class Session:
             self._slots.release()
         with contextlib.suppress(ConnectionLostError):
             await self.conn.send(reply)
+        if isinstance(reply, p.Vote) and reply.yes:
+            crash_point("participant-voted")
 
     def push(self, event: p.Event) -> None:
         """Send an event without waiting; a client that does not keep up is dropped."""
@@ -173,6 +177,21 @@ class VehicleSession(Session):
             case p.UpdatePosition(lat=lat, lon=lon):
                 registry.positions[self.ident] = (lat, lon)
                 return p.Ok()
+            case p.PlanTrip(query=query):
+                federation = self.server.federation_or_refuse()
+                vehicle = self.server.world.vehicle(self.ident)
+                plan = await federation.plan(vehicle, query)
+                return p.TripReply(trip=plan_info(self.ident, self.server.operator.id, query, plan))
+            case p.BookTrip(query=query):
+                federation = self.server.federation_or_refuse()
+                trip, attempts = await federation.book(self.server.world.vehicle(self.ident), query)
+                return p.TripReply(trip=trip, attempts=attempts)
+            case p.ListTrips(include_cancelled=include_cancelled):
+                federation = self.server.federation_or_refuse()
+                return p.TripList(trips=federation.trips_of(self.ident, include_cancelled))
+            case p.CancelTrip(trip_id=trip_id):
+                trip = await self.server.federation_or_refuse().cancel_trip(self.ident, trip_id)
+                return p.TripReply(trip=trip)
         return await super().handle(request)
 
 
@@ -216,13 +235,45 @@ class OperatorSession(Session):
         match request:
             case p.Inspect():
                 stations, reservations = await self.registry.snapshot()
+                federation = self.server.federation
                 return p.InspectResult(
                     operator_id=self.registry.operator_id,
                     server_time=self.server.clock.now_dt(),
                     stations=stations,
                     reservations=reservations,
+                    trips=[federation.trip_info(t) for t in federation.trips.values()] if federation else [],
+                    peers=federation.peers() if federation else [],
                 )
             case p.CancelReservation(reservation_id=rid):
                 r = await self.registry.cancel(self.actor, rid)
                 return p.ReservationReply(reservation=self.registry.reservation_info(r))
         return await super().handle(request)
+
+
+class PeerSession(Session):
+    """Another operator: its catalog and availability requests, and its trip bookings."""
+
+    role = "peer"
+
+    async def handle(self, request: p.Request) -> p.Reply:
+        registry, coordinator = self.registry, self.ident
+        match request:
+            case p.GetCatalog():
+                stations = await registry.list_stations(None, None, None)
+                return p.Catalog(operator_id=registry.operator_id, stations=stations)
+            case p.GetAvailability(start=start, end=end):
+                busy = await registry.busy_between(to_seconds(start), to_seconds(end))
+                return p.Availability(charge_points=busy)
+            case p.Prepare():
+                return await registry.hold(coordinator, request)
+            case p.Decide(txn_id=txn_id, trip_id=trip_id, commit=commit):
+                await registry.resolve(coordinator, txn_id, trip_id, commit)
+                return p.Ok()
+            case p.QueryDecision(txn_id=txn_id):
+                return p.Decision(txn_id=txn_id, outcome=self.server.federation_or_refuse().outcome(txn_id))
+            case p.ReleaseTrip(trip_id=trip_id):
+                await registry.release_trip(coordinator, trip_id)
+                return p.Ok()
+            case p.Heartbeat():
+                return p.HeartbeatAck(server_time=self.server.clock.now_dt())
+        raise ForbiddenError(f"{type(request).__name__} is not a request a peer may send")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
 import sqlite3
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evcharge.model import ChargingSession, Reservation
+from evcharge.model import ChargingSession, Reservation, Trip
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,23 @@ MIGRATIONS: list[str] = [
                datetime("end", 'unixepoch') AS end_utc
         FROM reservations ORDER BY start;
     """,
+    # 2: federation: holds of trip bookings, and the trips this operator coordinates
+    """
+    ALTER TABLE reservations ADD COLUMN txn_id TEXT;
+    ALTER TABLE reservations ADD COLUMN coordinator TEXT;
+    CREATE INDEX reservations_held ON reservations(txn_id) WHERE state = 'held';
+    CREATE TABLE trips (
+        id TEXT PRIMARY KEY,
+        vehicle_id TEXT NOT NULL,
+        state TEXT NOT NULL,             -- committed | cancelled (no row: aborted)
+        txn_id TEXT NOT NULL UNIQUE,
+        participants TEXT NOT NULL,      -- JSON list of operator ids
+        unacked TEXT NOT NULL,           -- JSON list: not yet told the latest decision
+        info TEXT NOT NULL,              -- the trip with its stops, JSON
+        created INTEGER NOT NULL
+    );
+    CREATE INDEX trips_by_vehicle ON trips(vehicle_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -76,6 +94,7 @@ class StoreError(Exception):
 class StoredState:
     reservations: list[Reservation] = field(default_factory=list)
     sessions: list[ChargingSession] = field(default_factory=list)
+    trips: list[Trip] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,8 +131,8 @@ def migrate(conn: sqlite3.Connection) -> int:
 def read_state(conn: sqlite3.Connection) -> StoredState:
     state = StoredState()
     for row in conn.execute(
-        'SELECT id, charge_point_id, vehicle_id, start, "end", state, created, trip_id, hold_deadline '
-        "FROM reservations ORDER BY start"
+        'SELECT id, charge_point_id, vehicle_id, start, "end", state, created, trip_id, hold_deadline, '
+        "txn_id, coordinator FROM reservations ORDER BY start"
     ):
         state.reservations.append(Reservation(*row))
     for row in conn.execute(
@@ -121,6 +140,13 @@ def read_state(conn: sqlite3.Connection) -> StoredState:
         "FROM charging_sessions ORDER BY started"
     ):
         state.sessions.append(ChargingSession(*row))
+    for row in conn.execute(
+        "SELECT id, vehicle_id, state, txn_id, participants, unacked, info, created FROM trips ORDER BY created"
+    ):
+        tid, vehicle, trip_state, txn, participants, unacked, info, created = row
+        state.trips.append(
+            Trip(tid, vehicle, trip_state, txn, json.loads(participants), json.loads(unacked), info.encode(), created)
+        )
     state.meta = dict(conn.execute("SELECT key, value FROM meta"))
     return state
 
@@ -128,8 +154,37 @@ def read_state(conn: sqlite3.Connection) -> StoredState:
 def put_reservation(r: Reservation) -> Op:
     return (
         'INSERT OR REPLACE INTO reservations (id, charge_point_id, vehicle_id, start, "end", state, '
-        "created, trip_id, hold_deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (r.id, r.charge_point_id, r.vehicle_id, r.start, r.end, r.state, r.created, r.trip_id, r.hold_deadline),
+        "created, trip_id, hold_deadline, txn_id, coordinator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            r.id,
+            r.charge_point_id,
+            r.vehicle_id,
+            r.start,
+            r.end,
+            r.state,
+            r.created,
+            r.trip_id,
+            r.hold_deadline,
+            r.txn_id,
+            r.coordinator,
+        ),
+    )
+
+
+def put_trip(t: Trip) -> Op:
+    return (
+        "INSERT OR REPLACE INTO trips (id, vehicle_id, state, txn_id, participants, unacked, info, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            t.id,
+            t.vehicle_id,
+            t.state,
+            t.txn_id,
+            json.dumps(t.participants),
+            json.dumps(t.unacked),
+            t.info.decode(),
+            t.created,
+        ),
     )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,6 +104,8 @@ class ServerProcess:
     log_path: Path
     time_scale: float = 60.0
     extra: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+    world_port: bool = False  # listen where the world file says (federated), not on a free port
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -121,8 +124,7 @@ class ServerProcess:
             str(self.data_dir),
             "--host",
             "127.0.0.1",
-            "--port",
-            "0",
+            *(() if self.world_port else ("--port", "0")),
             "--ready-file",
             str(ready),
             "--time-scale",
@@ -132,7 +134,9 @@ class ServerProcess:
             *self.extra,
         ]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(self.env or {})}
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while not ready.exists():
@@ -165,9 +169,11 @@ class ServerProcess:
 def spawn_server(world_path: Path, tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
-    def spawn(operator: str = "A", *, data_dir: Path | None = None, **options: Any) -> ServerProcess:
+    def spawn(
+        operator: str = "A", *, data_dir: Path | None = None, world: Path | None = None, **options: Any
+    ) -> ServerProcess:
         proc = ServerProcess(
-            world_path,
+            world or world_path,
             operator,
             data_dir or tmp_path / f"data-{operator}",
             tmp_path / f"server-{operator}.log",
@@ -191,3 +197,65 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[st
         cwd=REPO,
         env=env,
     )
+
+
+# --- three federated operators ----------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now on loopback (the servers bind them a moment later)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def write_federated_world(source: Path, dest: Path) -> Path:
+    """The test world with each operator on a free port, so peers can find each other."""
+    text = source.read_text(encoding="utf-8")
+    for default, port in zip((7401, 7402, 7403), free_ports(3), strict=True):
+        text = text.replace(f"port = {default}\n", f"port = {port}\n")
+    dest.write_text(text, encoding="utf-8")
+    return dest
+
+
+@pytest.fixture
+def federated_world_path(world_path: Path, tmp_path: Path) -> Path:
+    return write_federated_world(world_path, tmp_path / "federated.toml")
+
+
+async def wait_until_federated(servers: dict[str, Server], timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not all(
+            server.federation is not None and len(server.federation.catalogs) == len(servers) - 1
+            for server in servers.values()
+        ):
+            await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running_federation(
+    world: World, data_dir: Path, operators: tuple[str, ...] = ("A", "B", "C"), **options: Any
+) -> AsyncIterator[dict[str, Server]]:
+    """Every operator of the world as an in-process server, sharing one simulated clock."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    options.setdefault("time_scale", 60.0)
+    options.setdefault("clock_anchor", time.time())
+    servers: dict[str, Server] = {}
+    try:
+        for op in operators:
+            servers[op] = Server(world, op, data_dir / op, host="127.0.0.1", **options)
+            await servers[op].start()
+        await wait_until_federated(servers)
+        yield servers
+    finally:
+        for server in servers.values():
+            await server.stop()
+        loop.set_exception_handler(None)
+    assert not unhandled, f"unhandled exceptions in the event loop: {unhandled}"

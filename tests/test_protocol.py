@@ -102,6 +102,77 @@ SESSION = p.SessionInfo(
     price_per_kwh=0.49,
     cost=15.3125,
 )
+STOP_1 = p.TripStop(
+    city="Hartford",
+    operator_id="B",
+    station_id="B-HFD-2",
+    station_name="Hartford Union Station",
+    charge_point_id="B-HFD-2/1",
+    power_kw=150.0,
+    drive_km=165.5,
+    arrival=at(110),
+    slot_start=at(115),
+    slot_end=at(145),
+    soc_in=0.18,
+    soc_out=0.8,
+    kwh=37.2,
+    cost=18.6,
+    reservation_id="B-r-000017",
+)
+STOP_2 = p.TripStop(
+    city="New Haven",
+    operator_id="A",
+    station_id="A-NHV-1",
+    station_name="New Haven Green",
+    charge_point_id="A-NHV-1/4",
+    power_kw=50.0,
+    drive_km=60.25,
+    arrival=at(190),
+    slot_start=at(190),
+    slot_end=at(220),
+    soc_in=0.55,
+    soc_out=0.7,
+    kwh=9.0,
+    cost=4.5,
+)
+TRIP = p.TripInfo(
+    id="A-t-000009",
+    vehicle_id="V007",
+    state="committed",
+    origin="Boston",
+    destination="New York",
+    depart=T0,
+    arrival=at(330),
+    distance_km=346.0,
+    soc_at_arrival=0.21,
+    total_kwh=46.2,
+    total_cost=23.1,
+    stops=[STOP_1, STOP_2],
+    home_operator_id="A",
+)
+TRIP_2 = p.TripInfo(
+    id="A-t-000010",
+    vehicle_id="V007",
+    state="cancelled",
+    origin="Boston",
+    destination="Providence",
+    depart=at(1440),
+    arrival=at(1520),
+    distance_km=80.0,
+    soc_at_arrival=0.62,
+    total_kwh=0.0,
+    total_cost=0.0,
+)
+PEER = p.PeerInfo(operator_id="B", address="127.0.0.1:7402", up=False, last_seen=at(-3), last_error="timed out")
+PEER_2 = p.PeerInfo(operator_id="C", address="127.0.0.1:7403", up=True)
+QUERY = p.TripQuery(
+    origin="Boston",
+    destination="New York",
+    soc_pct=64.5,
+    depart=at(30),
+    min_arrival_soc_pct=15.0,
+    max_charge_soc_pct=90.0,
+)
 
 # One instance of every message class, with every defaulted field set to something
 # other than its default (so omit_defaults cannot hide a field that fails to round-trip).
@@ -127,7 +198,15 @@ SAMPLES: list[Message] = [
     p.History(id=17, sessions=[SESSION, SESSION], total_kwh=62.5, total_cost=30.625),
     p.UpdatePosition(id=18, lat=41.82, lon=-71.41),
     p.Inspect(id=19),
-    p.InspectResult(id=19, operator_id="A", server_time=T0, stations=[STATION, STATION_2], reservations=[RESERVATION]),
+    p.InspectResult(
+        id=19,
+        operator_id="A",
+        server_time=T0,
+        stations=[STATION, STATION_2],
+        reservations=[RESERVATION],
+        trips=[TRIP, TRIP_2],
+        peers=[PEER, PEER_2],
+    ),
     p.StatusNotification(id=20, status="faulted", info="ground fault on connector 1"),
     p.Heartbeat(id=21),
     p.HeartbeatAck(id=21, server_time=T0),
@@ -139,7 +218,68 @@ SAMPLES: list[Message] = [
     p.ReservationChanged(reservation=RESERVATION_2, reason="charge point faulted"),
     p.ChargingProgress(reservation_id="A-r-000042", kwh=9.5, cost=4.655),
     p.ChargePointChanged(station_id="A-BOS-1", charge_point_id="A-BOS-1/3", status="charging"),
+    p.PlanTrip(id=25, query=QUERY),
+    p.BookTrip(id=26, query=p.TripQuery(origin="Boston", destination="Hartford")),
+    p.TripReply(id=26, trip=TRIP, attempts=3),
+    p.ListTrips(id=27, include_cancelled=True),
+    p.TripList(id=27, trips=[TRIP, TRIP_2]),
+    p.CancelTrip(id=28, trip_id="A-t-000009"),
+    p.PeerChallenge(id=2, nonce="6f1c0a9e3b5d", proof="9a8b7c6d5e4f"),
+    p.PeerProof(id=3, proof="0f1e2d3c4b5a"),
+    p.GetCatalog(id=29),
+    p.Catalog(id=29, operator_id="B", stations=[STATION_2]),
+    p.GetAvailability(id=30, start=T0, end=at(1440)),
+    p.Availability(
+        id=30,
+        charge_points=[
+            p.CpBusy("B-HFD-2/1", [p.Interval(at(115), at(145))]),
+            p.CpBusy("B-HFD-2/2", []),
+        ],
+    ),
+    p.Prepare(
+        id=31,
+        txn_id="A-x-000004",
+        trip_id="A-t-000009",
+        vehicle_id="V007",
+        stops=[
+            p.StopRequest(charge_point_id="B-HFD-2/1", start=at(115), end=at(145)),
+            p.StopRequest(charge_point_id="B-HFD-2/2", start=at(400), end=at(430)),
+        ],
+        deadline=1715934615.25,
+    ),
+    p.Vote(
+        id=31,
+        txn_id="A-x-000004",
+        yes=False,
+        reservation_ids=["B-r-000017"],
+        conflicts=[p.StopConflict(charge_point_id="B-HFD-2/2", next_free=at(430))],
+        reason="slot taken",
+    ),
+    p.Decide(id=32, txn_id="A-x-000004", trip_id="A-t-000009", commit=True),
+    p.QueryDecision(id=33, txn_id="A-x-000004"),
+    p.Decision(id=33, txn_id="A-x-000004", outcome="pending"),
+    p.ReleaseTrip(id=34, trip_id="A-t-000009"),
 ]
+
+
+def _defaulted_fields(obj: msgspec.Struct) -> list[tuple[str, object]]:
+    out = []
+    for field in msgspec.structs.fields(obj):
+        if field.default is not msgspec.NODEFAULT:
+            out.append((field.name, field.default))
+        elif field.default_factory is not msgspec.NODEFAULT:
+            out.append((field.name, field.default_factory()))
+    return out
+
+
+def _nested_structs(obj: object) -> typing.Iterator[msgspec.Struct]:
+    if isinstance(obj, msgspec.Struct):
+        yield obj
+        for field in msgspec.structs.fields(obj):
+            yield from _nested_structs(getattr(obj, field.name))
+    elif isinstance(obj, list):
+        for item in obj:
+            yield from _nested_structs(item)
 
 
 def _leaf_message_classes(cls: type) -> set[type]:
@@ -163,11 +303,22 @@ def test_every_concrete_message_class_is_decodable() -> None:
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_sample_sets_every_defaulted_field(message: Message) -> None:
-    for field in msgspec.structs.fields(message):
-        if field.default is not msgspec.NODEFAULT:
-            assert getattr(message, field.name) != field.default, f"{field.name} left at its default"
-        elif field.default_factory is not msgspec.NODEFAULT:
-            assert getattr(message, field.name) != field.default_factory(), f"{field.name} left at its default"
+    for name, default in _defaulted_fields(message):
+        assert getattr(message, name) != default, f"{name} left at its default"
+
+
+def test_nested_shapes_set_every_defaulted_field_somewhere() -> None:
+    # Nested shapes may use their defaults (to cover omission), but across all samples
+    # each defaulted field of each shape is set to something else at least once.
+    unset: dict[tuple[str, str], bool] = {}
+    for obj in _nested_structs(SAMPLES):
+        if isinstance(obj, Message):
+            continue
+        for name, default in _defaulted_fields(obj):
+            key = (type(obj).__name__, name)
+            unset[key] = unset.get(key, True) and getattr(obj, name) == default
+    assert unset, "no nested shapes sampled"
+    assert [key for key, never_set in unset.items() if never_set] == []
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
@@ -179,6 +330,7 @@ def test_round_trip(message: Message) -> None:
     decoded = decode_body(body)
     assert type(decoded) is type(message)
     assert decoded == message
+    assert encode_frame(decoded) == frame  # nothing lost that __eq__ might overlook
     # Tagged by class name, so a peer can dispatch on it.
     assert msgspec.msgpack.decode(body)["type"] == type(message).__name__
 
@@ -408,6 +560,33 @@ def test_bad_literal_value_keeps_request_id() -> None:
         decode_body(body)
     assert info.value.request_id == 5
     assert "role" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("fields", "bad_field"),
+    [
+        ({"type": "Reserve", "charge_point_id": "A-BOS-1/2", "start": "2024-05-17T08:30:00", "minutes": 30}, "start"),
+        ({"type": "GetAvailability", "start": T0, "end": "2024-05-18T08:30:00"}, "end"),
+        ({"type": "FindNearest", "lat": 91.0, "lon": 0.0}, "lat"),
+        ({"type": "UpdatePosition", "lat": 0.0, "lon": -180.5}, "lon"),
+        ({"type": "ListStations", "limit": 0}, "limit"),
+    ],
+    ids=["naive-start", "naive-end", "lat-out-of-range", "lon-out-of-range", "zero-limit"],
+)
+def test_constraint_violation_keeps_request_id(fields: dict[str, object], bad_field: str) -> None:
+    with pytest.raises(UndecodableMessage) as info:
+        decode_body(msgspec.msgpack.encode({**fields, "id": 77}))
+    assert info.value.request_id == 77
+    assert bad_field in info.value.reason
+
+
+def test_time_with_offset_is_accepted() -> None:
+    body = msgspec.msgpack.encode(
+        {"type": "Reserve", "id": 5, "charge_point_id": "cp", "start": "2024-05-17T10:30:15+02:00", "minutes": 30}
+    )
+    decoded = decode_body(body)
+    assert isinstance(decoded, p.Reserve)
+    assert decoded.start == datetime(2024, 5, 17, 8, 30, 15, tzinfo=UTC)
 
 
 def test_unknown_type_tag() -> None:

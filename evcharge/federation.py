@@ -1,0 +1,580 @@
+"""Operators working together: peer links, catalogs, and atomic trip booking.
+
+A vehicle's home server *coordinates* the booking of a trip whose stops belong
+to several operators, each a *participant* (the home server is one too, for
+its own stops). Two-phase commit with presumed abort:
+
+1. PREPARE goes to every owner in parallel; each checks and holds all its
+   stops in one writer section, stores the holds, and votes YES (or NO with the
+   conflicting stops). Holds carry a deadline.
+2. All YES before the deadline: the coordinator stores the trip row (that row
+   *is* the COMMIT record) and only then tells everyone. Anything else: ABORT.
+   No row for a transaction means it aborted.
+3. A participant that voted YES never decides alone: once the deadline has
+   passed it asks the coordinator (``QueryDecision``) until it gets an answer.
+   A coordinator that restarts re-sends the decisions its store says are not
+   yet acknowledged.
+4. On NO the coordinator re-plans around the conflicts and tries again
+   (``MAX_ATTEMPTS``), so the losers of a race still get a trip if one exists.
+
+Deadlines here are real (wall-clock) seconds: they are about the network, not
+about the simulated road.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeVar
+
+import msgspec
+
+from evcharge import geo, planner
+from evcharge import protocol as p
+from evcharge.client import Client, open_client
+from evcharge.clock import to_datetime, to_seconds
+from evcharge.errors import (
+    BadRequestError,
+    ConflictError,
+    EvchargeError,
+    ForbiddenError,
+    NotFoundError,
+    UnavailableError,
+)
+from evcharge.faults import crash_point
+from evcharge.ledger import Ledger
+from evcharge.model import Trip
+from evcharge.store import StoreError, put_trip
+from evcharge.world import OperatorConfig, VehicleConfig
+
+if TYPE_CHECKING:
+    from evcharge.server import Server
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=p.Reply)
+
+PREPARE_TIMEOUT = 5.0  # real seconds from PREPARE to decision
+DECIDE_TIMEOUT = 3.0  # how long a booking waits for participants to take the decision
+PEER_TIMEOUT = 5.0  # any other request to a peer
+MAX_ATTEMPTS = 3  # plans tried per booking
+RESOLVE_INTERVAL = 0.5  # real seconds between background passes
+AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
+MAX_BACKOFF = 5.0
+
+_trip_json = msgspec.json.Encoder()
+_trip_decoder = msgspec.json.Decoder(p.TripInfo)
+
+
+class PeerLink:
+    """Our connection to one other operator: handshake, reconnect with backoff, deadlines."""
+
+    def __init__(self, me: OperatorConfig, peer: OperatorConfig, on_up: Callable[[PeerLink], Awaitable[None]]):
+        self.me = me
+        self.peer = peer
+        self.on_up = on_up
+        self.client: Client | None = None
+        self.last_seen: float | None = None
+        self.last_error = "not connected yet"
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None and not self.client.closed.is_set()
+
+    def info(self) -> p.PeerInfo:
+        return p.PeerInfo(
+            operator_id=self.peer.id,
+            address=f"{self.peer.host}:{self.peer.port}",
+            up=self.up,
+            last_seen=to_datetime(self.last_seen) if self.last_seen else None,
+            last_error="" if self.up else self.last_error,
+        )
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                client = await open_client(
+                    self.peer.host,
+                    self.peer.port,
+                    role="peer",
+                    ident=self.me.id,
+                    secret=self.me.secret,
+                    timeout=PEER_TIMEOUT,
+                )
+            except EvchargeError as exc:
+                self.last_error = exc.message
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            backoff = 0.1
+            self.client = client
+            self.last_seen = time.time()
+            log.info("peer link to %s up", self.peer.id)
+            try:
+                await self.on_up(self)
+                await client.closed.wait()
+            except EvchargeError as exc:
+                log.warning("peer link to %s: %s", self.peer.id, exc.message)
+            finally:
+                self.client = None
+                self.last_error = "connection closed"
+                await client.close()
+            log.warning("peer link to %s down; reconnecting", self.peer.id)
+
+    async def call(self, request: p.Request, expect: type[R], timeout: float = PEER_TIMEOUT) -> R:
+        client = self.client
+        if client is None:
+            raise UnavailableError(f"operator {self.peer.id} is unreachable ({self.last_error})")
+        try:
+            reply = await client.call(request, expect, timeout=max(0.05, timeout))
+        except EvchargeError as exc:
+            if exc.code in ("timeout", "unavailable"):
+                raise UnavailableError(f"operator {self.peer.id} did not answer: {exc.message}") from None
+            raise
+        self.last_seen = time.time()
+        return reply
+
+
+@dataclass(slots=True)
+class _Txn:
+    """A booking this coordinator has not decided yet."""
+
+    state: str  # preparing | committing | committed | aborted
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Outcome:
+    trip: p.TripInfo | None = None
+    conflicts: str = ""
+
+
+class Federation:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.registry = server.registry
+        self.store = server.store
+        self.world = server.world
+        self.me = server.operator
+        self.links = {op.id: PeerLink(self.me, op, self._link_up) for op in self.world.operators if op.id != self.me.id}
+        self.catalogs: dict[str, list[p.StationInfo]] = {}
+        self.trips: dict[str, Trip] = {}
+        self.trips_by_txn: dict[str, Trip] = {}
+        self.active: dict[str, _Txn] = {}
+        self._sending: set[str] = set()  # trips whose decision is being delivered now
+        self._tasks: list[asyncio.Task[None]] = []
+        self._planner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{self.me.id}")
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def load(self, trips: list[Trip]) -> None:
+        self.trips = {}
+        self.trips_by_txn = {}
+        for trip in trips:
+            self._remember(trip)
+
+    def _remember(self, trip: Trip) -> None:
+        self.trips[trip.id] = trip
+        self.trips_by_txn[trip.txn_id] = trip
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(link.run()) for link in self.links.values()]
+        self._tasks.append(loop.create_task(self._resolve_forever()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self.links.values():
+            if link.client is not None:
+                await link.client.close()
+        self._planner_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _link_up(self, link: PeerLink) -> None:
+        catalog = await link.call(p.GetCatalog(), p.Catalog)
+        self.catalogs[link.peer.id] = catalog.stations
+        log.info("catalog of %s: %d stations", link.peer.id, len(catalog.stations))
+
+    def peers(self) -> list[p.PeerInfo]:
+        return [link.info() for link in self.links.values()]
+
+    # --- planning -------------------------------------------------------------------
+
+    async def plan(self, vehicle: VehicleConfig, query: p.TripQuery) -> planner.Plan:
+        try:
+            origin_name, origin = geo.find_city(query.origin)
+            dest_name, dest = geo.find_city(query.destination)
+        except KeyError as exc:
+            raise BadRequestError(str(exc.args[0])) from None
+        depart = to_seconds(query.depart) if query.depart else int(self.server.clock.now())
+        request = planner.TripRequest(
+            origin=planner.Place(origin_name, *origin),
+            destination=planner.Place(dest_name, *dest),
+            soc_start=query.soc_pct / 100,
+            depart=depart,
+            min_arrival_soc=query.min_arrival_soc_pct / 100,
+            max_charge_soc=query.max_charge_soc_pct / 100,
+        )
+        spec = planner.VehicleSpec(vehicle.battery_kwh, vehicle.consumption_kwh_per_km)
+        options = self._charge_options()
+        ledgers = await self._availability(depart, depart + AVAILABILITY_WINDOW_S)
+        try:
+            # A long search would stall every connection of this server: run it beside the
+            # loop, one at a time, so the loop still gets its share of the interpreter.
+            return await asyncio.get_running_loop().run_in_executor(
+                self._planner_thread, planner.plan_trip, request, spec, options, planner.ledger_next_free(ledgers)
+            )
+        except planner.NoRouteError as exc:
+            raise NotFoundError(str(exc)) from None
+
+    def _charge_options(self) -> list[planner.ChargeOption]:
+        own = [self.registry.station_info(s, 0) for s in self.registry.stations.values()]
+        everyone = own + [s for stations in self.catalogs.values() for s in stations]
+        return [
+            planner.ChargeOption(
+                operator_id=s.operator_id,
+                station_id=s.id,
+                station_name=s.name,
+                city=s.city,
+                lat=s.lat,
+                lon=s.lon,
+                charge_point_id=cp.id,
+                power_kw=cp.power_kw,
+                price_per_kwh=cp.price_per_kwh,
+            )
+            for s in everyone
+            for cp in s.charge_points
+        ]
+
+    async def _availability(self, start: int, end: int) -> dict[str, Ledger]:
+        """Taken slots of every known charge point, fresh from each owner."""
+        request = p.GetAvailability(start=to_datetime(start), end=to_datetime(end))
+        peers = [link for link in self.links.values() if link.peer.id in self.catalogs]
+        answers = await asyncio.gather(
+            self.registry.busy_between(start, end),
+            *(link.call(request, p.Availability) for link in peers),
+            return_exceptions=True,
+        )
+        ledgers: dict[str, Ledger] = {}
+        for source, answer in zip(["local", *(link.peer.id for link in peers)], answers, strict=True):
+            if isinstance(answer, BaseException):
+                # Plan as if free: PREPARE re-checks at the owner anyway.
+                log.warning("availability of %s unknown: %s", source, answer)
+                continue
+            busy = answer if isinstance(answer, list) else answer.charge_points
+            for cp in busy:
+                ledger = ledgers.setdefault(cp.charge_point_id, Ledger())
+                for n, interval in enumerate(cp.busy):
+                    ledger.add(to_seconds(interval.start), to_seconds(interval.end), f"busy-{n}")
+        return ledgers
+
+    # --- booking (coordinator) ---------------------------------------------------------
+
+    async def book(self, vehicle: VehicleConfig, query: p.TripQuery) -> tuple[p.TripInfo, int]:
+        trip_id = f"{self.me.id}-T{secrets.token_hex(5)}"
+        conflicts = ""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            plan = await self.plan(vehicle, query)
+            outcome = await self._two_phase(trip_id, f"{trip_id}.{attempt}", vehicle.id, query, plan)
+            if outcome.trip is not None:
+                return outcome.trip, attempt
+            conflicts = outcome.conflicts
+            log.info("trip %s attempt %d lost a race (%s); re-planning", trip_id, attempt, conflicts)
+        raise ConflictError(f"no trip: every plan lost its slots to other bookings ({MAX_ATTEMPTS} tries; {conflicts})")
+
+    async def _two_phase(
+        self, trip_id: str, txn_id: str, vehicle_id: str, query: p.TripQuery, plan: planner.Plan
+    ) -> _Outcome:
+        by_owner: dict[str, list[int]] = {}
+        for i, stop in enumerate(plan.stops):
+            by_owner.setdefault(stop.option.operator_id, []).append(i)
+        deadline = time.time() + PREPARE_TIMEOUT
+        txn = _Txn("preparing", deadline)
+        self.active[txn_id] = txn
+        try:
+            owners = list(by_owner)
+            votes = await asyncio.gather(
+                *(
+                    self._prepare_at(owner, txn_id, trip_id, vehicle_id, plan, by_owner[owner], deadline)
+                    for owner in owners
+                ),
+                return_exceptions=True,
+            )
+            failed = {o: v for o, v in zip(owners, votes, strict=True) if isinstance(v, BaseException)}
+            noes = {o: v for o, v in zip(owners, votes, strict=True) if isinstance(v, p.Vote) and not v.yes}
+            yes = {o: v for o, v in zip(owners, votes, strict=True) if isinstance(v, p.Vote) and v.yes}
+            if not failed and not noes and txn.state == "preparing" and time.time() < deadline:
+                txn.state = "committing"
+                trip = await self._commit(trip_id, txn_id, vehicle_id, query, plan, by_owner, yes)
+                txn.state = "committed"
+                return _Outcome(trip=trip)
+            txn.state = "aborted"
+            await self._tell_abort(txn_id, trip_id, list(yes))
+            for exc in failed.values():
+                if not isinstance(exc, EvchargeError):
+                    raise exc
+            if failed:
+                names = ", ".join(f"{o} ({e})" for o, e in failed.items())
+                raise UnavailableError(f"trip not booked: operator {names}; nothing was held")
+            if any(not v.conflicts for v in noes.values()):
+                reasons = "; ".join(f"{o}: {v.reason}" for o, v in noes.items())
+                raise ConflictError(f"trip not booked: {reasons}")
+            return _Outcome(
+                conflicts=", ".join(f"{c.charge_point_id}@{o}" for o, v in noes.items() for c in v.conflicts)
+            )
+        except BaseException:
+            if txn.state in ("preparing", "committing"):
+                txn.state = "aborted"
+            raise
+        finally:
+            self.active.pop(txn_id, None)
+
+    async def _prepare_at(
+        self,
+        owner: str,
+        txn_id: str,
+        trip_id: str,
+        vehicle_id: str,
+        plan: planner.Plan,
+        indexes: list[int],
+        deadline: float,
+    ) -> p.Vote:
+        stops = [
+            p.StopRequest(
+                charge_point_id=plan.stops[i].option.charge_point_id,
+                start=to_datetime(plan.stops[i].slot_start),
+                end=to_datetime(plan.stops[i].slot_end),
+            )
+            for i in indexes
+        ]
+        prepare = p.Prepare(txn_id=txn_id, trip_id=trip_id, vehicle_id=vehicle_id, stops=stops, deadline=deadline)
+        if owner == self.me.id:
+            return await self.registry.hold(self.me.id, prepare)
+        link = self.links.get(owner)
+        if link is None:
+            raise UnavailableError(f"operator {owner} is not in this federation")
+        return await link.call(prepare, p.Vote, timeout=deadline - time.time())
+
+    async def _commit(
+        self,
+        trip_id: str,
+        txn_id: str,
+        vehicle_id: str,
+        query: p.TripQuery,
+        plan: planner.Plan,
+        by_owner: dict[str, list[int]],
+        votes: dict[str, p.Vote],
+    ) -> p.TripInfo:
+        reservation_of: dict[int, str] = {}
+        for owner, indexes in by_owner.items():
+            reservation_of.update(zip(indexes, votes[owner].reservation_ids, strict=True))
+        info = _trip_info(trip_id, vehicle_id, self.me.id, query, plan, reservation_of)
+        trip = Trip(
+            id=trip_id,
+            vehicle_id=vehicle_id,
+            state="committed",
+            txn_id=txn_id,
+            participants=list(by_owner),
+            unacked=list(by_owner),
+            info=_trip_json.encode(info),
+            created=int(self.server.clock.now()),
+        )
+        try:
+            await self.store.commit([put_trip(trip)])  # the COMMIT record: durable before anyone hears of it
+        except StoreError:
+            await self._tell_abort(txn_id, trip_id, list(by_owner))
+            raise UnavailableError("the trip could not be stored; it was not booked") from None
+        self._remember(trip)
+        crash_point("coordinator-committed")
+        log.info(
+            "trip %s committed for vehicle %s: %d stops at %s", trip_id, vehicle_id, len(plan.stops), trip.participants
+        )
+        await self._deliver(trip, wait=DECIDE_TIMEOUT)
+        return info
+
+    async def _tell_abort(self, txn_id: str, trip_id: str, owners: list[str]) -> None:
+        """Best effort: a participant not reached asks us after its deadline."""
+
+        async def tell(owner: str) -> None:
+            if owner == self.me.id:
+                await self.registry.resolve(self.me.id, txn_id, trip_id, commit=False)
+            else:
+                await self.links[owner].call(p.Decide(txn_id=txn_id, trip_id=trip_id, commit=False), p.Ok)
+
+        results = await asyncio.gather(*(tell(o) for o in owners), return_exceptions=True)
+        for owner, result in zip(owners, results, strict=True):
+            if isinstance(result, BaseException):
+                log.info("abort of %s not delivered to %s (it will ask): %s", txn_id, owner, result)
+
+    async def _deliver(self, trip: Trip, wait: float | None = None) -> None:
+        """Tell the participants not yet told the trip's latest decision; store who acknowledged."""
+        if trip.id in self._sending or not trip.unacked:
+            return
+        self._sending.add(trip.id)
+        try:
+            committed = trip.state == "committed"
+
+            async def tell(owner: str) -> str:
+                if owner == self.me.id:
+                    if committed:
+                        await self.registry.resolve(self.me.id, trip.txn_id, trip.id, commit=True)
+                    else:
+                        await self.registry.release_trip(self.me.id, trip.id)
+                elif committed:
+                    await self.links[owner].call(p.Decide(txn_id=trip.txn_id, trip_id=trip.id, commit=True), p.Ok)
+                else:
+                    await self.links[owner].call(p.ReleaseTrip(trip_id=trip.id), p.Ok)
+                return owner
+
+            pending = [asyncio.ensure_future(tell(o)) for o in trip.unacked]
+            done, not_done = await asyncio.wait(pending, timeout=wait)
+            for task in not_done:
+                task.cancel()
+            await asyncio.gather(*not_done, return_exceptions=True)
+            acked = {t.result() for t in done if not t.cancelled() and t.exception() is None}
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
+            current = self.trips[trip.id]
+            if acked and current.state == trip.state:  # (a newer decision is delivered afresh)
+                updated = replace(current, unacked=[o for o in current.unacked if o not in acked])
+                try:
+                    await self.store.commit([put_trip(updated)])
+                except StoreError as exc:
+                    log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
+                    return
+                self._remember(updated)
+        finally:
+            self._sending.discard(trip.id)
+
+    def outcome(self, txn_id: str) -> p.Outcome:
+        """What a participant in doubt is told (presumed abort)."""
+        if txn_id in self.trips_by_txn:
+            return "commit"
+        txn = self.active.get(txn_id)
+        if txn is None:
+            return "abort"
+        if txn.state == "preparing" and time.time() >= txn.deadline:
+            txn.state = "aborted"  # too late: it can no longer commit
+        return {"preparing": "pending", "committing": "pending", "committed": "commit"}.get(txn.state, "abort")
+
+    # --- trips as the vehicle sees them -------------------------------------------------
+
+    def trip_info(self, trip: Trip) -> p.TripInfo:
+        info = _trip_decoder.decode(trip.info)
+        info.state = trip.state  # type: ignore[assignment]
+        return info
+
+    def trips_of(self, vehicle_id: str, include_cancelled: bool) -> list[p.TripInfo]:
+        return [
+            self.trip_info(t)
+            for t in self.trips.values()
+            if t.vehicle_id == vehicle_id and (include_cancelled or t.state != "cancelled")
+        ]
+
+    async def cancel_trip(self, vehicle_id: str, trip_id: str) -> p.TripInfo:
+        trip = self.trips.get(trip_id)
+        if trip is None:
+            raise NotFoundError(f"no trip {trip_id!r}")
+        if trip.vehicle_id != vehicle_id:
+            raise ForbiddenError(f"trip {trip_id} belongs to another vehicle")
+        if trip.state != "cancelled":
+            cancelled = replace(trip, state="cancelled", unacked=list(trip.participants))
+            try:
+                await self.store.commit([put_trip(cancelled)])
+            except StoreError:
+                raise UnavailableError("the cancellation could not be stored; the trip stands") from None
+            self._remember(cancelled)
+            log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
+            await self._deliver(cancelled, wait=DECIDE_TIMEOUT)
+        return self.trip_info(self.trips[trip_id])
+
+    # --- background: deliver decisions, resolve holds in doubt ---------------------------
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RESOLVE_INTERVAL)
+            try:
+                await self.resolve_once()
+            except EvchargeError as exc:
+                log.warning("resolver: %s", exc)
+
+    async def resolve_once(self) -> None:
+        undelivered = [t for t in self.trips.values() if t.unacked and t.id not in self._sending]
+        in_doubt = self.registry.overdue_holds(time.time())
+        await asyncio.gather(
+            *(self._deliver(t, wait=PEER_TIMEOUT) for t in undelivered),
+            *(self._ask(txn, coordinator, trip) for txn, (coordinator, trip) in in_doubt.items()),
+            return_exceptions=True,
+        )
+
+    async def _ask(self, txn_id: str, coordinator: str, trip_id: str | None) -> None:
+        """A hold past its deadline: ask its coordinator, never decide alone."""
+        if coordinator == self.me.id:
+            outcome = self.outcome(txn_id)
+        else:
+            link = self.links.get(coordinator)
+            if link is None:
+                log.error("hold of %s names unknown coordinator %s", txn_id, coordinator)
+                return
+            outcome = (await link.call(p.QueryDecision(txn_id=txn_id), p.Decision)).outcome
+        if outcome != "pending":
+            log.info("in-doubt %s resolved by asking %s: %s", txn_id, coordinator, outcome)
+            await self.registry.resolve(coordinator, txn_id, trip_id, commit=outcome == "commit")
+
+
+def _trip_info(
+    trip_id: str,
+    vehicle_id: str,
+    home: str,
+    query: p.TripQuery,
+    plan: planner.Plan,
+    reservation_of: dict[int, str],
+    state: p.TripState = "committed",
+) -> p.TripInfo:
+    return p.TripInfo(
+        id=trip_id,
+        vehicle_id=vehicle_id,
+        state=state,
+        origin=query.origin,
+        destination=query.destination,
+        depart=to_datetime(plan.depart),
+        arrival=to_datetime(plan.arrival),
+        distance_km=round(plan.distance_km, 1),
+        soc_at_arrival=round(plan.soc_at_arrival * 100, 1),
+        total_kwh=round(plan.total_kwh, 2),
+        total_cost=round(plan.total_cost, 2),
+        home_operator_id=home,
+        stops=[
+            p.TripStop(
+                city=s.option.city,
+                operator_id=s.option.operator_id,
+                station_id=s.option.station_id,
+                station_name=s.option.station_name,
+                charge_point_id=s.option.charge_point_id,
+                power_kw=s.option.power_kw,
+                drive_km=round(s.drive_km, 1),
+                arrival=to_datetime(s.arrival),
+                slot_start=to_datetime(s.slot_start),
+                slot_end=to_datetime(s.slot_end),
+                soc_in=round(s.soc_in * 100, 1),
+                soc_out=round(s.soc_out * 100, 1),
+                kwh=round(s.kwh, 2),
+                cost=round(s.cost, 2),
+                reservation_id=reservation_of.get(i),
+            )
+            for i, s in enumerate(plan.stops)
+        ],
+    )
+
+
+def plan_info(vehicle_id: str, home: str, query: p.TripQuery, plan: planner.Plan) -> p.TripInfo:
+    return _trip_info("", vehicle_id, home, query, plan, {}, state="planned")

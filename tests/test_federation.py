@@ -1,0 +1,230 @@
+"""Three operators on loopback: trips booked atomically across all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from evcharge import protocol as p
+from evcharge.client import Client, connect
+from evcharge.errors import (
+    BadRequestError,
+    ConflictError,
+    EvchargeError,
+    ForbiddenError,
+    NotFoundError,
+    UnavailableError,
+)
+from evcharge.server import Server
+from evcharge.world import World, load_world
+
+from .conftest import running_federation, wait_until_federated
+
+pytestmark = pytest.mark.timeout(120)
+
+NATAL_TO_FEIRA = p.TripQuery(origin="Natal", destination="Feira de Santana", soc_pct=80)
+
+
+@pytest.fixture
+def fed_world(federated_world_path: Path) -> World:
+    return load_world(str(federated_world_path))
+
+
+@pytest.fixture
+async def servers(fed_world: World, tmp_path: Path) -> AsyncIterator[dict[str, Server]]:
+    async with running_federation(fed_world, tmp_path / "data") as running:
+        yield running
+
+
+def home(servers: dict[str, Server], vehicle_id: str) -> Server:
+    return servers[servers["A"].world.vehicle(vehicle_id).home]
+
+
+def driver(servers: dict[str, Server], vehicle_id: str):
+    v = servers["A"].world.vehicle(vehicle_id)
+    return connect("127.0.0.1", servers[v.home].port, role="vehicle", ident=v.id, secret=v.token)
+
+
+async def inspect_all(servers: dict[str, Server]) -> dict[str, p.InspectResult]:
+    results = {}
+    for op_id, server in servers.items():
+        op = server.operator
+        async with connect("127.0.0.1", server.port, role="operator", ident=op.id, secret=op.secret) as c:
+            results[op_id] = await c.inspect()
+    return results
+
+
+def check_invariants(state: dict[str, p.InspectResult]) -> None:
+    """Design invariants 1 and 2, read from every operator's inspect."""
+    for op_id, result in state.items():
+        live = [r for r in result.reservations if r.state in ("held", "booked", "charging")]
+        for cp, group in itertools.groupby(
+            sorted(live, key=lambda r: (r.charge_point_id, r.start)), lambda r: r.charge_point_id
+        ):
+            spans = list(group)
+            for a, b in itertools.pairwise(spans):
+                assert a.end <= b.start, f"overlap at {op_id}/{cp}: {a.id} and {b.id}"
+        assert not [r for r in result.reservations if r.state == "held"], f"holds left at {op_id}"
+    stops_by_trip: dict[str, set[tuple[str, str]]] = {}
+    for op_id, result in state.items():
+        for r in result.reservations:
+            # A stop nobody drove to expires like any no-show: still part of its trip.
+            if r.trip_id and r.state in ("booked", "charging", "completed", "expired"):
+                stops_by_trip.setdefault(r.trip_id, set()).add((op_id, r.id))
+    trips = {t.id: t for result in state.values() for t in result.trips}
+    for trip in trips.values():
+        expected = {(s.operator_id, s.reservation_id) for s in trip.stops}
+        if trip.state == "committed":
+            states = {
+                (op, r.id): r.state for op, res in state.items() for r in res.reservations if r.trip_id == trip.id
+            }
+            assert stops_by_trip.get(trip.id, set()) == expected, f"trip {trip.id} is not whole: {states}"
+        else:
+            assert trip.id not in stops_by_trip, f"cancelled trip {trip.id} still holds stops"
+    orphans = set(stops_by_trip) - {t.id for t in trips.values() if t.state == "committed"}
+    assert not orphans, f"stops booked for trips no coordinator committed: {orphans}"
+
+
+async def test_a_trip_is_booked_at_all_three_operators(servers: dict[str, Server]) -> None:
+    async with driver(servers, "V01") as c:
+        plan = await c.plan_trip(NATAL_TO_FEIRA)
+        assert plan.state == "planned" and all(s.reservation_id is None for s in plan.stops)
+        booked = await c.book_trip(NATAL_TO_FEIRA)
+        trip = booked.trip
+        assert trip.state == "committed" and booked.attempts == 1
+        assert {s.operator_id for s in trip.stops} == {"A", "B", "C"}
+        assert [s.city for s in trip.stops] == [s.city for s in plan.stops]
+        assert [t.id for t in await c.trips()] == [trip.id]
+    state = await inspect_all(servers)
+    for op_id, result in state.items():
+        mine = {(r.id, r.charge_point_id) for r in result.reservations}
+        expected = {(s.reservation_id, s.charge_point_id) for s in trip.stops if s.operator_id == op_id}
+        assert mine == expected
+        assert {r.trip_id for r in result.reservations} == {trip.id}
+        assert {r.state for r in result.reservations} == {"booked"}
+    assert [t.id for t in state["A"].trips] == [trip.id] and state["B"].trips == []
+    assert {peer.operator_id: peer.up for peer in state["A"].peers} == {"B": True, "C": True}
+    check_invariants(state)
+
+
+async def test_cancel_trip_releases_every_stop_even_if_a_peer_is_briefly_down(
+    servers: dict[str, Server], fed_world: World, tmp_path: Path
+) -> None:
+    async with driver(servers, "V01") as c, driver(servers, "V04") as other:
+        trip = (await c.book_trip(NATAL_TO_FEIRA)).trip
+        with pytest.raises(ForbiddenError):
+            await other.cancel_trip(trip.id)
+        with pytest.raises(ConflictError, match="cancel the trip"):
+            await c.cancel(next(s.reservation_id for s in trip.stops if s.operator_id == "A"))
+        await servers["B"].stop()  # B is down while the trip is cancelled
+        cancelled = await c.cancel_trip(trip.id)
+        assert cancelled.state == "cancelled"
+        assert (await c.cancel_trip(trip.id)).state == "cancelled"  # idempotent
+        assert await c.trips() == [] and [t.id for t in await c.trips(include_cancelled=True)] == [trip.id]
+        # B comes back; the coordinator delivers the cancellation it still owes.
+        servers["B"] = Server(
+            fed_world,
+            "B",
+            tmp_path / "data" / "B",
+            host="127.0.0.1",
+            time_scale=60.0,
+            clock_anchor=servers["A"].clock.anchor_real,
+        )
+        await servers["B"].start()
+        await wait_until_federated(servers)
+        async with asyncio.timeout(15):
+            while any(r.state == "booked" for r in servers["B"].registry.reservations.values()):
+                await asyncio.sleep(0.1)
+    state = await inspect_all(servers)
+    assert all(r.state == "cancelled" for result in state.values() for r in result.reservations)
+    check_invariants(state)
+
+
+async def test_booking_with_a_peer_down_is_unavailable_and_holds_nothing(servers: dict[str, Server]) -> None:
+    await servers["C"].stop()
+    async with driver(servers, "V01") as c:
+        began = time.monotonic()
+        with pytest.raises(UnavailableError, match="operator C"):
+            await c.book_trip(NATAL_TO_FEIRA)
+        assert time.monotonic() - began < 15
+        assert await c.trips() == []
+    live = {op: s for op, s in servers.items() if op != "C"}
+    state = await inspect_all(live)
+    assert all(r.state == "aborted" for result in state.values() for r in result.reservations)
+    check_invariants(state)
+
+
+async def test_planning_errors_are_clear(servers: dict[str, Server]) -> None:
+    async with driver(servers, "V01") as c:
+        with pytest.raises(BadRequestError, match="unknown city"):
+            await c.plan_trip(p.TripQuery(origin="Atlantis", destination="Recife"))
+        with pytest.raises(NotFoundError, match="Natal"):
+            await c.plan_trip(p.TripQuery(origin="Natal", destination="Salvador", soc_pct=5))
+        direct = await c.plan_trip(p.TripQuery(origin="Natal", destination="João Pessoa", soc_pct=80))
+        assert direct.stops == [] and direct.distance_km > 100
+
+
+async def test_twenty_vehicles_race_for_the_same_route(servers: dict[str, Server]) -> None:
+    racers = [f"T{n:03d}" for n in range(1, 21)]
+    async with driver(servers, racers[0]) as probe:
+        depart = probe.server_now()
+    query = p.TripQuery(origin="Natal", destination="Feira de Santana", soc_pct=80, depart=depart)
+
+    async def race(vehicle_id: str) -> p.TripReply | EvchargeError:
+        async with driver(servers, vehicle_id) as c:
+            try:
+                return await c.book_trip(query)
+            except ConflictError as exc:
+                return exc
+
+    results = await asyncio.gather(*(race(v) for v in racers))
+    booked = [r for r in results if isinstance(r, p.TripReply)]
+    refused = [r for r in results if not isinstance(r, p.TripReply)]
+    assert all(isinstance(r, ConflictError) and "no trip" in r.message for r in refused)
+    assert len(booked) >= 2, "the network has room for more than one such trip"
+    assert any(r.attempts > 1 for r in booked), "some losers of the first race were re-planned"
+    # No two trips share a charge point at overlapping times (checked again from the owners below).
+    slots = sorted((s.charge_point_id, s.slot_start, s.slot_end, r.trip.id) for r in booked for s in r.trip.stops)
+    for a, b in itertools.pairwise(slots):
+        if a[0] == b[0]:
+            assert a[2] <= b[1], f"{a} overlaps {b}"
+    check_invariants(await inspect_all(servers))
+
+
+async def test_random_bookings_and_cancels_keep_the_invariants(servers: dict[str, Server]) -> None:
+    rng = random.Random(20261123)
+    cities = ["Natal", "João Pessoa", "Recife", "Maceió", "Aracaju", "Feira de Santana", "Salvador", "Caruaru"]
+    vehicles = [f"T{n:03d}" for n in range(21, 31)] + ["V02", "V03"]
+    booked: dict[str, str] = {}  # trip id -> vehicle
+
+    async def act(vehicle_id: str, client: Client) -> None:
+        for _ in range(2):
+            mine = [t for t, v in booked.items() if v == vehicle_id]
+            if mine and rng.random() < 0.4:
+                await client.cancel_trip(rng.choice(mine))
+                continue
+            a, b = rng.sample(cities, 2)
+            try:
+                reply = await client.book_trip(p.TripQuery(origin=a, destination=b, soc_pct=rng.uniform(30, 90)))
+            except (ConflictError, NotFoundError):
+                continue
+            booked[reply.trip.id] = vehicle_id
+        # Invariant 4: nobody cancels a trip that is not theirs.
+        others = [t for t, v in booked.items() if v != vehicle_id]
+        if others:
+            with pytest.raises((ForbiddenError, NotFoundError)):
+                await client.cancel_trip(others[0])
+
+    async def run(vehicle_id: str) -> None:
+        async with driver(servers, vehicle_id) as c:
+            await act(vehicle_id, c)
+
+    await asyncio.gather(*(run(v) for v in vehicles))
+    assert booked
+    check_invariants(await inspect_all(servers))
