@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--world", default=SHIPPED, help=f"world file (TOML) or a shipped world's name (default: {SHIPPED})"
+        "--world",
+        default=os.environ.get("EVCHARGE_WORLD", SHIPPED),
+        help=f"world file (TOML) or a shipped world's name (default: $EVCHARGE_WORLD, else {SHIPPED})",
     )
     common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")

@@ -360,7 +360,7 @@ class Registry:
     async def hold(self, coordinator: str, prepare: p.Prepare) -> p.Vote:
         """PREPARE: check every stop and hold them all in one writer section, or none."""
         stops = [(st.charge_point_id, to_seconds(st.start), to_seconds(st.end)) for st in prepare.stops]
-        actor = Actor("peer", coordinator)
+        actor = Actor("coordinator", coordinator)
 
         def mutate() -> _Change[p.Vote]:
             held = [r for r in self.by_trip.get(prepare.trip_id, []) if r.txn_id == prepare.txn_id]
@@ -411,7 +411,7 @@ class Registry:
 
     async def resolve(self, coordinator: str, txn_id: str, trip_id: str | None, commit: bool) -> list[Reservation]:
         """The coordinator's decision: held stops become booked, or are dropped."""
-        actor = Actor("peer", coordinator)
+        actor = Actor("coordinator", coordinator)
 
         def mutate() -> _Change[list[Reservation]]:
             held = [
@@ -437,7 +437,7 @@ class Registry:
 
     async def release_trip(self, coordinator: str, trip_id: str) -> list[Reservation]:
         """Cancel the trip's booked stops here (only its coordinator may); idempotent."""
-        actor = Actor("peer", coordinator)
+        actor = Actor("coordinator", coordinator)
 
         def mutate() -> _Change[list[Reservation]]:
             stops = self.by_trip.get(trip_id, [])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# evcharge demo: sets up .venv, starts operator A with its charge points, and walks a
-# vehicle through nearest -> reserve -> conflict -> charge -> release -> history.
+# evcharge demo: sets up .venv, starts three operators (A, B, C) with their charge points,
+# walks a vehicle through nearest -> reserve -> conflict -> charge -> release -> history,
+# then books a trip Natal -> Feira de Santana atomically across all three, and races two more.
 # Everything it starts is stopped on exit or Ctrl-C.  --quick: shorter pauses (for tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,19 +39,37 @@ wait_for_file() {
   return 1
 }
 
-say "Starting operator A (Potiguar Energia) at 60x simulated time: 1 real second = 1 minute"
-evcharge server --operator A --data-dir "$WORK/data" --time-scale 60 --port 0 \
-  --ready-file "$WORK/A.ready" --log-level info 2>"$WORK/A.log" &
-PIDS+=($!)
-wait_for_file "$WORK/A.ready"
-ADDR="127.0.0.1:$(json_field "['port']" <"$WORK/A.ready")"
-echo "listening on $ADDR"
+# The shipped world, with each operator on a free port of this machine.
+python - "$WORK/world.toml" <<'PY'
+import socket, sys
+from evcharge.world import resolve_world_path
+text = resolve_world_path("northeast").read_text(encoding="utf-8")
+for default in (7401, 7402, 7403):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        text = text.replace(f"port = {default}\n", f"port = {s.getsockname()[1]}\n")
+open(sys.argv[1], "w", encoding="utf-8").write(text)
+PY
+export EVCHARGE_WORLD="$WORK/world.toml"
+ANCHOR="$(date +%s)"  # one simulated clock for all three operators
 
-say "Connecting A's simulated charge points"
-evcharge station --operator A --server "$ADDR" 2>"$WORK/stations.log" &
-PIDS+=($!)
-v01() { evcharge vehicle --id V01 --server "$ADDR" "$@"; }
-v04() { evcharge vehicle --id V04 --server "$ADDR" "$@"; }
+say "Starting three operators at 60x simulated time (1 real second = 1 minute)"
+for op in A B C; do
+  evcharge server --world "$EVCHARGE_WORLD" --operator "$op" --data-dir "$WORK/data" --time-scale 60 \
+    --clock-anchor "$ANCHOR" --ready-file "$WORK/$op.ready" --log-level info 2>"$WORK/$op.log" &
+  PIDS+=($!)
+done
+for op in A B C; do wait_for_file "$WORK/$op.ready"; done
+echo "A Potiguar Energia (Natal...), B Frevo Eletropostos (Recife...), C Baía Carga Rápida (Aracaju...): up"
+
+say "Connecting every operator's simulated charge points"
+for op in A B C; do
+  evcharge station --world "$EVCHARGE_WORLD" --operator "$op" 2>"$WORK/stations-$op.log" &
+  PIDS+=($!)
+done
+v01() { evcharge vehicle --world "$EVCHARGE_WORLD" --id V01 "$@"; }
+v04() { evcharge vehicle --world "$EVCHARGE_WORLD" --id V04 "$@"; }
+v07() { evcharge vehicle --world "$EVCHARGE_WORLD" --id V07 "$@"; }
 for _ in $(seq 1 100); do
   v01 --json nearest --near Natal --min-kw 100 >/dev/null 2>&1 && break
   sleep 0.2
@@ -90,10 +109,50 @@ pause 1
 say "V01's history and costs"
 v01 history
 
-say "The operator's view of A (inspect, with the operator's secret)"
-evcharge inspect --operator A --server "$ADDR" | sed -n '/Reservations/,$p'
+say "Now the trip: V01 plans Natal -> Feira de Santana over every operator's chargers"
+v01 plan --from Natal --to "Feira de Santana" --soc 80
+pause 3
 
-say "What the server logged about state changes"
-grep -E " by (vehicle|operator|station) " "$WORK/A.log" | sed -e 's/^[^ ]* [^ ]* //' | tail -n 8
+say "V01 books it: every stop at A, B and C is reserved atomically (two-phase commit), or none"
+TRIP="$(v01 --json book --from Natal --to "Feira de Santana" --soc 80 | json_field "['trip']['id']")"
+v01 trips
+pause 3
+
+say "Each operator sees exactly its own stops of trip $TRIP"
+for op in A B C; do
+  evcharge inspect --world "$EVCHARGE_WORLD" --operator "$op" --json | python -c "
+import json, sys
+state = json.load(sys.stdin)
+stops = [r for r in state['reservations'] if r.get('trip_id') == '$TRIP']
+print(f\"  operator $op: \" + ', '.join(f\"{r['charge_point_id']} {r['start'][11:16]}-{r['end'][11:16]} {r['state']}\" for r in stops))"
+done
+pause 3
+
+say "V04 and V07 race for the same route at the same moment: no slot is given twice"
+v04 --json book --from Natal --to "Feira de Santana" --soc 80 >"$WORK/v04.json" 2>&1 &
+RACE1=$!
+v07 --json book --from Natal --to "Feira de Santana" --soc 80 >"$WORK/v07.json" 2>&1 &
+RACE2=$!
+wait "$RACE1" "$RACE2" || true
+for v in v04 v07; do
+  python - "$WORK/$v.json" "${v^^}" <<'PY'
+import json, sys
+answer = json.load(open(sys.argv[1]))
+if "error" in answer:
+    print(f"  {sys.argv[2]}: no trip ({answer['error']['message']})")
+else:
+    trip = answer["trip"]
+    replanned = f", re-planned {answer['attempts'] - 1}x after losing slots" if answer["attempts"] > 1 else ""
+    stops = " -> ".join(f"{s['city']} {s['charge_point_id']} {s['slot_start'][11:16]}" for s in trip["stops"])
+    print(f"  {sys.argv[2]}: trip {trip['id']}{replanned}: {stops}")
+PY
+done
+pause 3
+
+say "V01 cancels its trip: every stop is released at every operator"
+v01 cancel-trip "$TRIP"
+
+say "What operator A logged about state changes"
+grep -E " by (vehicle|operator|station|peer) " "$WORK/A.log" | sed -e 's/^[^ ]* [^ ]* //' | tail -n 10
 
 say "Done. Everything started by this demo is being stopped."

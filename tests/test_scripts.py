@@ -23,7 +23,12 @@ def test_demo_quick_runs_the_whole_story_and_cleans_up() -> None:
     out = done.stdout
     for expected in ("Nearest: Natal Ponta Negra", "conflict: charge point NAT-PN-1 is taken", "Released NAT-PN-1"):
         assert expected in out, out[-3000:]
-    assert "Charging history" in out and "completed" in out
+    assert "Charging history" in out
+    # The trip: stops at all three operators, then two vehicles racing for the same route.
+    for op in "ABC":
+        assert f"operator {op}: " in out and "booked" in out.split(f"operator {op}: ")[1].split("\n")[0]
+    assert "V04: trip" in out and ("V07: trip" in out or "V07: no trip" in out)
+    assert "is cancelled; its" in out
     assert leftover_processes("evcharge-demo") == ""
 
 
