@@ -186,9 +186,13 @@ def _charge_slot_seconds(soc_in: float, soc_out: float, battery_kwh: float, powe
     return max(1, minutes) * SLOT_ROUNDING_S
 
 
-def _dominated(kept: list[tuple[float, ...]], candidate: tuple[float, ...]) -> bool:
-    """Whether some kept label is at least as good as ``candidate`` in every criterion (all smaller-is-better)."""
-    return any(all(k <= c for k, c in zip(old, candidate, strict=True)) for old in kept)
+def _dominated(kept: list[tuple[float, float, float]], a: float, b: float, c: float) -> bool:
+    """Whether some kept label is at least as good in every criterion (all smaller-is-better).
+
+    Written out for three criteria: this is the planner's innermost loop. Arrival
+    labels leave the heap in time order, so time needs no comparison there.
+    """
+    return any(x <= a and y <= b and z <= c for x, y, z in kept)
 
 
 class _Search:
@@ -235,22 +239,20 @@ class _Search:
         heap: list[_Entry] = []
         self.reached[self.origin] = req.soc_start
         self._relax(heap, seq, self.origin, req.depart, req.soc_start, 0, 0, 0.0, None)
-        arrivals: list[list[tuple[float, ...]]] = [[] for _ in self.options]
-        departures: list[list[tuple[float, ...]]] = [[] for _ in self.options]
+        arrivals: list[list[tuple[float, float, float]]] = [[] for _ in self.options]  # (-soc, cents, stops)
+        departures: list[list[tuple[float, float, float]]] = [[] for _ in self.options]  # (time, cents, stops)
         while heap:
             time, cents, stops, _, node, soc, km_total, leg_km, trail = heapq.heappop(heap)
             if node == self.dest:
                 return self._plan(time, soc, km_total, cents, trail)
-            label = (time, -soc, cents, stops)
-            if _dominated(arrivals[node], label):
+            if _dominated(arrivals[node], -soc, cents, stops):
                 continue
-            arrivals[node].append(label)
+            arrivals[node].append((-soc, cents, stops))
             stop = self._charge(node, time, soc, leg_km)
             stop_cents = round(stop.cost * 100)
-            departure = (stop.slot_end, cents + stop_cents, stops + 1)
-            if _dominated(departures[node], departure):
+            if _dominated(departures[node], stop.slot_end, cents + stop_cents, stops + 1):
                 continue
-            departures[node].append(departure)
+            departures[node].append((stop.slot_end, cents + stop_cents, stops + 1))
             self._relax(
                 heap,
                 seq,

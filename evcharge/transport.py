@@ -14,6 +14,8 @@ import contextlib
 import itertools
 import logging
 
+import msgspec
+
 from evcharge.errors import (
     ConnectionLostError,
     EvchargeError,
@@ -134,7 +136,8 @@ class Connection:
         """Send a request and wait for its reply; an ``Error`` reply is raised."""
         if self._closed:
             raise ConnectionLostError("connection is closed")
-        message.id = next(self._ids)
+        # A copy with our id: the caller's message may be in flight on other connections too.
+        message = msgspec.structs.replace(message, id=next(self._ids))
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[message.id] = future
         try:

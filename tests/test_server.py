@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from evcharge import protocol as p
 from evcharge.errors import (
     BadRequestError,
     ConflictError,
@@ -280,3 +281,16 @@ async def test_charge_point_reports_completion_and_faults(server: Server) -> Non
             await c.reserve("CGR-1-1", c.server_now() + timedelta(minutes=40), 30)
     finally:
         await stop_all(tasks)
+
+
+async def test_one_request_object_may_be_in_flight_on_many_connections(server: Server) -> None:
+    # Regression: the connection used to stamp its id on the caller's object, so a second
+    # connection sending the same object made the first forget another request's reply.
+    async with vehicle(server, "V01") as a, vehicle(server, "V04") as b:
+        shared = p.ListStations(city="Natal")
+        replies = await asyncio.gather(
+            *(c.conn.request(shared) for _ in range(20) for c in (a, b)), a.heartbeat(), b.heartbeat()
+        )
+        assert all(isinstance(r, p.StationList) for r in replies[:-2])
+        assert shared.id == 0
+        assert not a.conn._pending and not b.conn._pending
