@@ -123,15 +123,38 @@ def build_parser() -> argparse.ArgumentParser:
     vehicle = sub.add_parser(
         "vehicle",
         parents=[common],
-        help="act as a vehicle: find, reserve, charge, release, history",
-        description="Act as a vehicle connected to its home operator.",
+        help="act as a vehicle: interactively, or one command (find, reserve, charge, trips...)",
+        description="Act as a vehicle connected to its home operator. Without a COMMAND, an interactive "
+        "session opens (commands with completion, live pushes, battery monitor); with one, it runs and exits.",
         epilog=VEHICLE_COMMANDS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     vehicle.add_argument("--id", required=True, help="vehicle id from the world file")
     vehicle.add_argument("--server", help="HOST:PORT of the home operator (default: the world file's)")
     vehicle.add_argument("--json", action="store_true", help="machine-readable output")
-    vcmd = vehicle.add_subparsers(title="commands", metavar="COMMAND", dest="command", required=True)
+    vehicle.add_argument("--soc", dest="start_soc", type=float, default=80.0, help="interactive: SoC at start, %%")
+    vehicle.add_argument("--at", dest="position", help="interactive: where the vehicle is (CITY or LAT,LON)")
+    vehicle.add_argument(
+        "--position-every", type=float, default=60.0, help="interactive: seconds between position reports"
+    )
+    add_vehicle_commands(vehicle.add_subparsers(title="commands", metavar="COMMAND", dest="command"))
+    vehicle.set_defaults(run=run_vehicle)
+
+    inspect = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="an operator's whole state (with its secret)",
+        description="Print every station, charge point and reservation of an operator.",
+    )
+    inspect.add_argument("--operator", required=True)
+    inspect.add_argument("--server", help="HOST:PORT (default: the world file's)")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=run_inspect)
+    return parser
+
+
+def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The vehicle's commands: for `evcharge vehicle ... COMMAND` and the interactive REPL alike."""
     cmd = vcmd.add_parser("stations", help="list stations")
     cmd.add_argument("--city")
     cmd.add_argument("--near", help="CITY or LAT,LON: sort by distance")
@@ -163,19 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = vcmd.add_parser("trips", help="your trips")
     cmd.add_argument("--all", action="store_true", help="include cancelled ones")
     vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
-    vehicle.set_defaults(run=run_vehicle)
-
-    inspect = sub.add_parser(
-        "inspect",
-        parents=[common],
-        help="an operator's whole state (with its secret)",
-        description="Print every station, charge point and reservation of an operator.",
-    )
-    inspect.add_argument("--operator", required=True)
-    inspect.add_argument("--server", help="HOST:PORT (default: the world file's)")
-    inspect.add_argument("--json", action="store_true")
-    inspect.set_defaults(run=run_inspect)
-    return parser
 
 
 def _address(world: World, operator_id: str, override: str | None) -> tuple[str, int]:
@@ -292,6 +302,20 @@ def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
 async def run_vehicle(world: World, args: argparse.Namespace) -> int:
     vehicle = world.vehicle(args.id)
     host, port = _address(world, vehicle.home, args.server)
+    if args.command is None:
+        from evcharge.repl import VehicleRepl
+
+        position = _position(args.position) if args.position else None
+        repl = VehicleRepl(
+            world,
+            vehicle,
+            host,
+            port,
+            start_soc=args.start_soc / 100,
+            position=position,
+            position_every=args.position_every,
+        )
+        return await repl.run()
     return await _run_client(
         args, lambda: connect(host, port, role="vehicle", ident=vehicle.id, secret=vehicle.token), vehicle_command
     )

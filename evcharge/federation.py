@@ -75,10 +75,17 @@ _trip_decoder = msgspec.json.Decoder(p.TripInfo)
 class PeerLink:
     """Our connection to one other operator: handshake, reconnect with backoff, deadlines."""
 
-    def __init__(self, me: OperatorConfig, peer: OperatorConfig, on_up: Callable[[PeerLink], Awaitable[None]]):
+    def __init__(
+        self,
+        me: OperatorConfig,
+        peer: OperatorConfig,
+        on_up: Callable[[PeerLink], Awaitable[None]],
+        on_change: Callable[[PeerLink], None],
+    ):
         self.me = me
         self.peer = peer
         self.on_up = on_up
+        self.on_change = on_change
         self.client: Client | None = None
         self.last_seen: float | None = None
         self.last_error = "not connected yet"
@@ -117,6 +124,7 @@ class PeerLink:
             self.client = client
             self.last_seen = time.time()
             log.info("peer link to %s up", self.peer.id)
+            self.on_change(self)
             try:
                 await self.on_up(self)
                 await client.closed.wait()
@@ -125,6 +133,7 @@ class PeerLink:
             finally:
                 self.client = None
                 self.last_error = "connection closed"
+                self.on_change(self)
                 await client.close()
             log.warning("peer link to %s down; reconnecting", self.peer.id)
 
@@ -163,7 +172,11 @@ class Federation:
         self.store = server.store
         self.world = server.world
         self.me = server.operator
-        self.links = {op.id: PeerLink(self.me, op, self._link_up) for op in self.world.operators if op.id != self.me.id}
+        self.links = {
+            op.id: PeerLink(self.me, op, self._link_up, self._link_changed)
+            for op in self.world.operators
+            if op.id != self.me.id
+        }
         self.catalogs: dict[str, list[p.StationInfo]] = {}
         self.trips: dict[str, Trip] = {}
         self.trips_by_txn: dict[str, Trip] = {}
@@ -202,6 +215,9 @@ class Federation:
         catalog = await link.call(p.GetCatalog(), p.Catalog)
         self.catalogs[link.peer.id] = catalog.stations
         log.info("catalog of %s: %d stations", link.peer.id, len(catalog.stations))
+
+    def _link_changed(self, link: PeerLink) -> None:
+        self.server.push_to_operators(p.PeerChanged(peer=link.info()))
 
     def peers(self) -> list[p.PeerInfo]:
         return [link.info() for link in self.links.values()]

@@ -294,6 +294,8 @@ class InspectResult(Reply, kw_only=True):
     reservations: list[ReservationInfo]
     trips: list[TripInfo] = []
     peers: list[PeerInfo] = []
+    requests_served: int = 0  # since start, for request rates
+    connections: dict[str, int] = {}  # connected clients by role
 
 
 # --- charge point (station role) -----------------------------------------------
@@ -484,6 +486,10 @@ class ChargingProgress(Event, kw_only=True):
     cost: float
 
 
+class PeerChanged(Event, kw_only=True):
+    peer: PeerInfo
+
+
 class ChargePointChanged(Event, kw_only=True):
     station_id: str
     charge_point_id: str
@@ -524,6 +530,7 @@ AnyMessage = (
     | ReservationChanged
     | ChargingProgress
     | ChargePointChanged
+    | PeerChanged
     | PlanTrip
     | BookTrip
     | TripReply

@@ -78,6 +78,7 @@ class Server:
         self._background: set[asyncio.Task[None]] = set()
         self._ending: set[str] = set()  # reservations whose session is being ended
         self._stopping = False
+        self.requests_served = 0
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -373,6 +374,15 @@ class Server:
         event = p.ReservationChanged(reservation=self.registry.reservation_info(reservation), reason=reason)
         for vehicle in self.vehicles_online.get(reservation.vehicle_id, ()):
             vehicle.push(event)
+        self.push_to_operators(event)
+
+    def connection_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for session in self.sessions:
+            counts[session.role] = counts.get(session.role, 0) + 1
+        return counts
+
+    def push_to_operators(self, event: p.Event) -> None:
         for session in self.sessions:
             if isinstance(session, OperatorSession):
                 session.push(event)
@@ -384,9 +394,7 @@ class Server:
             charge_point_id=cp_id,
             status=self.registry.status_of(cp, self.clock.now()),
         )
-        for session in self.sessions:
-            if isinstance(session, OperatorSession):
-                session.push(event)
+        self.push_to_operators(event)
 
     # --- background work ------------------------------------------------------------
 

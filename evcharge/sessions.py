@@ -110,6 +110,7 @@ class Session:
                 reply = InternalError("internal error; the operator's log has the details").to_reply(request.id)
         finally:
             self._slots.release()
+            self.server.requests_served += 1
         with contextlib.suppress(ConnectionLostError):
             await self.conn.send(reply)
         if isinstance(reply, p.Vote) and reply.yes:
@@ -243,6 +244,8 @@ class OperatorSession(Session):
                     reservations=reservations,
                     trips=[federation.trip_info(t) for t in federation.trips.values()] if federation else [],
                     peers=federation.peers() if federation else [],
+                    requests_served=self.server.requests_served,
+                    connections=self.server.connection_counts(),
                 )
             case p.CancelReservation(reservation_id=rid):
                 r = await self.registry.cancel(self.actor, rid)

@@ -57,7 +57,8 @@ async def running_server(world: World, data_dir: Path, operator: str = "A", **op
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
-    server = Server(world, operator, data_dir, host="127.0.0.1", port=0, **options)
+    options.setdefault("port", 0)
+    server = Server(world, operator, data_dir, host="127.0.0.1", **options)
     await server.start()
     try:
         yield server
