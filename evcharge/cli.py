@@ -140,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_vehicle_commands(vehicle.add_subparsers(title="commands", metavar="COMMAND", dest="command"))
     vehicle.set_defaults(run=run_vehicle)
 
+    monitor = sub.add_parser(
+        "monitor",
+        parents=[common],
+        help="live view of an operator: stations, reservations, trips, peers",
+        description="A live terminal view of one operator, updated when its server pushes changes.",
+    )
+    monitor.add_argument("--operator", required=True)
+    monitor.add_argument("--server", help="HOST:PORT (default: the world file's)")
+    monitor.set_defaults(run=run_monitor)
+
     inspect = sub.add_parser(
         "inspect",
         parents=[common],
@@ -249,6 +259,15 @@ async def run_station(world: World, args: argparse.Namespace) -> int:
         print(f"evcharge station: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+async def run_monitor(world: World, args: argparse.Namespace) -> int:
+    from evcharge.feed import OperatorFeed
+    from evcharge.monitor import run_monitor as monitor
+
+    op = world.operator(args.operator)
+    host, port = _address(world, op.id, args.server)
+    return await monitor(OperatorFeed(op, host, port))
 
 
 # --- vehicle commands -------------------------------------------------------------------
