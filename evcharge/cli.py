@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--server", help="HOST:PORT (default: the world file's)")
     monitor.set_defaults(run=run_monitor)
 
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="check the invariants across every operator (no double booking, trips whole or absent)",
+        description="Inspect every operator of the world (with their secrets) and check the design's invariants.",
+    )
+    check.add_argument("--allow-holds", action="store_true", help="do not count holds of bookings in progress")
+    check.set_defaults(run=run_check)
+
     inspect = sub.add_parser(
         "inspect",
         parents=[common],
@@ -268,6 +277,24 @@ async def run_monitor(world: World, args: argparse.Namespace) -> int:
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
     return await monitor(OperatorFeed(op, host, port))
+
+
+async def run_check(world: World, args: argparse.Namespace) -> int:
+    from evcharge.invariants import summary, violations
+
+    states = {}
+    for op in world.operators:
+        try:
+            async with connect(op.host, op.port, role="operator", ident=op.id, secret=op.secret) as c:
+                states[op.id] = await c.inspect()
+        except EvchargeError as exc:
+            print(f"operator {op.id}: {exc.code}: {exc.message}")
+            return 1
+    broken = violations(states, allow_holds=args.allow_holds)
+    for problem in broken:
+        print(f"VIOLATION: {problem}")
+    print(f"{summary(states)}: {'invariants hold' if not broken else f'{len(broken)} violations'}")
+    return 1 if broken else 0
 
 
 # --- vehicle commands -------------------------------------------------------------------

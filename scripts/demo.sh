@@ -15,61 +15,19 @@ for arg in "$@"; do
 done
 source scripts/_venv.sh
 
-WORK="$(mktemp -d -t evcharge-demo.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-say() { printf '\n\033[1;36m==> %s\033[0m\n' "$*"; }
+source scripts/_cluster.sh
 pause() { if [ "$QUICK" = 1 ]; then sleep "${2:-0.5}"; else sleep "$1"; fi; }
-json_field() { python -c "import json, sys; print(json.load(sys.stdin)$1)"; }
-
-wait_for_file() {
-  for _ in $(seq 1 200); do
-    [ -s "$1" ] && return 0
-    sleep 0.1
-  done
-  echo "timed out waiting for $1; server log:" >&2
-  cat "$WORK"/*.log >&2
-  return 1
-}
-
-# The shipped world, with each operator on a free port of this machine.
-python - "$WORK/world.toml" <<'PY'
-import socket, sys
-from evcharge.world import resolve_world_path
-text = resolve_world_path("northeast").read_text(encoding="utf-8")
-for default in (7401, 7402, 7403):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        text = text.replace(f"port = {default}\n", f"port = {s.getsockname()[1]}\n")
-open(sys.argv[1], "w", encoding="utf-8").write(text)
-PY
-export EVCHARGE_WORLD="$WORK/world.toml"
-ANCHOR="$(date +%s)"  # one simulated clock for all three operators
 
 say "Starting three operators at 60x simulated time (1 real second = 1 minute)"
-for op in A B C; do
-  evcharge server --world "$EVCHARGE_WORLD" --operator "$op" --data-dir "$WORK/data" --time-scale 60 \
-    --clock-anchor "$ANCHOR" --ready-file "$WORK/$op.ready" --log-level info 2>"$WORK/$op.log" &
-  PIDS+=($!)
-done
-for op in A B C; do wait_for_file "$WORK/$op.ready"; done
+for op in A B C; do start_operator "$op"; done
 echo "A Potiguar Energia (Natal...), B Frevo Eletropostos (Recife...), C Baía Carga Rápida (Aracaju...): up"
 
 say "Connecting every operator's simulated charge points"
-for op in A B C; do
-  evcharge station --world "$EVCHARGE_WORLD" --operator "$op" 2>"$WORK/stations-$op.log" &
-  PIDS+=($!)
-done
-v01() { evcharge vehicle --world "$EVCHARGE_WORLD" --id V01 "$@"; }
-v04() { evcharge vehicle --world "$EVCHARGE_WORLD" --id V04 "$@"; }
-v07() { evcharge vehicle --world "$EVCHARGE_WORLD" --id V07 "$@"; }
+start_stations A B C
+wait_linked
+v01() { evcharge vehicle --id V01 "$@"; }
+v04() { evcharge vehicle --id V04 "$@"; }
+v07() { evcharge vehicle --id V07 "$@"; }
 for _ in $(seq 1 100); do
   v01 --json nearest --near Natal --min-kw 100 >/dev/null 2>&1 && break
   sleep 0.2
@@ -120,7 +78,7 @@ pause 3
 
 say "Each operator sees exactly its own stops of trip $TRIP"
 for op in A B C; do
-  evcharge inspect --world "$EVCHARGE_WORLD" --operator "$op" --json | python -c "
+  evcharge inspect --operator "$op" --json | python -c "
 import json, sys
 state = json.load(sys.stdin)
 stops = [r for r in state['reservations'] if r.get('trip_id') == '$TRIP']

@@ -21,6 +21,7 @@ from evcharge.errors import (
     NotFoundError,
     UnavailableError,
 )
+from evcharge.invariants import violations
 from evcharge.server import Server
 from evcharge.world import World, load_world
 
@@ -62,33 +63,8 @@ async def inspect_all(servers: dict[str, Server]) -> dict[str, p.InspectResult]:
 
 def check_invariants(state: dict[str, p.InspectResult]) -> None:
     """Design invariants 1 and 2, read from every operator's inspect."""
-    for op_id, result in state.items():
-        live = [r for r in result.reservations if r.state in ("held", "booked", "charging")]
-        for cp, group in itertools.groupby(
-            sorted(live, key=lambda r: (r.charge_point_id, r.start)), lambda r: r.charge_point_id
-        ):
-            spans = list(group)
-            for a, b in itertools.pairwise(spans):
-                assert a.end <= b.start, f"overlap at {op_id}/{cp}: {a.id} and {b.id}"
-        assert not [r for r in result.reservations if r.state == "held"], f"holds left at {op_id}"
-    stops_by_trip: dict[str, set[tuple[str, str]]] = {}
-    for op_id, result in state.items():
-        for r in result.reservations:
-            # A stop nobody drove to expires like any no-show: still part of its trip.
-            if r.trip_id and r.state in ("booked", "charging", "completed", "expired"):
-                stops_by_trip.setdefault(r.trip_id, set()).add((op_id, r.id))
-    trips = {t.id: t for result in state.values() for t in result.trips}
-    for trip in trips.values():
-        expected = {(s.operator_id, s.reservation_id) for s in trip.stops}
-        if trip.state == "committed":
-            states = {
-                (op, r.id): r.state for op, res in state.items() for r in res.reservations if r.trip_id == trip.id
-            }
-            assert stops_by_trip.get(trip.id, set()) == expected, f"trip {trip.id} is not whole: {states}"
-        else:
-            assert trip.id not in stops_by_trip, f"cancelled trip {trip.id} still holds stops"
-    orphans = set(stops_by_trip) - {t.id for t in trips.values() if t.state == "committed"}
-    assert not orphans, f"stops booked for trips no coordinator committed: {orphans}"
+    broken = violations(state)
+    assert not broken, "\n".join(broken)
 
 
 async def test_a_trip_is_booked_at_all_three_operators(servers: dict[str, Server]) -> None:

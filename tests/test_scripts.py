@@ -48,3 +48,22 @@ def test_demo_interrupted_with_ctrl_c_stops_everything() -> None:
         proc.kill()
         proc.wait(timeout=10)
     assert leftover_processes("evcharge-demo") == ""
+
+
+def run_script(*args: str) -> str:
+    done = subprocess.run(["bash", *args], cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert leftover_processes("evcharge-demo") == ""
+    return done.stdout
+
+
+def test_demo_race_gives_no_slot_twice() -> None:
+    out = run_script("scripts/demo-race.sh", "--quick")
+    assert "of 6 vehicles got a trip" in out
+    assert "invariants hold" in out and "VIOLATION" not in out
+
+
+def test_demo_crash_leaves_every_trip_whole_or_absent() -> None:
+    out = run_script("scripts/demo-crash.sh", "--quick")
+    assert out.count("is gone (killed with SIGKILL mid-booking)") == 2
+    assert out.count("invariants hold") == 2 and "VIOLATION" not in out

@@ -1,0 +1,94 @@
+"""The invariant checker itself: it must see each kind of violation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from evcharge import protocol as p
+from evcharge.invariants import violations
+
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def res(rid: str, cp: str, start: int, end: int, state: str = "booked", trip: str | None = None) -> p.ReservationInfo:
+    return p.ReservationInfo(
+        id=rid,
+        operator_id=rid[0],
+        station_id="S",
+        charge_point_id=cp,
+        vehicle_id="V01",
+        start=T0 + timedelta(minutes=start),
+        end=T0 + timedelta(minutes=end),
+        state=state,
+        trip_id=trip,
+    )
+
+
+def trip(tid: str, stops: list[tuple[str, str]], state: str = "committed") -> p.TripInfo:
+    return p.TripInfo(
+        id=tid,
+        vehicle_id="V01",
+        state=state,
+        origin="Natal",
+        destination="Recife",
+        depart=T0,
+        arrival=T0,
+        distance_km=1,
+        soc_at_arrival=10,
+        total_kwh=1,
+        total_cost=1,
+        stops=[
+            p.TripStop(
+                city="X",
+                operator_id=op,
+                station_id="S",
+                station_name="S",
+                charge_point_id="cp",
+                power_kw=50,
+                drive_km=1,
+                arrival=T0,
+                slot_start=T0,
+                slot_end=T0,
+                soc_in=1,
+                soc_out=2,
+                kwh=1,
+                cost=1,
+                reservation_id=rid,
+            )
+            for op, rid in stops
+        ],
+    )
+
+
+def state(op: str, reservations: list[p.ReservationInfo], trips: list[p.TripInfo] | None = None) -> p.InspectResult:
+    return p.InspectResult(operator_id=op, server_time=T0, stations=[], reservations=reservations, trips=trips or [])
+
+
+def test_a_clean_world_has_no_violations() -> None:
+    states = {
+        "A": state(
+            "A", [res("A1", "c1", 0, 30, trip="T1"), res("A2", "c1", 30, 60)], [trip("T1", [("A", "A1"), ("B", "B1")])]
+        ),
+        "B": state("B", [res("B1", "c9", 0, 30, trip="T1"), res("B2", "c9", 10, 20, "cancelled")]),
+    }
+    assert violations(states) == []
+
+
+def test_each_kind_of_violation_is_reported() -> None:
+    overlap = {"A": state("A", [res("A1", "c1", 0, 30), res("A2", "c1", 29, 60)])}
+    assert any("overlap" in v for v in violations(overlap))
+    partial = {
+        "A": state("A", [res("A1", "c1", 0, 30, trip="T1")], [trip("T1", [("A", "A1"), ("B", "B1")])]),
+        "B": state("B", [res("B1", "c9", 0, 30, "aborted", trip="T1")]),
+    }
+    assert any("not whole" in v for v in violations(partial))
+    orphan = {"A": state("A", []), "B": state("B", [res("B1", "c9", 0, 30, trip="T9")])}
+    assert any("no coordinator committed" in v for v in violations(orphan))
+    held = {"B": state("B", [res("B1", "c9", 0, 30, "held", trip="T9")])}
+    assert any("holds left" in v for v in violations(held))
+    assert not any("holds" in v for v in violations(held, allow_holds=True))
+    cancelled = {
+        "A": state("A", [], [trip("T1", [("B", "B1")], state="cancelled")]),
+        "B": state("B", [res("B1", "c9", 0, 30, trip="T1")]),
+    }
+    assert any("cancelled trip" in v for v in violations(cancelled))
