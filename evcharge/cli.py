@@ -256,7 +256,9 @@ async def run_station(world: World, args: argparse.Namespace) -> int:
     from evcharge.station import run_stations
 
     host, port = _address(world, args.operator, args.server)
-    task = asyncio.ensure_future(run_stations(world, args.operator, host=host, port=port, only=args.ids))
+    task = asyncio.ensure_future(
+        run_stations(world, args.operator, host=host, port=port, only=args.ids, fault_rate=args.fault_rate)
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)

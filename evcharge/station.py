@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from datetime import datetime
 
 from evcharge import protocol as p
 from evcharge.client import Client, open_client
@@ -83,12 +84,12 @@ class ChargePointSim:
 
     async def _handle(self, request: p.Request) -> p.Reply:
         match request:
-            case p.RemoteStart(reservation_id=rid, vehicle_id=vehicle):
+            case p.RemoteStart(reservation_id=rid, vehicle_id=vehicle, until=until):
                 if self.charging is not None and self.charging != rid:
                     raise ConflictError(f"{self.cp.id} is charging {self.charging}")
                 if self.charging is None:
                     self.charging, self.kwh = rid, 0.0
-                    self._meter = asyncio.get_running_loop().create_task(self._run_meter(rid))
+                    self._meter = asyncio.get_running_loop().create_task(self._run_meter(rid, until))
                     log.info("%s: charging %s for %s", self.cp.id, rid, vehicle)
                 return p.Ok()
             case p.RemoteStop(reservation_id=rid):
@@ -101,7 +102,8 @@ class ChargePointSim:
                 return p.SessionReport(reservation_id=rid, kwh=round(kwh, 4))
         raise ConflictError(f"{self.cp.id} does not handle {type(request).__name__}")
 
-    async def _run_meter(self, reservation_id: str) -> None:
+    async def _run_meter(self, reservation_id: str, until: datetime) -> None:
+        """Meter at full power until stopped, faulted, or the slot ends (then report it ourselves)."""
         assert self.client is not None
         client = self.client
         began = time.monotonic()
@@ -111,10 +113,16 @@ class ChargePointSim:
             self.kwh = (time.monotonic() - began) * rate
             if self.fault_rate and random.random() < self.fault_rate * METER_INTERVAL:
                 log.warning("%s: simulated fault while charging %s", self.cp.id, reservation_id)
-                await client.report_status("faulted", "simulated fault")
                 self.charging = None
+                await client.report_status("faulted", "simulated fault")
                 await asyncio.sleep(2.0)
                 await client.report_status("available")
+                return
+            if client.server_now() >= until:
+                self.charging = None
+                self.sessions_completed += 1
+                log.info("%s: slot of %s ended at %.2f kWh", self.cp.id, reservation_id, self.kwh)
+                await client.session_complete(reservation_id, round(self.kwh, 4), "reservation ended")
                 return
             client.send_meter(reservation_id, round(self.kwh, 4))
 

@@ -294,3 +294,21 @@ async def test_one_request_object_may_be_in_flight_on_many_connections(server: S
         assert all(isinstance(r, p.StationList) for r in replies[:-2])
         assert shared.id == 0
         assert not a.conn._pending and not b.conn._pending
+
+
+async def test_the_simulator_reports_a_session_when_its_slot_ends(server: Server) -> None:
+    sims, tasks = await run_charge_points(server, "FOR-1-1")
+    try:
+        async with vehicle(server, "V01") as c:
+            r = await c.reserve("FOR-1-1", c.server_now(), 2)  # 2 simulated minutes = 2 real seconds
+            await c.start_charging(r.id)
+            async with asyncio.timeout(10):
+                while (await c.reservations(include_past=True))[0].state == "charging":
+                    await asyncio.sleep(0.1)
+            [done] = await c.reservations(include_past=True)
+            # 150 kW for (at most) the two minutes of the slot: about 5 kWh, at R$ 2.39.
+            assert done.state == "completed" and 3.0 < done.kwh <= 5.5
+            assert done.cost == pytest.approx(round(done.kwh * 2.39, 2))
+            assert sims[0].sessions_completed == 1 and sims[0].charging is None
+    finally:
+        await stop_all(tasks)
