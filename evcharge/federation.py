@@ -182,6 +182,7 @@ class Federation:
         self.trips_by_txn: dict[str, Trip] = {}
         self.active: dict[str, _Txn] = {}
         self._sending: set[str] = set()  # trips whose decision is being delivered now
+        self._trip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._planner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{self.me.id}")
 
@@ -230,7 +231,12 @@ class Federation:
             dest_name, dest = geo.find_city(query.destination)
         except KeyError as exc:
             raise BadRequestError(str(exc.args[0])) from None
-        depart = to_seconds(query.depart) if query.depart else int(self.server.clock.now())
+        now = int(self.server.clock.now())
+        depart = to_seconds(query.depart) if query.depart else now
+        if not now - 3600 <= depart <= now + self.world.rules.max_advance_days * 86400:
+            raise BadRequestError(
+                f"departure must be between an hour ago and {self.world.rules.max_advance_days} days ahead"
+            )
         request = planner.TripRequest(
             origin=planner.Place(origin_name, *origin),
             destination=planner.Place(dest_name, *dest),
@@ -333,7 +339,8 @@ class Federation:
                 txn.state = "committed"
                 return _Outcome(trip=trip)
             txn.state = "aborted"
-            await self._tell_abort(txn_id, trip_id, list(yes))
+            # Everyone, not only those that said YES: a late PREPARE may still place holds.
+            await self._tell_abort(txn_id, trip_id, owners)
             for exc in failed.values():
                 if not isinstance(exc, EvchargeError):
                     raise exc
@@ -459,17 +466,34 @@ class Federation:
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
-            current = self.trips[trip.id]
-            if acked and current.state == trip.state:  # (a newer decision is delivered afresh)
-                updated = replace(current, unacked=[o for o in current.unacked if o not in acked])
+            if acked:
+
+                def without_acked(current: Trip) -> Trip | None:
+                    if current.state != trip.state:  # a newer decision is delivered afresh
+                        return None
+                    return replace(current, unacked=[o for o in current.unacked if o not in acked])
+
                 try:
-                    await self.store.commit([put_trip(updated)])
+                    await self._update_trip(trip.id, without_acked)
                 except StoreError as exc:
                     log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
-                    return
-                self._remember(updated)
         finally:
             self._sending.discard(trip.id)
+
+    async def _update_trip(self, trip_id: str, change: Callable[[Trip], Trip | None]) -> Trip:
+        """Store a change of a trip's row, computed from its latest version.
+
+        The per-trip lock orders the writes of that one row (a cancellation must not be
+        overwritten by a late acknowledgement computed before it); nothing else waits on it.
+        """
+        async with self._trip_locks.setdefault(trip_id, asyncio.Lock()):
+            current = self.trips[trip_id]
+            updated = change(current)
+            if updated is None:
+                return current
+            await self.store.commit([put_trip(updated)])
+            self._remember(updated)
+            return updated
 
     def outcome(self, txn_id: str) -> p.Outcome:
         """What a participant in doubt is told (presumed abort)."""
@@ -503,14 +527,18 @@ class Federation:
         if trip.vehicle_id != vehicle_id:
             raise ForbiddenError(f"trip {trip_id} belongs to another vehicle")
         if trip.state != "cancelled":
-            cancelled = replace(trip, state="cancelled", unacked=list(trip.participants))
+
+            def cancelled(current: Trip) -> Trip | None:
+                if current.state == "cancelled":
+                    return None
+                return replace(current, state="cancelled", unacked=list(current.participants))
+
             try:
-                await self.store.commit([put_trip(cancelled)])
+                trip = await self._update_trip(trip_id, cancelled)
             except StoreError:
                 raise UnavailableError("the cancellation could not be stored; the trip stands") from None
-            self._remember(cancelled)
             log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
-            await self._deliver(cancelled, wait=DECIDE_TIMEOUT)
+            await self._deliver(trip, wait=DECIDE_TIMEOUT)
         return self.trip_info(self.trips[trip_id])
 
     # --- background: deliver decisions, resolve holds in doubt ---------------------------

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -77,6 +79,12 @@ class _Change(Generic[T]):
     changed: list[tuple[Reservation, str]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Recovery:
+    consistent: asyncio.Event  # set once memory matches the disk again
+    task: asyncio.Task[None]
+
+
 class Registry:
     def __init__(self, world: World, operator_id: str, store: Store, clock: SimClock) -> None:
         self.world = world
@@ -95,8 +103,9 @@ class Registry:
         self.by_trip: dict[str, list[Reservation]] = {}  # trip stops here (also holds, by txn)
         self.sessions: dict[str, ChargingSession] = {}
         self.positions: dict[str, tuple[float, float]] = {}
-        self._reload: asyncio.Task[None] | None = None
-        self._recovery: asyncio.Task[None] | None = None
+        self._recovery: _Recovery | None = None
+        self.reload_hooks: list[Callable[[StoredState], None]] = []  # others whose memory the store backs
+        store.on_failure = self._ensure_recovery
 
     # --- loading ---------------------------------------------------------------------
 
@@ -126,10 +135,10 @@ class Registry:
                 cp.charging = r.id
 
     def _leave_live(self, r: Reservation, state: str) -> None:
-        cp = self.charge_points[r.charge_point_id]
-        if r.live:
+        cp = self.charge_points.get(r.charge_point_id)  # None: a charge point gone from the world
+        if cp is not None and r.live:
             cp.ledger.remove(r.start, r.id)
-        if cp.charging == r.id:
+        if cp is not None and cp.charging == r.id:
             cp.charging = None
         r.state = state
 
@@ -137,37 +146,51 @@ class Registry:
 
     async def _apply(self, actor: Actor, what: str, mutate: Callable[[], _Change[T]]) -> T:
         if self.store.failed:
+            self._ensure_recovery()
             raise UnavailableError("the operator's store cannot be written; changes are refused for now")
         async with self.lock.writer_lock:
             change = mutate()
+        try:
+            # Even a change that writes nothing waits for what is queued before it: a
+            # repeated request must not be acknowledged before the first one is durable.
+            await self.store.commit(change.ops)
+        except StoreError as exc:
+            log.error("%s by %s refused: %s", what, actor, exc)
+            await self._ensure_recovery().consistent.wait()
+            raise UnavailableError("the change could not be stored; it was not made") from None
         if change.ops:
-            try:
-                await self.store.commit(change.ops)
-            except StoreError as exc:
-                log.error("%s by %s refused: %s", what, actor, exc)
-                await self._forget_unstored()
-                raise UnavailableError("the change could not be stored; it was not made") from None
             log.info("%s by %s", what, actor)
         for reservation, reason in change.changed:
             for listener in self.listeners:
-                listener.reservation_changed(reservation, reason)
+                try:
+                    listener.reservation_changed(reservation, reason)
+                except Exception:  # a push that fails must not turn a stored change into an error
+                    log.exception("listener failed on %s", reservation.id)
         return change.result
 
-    async def _forget_unstored(self) -> None:
-        """Make memory match the disk again before anyone is told of the failure."""
-        if self._reload is None or self._reload.done():
-            self._reload = asyncio.get_running_loop().create_task(self._reload_from_store())
-        await asyncio.shield(self._reload)
+    def _ensure_recovery(self) -> _Recovery:
+        """After a failed commit: make memory match the disk, then wait until writes work."""
+        if self._recovery is None or self._recovery.task.done():
+            self._recovery = _Recovery(asyncio.Event(), asyncio.get_running_loop().create_task(self._recover()))
+        return self._recovery
 
-    async def _reload_from_store(self) -> None:
-        state = await self.store.reread()
+    async def _recover(self) -> None:
+        assert self._recovery is not None
+        delay = 0.2
+        while True:
+            try:
+                state = await self.store.reread()
+                break
+            except StoreError as exc:
+                log.error("cannot re-read the store: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         async with self.lock.writer_lock:
             self.load(state)
+            for hook in self.reload_hooks:
+                hook(state)
+        self._recovery.consistent.set()
         log.warning("state reloaded from the store; changes refused until it can write again")
-        if self._recovery is None or self._recovery.done():
-            self._recovery = asyncio.get_running_loop().create_task(self._wait_until_writable())
-
-    async def _wait_until_writable(self) -> None:
         delay = 0.2
         while not await self.store.probe():
             await asyncio.sleep(delay)
@@ -176,10 +199,9 @@ class Registry:
         log.warning("store writable again; accepting changes")
 
     async def stop(self) -> None:
-        for task in (self._reload, self._recovery):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._recovery is not None:
+            self._recovery.task.cancel()
+            await asyncio.gather(self._recovery.task, return_exceptions=True)
 
     # --- reservations ------------------------------------------------------------
 
@@ -245,7 +267,7 @@ class Registry:
                 raise ConflictError(f"reservation {reservation_id} is charging; stop charging first")
             if r.state == "held":
                 raise ConflictError(f"reservation {reservation_id} is held by a trip booking in progress")
-            if r.trip_id is not None and actor.role == "vehicle":
+            if r.trip_id is not None:  # only the trip's coordinator releases its stops, all together
                 raise ConflictError(f"reservation {reservation_id} is a stop of trip {r.trip_id}; cancel the trip")
             self._leave_live(r, "cancelled")
             return _Change(r, [put_reservation(r)], [(r, "cancelled")])
@@ -268,6 +290,8 @@ class Registry:
         if now >= r.end:
             raise ConflictError(f"reservation {reservation_id} has ended")
         cp = self.charge_points[r.charge_point_id]
+        if now < r.start and not cp.ledger.fits(int(now), r.start):
+            raise ConflictError(f"too early: charge point {cp.config.id} is reserved by someone else until then")
         if not cp.online:
             raise UnavailableError(f"charge point {cp.config.id} is offline")
         if cp.faulted:
@@ -364,10 +388,17 @@ class Registry:
 
         def mutate() -> _Change[p.Vote]:
             held = [r for r in self.by_trip.get(prepare.trip_id, []) if r.txn_id == prepare.txn_id]
-            if held:  # a repeated PREPARE: same answer
-                return _Change(p.Vote(txn_id=prepare.txn_id, yes=True, reservation_ids=[r.id for r in held]))
+            if held:  # a repeated PREPARE: the same answer while the holds stand
+                still = all(r.state == "held" for r in held)
+                ids = [r.id for r in held] if still else []
+                return _Change(p.Vote(txn_id=prepare.txn_id, yes=still, reservation_ids=ids, reason="decided already"))
+            if not math.isfinite(prepare.deadline) or prepare.deadline <= time.time():
+                return _Change(self._no(prepare, "the booking's deadline has passed"))
+            now = int(self.clock.now())
             conflicts: list[p.StopConflict] = []
             for i, (cp_id, start, end) in enumerate(stops):
+                if start < now - MIN or end > now + self.rules.max_advance_days * 86400:
+                    return _Change(self._no(prepare, f"slot of {cp_id} is in the past or too far ahead"))
                 cp = self.charge_points.get(cp_id)
                 if cp is None:
                     return _Change(self._no(prepare, f"no charge point {cp_id!r} at operator {self.operator_id}"))
@@ -381,7 +412,6 @@ class Registry:
                     conflicts.append(p.StopConflict(charge_point_id=cp_id, next_free=to_datetime(free)))
             if conflicts:
                 return _Change(p.Vote(txn_id=prepare.txn_id, yes=False, conflicts=conflicts, reason="slots taken"))
-            now = int(self.clock.now())
             made = [
                 Reservation(
                     id=f"{self.operator_id}-{secrets.token_hex(5)}",
@@ -440,9 +470,8 @@ class Registry:
         actor = Actor("coordinator", coordinator)
 
         def mutate() -> _Change[list[Reservation]]:
-            stops = self.by_trip.get(trip_id, [])
-            if any(r.coordinator != coordinator for r in stops):
-                raise ForbiddenError(f"trip {trip_id} is coordinated by another operator")
+            # Only the stops this coordinator placed (another's trip id is none of its business).
+            stops = [r for r in self.by_trip.get(trip_id, []) if r.coordinator == coordinator]
             # Held stops too: a cancellation can overtake the commit it follows.
             freed = [r for r in stops if r.state in ("booked", "held")]
             for r in freed:

@@ -18,6 +18,7 @@ from evcharge.auth import new_nonce, peer_proof, same_secret
 from evcharge.clock import SimClock, to_datetime
 from evcharge.errors import (
     BadRequestError,
+    ConflictError,
     EvchargeError,
     ForbiddenError,
     TooLargeError,
@@ -69,6 +70,9 @@ class Server:
         self.registry = Registry(world, operator_id, self.store, self.clock)
         self.registry.listeners.append(self)
         self.federation = Federation(self) if len(world.operators) > 1 else None
+        if self.federation is not None:
+            federation = self.federation
+            self.registry.reload_hooks.append(lambda state: federation.load(state.trips))
         self.sessions: set[Session] = set()
         self.stations_online: dict[str, StationSession] = {}
         self.vehicles_online: dict[str, set[VehicleSession]] = {}
@@ -77,6 +81,7 @@ class Server:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._ending: set[str] = set()  # reservations whose session is being ended
+        self._starting: set[str] = set()  # reservations whose charge point is being started
         self._stopping = False
         self.requests_served = 0
 
@@ -311,13 +316,19 @@ class Server:
         station = self.stations_online.get(cp.config.id)
         if station is None:
             raise UnavailableError(f"charge point {cp.config.id} is offline")
-        await station.command(p.RemoteStart(reservation_id=r.id, vehicle_id=r.vehicle_id, until=to_datetime(r.end)))
+        if reservation_id in self._starting:
+            raise ConflictError(f"reservation {reservation_id} is already being started")
+        self._starting.add(reservation_id)
         try:
+            await station.command(p.RemoteStart(reservation_id=r.id, vehicle_id=r.vehicle_id, until=to_datetime(r.end)))
             r = await self.registry.begin_charging(actor, reservation_id)
         except EvchargeError:
-            # The charge point started but we could not record it: stop it again.
+            # The charge point may have started (a lost or late answer) while we record
+            # nothing: make sure it stops again.
             self._spawn(self._command_quietly(station, p.RemoteStop(reservation_id=reservation_id)))
             raise
+        finally:
+            self._starting.discard(reservation_id)
         return self.registry.reservation_info(r)
 
     async def stop_charging(self, actor: Actor, reservation_id: str) -> p.ReservationInfo:
@@ -328,6 +339,8 @@ class Server:
 
     async def _end_session(self, reservation_id: str, actor: Actor | None, reason: str) -> Reservation:
         """Stop the charge point if it is there, then record the final reading."""
+        if reservation_id in self._ending:
+            raise ConflictError(f"reservation {reservation_id} is already being stopped")
         self._ending.add(reservation_id)
         try:
             return await self._stop_and_record(reservation_id, actor, reason)
@@ -408,6 +421,8 @@ class Server:
                         self._spawn(self._end_session(r.id, None, "reservation ended"))
             except EvchargeError as exc:
                 log.warning("sweep: %s", exc)
+            except Exception:
+                log.exception("sweep failed; trying again next round")
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(_logged(work))

@@ -66,6 +66,7 @@ class ChargePointSim:
                 log.info("%s: connection lost: %s", self.cp.id, exc.message)
             finally:
                 await self._stop_meter()
+                self.charging = None  # the server ends a session whose charge point went away
                 await self.client.close()
                 self.client = None
 

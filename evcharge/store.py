@@ -21,6 +21,7 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,7 @@ class Store:
         self.path = path
         self.max_bytes = max_bytes
         self.failed = False
+        self.on_failure: Callable[[], object] | None = None  # called on the loop when a commit fails
         self.commits = 0  # transactions committed (for benchmarks and tests)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -317,6 +319,8 @@ class Store:
             else:
                 self.commits += 1
         self._call_loop(_resolve_batch, batch, error)
+        if error is not None and self.on_failure is not None:
+            self._call_loop(self.on_failure)
 
     def _transaction(self, ops: list[Op]) -> Exception | None:
         conn = self._conn

@@ -112,12 +112,15 @@ class Connection:
 
     def write_nowait(self, message: Message) -> None:
         """Queue a frame without waiting for the peer to read (for pushes)."""
-        if self._closed:
+        if self._closed or self._writer.transport.is_closing():
             raise ConnectionLostError("connection is closed")
-        self._writer.write(encode_frame(message))
+        try:
+            self._writer.write(encode_frame(message))
+        except (RuntimeError, ConnectionError, OSError) as exc:  # uvloop: RuntimeError once aborted
+            raise ConnectionLostError(f"connection lost: {exc}") from None
 
     async def send(self, message: Message) -> None:
-        if self._closed:
+        if self._closed or self._writer.transport.is_closing():
             raise ConnectionLostError("connection is closed")
         try:
             self._writer.write(encode_frame(message))
@@ -128,7 +131,7 @@ class Connection:
             # A peer that does not read for this long is gone for our purposes.
             await self.close()
             raise ConnectionLostError("peer stopped reading; connection closed") from None
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, RuntimeError) as exc:  # uvloop: RuntimeError once aborted
             await self.close()
             raise ConnectionLostError(f"connection lost: {exc}") from None
 
@@ -156,15 +159,18 @@ class Connection:
         with contextlib.suppress(ConnectionLostError):
             await self.send(exc.to_reply(request_id))
 
-    async def close(self) -> None:
-        """Close once; every request still waiting fails with ConnectionLostError."""
-        if self._closed:
-            return
+    def _mark_closed(self) -> None:
         self._closed = True
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionLostError("connection closed before the reply"))
         self._pending.clear()
+
+    async def close(self) -> None:
+        """Close once; every request still waiting fails with ConnectionLostError."""
+        if self._closed:
+            return
+        self._mark_closed()
         self._writer.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
@@ -172,4 +178,6 @@ class Connection:
 
     def abort(self) -> None:
         """Drop the connection now, without waiting for buffered writes."""
+        if not self._closed:
+            self._mark_closed()
         self._writer.transport.abort()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from evcharge.client import Client, connect
 from evcharge.server import Server
@@ -260,3 +261,8 @@ async def running_federation(
             await server.stop()
         loop.set_exception_handler(None)
     assert not unhandled, f"unhandled exceptions in the event loop: {unhandled}"
+
+
+def pytest_asyncio_loop_factories() -> dict[str, Any]:
+    """The tests run on uvloop, like `evcharge server` does."""
+    return {"uvloop": uvloop.new_event_loop}

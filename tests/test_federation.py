@@ -7,6 +7,7 @@ import itertools
 import random
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -203,4 +204,22 @@ async def test_random_bookings_and_cancels_keep_the_invariants(servers: dict[str
 
     await asyncio.gather(*(run(v) for v in vehicles))
     assert booked
+    check_invariants(await inspect_all(servers))
+
+
+async def test_trip_rules_match_single_reservations_and_stops_are_cancelled_only_as_a_trip(
+    servers: dict[str, Server],
+) -> None:
+    async with driver(servers, "V01") as c:
+        now = c.server_now()
+        for depart in (now - timedelta(days=365), now + timedelta(days=5 * 365), now.replace(year=9999)):
+            query = p.TripQuery(origin="Natal", destination="Recife", depart=depart)
+            with pytest.raises(BadRequestError, match="departure"):
+                await c.book_trip(query)
+        trip = (await c.book_trip(NATAL_TO_FEIRA)).trip
+    stop = next(s for s in trip.stops if s.operator_id == "B")
+    op = servers["B"].operator
+    async with connect("127.0.0.1", servers["B"].port, role="operator", ident=op.id, secret=op.secret) as b:
+        with pytest.raises(ConflictError, match="cancel the trip"):
+            await b.cancel(stop.reservation_id)
     check_invariants(await inspect_all(servers))

@@ -312,3 +312,31 @@ async def test_the_simulator_reports_a_session_when_its_slot_ends(server: Server
             assert sims[0].sessions_completed == 1 and sims[0].charging is None
     finally:
         await stop_all(tasks)
+
+
+async def test_early_start_never_takes_a_slot_that_is_still_someone_elses(server: Server) -> None:
+    _, tasks = await run_charge_points(server, "JPA-1-2")
+    try:
+        async with vehicle(server, "V01") as first, vehicle(server, "V04") as second:
+            now = first.server_now()
+            await first.reserve("JPA-1-2", now, 8)
+            mine = await second.reserve("JPA-1-2", now + timedelta(minutes=8), 30)
+            # 8 minutes early is allowed in general (early_start_min = 10), but not over V01's slot.
+            with pytest.raises(ConflictError, match="reserved by someone else"):
+                await second.start_charging(mine.id)
+    finally:
+        await stop_all(tasks)
+
+
+async def test_a_second_start_of_the_same_reservation_does_not_stop_the_first(server: Server) -> None:
+    sims, tasks = await run_charge_points(server, "JPA-1-1")
+    try:
+        async with vehicle(server, "V01") as c:
+            r = await c.reserve("JPA-1-1", c.server_now(), 30)
+            results = await asyncio.gather(c.start_charging(r.id), c.start_charging(r.id), return_exceptions=True)
+            assert sorted(type(x).__name__ for x in results) == ["ConflictError", "ReservationInfo"]
+            await asyncio.sleep(0.3)  # any compensating stop would have reached the charge point by now
+            assert sims[0].charging == r.id
+            assert (await c.reservations())[0].state == "charging"
+    finally:
+        await stop_all(tasks)
