@@ -423,16 +423,24 @@ class Federation:
         await self._deliver(trip, wait=DECIDE_TIMEOUT)
         return info
 
+    async def _tell(self, owner: str, trip_id: str, txn_id: str, decision: str) -> str:
+        """Deliver one decision ("commit", "abort" or "release") to one owner; returns the owner."""
+        if owner == self.me.id:
+            if decision == "release":
+                await self.registry.release_trip(self.me.id, trip_id)
+            else:
+                await self.registry.resolve(self.me.id, txn_id, trip_id, commit=decision == "commit")
+        elif decision == "release":
+            await self.links[owner].call(p.ReleaseTrip(trip_id=trip_id), p.Ok)
+        else:
+            await self.links[owner].call(p.Decide(txn_id=txn_id, trip_id=trip_id, commit=decision == "commit"), p.Ok)
+        return owner
+
     async def _tell_abort(self, txn_id: str, trip_id: str, owners: list[str]) -> None:
         """Best effort: a participant not reached asks us after its deadline."""
-
-        async def tell(owner: str) -> None:
-            if owner == self.me.id:
-                await self.registry.resolve(self.me.id, txn_id, trip_id, commit=False)
-            else:
-                await self.links[owner].call(p.Decide(txn_id=txn_id, trip_id=trip_id, commit=False), p.Ok)
-
-        results = await asyncio.gather(*(tell(o) for o in owners), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._tell(o, trip_id, txn_id, "abort") for o in owners), return_exceptions=True
+        )
         for owner, result in zip(owners, results, strict=True):
             if isinstance(result, BaseException):
                 log.info("abort of %s not delivered to %s (it will ask): %s", txn_id, owner, result)
@@ -443,25 +451,14 @@ class Federation:
             return
         self._sending.add(trip.id)
         try:
-            committed = trip.state == "committed"
-
-            async def tell(owner: str) -> str:
-                if owner == self.me.id:
-                    if committed:
-                        await self.registry.resolve(self.me.id, trip.txn_id, trip.id, commit=True)
-                    else:
-                        await self.registry.release_trip(self.me.id, trip.id)
-                elif committed:
-                    await self.links[owner].call(p.Decide(txn_id=trip.txn_id, trip_id=trip.id, commit=True), p.Ok)
-                else:
-                    await self.links[owner].call(p.ReleaseTrip(trip_id=trip.id), p.Ok)
-                return owner
-
-            pending = [asyncio.ensure_future(tell(o)) for o in trip.unacked]
-            done, not_done = await asyncio.wait(pending, timeout=wait)
-            for task in not_done:
-                task.cancel()
-            await asyncio.gather(*not_done, return_exceptions=True)
+            decision = "commit" if trip.state == "committed" else "release"
+            pending = [asyncio.ensure_future(self._tell(o, trip.id, trip.txn_id, decision)) for o in trip.unacked]
+            try:
+                done, _ = await asyncio.wait(pending, timeout=wait)
+            finally:  # whatever did not answer in time (or if we are cancelled) is retried later
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
             acked = {t.result() for t in done if not t.cancelled() and t.exception() is None}
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
@@ -560,7 +557,7 @@ class Federation:
             return_exceptions=True,
         )
 
-    async def _ask(self, txn_id: str, coordinator: str, trip_id: str | None) -> None:
+    async def _ask(self, txn_id: str, coordinator: str, trip_id: str) -> None:
         """A hold past its deadline: ask its coordinator, never decide alone."""
         if coordinator == self.me.id:
             outcome = self.outcome(txn_id)

@@ -43,6 +43,7 @@ ReservationState = Literal["held", "booked", "charging", "completed", "cancelled
 UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
 Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
+Kwh = Annotated[float, msgspec.Meta(ge=0, le=100_000)]  # a meter reading (no NaN, no infinity)
 LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
 ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "offline"]
 # What a charge point may say about itself; the server derives the rest.
@@ -316,14 +317,14 @@ class HeartbeatAck(Reply, kw_only=True):
 
 class MeterValues(Event, kw_only=True):
     reservation_id: str
-    kwh: float
+    kwh: Kwh
 
 
 class SessionComplete(Request, kw_only=True):
     """The charge point ended a session itself (vehicle full, unplugged, fault)."""
 
     reservation_id: str
-    kwh: float
+    kwh: Kwh
     reason: str = ""
 
 
@@ -340,7 +341,7 @@ class RemoteStop(Request, kw_only=True):
 
 class SessionReport(Reply, kw_only=True):
     reservation_id: str
-    kwh: float
+    kwh: Kwh
 
 
 # --- trips (vehicle -> home operator) ------------------------------------------

@@ -439,14 +439,14 @@ class Registry:
     def _no(prepare: p.Prepare, reason: str) -> p.Vote:
         return p.Vote(txn_id=prepare.txn_id, yes=False, reason=reason)
 
-    async def resolve(self, coordinator: str, txn_id: str, trip_id: str | None, commit: bool) -> list[Reservation]:
+    async def resolve(self, coordinator: str, txn_id: str, trip_id: str, commit: bool) -> list[Reservation]:
         """The coordinator's decision: held stops become booked, or are dropped."""
         actor = Actor("coordinator", coordinator)
 
         def mutate() -> _Change[list[Reservation]]:
             held = [
                 r
-                for r in self._held_of(txn_id, trip_id)
+                for r in self.by_trip.get(trip_id, [])
                 if r.state == "held" and r.coordinator == coordinator and r.txn_id == txn_id
             ]
             for r in held:
@@ -459,11 +459,6 @@ class Registry:
             return _Change(held, [put_reservation(r) for r in held], [(r, reason) for r in held])
 
         return await self._apply(actor, f"{'commit' if commit else 'abort'} {txn_id}", mutate)
-
-    def _held_of(self, txn_id: str, trip_id: str | None) -> list[Reservation]:
-        if trip_id is not None:
-            return self.by_trip.get(trip_id, [])
-        return [r for r in self.reservations.values() if r.txn_id == txn_id]
 
     async def release_trip(self, coordinator: str, trip_id: str) -> list[Reservation]:
         """Cancel the trip's booked stops here (only its coordinator may); idempotent."""
@@ -480,12 +475,12 @@ class Registry:
 
         return await self._apply(actor, f"release trip {trip_id}", mutate)
 
-    def overdue_holds(self, now_real: float) -> dict[str, tuple[str, str | None]]:
+    def overdue_holds(self, now_real: float) -> dict[str, tuple[str, str]]:
         """Holds whose deadline passed: txn id -> (coordinator, trip id)."""
         return {
             r.txn_id: (r.coordinator, r.trip_id)
             for r in self.reservations.values()
-            if r.state == "held" and r.txn_id and r.coordinator and (r.hold_deadline or 0) <= now_real
+            if r.state == "held" and r.txn_id and r.coordinator and r.trip_id and (r.hold_deadline or 0) <= now_real
         }
 
     async def busy_between(self, start: int, end: int) -> list[p.CpBusy]:

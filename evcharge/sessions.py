@@ -144,7 +144,7 @@ class Session:
         raise ForbiddenError(f"{type(request).__name__} is not a request a {self.role} may send")
 
     def on_event(self, event: p.Event) -> None:
-        log.info("%s: ignoring %s", self, type(event).__name__)
+        log.debug("%s: ignoring %s", self, type(event).__name__)
 
     def closed(self) -> None:
         self.server.forget(self)

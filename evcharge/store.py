@@ -247,7 +247,9 @@ class Store:
         """Queue ``ops`` for the next group commit; the future resolves once durable."""
         assert self._loop is not None, "start() first"
         future: asyncio.Future[None] = self._loop.create_future()
-        if self.failed:
+        if self._thread is None or not self._thread.is_alive():
+            future.set_exception(StoreError("the store is closed"))
+        elif self.failed:
             future.set_exception(StoreError("the store cannot be written"))
         else:
             self._queue.put(_Batch(ops, future))
@@ -331,7 +333,7 @@ class Store:
                 conn.execute(sql, params)
             conn.execute("COMMIT")
             return None
-        except sqlite3.Error as exc:
+        except Exception as exc:  # whatever it is, the batch fails and the thread lives on
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             return StoreError(f"store write failed: {exc}")
