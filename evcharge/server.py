@@ -76,6 +76,7 @@ class Server:
         self.sessions: set[Session] = set()
         self.stations_online: dict[str, StationSession] = {}
         self.vehicles_online: dict[str, set[VehicleSession]] = {}
+        self.operators_online: set[OperatorSession] = set()  # monitors and inspectors get every push
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -284,6 +285,8 @@ class Server:
             self.registry.set_online(session.ident, True)
         elif isinstance(session, VehicleSession):
             self.vehicles_online.setdefault(session.ident, set()).add(session)
+        elif isinstance(session, OperatorSession):
+            self.operators_online.add(session)
 
     def forget(self, session: Session) -> None:
         """A session's connection closed."""
@@ -296,6 +299,8 @@ class Server:
             if cp.charging is not None and not self._stopping:
                 # A vanished charge point must not leave a session open forever.
                 self._spawn(self._end_session(cp.charging, None, "charge point went offline"))
+        elif isinstance(session, OperatorSession):
+            self.operators_online.discard(session)
         elif isinstance(session, VehicleSession):
             peers = self.vehicles_online.get(session.ident)
             if peers is not None:
@@ -396,9 +401,8 @@ class Server:
         return counts
 
     def push_to_operators(self, event: p.Event) -> None:
-        for session in self.sessions:
-            if isinstance(session, OperatorSession):
-                session.push(event)
+        for session in self.operators_online:
+            session.push(event)
 
     def charge_point_changed(self, cp_id: str) -> None:
         cp = self.registry.charge_points[cp_id]

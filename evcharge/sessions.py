@@ -112,7 +112,10 @@ class Session:
             self._slots.release()
             self.server.requests_served += 1
         with contextlib.suppress(ConnectionLostError):
-            await self.conn.send(reply)
+            try:
+                await self.conn.send(reply)
+            except TooLargeError as exc:
+                await self.conn.send(exc.to_reply(request.id))
         if isinstance(reply, p.Vote) and reply.yes:
             crash_point("participant-voted")
 

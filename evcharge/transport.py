@@ -20,6 +20,7 @@ from evcharge.errors import (
     ConnectionLostError,
     EvchargeError,
     RequestTimeoutError,
+    TooLargeError,
     error_from_reply,
 )
 from evcharge.protocol import (
@@ -122,8 +123,12 @@ class Connection:
     async def send(self, message: Message) -> None:
         if self._closed or self._writer.transport.is_closing():
             raise ConnectionLostError("connection is closed")
+        frame = encode_frame(message)
+        if len(frame) - 4 > self._frames.max_frame:
+            # The peer would refuse it and drop the connection: say so instead of sending it.
+            raise TooLargeError(f"{type(message).__name__} of {len(frame) - 4} bytes is over the frame limit")
         try:
-            self._writer.write(encode_frame(message))
+            self._writer.write(frame)
             if self.buffered_out > WRITE_HIGH_WATER:
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await self._writer.drain()

@@ -12,7 +12,9 @@ import msgspec
 import pytest
 
 from evcharge import protocol as p
+from evcharge.errors import TooLargeError
 from evcharge.server import Server
+from evcharge.transport import Connection
 from evcharge.world import World
 
 from .conftest import operator, running_server, vehicle
@@ -188,3 +190,27 @@ async def test_every_bad_input_leaves_others_and_state_alone(strict_server: Serv
         after = await op.inspect()
         assert after.reservations == before.reservations
         assert [r.id for r in await good.reservations()] == [kept.id]
+
+
+async def test_a_reply_over_the_frame_limit_is_refused_not_sent() -> None:
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.extend(await reader.read())
+        done.set()
+        writer.close()
+
+    listener = await asyncio.start_server(sink, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
+        conn = Connection(reader, writer, max_frame=64)
+        with pytest.raises(TooLargeError, match="over the frame limit"):
+            await conn.send(p.Error(id=1, code="internal", message="x" * 200))
+        await conn.send(p.Ok(id=2))  # the connection is still good for what fits
+        await conn.close()
+        await asyncio.wait_for(done.wait(), 5)
+        assert bytes(received) == p.encode_frame(p.Ok(id=2))
+    finally:
+        listener.close()
+        await listener.wait_closed()
