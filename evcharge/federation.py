@@ -417,6 +417,7 @@ class Federation:
             raise UnavailableError("the trip could not be stored; it was not booked") from None
         self._remember(trip)
         crash_point("coordinator-committed")
+        self.server.trip_changed(info, "booked")
         log.info(
             "trip %s committed for vehicle %s: %d stops at %s", trip_id, vehicle_id, len(plan.stops), trip.participants
         )
@@ -535,6 +536,7 @@ class Federation:
             except StoreError:
                 raise UnavailableError("the cancellation could not be stored; the trip stands") from None
             log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
+            self.server.trip_changed(self.trip_info(trip), "cancelled")
             await self._deliver(trip, wait=DECIDE_TIMEOUT)
         return self.trip_info(self.trips[trip_id])
 

@@ -487,6 +487,11 @@ class ChargingProgress(Event, kw_only=True):
     cost: float
 
 
+class TripChanged(Event, kw_only=True):
+    trip: TripInfo
+    reason: str
+
+
 class PeerChanged(Event, kw_only=True):
     peer: PeerInfo
 
@@ -532,6 +537,7 @@ AnyMessage = (
     | ChargingProgress
     | ChargePointChanged
     | PeerChanged
+    | TripChanged
     | PlanTrip
     | BookTrip
     | TripReply

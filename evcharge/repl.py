@@ -273,6 +273,9 @@ class VehicleRepl:
                 self.soc = min(1.0, start_soc + kwh / self.vehicle.battery_kwh)
                 if rid in self._progress:
                     self._progress[rid].set()
+            case p.TripChanged(trip=trip, reason=reason):
+                route = " -> ".join(f"{s.city} ({s.operator_id})" for s in trip.stops) or "no stops"
+                self.say(f"[cyan]*[/] trip {trip.id} {trip.origin} -> {trip.destination}: {reason}; {route}")
             case p.ReservationChanged(reservation=r, reason=reason):
                 if r.state != "charging":
                     self.charging.pop(r.id, None)

@@ -400,6 +400,12 @@ class Server:
             counts[session.role] = counts.get(session.role, 0) + 1
         return counts
 
+    def trip_changed(self, trip: p.TripInfo, reason: str) -> None:
+        event = p.TripChanged(trip=trip, reason=reason)
+        for vehicle in self.vehicles_online.get(trip.vehicle_id, ()):
+            vehicle.push(event)
+        self.push_to_operators(event)
+
     def push_to_operators(self, event: p.Event) -> None:
         for session in self.operators_online:
             session.push(event)

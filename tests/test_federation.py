@@ -70,6 +70,8 @@ def check_invariants(state: dict[str, p.InspectResult]) -> None:
 
 async def test_a_trip_is_booked_at_all_three_operators(servers: dict[str, Server]) -> None:
     async with driver(servers, "V01") as c:
+        pushed: list[p.Event] = []
+        c.on_event.append(pushed.append)
         plan = await c.plan_trip(NATAL_TO_FEIRA)
         assert plan.state == "planned" and all(s.reservation_id is None for s in plan.stops)
         booked = await c.book_trip(NATAL_TO_FEIRA)
@@ -78,6 +80,8 @@ async def test_a_trip_is_booked_at_all_three_operators(servers: dict[str, Server
         assert {s.operator_id for s in trip.stops} == {"A", "B", "C"}
         assert [s.city for s in trip.stops] == [s.city for s in plan.stops]
         assert [t.id for t in await c.trips()] == [trip.id]
+        # The vehicle hears of its trip as a push, too (the REPL shows it).
+        assert any(isinstance(e, p.TripChanged) and e.trip.id == trip.id and e.reason == "booked" for e in pushed)
     state = await inspect_all(servers)
     for op_id, result in state.items():
         mine = {(r.id, r.charge_point_id) for r in result.reservations}

@@ -221,6 +221,7 @@ SAMPLES: list[Message] = [
     p.ChargingProgress(reservation_id="A-r-000042", kwh=9.5, cost=4.655),
     p.ChargePointChanged(station_id="A-BOS-1", charge_point_id="A-BOS-1/3", status="charging"),
     p.PeerChanged(peer=PEER),
+    p.TripChanged(trip=TRIP, reason="booked"),
     p.PlanTrip(id=25, query=QUERY),
     p.BookTrip(id=26, query=p.TripQuery(origin="Boston", destination="Hartford")),
     p.TripReply(id=26, trip=TRIP, attempts=3),
