@@ -21,7 +21,7 @@ from typing import Any
 import uvloop
 from rich.console import Console
 
-from evcharge import geo, render, web
+from evcharge import geo, render, webcmd
 from evcharge import protocol as p
 from evcharge.client import Client, connect
 from evcharge.errors import EvchargeError
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--allow-holds", action="store_true", help="do not count holds of bookings in progress")
     check.set_defaults(run=run_check)
 
-    web.add_parser(sub, common)
+    webcmd.add_parser(sub, common)
 
     inspect = sub.add_parser(
         "inspect",
