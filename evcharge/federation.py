@@ -63,7 +63,8 @@ R = TypeVar("R", bound=p.Reply)
 PREPARE_TIMEOUT = 5.0  # real seconds from PREPARE to decision
 DECIDE_TIMEOUT = 3.0  # how long a booking waits for participants to take the decision
 PEER_TIMEOUT = 5.0  # any other request to a peer
-MAX_ATTEMPTS = 3  # plans tried per booking
+MAX_ATTEMPTS = 4  # plans tried per booking
+RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
 RESOLVE_INTERVAL = 0.5  # real seconds between background passes
 AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
 MAX_BACKOFF = 5.0
@@ -310,6 +311,9 @@ class Federation:
                 return outcome.trip, attempt
             conflicts = outcome.conflicts
             log.info("trip %s attempt %d lost a race (%s); re-planning", trip_id, attempt, conflicts)
+            # The losers of one race would all re-plan onto the same next-best slots at once:
+            # a little random delay lets the winners' holds show in the next availability.
+            await asyncio.sleep(random.uniform(0, RETRY_JITTER * attempt))
         raise ConflictError(f"no trip: every plan lost its slots to other bookings ({MAX_ATTEMPTS} tries; {conflicts})")
 
     async def _two_phase(
