@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -216,6 +217,25 @@ class Client:
 
     async def session_complete(self, reservation_id: str, kwh: float, reason: str = "") -> None:
         await self.call(p.SessionComplete(reservation_id=reservation_id, kwh=kwh, reason=reason), p.Ok)
+
+
+class Backoff:
+    """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with jitter."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    @property
+    def retrying(self) -> bool:
+        return self.delay > self.first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
+        self.delay = min(self.delay * 2, self.cap)
 
 
 async def open_client(

@@ -37,7 +37,7 @@ import msgspec
 
 from evcharge import geo, planner
 from evcharge import protocol as p
-from evcharge.client import Client, open_client
+from evcharge.client import Backoff, Client, open_client
 from evcharge.clock import to_datetime, to_seconds
 from evcharge.errors import (
     BadRequestError,
@@ -105,7 +105,7 @@ class PeerLink:
         )
 
     async def run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(first=0.1, cap=MAX_BACKOFF)
         while True:
             try:
                 client = await open_client(
@@ -118,10 +118,9 @@ class PeerLink:
                 )
             except EvchargeError as exc:
                 self.last_error = exc.message
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await backoff.sleep()
                 continue
-            backoff = 0.1
+            backoff.reset()
             self.client = client
             self.last_seen = time.time()
             log.info("peer link to %s up", self.peer.id)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from datetime import datetime, timedelta
 
 from evcharge import protocol as p
-from evcharge.client import Client, open_client
+from evcharge.client import Backoff, Client, open_client
 from evcharge.errors import EvchargeError
 from evcharge.world import OperatorConfig
 
@@ -60,7 +59,7 @@ class OperatorFeed:
             return self.version
 
     async def run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(cap=MAX_BACKOFF)
         while True:
             try:
                 client = await open_client(
@@ -68,10 +67,9 @@ class OperatorFeed:
                 )
             except EvchargeError as exc:
                 self.last_error = exc.message
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await backoff.sleep()
                 continue
-            backoff = 0.2
+            backoff.reset()
             self.client = client
             client.on_event.append(lambda _event: self._dirty.set())
             try:

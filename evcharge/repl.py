@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import random
 import shlex
 import time
 from collections import defaultdict
@@ -32,7 +31,7 @@ from rich.table import Table
 from evcharge import geo
 from evcharge import protocol as p
 from evcharge.cli import UsageError, add_vehicle_commands, vehicle_command
-from evcharge.client import Client, open_client
+from evcharge.client import Backoff, Client, open_client
 from evcharge.errors import EvchargeError, UnavailableError
 from evcharge.world import VehicleConfig, World
 
@@ -242,7 +241,7 @@ class VehicleRepl:
     # --- living in the background -----------------------------------------------------------
 
     async def _stay_connected(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(cap=MAX_BACKOFF)
         while True:
             try:
                 client = await open_client(
@@ -250,12 +249,11 @@ class VehicleRepl:
                 )
             except EvchargeError as exc:
                 log.debug("connect: %s", exc)
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await backoff.sleep()
                 continue
-            if backoff > 0.2:
+            if backoff.retrying:
                 self.say("[green]Reconnected.[/]")
-            backoff = 0.2
+            backoff.reset()
             client.on_event.append(self._pushed)
             client.report_position(lambda: self.position, every=self.position_every)
             self.client = client
@@ -263,7 +261,7 @@ class VehicleRepl:
             self.client = None
             await client.close()
             self.say("[yellow]Connection to the server lost; reconnecting...[/]")
-            backoff = 0.4
+            await backoff.sleep()  # and the next success says "Reconnected."
 
     def _pushed(self, event: p.Event) -> None:
         match event:

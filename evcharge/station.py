@@ -15,7 +15,7 @@ import time
 from datetime import datetime
 
 from evcharge import protocol as p
-from evcharge.client import Client, open_client
+from evcharge.client import Backoff, Client, open_client
 from evcharge.errors import ConflictError, EvchargeError
 from evcharge.world import ChargePointConfig, World
 
@@ -48,18 +48,17 @@ class ChargePointSim:
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
-        backoff = 0.2
+        backoff = Backoff(cap=MAX_BACKOFF)
         while True:
             try:
                 self.client = await open_client(
                     self.host, self.port, role="station", ident=self.cp.id, secret=self.cp.secret
                 )
             except EvchargeError as exc:
-                log.info("%s: %s; retrying in %.1f s", self.cp.id, exc.message, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                log.info("%s: %s; retrying in %.1f s", self.cp.id, exc.message, backoff.delay)
+                await backoff.sleep()
                 continue
-            backoff = 0.2
+            backoff.reset()
             try:
                 await self._connected(self.client)
             except EvchargeError as exc:
