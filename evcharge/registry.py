@@ -13,6 +13,7 @@ rebuilt from what is on disk once the store can write again.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import secrets
@@ -101,6 +102,9 @@ class Registry:
         self.reservations: dict[str, Reservation] = {}
         self.by_vehicle: dict[str, list[Reservation]] = {}
         self.by_trip: dict[str, list[Reservation]] = {}  # trip stops here (also holds, by txn)
+        # (when it falls due, reservation id) heaps; entries of reservations that moved on are skipped.
+        self._no_show_due: list[tuple[float, str]] = []  # booked: simulated seconds
+        self._hold_due: list[tuple[float, str]] = []  # held: real seconds
         self.sessions: dict[str, ChargingSession] = {}
         self.positions: dict[str, tuple[float, float]] = {}
         self._recovery: _Recovery | None = None
@@ -117,6 +121,8 @@ class Registry:
         self.reservations = {}
         self.by_vehicle = {}
         self.by_trip = {}
+        self._no_show_due = []
+        self._hold_due = []
         for r in state.reservations:
             if r.charge_point_id not in self.charge_points:
                 log.warning("reservation %s names unknown charge point %s; kept as is", r.id, r.charge_point_id)
@@ -133,6 +139,15 @@ class Registry:
             cp.ledger.add(r.start, r.end, r.id)
             if r.state == "charging":
                 cp.charging = r.id
+        self._watch(r)
+
+    def _watch(self, r: Reservation) -> None:
+        """Remember when a booked or held reservation falls due, so sweeps look only there."""
+        if r.state == "booked":
+            due = min(r.start + self.rules.no_show_grace_min * MIN, r.end)
+            heapq.heappush(self._no_show_due, (due, r.id))
+        elif r.state == "held":
+            heapq.heappush(self._hold_due, (r.hold_deadline or 0.0, r.id))
 
     def _leave_live(self, r: Reservation, state: str) -> None:
         cp = self.charge_points.get(r.charge_point_id)  # None: a charge point gone from the world
@@ -361,13 +376,18 @@ class Registry:
         grace = self.rules.no_show_grace_min * MIN
 
         def mutate() -> _Change[list[Reservation]]:
-            expired = [
-                r for r in self.reservations.values() if r.state == "booked" and now >= min(r.start + grace, r.end)
-            ]
+            expired = []
+            while self._no_show_due and self._no_show_due[0][0] <= now:
+                _, rid = heapq.heappop(self._no_show_due)
+                r = self.reservations.get(rid)
+                if r is not None and r.state == "booked" and now >= min(r.start + grace, r.end):
+                    expired.append(r)
             for r in expired:
                 self._leave_live(r, "expired")
             return _Change(expired, [put_reservation(r) for r in expired], [(r, "no-show") for r in expired])
 
+        if not self._no_show_due or self._no_show_due[0][0] > now:
+            return []  # nothing due: no lock, no store round trip
         return await self._apply(Actor("operator", self.operator_id), "expire no-shows", mutate)
 
     def overdue_sessions(self) -> list[Reservation]:
@@ -452,6 +472,7 @@ class Registry:
             for r in held:
                 if commit:
                     r.state = "booked"
+                    self._watch(r)
                     r.hold_deadline = None
                 else:
                     self._leave_live(r, "aborted")
@@ -477,11 +498,15 @@ class Registry:
 
     def overdue_holds(self, now_real: float) -> dict[str, tuple[str, str]]:
         """Holds whose deadline passed: txn id -> (coordinator, trip id)."""
-        return {
-            r.txn_id: (r.coordinator, r.trip_id)
-            for r in self.reservations.values()
-            if r.state == "held" and r.txn_id and r.coordinator and r.trip_id and (r.hold_deadline or 0) <= now_real
-        }
+        due: list[Reservation] = []
+        while self._hold_due and self._hold_due[0][0] <= now_real:
+            _, rid = heapq.heappop(self._hold_due)
+            r = self.reservations.get(rid)
+            if r is not None and r.state == "held":
+                due.append(r)
+        for r in due:  # still in doubt: due again next time until its coordinator answers
+            heapq.heappush(self._hold_due, (r.hold_deadline or 0.0, r.id))
+        return {r.txn_id: (r.coordinator, r.trip_id) for r in due if r.txn_id and r.coordinator and r.trip_id}
 
     async def busy_between(self, start: int, end: int) -> list[p.CpBusy]:
         async with self.lock.reader_lock:
