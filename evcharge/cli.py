@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     server.add_argument("--store-limit-mb", type=float, help="refuse changes once the store would grow past this")
     server.add_argument(
+        "--max-connections", type=int, default=20_000, help="refuse new clients beyond this many (default 20000)"
+    )
+    server.add_argument(
+        "--idle-timeout", type=float, default=600.0, help="close a vehicle or operator silent this long, s (600)"
+    )
+    server.add_argument(
         "--clock-anchor",
         type=float,
         help="epoch seconds where simulated and real time meet; give every federated server the same one",
@@ -233,6 +239,8 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         port=args.port,
         store_max_bytes=limit,
         clock_anchor=args.clock_anchor,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

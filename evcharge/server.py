@@ -56,6 +56,7 @@ class Server:
         idle_timeout: float | None = 600.0,
         store_max_bytes: int | None = None,
         clock_anchor: float | None = None,
+        max_connections: int = 20_000,
     ) -> None:
         self.world = world
         self.operator = world.operator(operator_id)
@@ -63,6 +64,7 @@ class Server:
         self.port = port if port is not None else self.operator.port
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
         self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
         self._time_scale = time_scale
         self._clock_anchor = clock_anchor
@@ -201,6 +203,8 @@ class Server:
                     )
                 if self._stopping:
                     raise UnavailableError("server is shutting down")
+                if len(self.sessions) >= self.max_connections:
+                    raise UnavailableError(f"too many connections (at most {self.max_connections}); try again later")
                 if hello.role == "peer":
                     session, request_id = await self._authenticate_peer(conn, hello)
                 else:
