@@ -178,6 +178,7 @@ class Federation:
             if op.id != self.me.id
         }
         self.catalogs: dict[str, list[p.StationInfo]] = {}
+        self._options: list[planner.ChargeOption] | None = None  # cache of _charge_options()
         self.trips: dict[str, Trip] = {}
         self.trips_by_txn: dict[str, Trip] = {}
         self.active: dict[str, _Txn] = {}
@@ -215,6 +216,7 @@ class Federation:
     async def _link_up(self, link: PeerLink) -> None:
         catalog = await link.call(p.GetCatalog(), p.Catalog)
         self.catalogs[link.peer.id] = catalog.stations
+        self._options = None
         log.info("catalog of %s: %d stations", link.peer.id, len(catalog.stations))
 
     def _link_changed(self, link: PeerLink) -> None:
@@ -258,8 +260,15 @@ class Federation:
             raise NotFoundError(str(exc)) from None
 
     def _charge_options(self) -> list[planner.ChargeOption]:
-        own = [self.registry.station_info(s, 0) for s in self.registry.stations.values()]
-        everyone = own + [s for stations in self.catalogs.values() for s in stations]
+        """Every known charge point, built again only when a catalog arrived (they are static)."""
+        if self._options is None:
+            own = [self.registry.station_info(s, 0) for s in self.registry.stations.values()]
+            everyone = own + [s for stations in self.catalogs.values() for s in stations]
+            self._options = self._options_of(everyone)
+        return self._options
+
+    @staticmethod
+    def _options_of(stations: list[p.StationInfo]) -> list[planner.ChargeOption]:
         return [
             planner.ChargeOption(
                 operator_id=s.operator_id,
@@ -272,7 +281,7 @@ class Federation:
                 power_kw=cp.power_kw,
                 price_per_kwh=cp.price_per_kwh,
             )
-            for s in everyone
+            for s in stations
             for cp in s.charge_points
         ]
 
