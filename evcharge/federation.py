@@ -63,6 +63,7 @@ R = TypeVar("R", bound=p.Reply)
 PREPARE_TIMEOUT = 5.0  # real seconds from PREPARE to decision
 DECIDE_TIMEOUT = 3.0  # how long a booking waits for participants to take the decision
 PEER_TIMEOUT = 5.0  # any other request to a peer
+PEER_HEARTBEAT = 30.0  # real seconds of silence on a peer link before we ask if it is still there
 MAX_ATTEMPTS = 4  # plans tried per booking
 RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
 RESOLVE_INTERVAL = 0.5  # real seconds between background passes
@@ -90,6 +91,7 @@ class PeerLink:
         self.client: Client | None = None
         self.last_seen: float | None = None
         self.last_error = "not connected yet"
+        self.connects = 0  # times the link came up
 
     @property
     def up(self) -> bool:
@@ -121,13 +123,21 @@ class PeerLink:
                 await backoff.sleep()
                 continue
             backoff.reset()
+            self.connects += 1
             self.client = client
             self.last_seen = time.time()
             log.info("peer link to %s up", self.peer.id)
             self.on_change(self)
             try:
                 await self.on_up(self)
-                await client.closed.wait()
+                while not client.closed.is_set():
+                    try:
+                        async with asyncio.timeout(PEER_HEARTBEAT):
+                            await client.closed.wait()
+                    except TimeoutError:
+                        # A quiet link is kept alive (the other side closes idle ones) and a dead
+                        # one is found here, within PEER_TIMEOUT.
+                        await self.call(p.Heartbeat(), p.HeartbeatAck)
             except EvchargeError as exc:
                 log.warning("peer link to %s: %s", self.peer.id, exc.message)
             finally:

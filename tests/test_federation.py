@@ -227,3 +227,14 @@ async def test_trip_rules_match_single_reservations_and_stops_are_cancelled_only
         with pytest.raises(ConflictError, match="cancel the trip"):
             await b.cancel(stop.reservation_id)
     check_invariants(await inspect_all(servers))
+
+
+async def test_a_quiet_peer_link_stays_up(fed_world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Servers close connections idle for longer than their idle timeout; heartbeats keep the
+    # peer links busy enough to stay up (without them, each link would drop and come back).
+    monkeypatch.setattr("evcharge.federation.PEER_HEARTBEAT", 0.2)
+    async with running_federation(fed_world, tmp_path / "data", idle_timeout=0.6) as servers:
+        await asyncio.sleep(2.0)
+        links = [link for server in servers.values() for link in server.federation.links.values()]
+        assert all(link.up for link in links)
+        assert [link.connects for link in links] == [1] * len(links)
