@@ -13,6 +13,7 @@ rebuilt from what is on disk once the store can write again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import math
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIN = 60
+RECOVERY_WAIT = 10.0  # seconds a refused change waits for memory to be re-read from the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +173,11 @@ class Registry:
             await self.store.commit(change.ops)
         except StoreError as exc:
             log.error("%s by %s refused: %s", what, actor, exc)
-            await self._ensure_recovery().consistent.wait()
+            # Answer once memory matches the disk again, but never wait without end for it:
+            # the store refuses every change until then anyway.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECOVERY_WAIT):
+                    await self._ensure_recovery().consistent.wait()
             raise UnavailableError("the change could not be stored; it was not made") from None
         if change.ops:
             log.info("%s by %s", what, actor)
