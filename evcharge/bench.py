@@ -558,6 +558,32 @@ class ReserveTarget:
     existing: int  # reservations preloaded
 
 
+def disjoint_plans(shown: list[list[tuple[p.TripQuery, p.TripInfo]]]) -> list[list[tuple[p.TripQuery, p.TripInfo]]]:
+    """Each connection's plans, less those sharing a slot with another connection's.
+
+    A connection books its plans one after the other (each cancelled before the next), so
+    only plans of different connections could take each other's slots: the measured
+    bookings then do not race, as the contention scenario does on purpose. A connection
+    left with none keeps its first: it will lose and re-plan (counted as re-planned).
+    """
+    taken: defaultdict[str, list[tuple[int, datetime, datetime]]] = defaultdict(list)  # by charge point
+    kept: list[list[tuple[p.TripQuery, p.TripInfo]]] = [[] for _ in shown]
+    for i, mine in enumerate(shown):
+        for query, plan in mine:
+            clash = any(
+                j != i and s.slot_start < end and start < s.slot_end
+                for s in plan.stops
+                for j, start, end in taken[s.charge_point_id]
+            )
+            if not clash:
+                kept[i].append((query, plan))
+                for s in plan.stops:
+                    taken[s.charge_point_id].append((i, s.slot_start, s.slot_end))
+        if not kept[i] and mine:
+            kept[i].append(mine[0])
+    return kept
+
+
 def merge_loads(loads: list[LoadResult]) -> LoadResult:
     merged = LoadResult(seconds=sum(x.seconds for x in loads))
     for x in loads:
@@ -919,6 +945,11 @@ class Bench:
     # --- 4. trip bookings ----------------------------------------------------------------
 
     async def trips(self) -> None:
+        """Plan trips (a row of its own), then book the plans as shown, each then cancelled.
+
+        A driver plans, looks, and books what was shown: the booking is the two-phase commit,
+        the planning is the search, and the two are measured apart.
+        """
         s = self.settings
         per_op = math.ceil(s.connections / 3)
         world, servers = await self.start_federation("trips", per_op)
@@ -929,15 +960,29 @@ class Bench:
             self.say(f"trips: 3-5-stop trips across A, B, C (2PC, fsync each step), {s.connections} connections")
             rng = random.Random(4)
             now = clients[0].server_now()
-            stops: Counter[int] = Counter()
+            pids = {op_id: child.pid for op_id, child in servers.items()}
+            shown: list[list[tuple[p.TripQuery, p.TripInfo]]] = [[] for _ in clients]
 
-            async def op(i: int, notes: Counter[str]) -> dict[str, float]:
+            async def plan_op(i: int, _notes: Counter[str]) -> dict[str, float]:
                 origin, destination, soc = rng.choice(ROUTES)
                 depart = now + timedelta(minutes=rng.randrange(60, 20 * 24 * 60))
                 query = p.TripQuery(origin=origin, destination=destination, soc_pct=soc, depart=depart)
+                t0 = time.perf_counter()
+                shown[i].append((query, await clients[i].plan_trip(query)))
+                return {"plan_trip": time.perf_counter() - t0}
+
+            planning_ceiling = await self.ceiling_window()
+            planning = await closed_loop(s.connections, plan_op, s.trip_duration, max(s.warmup, 0.5), pids)
+            plans = disjoint_plans(shown)
+            stops: Counter[int] = Counter()
+            turn = [0] * len(clients)  # each connection books its own plans in turn
+
+            async def book_op(i: int, notes: Counter[str]) -> dict[str, float]:
+                query, plan = plans[i][turn[i] % len(plans[i])]
+                turn[i] += 1
                 c = clients[i]
                 t0 = time.perf_counter()
-                booked = await c.book_trip(query)
+                booked = await c.book_trip(query, plan.id)
                 t1 = time.perf_counter()
                 await c.cancel_trip(booked.trip.id)
                 stops[len(booked.trip.stops)] += 1
@@ -948,12 +993,13 @@ class Bench:
                 return {"book_trip": t1 - t0, "cancel_trip": time.perf_counter() - t1}
 
             ceiling = await self.ceiling_window()
-            pids = {op_id: child.pid for op_id, child in servers.items()}
-            load = await closed_loop(s.connections, op, s.trip_duration, max(s.warmup, 0.5), pids)
+            load = await closed_loop(s.connections, book_op, s.trip_duration, max(s.warmup, 0.5), pids)
             rss = self.rss_of(servers)
         finally:
             await asyncio.gather(*(c.close() for c in clients))
             self.stop_servers(servers)
+        plan_row = load_row("trip planning", s.connections, planning, ops=("plan_trip",), rss=rss)
+        self.pair(plan_row, planning_ceiling)
         main = load_row(
             "trip bookings",
             s.connections,
@@ -961,9 +1007,11 @@ class Bench:
             ops=("book_trip",),
             rss=rss,
             stops_per_trip=dict(sorted(stops.items())),
+            plans_booked=sum(len(mine) for mine in plans),
         )
         self.pair(main, ceiling)
         cancel = row("  └ cancel_trip", s.connections, *self._part(load, "cancel_trip"), part=True)
+        self.add("trip_planning", plan_row)
         self.add("trips", main, main, cancel)
 
     @staticmethod

@@ -41,7 +41,8 @@ commands:
   release RESERVATION                                      stop charging and free the charge point
   history                                                  your charging sessions with kWh and cost
   plan --from CITY --to CITY [--soc PCT] [--depart ISO]    plan an intercity trip over every operator's chargers
-  book --from CITY --to CITY [--soc PCT] [--depart ISO]    plan and book every stop atomically (all or none)
+  book --from CITY --to CITY [...] [--plan ID]             book every stop atomically (all or none): the plan
+                                                           shown, or a fresh one if its slots were taken
   trips [--all]                                            your booked trips (--all: cancelled ones too)
   cancel-trip TRIP                                         release every stop of a trip, at every operator
 """
@@ -210,6 +211,7 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
         cmd.add_argument("--depart", help="ISO departure time (default: now, server time)")
         cmd.add_argument("--min-arrival-soc", type=float, default=10.0, help="never arrive below this %% (default 10)")
         cmd.add_argument("--max-charge-soc", type=float, default=80.0, help="never charge above this %% (default 80)")
+    cmd.add_argument("--plan", default="", help="book this plan (its id from `plan`, same question) as it was shown")
     cmd = vcmd.add_parser("trips", help="your trips")
     cmd.add_argument("--all", action="store_true", help="include cancelled ones")
     vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
@@ -477,10 +479,11 @@ async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> 
         case "plan":
             trip = await c.plan_trip(_trip_query(args))
             if human:
-                render.trip(trip, out, title="Plan")
+                render.trip(trip, out, title=f"Plan {trip.id}")
+                out.print(f"Book it as shown with the same question and [bold]--plan {trip.id}[/].")
             return {"trip": trip}
         case "book":
-            booked = await c.book_trip(_trip_query(args))
+            booked = await c.book_trip(_trip_query(args), args.plan)
             if human:
                 note = f" (re-planned {booked.attempts - 1}x after losing slots)" if booked.attempts > 1 else ""
                 render.trip(booked.trip, out, title=f"Booked trip {booked.trip.id}{note}")

@@ -193,8 +193,9 @@ class Client:
     async def plan_trip(self, query: p.TripQuery) -> p.TripInfo:
         return (await self.call(p.PlanTrip(query=query), p.TripReply, timeout=max(self.timeout, 30.0))).trip
 
-    async def book_trip(self, query: p.TripQuery) -> p.TripReply:
-        return await self.call(p.BookTrip(query=query), p.TripReply, timeout=max(self.timeout, 60.0))
+    async def book_trip(self, query: p.TripQuery, plan_id: str = "") -> p.TripReply:
+        request = p.BookTrip(query=query, plan_id=plan_id)
+        return await self.call(request, p.TripReply, timeout=max(self.timeout, 60.0))
 
     async def trips(self, *, include_cancelled: bool = False) -> list[p.TripInfo]:
         return (await self.call(p.ListTrips(include_cancelled=include_cancelled), p.TripList)).trips

@@ -28,6 +28,7 @@ import logging
 import random
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -69,6 +70,8 @@ RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-plan
 RESOLVE_INTERVAL = 0.5  # real seconds between background passes
 AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
 MAX_BACKOFF = 5.0
+PLAN_TTL = 900.0  # real seconds a plan shown to a vehicle can be booked as shown
+MAX_PLANS_SHOWN = 10_000  # plans kept for booking; the oldest go first
 
 _trip_json = msgspec.json.Encoder()
 _trip_decoder = msgspec.json.Decoder(p.TripInfo)
@@ -170,6 +173,14 @@ class _Txn:
 
 
 @dataclass(slots=True)
+class _ShownPlan:
+    vehicle_id: str
+    query: p.TripQuery
+    plan: planner.Plan
+    expires: float  # time.monotonic()
+
+
+@dataclass(slots=True)
 class _Outcome:
     trip: p.TripInfo | None = None
     conflicts: str = ""
@@ -189,10 +200,12 @@ class Federation:
         }
         self.catalogs: dict[str, list[p.StationInfo]] = {}
         self._options: list[planner.ChargeOption] | None = None  # cache of _charge_options()
+        self._shown: OrderedDict[str, _ShownPlan] = OrderedDict()  # plan id -> plan, oldest first
         self.trips: dict[str, Trip] = {}
         self.trips_by_txn: dict[str, Trip] = {}
         self.active: dict[str, _Txn] = {}
         self._sending: set[str] = set()  # trips whose decision is being delivered now
+        self._storing: set[asyncio.Task[None]] = set()  # acknowledgements being stored
         self._trip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._planner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{self.me.id}")
@@ -215,9 +228,10 @@ class Federation:
         self._tasks.append(loop.create_task(self._resolve_forever()))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._storing]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for link in self.links.values():
             if link.client is not None:
                 await link.client.close()
@@ -319,11 +333,29 @@ class Federation:
 
     # --- booking (coordinator) ---------------------------------------------------------
 
-    async def book(self, vehicle: VehicleConfig, query: p.TripQuery) -> tuple[p.TripInfo, int]:
+    def show(self, vehicle_id: str, query: p.TripQuery, plan: planner.Plan) -> str:
+        """Keep a plan shown to a vehicle for a while, so that it can book exactly that plan."""
+        plan_id = f"{self.me.id}-P{secrets.token_hex(5)}"
+        self._shown[plan_id] = _ShownPlan(vehicle_id, query, plan, time.monotonic() + PLAN_TTL)
+        while len(self._shown) > MAX_PLANS_SHOWN:
+            self._shown.popitem(last=False)
+        return plan_id
+
+    def _shown_plan(self, vehicle_id: str, query: p.TripQuery, plan_id: str) -> planner.Plan | None:
+        shown = self._shown.get(plan_id)
+        if shown is None or shown.expires < time.monotonic():
+            self._shown.pop(plan_id, None)
+            return None
+        # Another vehicle's plan, or one for another question, is not what this vehicle saw.
+        return shown.plan if shown.vehicle_id == vehicle_id and shown.query == query else None
+
+    async def book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str = "") -> tuple[p.TripInfo, int]:
         trip_id = f"{self.me.id}-T{secrets.token_hex(5)}"
         conflicts = ""
+        shown = self._shown_plan(vehicle.id, query, plan_id) if plan_id else None
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            plan = await self.plan(vehicle, query)
+            plan = shown or await self.plan(vehicle, query)
+            shown = None  # a plan that lost its slots is re-planned, not retried
             outcome = await self._two_phase(trip_id, f"{trip_id}.{attempt}", vehicle.id, query, plan)
             if outcome.trip is not None:
                 return outcome.trip, attempt
@@ -469,7 +501,12 @@ class Federation:
                 log.info("abort of %s not delivered to %s (it will ask): %s", txn_id, owner, result)
 
     async def _deliver(self, trip: Trip, wait: float | None = None) -> None:
-        """Tell the participants not yet told the trip's latest decision; store who acknowledged."""
+        """Tell the participants not yet told the trip's latest decision; store who acknowledged.
+
+        Who acknowledged is stored after this returns: a booking need not wait for that
+        write, since a decision sent again (after a crash, or by the resolver before the
+        write) is acknowledged again: deciding is idempotent.
+        """
         if trip.id in self._sending or not trip.unacked:
             return
         self._sending.add(trip.id)
@@ -487,18 +524,22 @@ class Federation:
                 if not t.cancelled() and t.exception() is not None:
                     log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
             if acked:
-
-                def without_acked(current: Trip) -> Trip | None:
-                    if current.state != trip.state:  # a newer decision is delivered afresh
-                        return None
-                    return replace(current, unacked=[o for o in current.unacked if o not in acked])
-
-                try:
-                    await self._update_trip(trip.id, without_acked)
-                except StoreError as exc:
-                    log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
+                task = asyncio.get_running_loop().create_task(self._store_acks(trip, acked))
+                self._storing.add(task)
+                task.add_done_callback(self._storing.discard)
         finally:
             self._sending.discard(trip.id)
+
+    async def _store_acks(self, trip: Trip, acked: set[str]) -> None:
+        def without_acked(current: Trip) -> Trip | None:
+            if current.state != trip.state:  # a newer decision is delivered afresh
+                return None
+            return replace(current, unacked=[o for o in current.unacked if o not in acked])
+
+        try:
+            await self._update_trip(trip.id, without_acked)
+        except StoreError as exc:
+            log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
 
     async def _update_trip(self, trip_id: str, change: Callable[[Trip], Trip | None]) -> Trip:
         """Store a change of a trip's row, computed from its latest version.
@@ -641,5 +682,5 @@ def _trip_info(
     )
 
 
-def plan_info(vehicle_id: str, home: str, query: p.TripQuery, plan: planner.Plan) -> p.TripInfo:
-    return _trip_info("", vehicle_id, home, query, plan, {}, state="planned")
+def plan_info(plan_id: str, vehicle_id: str, home: str, query: p.TripQuery, plan: planner.Plan) -> p.TripInfo:
+    return _trip_info(plan_id, vehicle_id, home, query, plan, {}, state="planned")

@@ -362,6 +362,9 @@ class PlanTrip(Request, kw_only=True):
 
 class BookTrip(Request, kw_only=True):
     query: TripQuery
+    # The id of a plan this server showed the vehicle (TripInfo.id of a PlanTrip answer) for
+    # the same query: that plan is booked as shown, unless its slots were taken meanwhile.
+    plan_id: str = ""
 
 
 class TripReply(Reply, kw_only=True):

@@ -47,6 +47,7 @@ HELP = """\
   stations [--city C] [--near CITY]   nearest --near CITY [--min-kw KW]   status STATION
   reserve CP [--in MIN] [--minutes N] reservations [--all]               cancel RESERVATION
   plan --from A --to B [--soc PCT]    book --from A --to B [--soc PCT]   trips [--all]   cancel-trip TRIP
+                                      (book after plan, same question: books the plan shown, if still free)
   charge RESERVATION [--to PCT]       live progress until the battery reaches PCT (default 80), then releases
   release RESERVATION                 history   costs (totals by operator and month)   soc   help   quit"""
 
@@ -80,6 +81,7 @@ class VehicleRepl:
         self.position_every = position_every
         self.client: Client | None = None
         self.charging: dict[str, tuple[float, float]] = {}  # reservation -> (soc at start, kWh so far)
+        self._last_plan_id = ""  # what `book` books as shown, if asked the same question
         self._progress: dict[str, asyncio.Event] = {}
         self._warned_low = False
         self._stop = asyncio.Event()
@@ -178,7 +180,11 @@ class VehicleRepl:
                 case _:
                     args = self.parser.parse_args(words)
                     args.json, args.id = False, self.vehicle.id
-                    await vehicle_command(self._connected(), args, self.console)
+                    if command == "book" and not args.plan:
+                        args.plan = self._last_plan_id  # the server books it only for the same question
+                    result = await vehicle_command(self._connected(), args, self.console)
+                    if command == "plan":
+                        self._last_plan_id = result["trip"].id
         except EvchargeError as exc:
             self.say(f"[red]{exc.code}[/]: {exc.message}")
         except UsageError as exc:

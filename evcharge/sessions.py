@@ -185,10 +185,11 @@ class VehicleSession(Session):
                 federation = self.server.federation_or_refuse()
                 vehicle = self.server.world.vehicle(self.ident)
                 plan = await federation.plan(vehicle, query)
-                return p.TripReply(trip=plan_info(self.ident, self.server.operator.id, query, plan))
-            case p.BookTrip(query=query):
+                plan_id = federation.show(self.ident, query, plan)
+                return p.TripReply(trip=plan_info(plan_id, self.ident, self.server.operator.id, query, plan))
+            case p.BookTrip(query=query, plan_id=plan_id):
                 federation = self.server.federation_or_refuse()
-                trip, attempts = await federation.book(self.server.world.vehicle(self.ident), query)
+                trip, attempts = await federation.book(self.server.world.vehicle(self.ident), query, plan_id)
                 return p.TripReply(trip=trip, attempts=attempts)
             case p.ListTrips(include_cancelled=include_cancelled):
                 federation = self.server.federation_or_refuse()

@@ -7,7 +7,7 @@ import itertools
 import random
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -92,6 +92,36 @@ async def test_a_trip_is_booked_at_all_three_operators(servers: dict[str, Server
     assert [t.id for t in state["A"].trips] == [trip.id] and state["B"].trips == []
     assert {peer.operator_id: peer.up for peer in state["A"].peers} == {"B": True, "C": True}
     check_invariants(state)
+    # Who acknowledged the decision is stored after the reply: a restart then resends nothing.
+    async with asyncio.timeout(10):
+        while (stored := await servers["A"].store.reread()).trips[0].unacked:
+            await asyncio.sleep(0.05)
+    assert [t.id for t in stored.trips] == [trip.id]
+
+
+def slots(trip: p.TripInfo) -> list[tuple[str, datetime, datetime]]:
+    return [(s.charge_point_id, s.slot_start, s.slot_end) for s in trip.stops]
+
+
+async def test_a_shown_plan_is_booked_as_shown_and_replanned_once_its_slots_are_gone(
+    servers: dict[str, Server],
+) -> None:
+    async with driver(servers, "V01") as c, driver(servers, "V04") as other:
+        first = await c.plan_trip(NATAL_TO_FEIRA)
+        second = await c.plan_trip(NATAL_TO_FEIRA)
+        assert first.id != second.id and first.id.startswith("A-P") and slots(first) == slots(second)
+        booked = await c.book_trip(NATAL_TO_FEIRA, first.id)
+        assert booked.attempts == 1 and slots(booked.trip) == slots(first)
+        # The second plan shows the slots the first booking has just taken: booking it as
+        # shown loses them, so the server re-plans (a server that ignored the id would not).
+        again = await c.book_trip(NATAL_TO_FEIRA, second.id)
+        assert again.attempts == 2 and not set(slots(again.trip)) & set(slots(first))
+        # A plan is booked as shown only for the vehicle it was shown to, for the same question.
+        theirs = await other.book_trip(NATAL_TO_FEIRA, second.id)
+        assert theirs.attempts == 1
+        other_question = p.TripQuery(origin="Natal", destination="Feira de Santana", soc_pct=70)
+        assert (await c.book_trip(other_question, second.id)).attempts == 1
+    check_invariants(await inspect_all(servers))
 
 
 async def test_cancel_trip_releases_every_stop_even_if_a_peer_is_briefly_down(
