@@ -312,8 +312,8 @@ class _Search:
                 if soc_in >= target[other]:
                     continue  # pointless stop
             arrival = depart + seconds
-            entry = (arrival + least_left[other], cents, stops, next(seq), other, arrival, soc_in, km_total + km, km, trail)
-            heapq.heappush(heap, entry)
+            key = arrival + least_left[other]
+            heapq.heappush(heap, (key, cents, stops, next(seq), other, arrival, soc_in, km_total + km, km, trail))
 
     def _charge(self, node: int, arrival: int, soc_in: float, leg_km: float) -> PlannedStop:
         option = self.options[node]

@@ -49,8 +49,8 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     assert results["python"]["version"].startswith("3.")
 
     scenarios = results["scenarios"]
-    assert set(scenarios) == set(SCENARIOS)
-    for name in SCENARIOS:
+    assert set(scenarios) == {*SCENARIOS, "trip_planning"}  # trips has two rows: planning, then booking
+    for name in scenarios:
         entry = scenarios[name]
         for key in ROW_FIELDS:
             assert key in entry, f"{name}: no {key}"
@@ -58,7 +58,8 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
         assert entry["p50_ms"] <= entry["p90_ms"] <= entry["p99_ms"] <= entry["max_ms"], name
         assert entry["rss_mb"] and all(mb > 0 for mb in entry["rss_mb"].values()), name
     assert scenarios["ceiling"]["ratio_to_ceiling"] == 1.0
-    for name in ("status", "reserve", "trips"):
+    assert scenarios["trips"]["plans_booked"] > 0
+    for name in ("status", "reserve", "trip_planning", "trips"):
         assert scenarios[name]["ratio_to_ceiling"] > 0, name
     assert set(scenarios["trips"]["rss_mb"]) == {"A", "B", "C"}
 

@@ -11,10 +11,11 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
+from evcharge import protocol as p
 from evcharge.repl import VehicleRepl
 from evcharge.world import World
 
-from .conftest import running_server
+from .conftest import running_server, vehicle
 from .test_server import run_charge_points, stop_all
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,3 +120,35 @@ async def test_the_prompt_survives_a_server_restart(world: World, tmp_path: Path
                 await screen.wait_for("Charging history")
                 keys.send_text("quit\n")
                 assert await asyncio.wait_for(session, 10) == 0
+
+
+async def test_book_after_plan_books_the_plan_shown(world: World, tmp_path: Path) -> None:
+    screen = Screen()
+    async with running_server(world, tmp_path / "data") as server:
+        with create_pipe_input() as keys:
+            repl = VehicleRepl(
+                world,
+                world.vehicle("V01"),
+                "127.0.0.1",
+                server.port,
+                console=screen.console,
+                input=keys,
+                output=DummyOutput(),
+            )
+            session = asyncio.create_task(repl.run())
+            async with asyncio.timeout(10):
+                while repl.client is None:
+                    await asyncio.sleep(0.02)
+            trip = "--from Natal --to Recife --soc 30"  # only operator A's chargers: this server alone
+            keys.send_text(f"plan {trip}\n")
+            await screen.wait_for("--plan A-P")
+            shown = await repl.client.plan_trip(p.TripQuery(origin="Natal", destination="Recife", soc_pct=30))
+            stop = shown.stops[0]
+            # Someone else takes the first stop's slot after the plan was shown...
+            async with vehicle(server, "V04") as other:
+                await other.reserve(stop.charge_point_id, stop.slot_start, 30)
+            # ...so booking the plan as shown loses it and re-plans; a fresh plan would not.
+            keys.send_text(f"book {trip}\n")
+            await screen.wait_for("re-planned 1x")
+            keys.send_text("quit\n")
+            assert await asyncio.wait_for(session, 10) == 0
