@@ -206,7 +206,15 @@ class Client:
     # --- operators ------------------------------------------------------------------
 
     async def inspect(self) -> p.InspectResult:
-        return await self.call(p.Inspect(), p.InspectResult)
+        """The operator's whole state, one snapshot, fetched part by part if it is big."""
+        result = await self.call(p.Inspect(), p.InspectResult)
+        while result.more:
+            part = await self.call(p.Inspect(cursor=result.more), p.InspectResult)
+            result.stations += part.stations
+            result.reservations += part.reservations
+            result.trips += part.trips
+            result.more = part.more
+        return result
 
     # --- charge points ----------------------------------------------------------------
 

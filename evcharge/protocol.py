@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import struct
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # 1 MiB: the default cap, checked before the body is read
+
+T = TypeVar("T")
 HEADER = struct.Struct(">I")
 
 Role = Literal["vehicle", "station", "operator", "peer"]
@@ -285,7 +287,9 @@ class UpdatePosition(Request, kw_only=True):
 
 
 class Inspect(Request, kw_only=True):
-    pass
+    # "": a fresh snapshot. Otherwise the `more` of the previous part: the next part of the
+    # same snapshot (a big operator's does not fit in one frame).
+    cursor: str = ""
 
 
 class InspectResult(Reply, kw_only=True):
@@ -297,6 +301,30 @@ class InspectResult(Reply, kw_only=True):
     peers: list[PeerInfo] = []
     requests_served: int = 0  # since start, for request rates
     connections: dict[str, int] = {}  # connected clients by role
+    more: str = ""  # not empty: the snapshot goes on; ask Inspect(cursor=more) for the next part
+
+
+def split_to_fit(result: InspectResult, budget: int) -> list[InspectResult]:
+    """The snapshot as parts whose lists, put together in order, are the snapshot's, each at most ``budget`` bytes."""
+    size = len(_encoder.encode(result))
+    count = -(-size // budget)
+    while True:
+        parts = [
+            msgspec.structs.replace(
+                result,
+                stations=_slice(result.stations, i, count),
+                reservations=_slice(result.reservations, i, count),
+                trips=_slice(result.trips, i, count),
+            )
+            for i in range(count)
+        ]
+        if count >= size or all(len(_encoder.encode(part)) <= budget for part in parts):
+            return parts
+        count *= 2  # uneven items (a station with many charge points): cut finer
+
+
+def _slice(items: list[T], i: int, count: int) -> list[T]:
+    return items[len(items) * i // count : len(items) * (i + 1) // count]
 
 
 # --- charge point (station role) -----------------------------------------------

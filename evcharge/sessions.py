@@ -8,8 +8,10 @@ below, by a ``match`` on its type: ``VehicleSession.handle``,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import secrets
 from typing import TYPE_CHECKING
 
 from evcharge import protocol as p
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+INSPECT_PART_BYTES = p.MAX_FRAME // 2  # room to spare under the frame cap
 MAX_IN_FLIGHT = 64  # requests per connection being served at once; then we stop reading
 PUSH_BUFFER_LIMIT = 4 << 20  # a client this far behind on pushes is disconnected
 STATION_COMMAND_TIMEOUT = 10.0
@@ -236,12 +239,17 @@ class OperatorSession(Session):
 
     role = "operator"
 
+    def __init__(self, server: Server, conn: Connection, ident: str) -> None:
+        super().__init__(server, conn, ident)
+        self._inspect_cursor = ""  # names the snapshot whose parts are still to be fetched
+        self._inspect_parts: collections.deque[p.InspectResult] = collections.deque()
+
     async def handle(self, request: p.Request) -> p.Reply:
         match request:
-            case p.Inspect():
+            case p.Inspect(cursor=""):
                 stations, reservations = await self.registry.snapshot()
                 federation = self.server.federation
-                return p.InspectResult(
+                snapshot = p.InspectResult(
                     operator_id=self.registry.operator_id,
                     server_time=self.server.clock.now_dt(),
                     stations=stations,
@@ -251,6 +259,19 @@ class OperatorSession(Session):
                     requests_served=self.server.requests_served,
                     connections=self.server.connection_counts(),
                 )
+                # One consistent snapshot, handed out in parts that fit in a frame each; the
+                # parts wait here, one snapshot per connection, until asked for.
+                first, *rest = p.split_to_fit(snapshot, INSPECT_PART_BYTES)
+                self._inspect_cursor = secrets.token_hex(8) if rest else ""
+                self._inspect_parts = collections.deque(rest)
+                first.more = self._inspect_cursor
+                return first
+            case p.Inspect(cursor=cursor):
+                if cursor != self._inspect_cursor or not self._inspect_parts:
+                    raise BadRequestError("no such inspect cursor (a newer Inspect replaces it): start again")
+                part = self._inspect_parts.popleft()
+                part.more = cursor if self._inspect_parts else ""
+                return part
             case p.CancelReservation(reservation_id=rid):
                 r = await self.registry.cancel(self.actor, rid)
                 return p.ReservationReply(reservation=self.registry.reservation_info(r))

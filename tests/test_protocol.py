@@ -632,3 +632,36 @@ def test_random_bytes_only_raise_undecodable(body: bytes) -> None:
         assert isinstance(exc.request_id, int)
     else:
         assert isinstance(message, typing.get_args(AnyMessage))
+
+
+@given(
+    stations=st.integers(0, 60),
+    reservations=st.integers(0, 300),
+    budget=st.sampled_from([600, 2_000, 20_000, MAX_FRAME]),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_snapshot_split_to_fit_puts_together_again(stations: int, reservations: int, budget: int) -> None:
+    station = p.StationInfo(
+        id="S", operator_id="A", name="Site", city="Natal", lat=-5.8, lon=-35.2, charge_points=[CP_1]
+    )
+    reservation = p.ReservationInfo(
+        id="R",
+        operator_id="A",
+        station_id="S",
+        charge_point_id="A-BOS-1/2",
+        vehicle_id="V01",
+        start=at(0),
+        end=at(30),
+        state="booked",
+    )
+    whole = p.InspectResult(
+        operator_id="A",
+        server_time=T0,
+        stations=[msgspec.structs.replace(station, id=f"S{n}") for n in range(stations)],
+        reservations=[msgspec.structs.replace(reservation, id=f"R{n}") for n in range(reservations)],
+    )
+    parts = p.split_to_fit(whole, budget)
+    assert [s for part in parts for s in part.stations] == whole.stations
+    assert [r for part in parts for r in part.reservations] == whole.reservations
+    assert all(len(encode_frame(part)) - HEADER.size <= budget for part in parts)
+    assert len(parts) == 1 or len(encode_frame(whole)) - HEADER.size > budget  # split only when needed
