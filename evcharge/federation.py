@@ -29,10 +29,10 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=p.Reply)
 
 PREPARE_TIMEOUT = 5.0  # real seconds from PREPARE to decision
-DECIDE_TIMEOUT = 3.0  # how long a booking waits for participants to take the decision
+DECIDE_TIMEOUT = 3.0  # how long a booking or cancellation waits for the owners to take the decision
 PEER_TIMEOUT = 5.0  # any other request to a peer
 PEER_HEARTBEAT = 30.0  # real seconds of silence on a peer link before we ask if it is still there
 MAX_ATTEMPTS = 4  # plans tried per booking
@@ -205,7 +205,7 @@ class Federation:
         self.trips_by_txn: dict[str, Trip] = {}
         self.active: dict[str, _Txn] = {}
         self._sending: set[str] = set()  # trips whose decision is being delivered now
-        self._storing: set[asyncio.Task[None]] = set()  # acknowledgements being stored
+        self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
         self._trip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._planner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{self.me.id}")
@@ -228,7 +228,7 @@ class Federation:
         self._tasks.append(loop.create_task(self._resolve_forever()))
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._storing]
+        tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -460,13 +460,13 @@ class Federation:
             state="committed",
             txn_id=txn_id,
             participants=list(by_owner),
-            unacked=list(by_owner),
+            unacked=[owner for owner in by_owner if owner != self.me.id],  # ours decide with the row
             info=_trip_json.encode(info),
             created=int(self.server.clock.now()),
         )
         try:
-            await self.store.commit([put_trip(trip)])  # the COMMIT record: durable before anyone hears of it
-        except StoreError:
+            await self._store_decision(trip)  # the COMMIT record: durable before anyone hears of it
+        except (StoreError, UnavailableError):
             await self._tell_abort(txn_id, trip_id, list(by_owner))
             raise UnavailableError("the trip could not be stored; it was not booked") from None
         self._remember(trip)
@@ -475,8 +475,32 @@ class Federation:
         log.info(
             "trip %s committed for vehicle %s: %d stops at %s", trip_id, vehicle_id, len(plan.stops), trip.participants
         )
+        # Booked from here on, whatever happens to the messages. The reply waits (a little)
+        # for the other owners too, so that a booked trip is booked everywhere when the
+        # vehicle hears of it; the resolver keeps telling those that did not answer.
         await self._deliver(trip, wait=DECIDE_TIMEOUT)
         return info
+
+    async def _store_decision(self, trip: Trip) -> None:
+        """Store a trip's row (its decision); our own stops take the decision in the same transaction."""
+        also_store = (put_trip(trip),)
+        if self.me.id not in trip.participants:
+            await self.store.commit(list(also_store))
+        elif trip.state == "committed":
+            await self.registry.resolve(self.me.id, trip.txn_id, trip.id, commit=True, also_store=also_store)
+        else:
+            await self.registry.release_trip(self.me.id, trip.id, also_store=also_store)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` beside the request that started it; ``stop`` cancels what is left."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
 
     async def _tell(self, owner: str, trip_id: str, txn_id: str, decision: str) -> str:
         """Deliver one decision ("commit", "abort" or "release") to one owner; returns the owner."""
@@ -524,9 +548,7 @@ class Federation:
                 if not t.cancelled() and t.exception() is not None:
                     log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
             if acked:
-                task = asyncio.get_running_loop().create_task(self._store_acks(trip, acked))
-                self._storing.add(task)
-                task.add_done_callback(self._storing.discard)
+                self._spawn(self._store_acks(trip, acked))
         finally:
             self._sending.discard(trip.id)
 
@@ -541,8 +563,13 @@ class Federation:
         except StoreError as exc:
             log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
 
-    async def _update_trip(self, trip_id: str, change: Callable[[Trip], Trip | None]) -> Trip:
-        """Store a change of a trip's row, computed from its latest version.
+    async def _update_trip(
+        self,
+        trip_id: str,
+        change: Callable[[Trip], Trip | None],
+        write: Callable[[Trip], Awaitable[None]] | None = None,
+    ) -> Trip:
+        """Store a change of a trip's row (with ``write``, by default the row alone), from its latest version.
 
         The per-trip lock orders the writes of that one row (a cancellation must not be
         overwritten by a late acknowledgement computed before it); nothing else waits on it.
@@ -552,7 +579,10 @@ class Federation:
             updated = change(current)
             if updated is None:
                 return current
-            await self.store.commit([put_trip(updated)])
+            if write is None:
+                await self.store.commit([put_trip(updated)])
+            else:
+                await write(updated)
             self._remember(updated)
             return updated
 
@@ -592,11 +622,13 @@ class Federation:
             def cancelled(current: Trip) -> Trip | None:
                 if current.state == "cancelled":
                     return None
-                return replace(current, state="cancelled", unacked=list(current.participants))
+                # Our own stops are released in the transaction that stores the cancellation.
+                unacked = [owner for owner in current.participants if owner != self.me.id]
+                return replace(current, state="cancelled", unacked=unacked)
 
             try:
-                trip = await self._update_trip(trip_id, cancelled)
-            except StoreError:
+                trip = await self._update_trip(trip_id, cancelled, write=self._store_decision)
+            except (StoreError, UnavailableError):
                 raise UnavailableError("the cancellation could not be stored; the trip stands") from None
             log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
             self.server.trip_changed(self.trip_info(trip), "cancelled")

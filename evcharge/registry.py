@@ -465,8 +465,14 @@ class Registry:
     def _no(prepare: p.Prepare, reason: str) -> p.Vote:
         return p.Vote(txn_id=prepare.txn_id, yes=False, reason=reason)
 
-    async def resolve(self, coordinator: str, txn_id: str, trip_id: str, commit: bool) -> list[Reservation]:
-        """The coordinator's decision: held stops become booked, or are dropped."""
+    async def resolve(
+        self, coordinator: str, txn_id: str, trip_id: str, commit: bool, also_store: tuple[Op, ...] = ()
+    ) -> list[Reservation]:
+        """The coordinator's decision: held stops become booked, or are dropped.
+
+        ``also_store`` goes into the same transaction: a coordinator stores its decision
+        and applies it to its own stops at once.
+        """
         actor = Actor("coordinator", coordinator)
 
         def mutate() -> _Change[list[Reservation]]:
@@ -483,12 +489,15 @@ class Registry:
                 else:
                     self._leave_live(r, "aborted")
             reason = "booked" if commit else "aborted"
-            return _Change(held, [put_reservation(r) for r in held], [(r, reason) for r in held])
+            return _Change(held, [*(put_reservation(r) for r in held), *also_store], [(r, reason) for r in held])
 
         return await self._apply(actor, f"{'commit' if commit else 'abort'} {txn_id}", mutate)
 
-    async def release_trip(self, coordinator: str, trip_id: str) -> list[Reservation]:
-        """Cancel the trip's booked stops here (only its coordinator may); idempotent."""
+    async def release_trip(self, coordinator: str, trip_id: str, also_store: tuple[Op, ...] = ()) -> list[Reservation]:
+        """Cancel the trip's booked stops here (only its coordinator may); idempotent.
+
+        ``also_store`` goes into the same transaction (the coordinator's own cancellation).
+        """
         actor = Actor("coordinator", coordinator)
 
         def mutate() -> _Change[list[Reservation]]:
@@ -498,7 +507,8 @@ class Registry:
             freed = [r for r in stops if r.state in ("booked", "held")]
             for r in freed:
                 self._leave_live(r, "cancelled")
-            return _Change(freed, [put_reservation(r) for r in freed], [(r, "trip cancelled") for r in freed])
+            ops = [*(put_reservation(r) for r in freed), *also_store]
+            return _Change(freed, ops, [(r, "trip cancelled") for r in freed])
 
         return await self._apply(actor, f"release trip {trip_id}", mutate)
 

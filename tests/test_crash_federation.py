@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -100,6 +101,9 @@ async def test_coordinator_killed_after_its_commit_record(spawn_server, federate
     await wait_for(lambda: all_linked(world, procs))
     outcome = await book(world, procs["A"])
     assert isinstance(outcome, EvchargeError), "the coordinator died before it could answer"
+    # Its own stops took the decision in the transaction that stored it: already booked on disk.
+    with sqlite3.connect(procs["A"].data_dir / "A.sqlite3") as db:
+        assert {state for (state,) in db.execute("SELECT state FROM reservations")} == {"booked"}
     restart(procs["A"])
     await wait_for(lambda: all_linked(world, procs))
     await wait_for(lambda: settled(world, procs))
