@@ -70,6 +70,7 @@ RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-plan
 RESOLVE_INTERVAL = 0.5  # real seconds between background passes
 AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
 MAX_BACKOFF = 5.0
+CLAIM_LINGER = 2.0  # real seconds a booked trip's claim outlives its booking
 PLAN_TTL = 900.0  # real seconds a plan shown to a vehicle can be booked as shown
 MAX_PLANS_SHOWN = 10_000  # plans kept for booking; the oldest go first
 
@@ -201,6 +202,8 @@ class Federation:
         self.catalogs: dict[str, list[p.StationInfo]] = {}
         self._options: list[planner.ChargeOption] | None = None  # cache of _charge_options()
         self._shown: OrderedDict[str, _ShownPlan] = OrderedDict()  # plan id -> plan, oldest first
+        self._claims: dict[str, list[tuple[str, int, int]]] = {}  # trip id -> slots it is booking
+        self._planning = asyncio.Lock()
         self.trips: dict[str, Trip] = {}
         self.trips_by_txn: dict[str, Trip] = {}
         self.active: dict[str, _Txn] = {}
@@ -251,7 +254,13 @@ class Federation:
 
     # --- planning -------------------------------------------------------------------
 
-    async def plan(self, vehicle: VehicleConfig, query: p.TripQuery) -> planner.Plan:
+    async def plan(self, vehicle: VehicleConfig, query: p.TripQuery, claim: str = "") -> planner.Plan:
+        """The best plan now; with ``claim`` (a booking's trip id), its slots are claimed for it.
+
+        Bookings this server is making hold nothing yet while they plan: each plan goes
+        around the slots claimed by the others, or concurrent bookings of one route
+        would all go for the same slots and all but one lose.
+        """
         try:
             origin_name, origin = geo.find_city(query.origin)
             dest_name, dest = geo.find_city(query.destination)
@@ -274,14 +283,28 @@ class Federation:
         spec = planner.VehicleSpec(vehicle.battery_kwh, vehicle.consumption_kwh_per_km)
         options = self._charge_options()
         ledgers = await self._availability(depart, depart + AVAILABILITY_WINDOW_S)
-        try:
-            # A long search would stall every connection of this server: run it beside the
-            # loop, one at a time, so the loop still gets its share of the interpreter.
-            return await asyncio.get_running_loop().run_in_executor(
-                self._planner_thread, planner.plan_trip, request, spec, options, planner.ledger_next_free(ledgers)
-            )
-        except planner.NoRouteError as exc:
-            raise NotFoundError(str(exc)) from None
+        # One plan at a time (held across the search only, never across I/O), so that each
+        # sees the claims of those before it. A long search would stall every connection
+        # of this server: it runs beside the loop, which keeps its share of the interpreter.
+        async with self._planning:
+            self._claims.pop(claim, None)  # a re-plan is free to take its own lost plan's slots
+            for stops in self._claims.values():
+                for cp, start, end in stops:
+                    ledger = ledgers.setdefault(cp, Ledger())
+                    if ledger.fits(start, end):  # not yet held (or not yet seen held)
+                        ledger.add(start, end, "claimed")
+            try:
+                plan = await asyncio.get_running_loop().run_in_executor(
+                    self._planner_thread, planner.plan_trip, request, spec, options, planner.ledger_next_free(ledgers)
+                )
+            except planner.NoRouteError as exc:
+                raise NotFoundError(str(exc)) from None
+            if claim:
+                self._claim(claim, plan)
+            return plan
+
+    def _claim(self, trip_id: str, plan: planner.Plan) -> None:
+        self._claims[trip_id] = [(s.option.charge_point_id, s.slot_start, s.slot_end) for s in plan.stops]
 
     def _charge_options(self) -> list[planner.ChargeOption]:
         """Every known charge point, built again only when a catalog arrived (they are static)."""
@@ -354,11 +377,23 @@ class Federation:
         conflicts = ""
         shown = self._shown_plan(vehicle.id, query, plan_id) if plan_id else None
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            plan = shown or await self.plan(vehicle, query)
+            if shown is not None:
+                plan = shown
+                self._claim(trip_id, plan)
+            else:
+                plan = await self.plan(vehicle, query, claim=trip_id)
             shown = None  # a plan that lost its slots is re-planned, not retried
-            outcome = await self._two_phase(trip_id, f"{trip_id}.{attempt}", vehicle.id, query, plan)
+            try:
+                outcome = await self._two_phase(trip_id, f"{trip_id}.{attempt}", vehicle.id, query, plan)
+            except BaseException:
+                self._claims.pop(trip_id, None)
+                raise
             if outcome.trip is not None:
+                # Plans whose availability was read before these holds were placed still
+                # need the claim for a moment.
+                asyncio.get_running_loop().call_later(CLAIM_LINGER, self._claims.pop, trip_id, None)
                 return outcome.trip, attempt
+            self._claims.pop(trip_id, None)
             conflicts = outcome.conflicts
             log.info("trip %s attempt %d lost a race (%s); re-planning", trip_id, attempt, conflicts)
             # The losers of one race would all re-plan onto the same next-best slots at once:
@@ -617,6 +652,7 @@ class Federation:
             raise NotFoundError(f"no trip {trip_id!r}")
         if trip.vehicle_id != vehicle_id:
             raise ForbiddenError(f"trip {trip_id} belongs to another vehicle")
+        self._claims.pop(trip_id, None)  # its slots are free again for the next plans
         if trip.state != "cancelled":
 
             def cancelled(current: Trip) -> Trip | None:
