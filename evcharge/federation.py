@@ -119,6 +119,11 @@ class PeerLink:
                     timeout=PEER_TIMEOUT,
                 )
             except EvchargeError as exc:
+                if exc.message != self.last_error:
+                    # Said once per new reason, not once per retry. A peer that is not up yet is
+                    # routine; one that fails to authenticate needs someone to look.
+                    level = logging.INFO if exc.code in ("unavailable", "timeout") else logging.WARNING
+                    log.log(level, "peer link to %s: %s", self.peer.id, exc.message)
                 self.last_error = exc.message
                 await backoff.sleep()
                 continue
