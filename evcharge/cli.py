@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -25,7 +26,8 @@ from evcharge import geo, render, webcmd
 from evcharge import protocol as p
 from evcharge.client import Client, connect
 from evcharge.errors import EvchargeError
-from evcharge.world import SHIPPED, World, WorldError, load_world
+from evcharge.tls import Listen, TlsConfigError, TlsFiles, client_context, parse_listen
+from evcharge.world import SHIPPED, OperatorConfig, World, WorldError, load_world
 
 log = logging.getLogger("evcharge")
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return uvloop.run(args.run(world, args))
     except KeyboardInterrupt:
         return 130
-    except WorldError as exc:
+    except (WorldError, TlsConfigError) as exc:
         print(f"evcharge: {exc}", file=sys.stderr)
         return 2
 
@@ -86,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"world file (TOML) or a shipped world's name (default: $EVCHARGE_WORLD, else {SHIPPED})",
     )
     common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    client_tls = argparse.ArgumentParser(add_help=False)
+    group = client_tls.add_argument_group("TLS (when the server's listener speaks it)")
+    group.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="connect with TLS, trusting this CA bundle (PEM); the server's certificate must name the "
+        "operator's tls_name from the world file, else the host connected to",
+    )
+    group.add_argument("--tls-cert", type=Path, help="client certificate chain (PEM), for a +mtls listener")
+    group.add_argument("--tls-key", type=Path, help="its private key (PEM), if not inside --tls-cert")
     sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
 
     server = sub.add_parser(
@@ -100,6 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per real second (e.g. 60)")
     server.add_argument("--host", help="listen address (default: the world file's)")
     server.add_argument("--port", type=int, help="listen port, 0 for any free one (default: the world file's)")
+    server.add_argument(
+        "--listen",
+        action="append",
+        type=_listen,
+        metavar="ROLES=HOST:PORT[+tls|+mtls]",
+        help="a listener for some roles (vehicle, station, operator, peer; or all), instead of --host/--port; "
+        "repeatable. +tls: TLS with --tls-cert; +mtls: clients must also show a certificate from --tls-ca. "
+        "A client of another role is refused (forbidden). E.g. --listen vehicle,station,operator=0.0.0.0:7401 "
+        "--listen peer=0.0.0.0:7411+mtls",
+    )
+    server.add_argument(
+        "--tls-cert", type=Path, help="the operator's certificate chain (PEM): served by TLS listeners, shown to peers"
+    )
+    server.add_argument("--tls-key", type=Path, help="its private key (PEM), if not inside --tls-cert")
+    server.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="CA bundle (PEM) that verifies clients on +mtls listeners and the peers whose world entry has "
+        "peer_tls (default for those: the system's CAs)",
+    )
     server.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     server.add_argument("--store-limit-mb", type=float, help="refuse changes once the store would grow past this")
     server.add_argument(
@@ -117,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     station = sub.add_parser(
         "station",
-        parents=[common],
+        parents=[common, client_tls],
         help="simulate an operator's charge points",
         description="Run charge points of an operator as simulated stations that connect to its server.",
     )
@@ -129,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vehicle = sub.add_parser(
         "vehicle",
-        parents=[common],
+        parents=[common, client_tls],
         help="act as a vehicle: interactively, or one command (find, reserve, charge, trips...)",
         description="Act as a vehicle connected to its home operator. Without a COMMAND, an interactive "
         "session opens (commands with completion, live pushes, battery monitor); with one, it runs and exits.",
@@ -149,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     monitor = sub.add_parser(
         "monitor",
-        parents=[common],
+        parents=[common, client_tls],
         help="live view of an operator: stations, reservations, trips, peers",
         description="A live terminal view of one operator, updated when its server pushes changes.",
     )
@@ -159,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check",
-        parents=[common],
+        parents=[common, client_tls],
         help="check the invariants across every operator (no double booking, trips whole or absent)",
         description="Inspect every operator of the world (with their secrets) and check the design's invariants.",
     )
@@ -170,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser(
         "inspect",
-        parents=[common],
+        parents=[common, client_tls],
         help="an operator's whole state (with its secret)",
         description="Print every station, charge point and reservation of an operator.",
     )
@@ -217,6 +249,20 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
     vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
 
 
+def _listen(text: str) -> Listen:
+    try:
+        return parse_listen(text)
+    except TlsConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _client_tls(args: argparse.Namespace, op: OperatorConfig) -> tuple[ssl.SSLContext | None, str | None]:
+    """The TLS context and the name to verify for a client of ``op`` (no TLS without --tls-*)."""
+    if args.tls_ca is None and args.tls_cert is None:
+        return None, None
+    return client_context(args.tls_ca, args.tls_cert, args.tls_key), op.tls_name or None
+
+
 def _address(world: World, operator_id: str, override: str | None) -> tuple[str, int]:
     if override:
         host, _, port = override.rpartition(":")
@@ -232,6 +278,9 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
     from evcharge.server import Server
 
     limit = int(args.store_limit_mb * 1024 * 1024) if args.store_limit_mb else None
+    if args.listen and (args.host is not None or args.port is not None):
+        print("evcharge server: give either --listen or --host/--port, not both", file=sys.stderr)
+        return 2
     server = Server(
         world,
         args.operator,
@@ -243,6 +292,8 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         clock_anchor=args.clock_anchor,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
+        listen=args.listen or (),
+        tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -250,7 +301,17 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     if args.ready_file:
-        _write_atomically(args.ready_file, json.dumps({"host": server.host, "port": server.port, "pid": os.getpid()}))
+        listeners = [
+            {
+                "roles": sorted(listener.roles),
+                "host": listener.host,
+                "port": listener.port,
+                "security": listener.security,
+            }
+            for listener in server.listen
+        ]
+        ready = {"host": server.host, "port": server.port, "pid": os.getpid(), "listeners": listeners}
+        _write_atomically(args.ready_file, json.dumps(ready))
     try:
         await stop.wait()
     finally:
@@ -268,8 +329,18 @@ async def run_station(world: World, args: argparse.Namespace) -> int:
     from evcharge.station import run_stations
 
     host, port = _address(world, args.operator, args.server)
+    context, name = _client_tls(args, world.operator(args.operator))
     task = asyncio.ensure_future(
-        run_stations(world, args.operator, host=host, port=port, only=args.ids, fault_rate=args.fault_rate)
+        run_stations(
+            world,
+            args.operator,
+            host=host,
+            port=port,
+            only=args.ids,
+            fault_rate=args.fault_rate,
+            ssl_context=context,
+            server_hostname=name,
+        )
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -290,7 +361,8 @@ async def run_monitor(world: World, args: argparse.Namespace) -> int:
 
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
-    return await monitor(OperatorFeed(op, host, port))
+    context, name = _client_tls(args, op)
+    return await monitor(OperatorFeed(op, host, port, ssl_context=context, server_hostname=name))
 
 
 async def run_check(world: World, args: argparse.Namespace) -> int:
@@ -298,8 +370,17 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
 
     states = {}
     for op in world.operators:
+        context, name = _client_tls(args, op)
         try:
-            async with connect(op.host, op.port, role="operator", ident=op.id, secret=op.secret) as c:
+            async with connect(
+                op.host,
+                op.port,
+                role="operator",
+                ident=op.id,
+                secret=op.secret,
+                ssl_context=context,
+                server_hostname=name,
+            ) as c:
                 states[op.id] = await c.inspect()
         except EvchargeError as exc:
             print(f"operator {op.id}: {exc.code}: {exc.message}")
@@ -362,6 +443,7 @@ def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
 async def run_vehicle(world: World, args: argparse.Namespace) -> int:
     vehicle = world.vehicle(args.id)
     host, port = _address(world, vehicle.home, args.server)
+    context, name = _client_tls(args, world.operator(vehicle.home))
     if args.command is None:
         from evcharge.repl import VehicleRepl
 
@@ -374,17 +456,36 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
             start_soc=args.start_soc / 100,
             position=position,
             position_every=args.position_every,
+            ssl_context=context,
+            server_hostname=name,
         )
         return await repl.run()
-    return await _run_client(
-        args, lambda: connect(host, port, role="vehicle", ident=vehicle.id, secret=vehicle.token), vehicle_command
-    )
+
+    def connector() -> Any:
+        return connect(
+            host,
+            port,
+            role="vehicle",
+            ident=vehicle.id,
+            secret=vehicle.token,
+            ssl_context=context,
+            server_hostname=name,
+        )
+
+    return await _run_client(args, connector, vehicle_command)
 
 
 async def run_inspect(world: World, args: argparse.Namespace) -> int:
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
-    return await _run_client(args, lambda: connect(host, port, role="operator", ident=op.id, secret=op.secret), inspect)
+    context, name = _client_tls(args, op)
+
+    def connector() -> Any:
+        return connect(
+            host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
+        )
+
+    return await _run_client(args, connector, inspect)
 
 
 async def _run_client(

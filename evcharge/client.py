@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from evcharge import protocol as p
 from evcharge.auth import new_nonce, peer_proof, same_secret
@@ -36,6 +36,7 @@ from evcharge.errors import (
     error_from_reply,
 )
 from evcharge.protocol import FrameTooLarge, UndecodableMessage
+from evcharge.tls import describe_ssl_failure
 from evcharge.transport import DEFAULT_REQUEST_TIMEOUT, Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -256,13 +257,28 @@ async def open_client(
     secret: str,
     timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> Client:
-    """Connect and say Hello; the caller must ``close()`` the client."""
+    """Connect and say Hello; the caller must ``close()`` the client.
+
+    With ``ssl_context`` the connection is TLS, and the server's certificate must
+    name ``server_hostname`` (default: ``host``).
+    """
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls = {"ssl": ssl_context, "server_hostname": server_hostname, "ssl_handshake_timeout": timeout}
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context, limit=p.MAX_FRAME)
+            reader, writer = await asyncio.open_connection(host, port, limit=p.MAX_FRAME, **tls)
     except TimeoutError:
         raise RequestTimeoutError(f"could not connect to {host}:{port} within {timeout:g} s") from None
+    except ssl.SSLCertVerificationError as exc:
+        # The server is not who it should be: as with a wrong peer proof, refuse it.
+        raise UnauthorizedError(
+            f"TLS: {host}:{port} is not {server_hostname or host}: {describe_ssl_failure(exc)}"
+        ) from None
+    except ssl.SSLError as exc:
+        raise UnavailableError(f"TLS handshake with {host}:{port} failed: {describe_ssl_failure(exc)}") from None
     except OSError as exc:
         raise UnavailableError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     conn = Connection(reader, writer)
@@ -272,14 +288,14 @@ async def open_client(
         hello = p.Hello(version=p.PROTOCOL_VERSION, role=role, ident=ident, credential=nonce or secret)
         hello.id = 1
         await conn.send(hello)
-        reply = await _handshake_reply(conn, host, port, timeout)
+        reply = await _handshake_reply(conn, host, port, timeout, over_tls=ssl_context is not None)
         if isinstance(reply, p.PeerChallenge):
             if not same_secret(peer_proof(secret, "server", nonce, reply.nonce, ident), reply.proof):
                 raise UnauthorizedError(f"{host}:{port} could not prove it knows operator {ident}'s secret")
             answer = p.PeerProof(proof=peer_proof(secret, "client", nonce, reply.nonce, ident))
             answer.id = 2
             await conn.send(answer)
-            reply = await _handshake_reply(conn, host, port, timeout)
+            reply = await _handshake_reply(conn, host, port, timeout, over_tls=ssl_context is not None)
         if not isinstance(reply, p.Welcome):
             raise BadRequestError(f"expected Welcome, got {type(reply).__name__}")
     except BaseException:
@@ -290,13 +306,20 @@ async def open_client(
     return client
 
 
-async def _handshake_reply(conn: Connection, host: str, port: int, timeout: float) -> p.Message:
+async def _handshake_reply(conn: Connection, host: str, port: int, timeout: float, *, over_tls: bool) -> p.Message:
     try:
         reply = await conn.receive(timeout=timeout)
     except TimeoutError:
         raise RequestTimeoutError(f"{host}:{port} did not answer the handshake within {timeout:g} s") from None
     except (ConnectionClosed, UndecodableMessage, FrameTooLarge) as exc:
-        raise ConnectionLostError(f"{host}:{port} closed the connection during the handshake") from exc
+        # The likeliest reasons, as a hint: with TLS 1.3 a server refuses a client certificate
+        # only after our side of the TLS handshake is done, and asyncio sends no alert saying
+        # why; a TLS listener cannot answer a client that does not speak TLS at all.
+        if over_tls:
+            hint = "if it requires client certificates, show one it trusts (--tls-cert)"
+        else:
+            hint = "if it is a TLS listener, connect with TLS (--tls-ca)"
+        raise ConnectionLostError(f"{host}:{port} closed the connection during the handshake ({hint})") from exc
     if isinstance(reply, p.Error):
         raise error_from_reply(reply)
     return reply
@@ -312,9 +335,17 @@ async def connect(
     secret: str,
     timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> AsyncIterator[Client]:
     client = await open_client(
-        host, port, role=role, ident=ident, secret=secret, timeout=timeout, ssl_context=ssl_context
+        host,
+        port,
+        role=role,
+        ident=ident,
+        secret=secret,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
     )
     try:
         yield client

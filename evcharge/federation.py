@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
@@ -87,9 +88,11 @@ class PeerLink:
         peer: OperatorConfig,
         on_up: Callable[[PeerLink], Awaitable[None]],
         on_change: Callable[[PeerLink], None],
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.me = me
         self.peer = peer
+        self.ssl_context = ssl_context if peer.peer_tls else None
         self.on_up = on_up
         self.on_change = on_change
         self.client: Client | None = None
@@ -102,9 +105,10 @@ class PeerLink:
         return self.client is not None and not self.client.closed.is_set()
 
     def info(self) -> p.PeerInfo:
+        host, port = self.peer.peer_address
         return p.PeerInfo(
             operator_id=self.peer.id,
-            address=f"{self.peer.host}:{self.peer.port}",
+            address=f"{host}:{port}" + (" (tls)" if self.ssl_context else ""),
             up=self.up,
             last_seen=to_datetime(self.last_seen) if self.last_seen else None,
             last_error="" if self.up else self.last_error,
@@ -113,16 +117,24 @@ class PeerLink:
     async def run(self) -> None:
         backoff = Backoff(first=0.1, cap=MAX_BACKOFF)
         while True:
+            host, port = self.peer.peer_address
             try:
                 client = await open_client(
-                    self.peer.host,
-                    self.peer.port,
+                    host,
+                    port,
                     role="peer",
                     ident=self.me.id,
                     secret=self.me.secret,
                     timeout=PEER_TIMEOUT,
+                    ssl_context=self.ssl_context,
+                    server_hostname=self.peer.certificate_name,
                 )
             except EvchargeError as exc:
+                if exc.message != self.last_error:
+                    # Said once per new reason, not once per retry. A peer that is not up yet is
+                    # routine; one that fails to authenticate needs someone to look.
+                    level = logging.INFO if exc.code in ("unavailable", "timeout") else logging.WARNING
+                    log.log(level, "peer link to %s: %s", self.peer.id, exc.message)
                 self.last_error = exc.message
                 await backoff.sleep()
                 continue
@@ -195,7 +207,7 @@ class Federation:
         self.world = server.world
         self.me = server.operator
         self.links = {
-            op.id: PeerLink(self.me, op, self._link_up, self._link_changed)
+            op.id: PeerLink(self.me, op, self._link_up, self._link_changed, server.peer_ssl)
             for op in self.world.operators
             if op.id != self.me.id
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from datetime import datetime, timedelta
 
@@ -26,9 +27,18 @@ MAX_BACKOFF = 5.0
 
 
 class OperatorFeed:
-    def __init__(self, operator: OperatorConfig, host: str, port: int) -> None:
+    def __init__(
+        self,
+        operator: OperatorConfig,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
         self.operator = operator
         self.host, self.port = host, port
+        self.ssl_context, self.server_hostname = ssl_context, server_hostname
         self.snapshot: p.InspectResult | None = None
         self.fetched_at = 0.0
         self.version = 0
@@ -63,7 +73,13 @@ class OperatorFeed:
         while True:
             try:
                 client = await open_client(
-                    self.host, self.port, role="operator", ident=self.operator.id, secret=self.operator.secret
+                    self.host,
+                    self.port,
+                    role="operator",
+                    ident=self.operator.id,
+                    secret=self.operator.secret,
+                    ssl_context=self.ssl_context,
+                    server_hostname=self.server_hostname,
                 )
             except EvchargeError as exc:
                 self.last_error = exc.message

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import shlex
+import ssl
 import time
 from collections import defaultdict
 from typing import Any
@@ -71,10 +72,13 @@ class VehicleRepl:
         console: Console | None = None,
         input: Input | None = None,
         output: Output | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.world = world
         self.vehicle = vehicle
         self.host, self.port = host, port
+        self.ssl_context, self.server_hostname = ssl_context, server_hostname
         self.console = console or Console(highlight=False)
         self.soc = start_soc
         self.position = position or self._home_position()
@@ -251,7 +255,13 @@ class VehicleRepl:
         while True:
             try:
                 client = await open_client(
-                    self.host, self.port, role="vehicle", ident=self.vehicle.id, secret=self.vehicle.token
+                    self.host,
+                    self.port,
+                    role="vehicle",
+                    ident=self.vehicle.id,
+                    secret=self.vehicle.token,
+                    ssl_context=self.ssl_context,
+                    server_hostname=self.server_hostname,
                 )
             except EvchargeError as exc:
                 log.debug("connect: %s", exc)

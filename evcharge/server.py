@@ -8,8 +8,11 @@ stops sessions whose slot has ended.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Coroutine
+import ssl
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from evcharge.protocol import FrameTooLarge, UndecodableMessage
 from evcharge.registry import Actor, Registry
 from evcharge.sessions import OperatorSession, PeerSession, Session, StationSession, VehicleSession
 from evcharge.store import Store, put_meta
+from evcharge.tls import Listen, TlsFiles, certificate_names, client_context, every_role, names_include, server_context
 from evcharge.transport import Connection, ConnectionClosed
 from evcharge.world import World
 
@@ -57,11 +61,26 @@ class Server:
         store_max_bytes: int | None = None,
         clock_anchor: float | None = None,
         max_connections: int = 20_000,
+        listen: Sequence[Listen] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         self.world = world
         self.operator = world.operator(operator_id)
         self.host = host if host is not None else self.operator.host
         self.port = port if port is not None else self.operator.port
+        # Without `listen`, one plaintext listener for every role at host:port, as always.
+        self.listen: list[Listen] = list(listen) or [every_role(self.host, self.port)]
+        self.host, self.port = self.listen[0].host, self.listen[0].port
+        tls = tls or TlsFiles()
+        # Built now, so a bad certificate stops the server before it opens anything.
+        self._ssl: dict[str, ssl.SSLContext] = {
+            security: server_context(tls, require_client_cert=security == "mtls")
+            for security in {listener.security for listener in self.listen} - {"plain"}
+        }
+        # Our side of the links to peers that speak TLS: verify them, show our certificate.
+        self.peer_ssl: ssl.SSLContext | None = None
+        if any(op.peer_tls for op in world.operators if op.id != operator_id):
+            self.peer_ssl = client_context(tls.ca, tls.cert, tls.key)
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -79,7 +98,7 @@ class Server:
         self.stations_online: dict[str, StationSession] = {}
         self.vehicles_online: dict[str, set[VehicleSession]] = {}
         self.operators_online: set[OperatorSession] = set()  # monitors and inspectors get every push
-        self._listener: asyncio.Server | None = None
+        self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -105,19 +124,27 @@ class Server:
                 put_meta("time_scale", repr(self.clock.time_scale)),
             ]
         )
-        self._listener = await asyncio.start_server(self._accept, self.host, self.port, limit=p.MAX_FRAME)
-        self.port = self._listener.sockets[0].getsockname()[1]
+        for i, listener in enumerate(self.listen):
+            context = self._ssl.get(listener.security)
+            tls: dict[str, Any] = {}
+            if context is not None:
+                # A TLS handshake has a deadline like the Hello after it.
+                tls = {"ssl": context, "ssl_handshake_timeout": self.hello_timeout, "ssl_shutdown_timeout": 2.0}
+            opened = await asyncio.start_server(
+                functools.partial(self._accept, i), listener.host, listener.port, limit=p.MAX_FRAME, **tls
+            )
+            self._listeners.append(opened)
+            self.listen[i] = replace(listener, port=opened.sockets[0].getsockname()[1])
+        self.port = self.listen[0].port
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if self.federation is not None:
             self.federation.start()
         live = sum(1 for r in self.registry.reservations.values() if r.live)
         log.info(
-            "operator %s (%s) listening on %s:%d; %d stations, %d charge points, %d live reservations; "
-            "time x%g, now %s",
+            "operator %s (%s) listening on %s; %d stations, %d charge points, %d live reservations; time x%g, now %s",
             self.operator.id,
             self.operator.name,
-            self.host,
-            self.port,
+            " ".join(listener.describe() for listener in self.listen),
             len(self.registry.stations),
             len(self.registry.charge_points),
             live,
@@ -145,8 +172,8 @@ class Server:
             return
         self._stopping = True
         log.info("operator %s shutting down", self.operator.id)
-        if self._listener is not None:
-            self._listener.close()
+        for listener in self._listeners:
+            listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -161,21 +188,21 @@ class Server:
             log.warning("requests still running after %s s; closing anyway", SHUTDOWN_GRACE)
         await asyncio.gather(*(s.conn.close() for s in list(self.sessions)), return_exceptions=True)
         await asyncio.gather(*self._handshakes, *self._background, return_exceptions=True)
-        if self._listener is not None:
-            await self._listener.wait_closed()
+        for listener in self._listeners:
+            await listener.wait_closed()
         await self.registry.stop()
         await self.store.close()
         log.info("operator %s stopped", self.operator.id)
 
     # --- accepting and handshake ---------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, listener: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handshakes.add(task)
         conn = Connection(reader, writer)
         try:
-            session = await self._handshake(conn)
+            session = await self._handshake(conn, self.listen[listener], writer.get_extra_info("peercert"))
         except asyncio.CancelledError:
             await conn.close()
             raise
@@ -184,7 +211,7 @@ class Server:
         if session is not None:
             await session.run()
 
-    async def _handshake(self, conn: Connection) -> Session | None:
+    async def _handshake(self, conn: Connection, listener: Listen, peercert: dict[str, Any] | None) -> Session | None:
         request_id = 0
         try:
             # One deadline for the whole handshake: trickling bytes does not extend it.
@@ -201,12 +228,17 @@ class Server:
                     raise UnsupportedVersionError(
                         f"protocol version {hello.version} is not supported (this server speaks {p.PROTOCOL_VERSION})"
                     )
+                if not listener.accepts(hello.role):
+                    roles = ", ".join(sorted(listener.roles))
+                    raise ForbiddenError(f"this port is for {roles}, not {hello.role}; ask the operator for yours")
                 if self._stopping:
                     raise UnavailableError("server is shutting down")
                 if len(self.sessions) >= self.max_connections:
                     raise UnavailableError(f"too many connections (at most {self.max_connections}); try again later")
                 if hello.role == "peer":
-                    session, request_id = await self._authenticate_peer(conn, hello)
+                    # On a +mtls listener the TLS layer has verified the certificate already.
+                    names = certificate_names(peercert) if listener.security == "mtls" else None
+                    session, request_id = await self._authenticate_peer(conn, hello, names)
                 else:
                     session = self._authenticate(conn, hello)
         except EvchargeError as exc:
@@ -262,11 +294,19 @@ class Server:
                 return OperatorSession(self, conn, self.operator.id)
         raise BadRequestError(f"unknown role {hello.role!r}")
 
-    async def _authenticate_peer(self, conn: Connection, hello: p.Hello) -> tuple[Session, int]:
-        """Challenge-response: the peer proves it knows its secret without sending it."""
+    async def _authenticate_peer(
+        self, conn: Connection, hello: p.Hello, certificate_names: list[str] | None
+    ) -> tuple[Session, int]:
+        """Challenge-response: the peer proves it knows its secret without sending it.
+
+        Over mutual TLS its certificate must also be the claimed operator's: every operator
+        has the world file, hence every secret, but only B holds B's certificate.
+        """
         peer = next((op for op in self.world.operators if op.id == hello.ident), None)
         if peer is None or peer.id == self.operator.id or self.federation is None:
             raise UnauthorizedError(f"peer {hello.ident!r}: not an operator of this federation")
+        if certificate_names is not None and not names_include(certificate_names, peer.certificate_name):
+            raise UnauthorizedError(f"peer {peer.id}: its TLS certificate is not for {peer.certificate_name}")
         if len(hello.credential) < 16:
             raise BadRequestError("a peer's Hello carries its nonce as credential")
         nonce = new_nonce()

@@ -292,7 +292,10 @@ class PeerSession(Session):
             case p.GetAvailability(start=start, end=end):
                 busy = await registry.busy_between(to_seconds(start), to_seconds(end))
                 return p.Availability(charge_points=busy)
-            case p.Prepare():
+            case p.Prepare(vehicle_id=vehicle_id):
+                # An operator books trips for its own vehicles only; it cannot speak for another's.
+                if not any(v.id == vehicle_id and v.home == coordinator for v in self.server.world.vehicles):
+                    raise ForbiddenError(f"vehicle {vehicle_id!r} is not a vehicle of operator {coordinator}")
                 return await registry.hold(coordinator, request)
             case p.Decide(txn_id=txn_id, trip_id=trip_id, commit=commit):
                 await registry.resolve(coordinator, txn_id, trip_id, commit)

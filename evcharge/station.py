@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from datetime import datetime
 
@@ -34,10 +35,13 @@ class ChargePointSim:
         *,
         heartbeat_s: float = 30.0,
         fault_rate: float = 0.0,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.cp = cp
         self.host = host
         self.port = port
+        self.ssl_context, self.server_hostname = ssl_context, server_hostname
         self.heartbeat_s = heartbeat_s
         self.fault_rate = fault_rate
         self.client: Client | None = None
@@ -52,7 +56,13 @@ class ChargePointSim:
         while True:
             try:
                 self.client = await open_client(
-                    self.host, self.port, role="station", ident=self.cp.id, secret=self.cp.secret
+                    self.host,
+                    self.port,
+                    role="station",
+                    ident=self.cp.id,
+                    secret=self.cp.secret,
+                    ssl_context=self.ssl_context,
+                    server_hostname=self.server_hostname,
                 )
             except EvchargeError as exc:
                 log.info("%s: %s; retrying in %.1f s", self.cp.id, exc.message, backoff.delay)
@@ -141,6 +151,8 @@ async def run_stations(
     port: int | None = None,
     only: list[str] | None = None,
     fault_rate: float = 0.0,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> None:
     """Run every charge point of an operator (or just ``only``) until cancelled."""
     op = world.operator(operator_id)
@@ -156,6 +168,8 @@ async def run_stations(
             port if port is not None else op.port,
             heartbeat_s=world.rules.heartbeat_s,
             fault_rate=fault_rate,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
         )
         for cp in cps
     ]

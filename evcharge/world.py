@@ -46,6 +46,21 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
     secret: Secret
+    # Where other operators connect, when the operator runs a listener for peers apart
+    # from the one at `port` (see `evcharge server --listen`).
+    peer_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    # Other operators connect to it with TLS, verify its certificate, and show theirs.
+    peer_tls: bool = False
+    # The name its certificate carries, when not `host` (e.g. a server reached by IP).
+    tls_name: str = ""
+
+    @property
+    def peer_address(self) -> tuple[str, int]:
+        return self.host, self.peer_port if self.peer_port is not None else self.port
+
+    @property
+    def certificate_name(self) -> str:
+        return self.tls_name or self.host
 
 
 class VehicleConfig(msgspec.Struct, forbid_unknown_fields=True):
