@@ -78,6 +78,7 @@ OCPP_RESPONSE_TIMEOUT = 8.0  # a charge point's answer to one of our calls
 COMMAND_DEADLINE = 9.0  # a whole RemoteStart / RemoteStop, including the StopTransaction awaited
 RESERVE_RETRY = 5.0  # a ReserveNow the charge point could not take (Occupied...) is tried again
 MAX_BACKOFF = 5.0
+MAX_ORPHANS = 64  # transactions without a session that one connection stops
 MAX_MESSAGE = 256 * 1024  # OCPP messages are small; a bigger one closes that connection (1009)
 OPEN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
@@ -314,6 +315,9 @@ class ChargePointLink(OcppChargePoint):
                     async with asyncio.timeout_at(deadline):
                         # The final reading comes with the charge point's StopTransaction.
                         return p.SessionReport(reservation_id=reservation_id, kwh=await stopped)
+            log.warning("%s: RemoteStopTransaction %d: %s", self, tx_id, result.status)
+        except EvchargeError as exc:
+            log.warning("%s: RemoteStopTransaction %d failed: %s", self, tx_id, exc.message)
         finally:
             if tx is not None:
                 tx.stopped = None
@@ -409,11 +413,16 @@ class ChargePointLink(OcppChargePoint):
                 continue
             if not await self._reserve_at_cp(r, m.wall_clock(deadline, now, client.time_scale)):
                 retry_in = RESERVE_RETRY if retry_in is None else min(retry_in, RESERVE_RETRY)
-        delays = [d for d in (retry_in,) if d is not None]
+        for rid in [*self.reserve_retry, *self.reserve_refused]:
+            if rid not in self.reservations:
+                self.reserve_retry.pop(rid, None)
+                self.reserve_refused.discard(rid)
+        delays = [30.0]  # at least this often: our estimate of the server's clock drifts a little
+        if retry_in is not None:
+            delays.append(retry_in)
         if next_look is not None:
             delays.append((next_look - now).total_seconds() / client.time_scale)
-        # Look again at least every 30 s: our estimate of the server's clock drifts a little.
-        return min([*delays, 30.0]) if delays else 30.0
+        return min(delays)
 
     async def _reserve_at_cp(self, r: p.ReservationInfo, expiry: datetime) -> bool:
         """ReserveNow; False if it should be tried again later."""
@@ -426,8 +435,16 @@ class ChargePointLink(OcppChargePoint):
         )
         try:
             result = await self.call(request, suppress=False)
-        except (TimeoutError, OCPPError) as exc:
+        except OCPPError as exc:
+            if exc.code in ("NotImplemented", "NotSupported"):
+                log.warning("%s: does not take reservations (%s); not asking again", self, exc.code)
+                self.reserve_refused.add(r.id)
+                return True
             log.warning("%s: ReserveNow %s failed: %s", self, r.id, exc)
+            self.reserve_retry[r.id] = time.monotonic() + RESERVE_RETRY
+            return False
+        except TimeoutError:
+            log.warning("%s: ReserveNow %s: no answer", self, r.id)
             self.reserve_retry[r.id] = time.monotonic() + RESERVE_RETRY
             return False
         if result.status == ReservationStatus.accepted:
@@ -468,8 +485,8 @@ class ChargePointLink(OcppChargePoint):
 
     def _stop_orphan(self, tx_id: int) -> None:
         """A transaction at the charge point with no session on the server: nobody pays for it, stop it."""
-        if tx_id in self.orphans_stopped:
-            return
+        if tx_id in self.orphans_stopped or len(self.orphans_stopped) >= MAX_ORPHANS:
+            return  # told once; and a charge point inventing transactions gets no task per invention
         self.orphans_stopped.add(tx_id)
         log.warning("%s: transaction %d has no session on the server; stopping it", self, tx_id)
 

@@ -552,6 +552,34 @@ async def test_a_server_restart_reconnects_and_resyncs(world: World, tmp_path: P
         await gateway.stop()
 
 
+async def test_a_session_the_server_ended_while_the_link_was_down_is_stopped_at_the_charge_point(
+    server: Server, world: World
+) -> None:
+    async with (
+        running_gateway(server) as gw,
+        charge_point(gw.port, world, "MOS-1-1") as cp,
+        vehicle(server, "V01") as v,
+    ):
+        await boot(cp, server)
+        r = await v.reserve("MOS-1-1", v.server_now(), 30)
+        started = await cp.call(
+            call.StartTransaction(connector_id=1, id_tag="V01", meter_start=0, timestamp=now_text())
+        )
+        assert started.id_tag_info["status"] == "Accepted"
+        # The line between gateway and server breaks: the server ends the session of a
+        # charge point it cannot see, and the gateway reconnects.
+        server.stations_online["MOS-1-1"].conn.abort()
+        await until(lambda: server.registry.reservations[r.id].state == "completed")
+        assert await cp.expect("RemoteStopTransaction") == {"transaction_id": started.transaction_id}
+        await until(lambda: server.registry.charge_points["MOS-1-1"].online)
+        # Its StopTransaction is answered, and changes nothing.
+        await cp.call(
+            call.StopTransaction(meter_stop=9000, timestamp=now_text(), transaction_id=started.transaction_id)
+        )
+        [done] = await v.reservations(include_past=True)
+        assert (done.state, done.kwh) == ("completed", 0.0)
+
+
 class GatewayProcess:
     """``evcharge ocpp-gateway`` as a child process, through the command line."""
 
