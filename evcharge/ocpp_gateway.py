@@ -728,6 +728,7 @@ class Gateway:
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
             max_size=MAX_MESSAGE,
+            compression=None,  # small messages; no deflate state per charge point
         )
         self.port = next(iter(self._ws.sockets)).getsockname()[1]
         log.info(

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +34,7 @@ from evcharge import ocpp_mapping as m
 from evcharge import protocol as p
 from evcharge.ocpp_gateway import SUBPROTOCOL, Gateway
 from evcharge.server import Server
-from evcharge.world import Rules, World, load_world
+from evcharge.world import Rules, VehicleConfig, World
 
 from .conftest import REPO, free_ports, operator, running_server, vehicle
 
@@ -136,9 +136,9 @@ def now_text() -> str:
     return m.ocpp_time(datetime.now(UTC))
 
 
-async def until(condition: Any, timeout: float = 10.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
-        while not await condition() if asyncio.iscoroutinefunction(condition) else not condition():
+        while not condition():
             await asyncio.sleep(0.02)
 
 
@@ -174,25 +174,19 @@ def test_ocpp_status_maps_onto_ours_and_the_worse_connector_wins() -> None:
     assert m.status_info("Available", "NoError", None, None) == "OCPP Available"
 
 
-def test_id_tags_and_ids() -> None:
+def test_id_tags_and_ids(world: World) -> None:
     assert m.id_tag("V01") == "V01"
     long_id = "vehicle-with-a-very-long-identifier"
     tag = m.id_tag(long_id)
     assert len(tag) == m.ID_TAG_MAX and tag != m.id_tag(long_id + "2")
-    world = load_world("northeast")
-    tags = m.IdTags([*world.vehicles, msgspec_vehicle(long_id)])
+    somebody = VehicleConfig(id=long_id, home="A", token="t" * 8, battery_kwh=60, consumption_kwh_per_km=0.2)
+    tags = m.IdTags([*world.vehicles, somebody])
     assert tags.vehicle("V01") == "V01" and tags.vehicle("v01") == "V01"  # OCPP id tags ignore case
     assert tags.vehicle(tag.lower()) == long_id
     assert tags.vehicle("NOBODY") is None
     numbers = {m.ocpp_id(f"A-{n:010x}") for n in range(2000)}
     assert len(numbers) == 2000 and all(0 < n < 2**31 for n in numbers)
     assert m.ocpp_id("A-1a2b3c4d5e") == m.ocpp_id("A-1a2b3c4d5e")
-
-
-def msgspec_vehicle(vehicle_id: str) -> Any:
-    from evcharge.world import VehicleConfig
-
-    return VehicleConfig(id=vehicle_id, home="A", token="t" * 8, battery_kwh=60, consumption_kwh_per_km=0.2)
 
 
 def test_energy_register_readings() -> None:
