@@ -282,8 +282,10 @@ async def test_reservations_become_reserve_now_and_cancel_reservation(server: Se
         reserve = await cp.expect("ReserveNow")
         expiry = datetime.fromisoformat(reserve.pop("expiry_date"))
         assert reserve == {"connector_id": 1, "id_tag": "V01", "reservation_id": m.ocpp_id(r.id)}
-        # It expires when the server would call it a no-show: 15 simulated minutes, 15 s at x60.
-        assert datetime.now(UTC) < expiry <= datetime.now(UTC) + timedelta(seconds=16)
+        # It expires when the server would call it a no-show (15 simulated minutes after its
+        # start), told in wall-clock time: 15 real seconds after the start at x60.
+        no_show = m.wall_clock(r.start + timedelta(minutes=15), v.server_now(), v.time_scale)
+        assert abs(expiry - no_show) < timedelta(seconds=2)
         assert cp.got_none("ReserveNow"), f"{later.id} is hours away and must not be held yet"
         await v.cancel(r.id)
         assert await cp.expect("CancelReservation") == {"reservation_id": m.ocpp_id(r.id)}
