@@ -221,9 +221,15 @@ class ChargePointLink(OcppChargePoint):
                 await self._heartbeat(client)
             except EvchargeError as exc:
                 log.info("%s: server link lost: %s", self, exc.message)
+            except ConnectionClosed:
+                raise  # the charge point is gone: so is its link
+            except Exception:
+                # A fault of ours must not leave the charge point without a server for good.
+                log.exception("%s: server link failed; reconnecting", self)
             finally:
                 self.client, self.synced, self.reported = None, False, None
                 await client.close()
+            await backoff.sleep()  # a link that keeps failing at once is not re-made in a tight loop
 
     async def _synchronize(self, client: Client) -> None:
         """After (re)connecting: tell the server what we know, learn what it has."""
@@ -372,7 +378,13 @@ class ChargePointLink(OcppChargePoint):
     async def _keep_reserved(self) -> None:
         while True:
             self._wake.clear()
-            delay = await self._reconcile_reservations()
+            try:
+                delay = await self._reconcile_reservations()
+            except ConnectionClosed:
+                return
+            except Exception:
+                log.exception("%s: handing over reservations failed; trying again", self)
+                delay = RESERVE_RETRY
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
