@@ -159,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     station.add_argument("--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault")
     station.set_defaults(run=run_station, log_level="info")
 
+    gateway = sub.add_parser(
+        "ocpp-gateway",
+        parents=[common],
+        help="let real OCPP 1.6J charge points join an operator",
+        description="Accept OCPP 1.6J charge points on ws://HOST:PORT/<charge point id> (subprotocol ocpp1.6, "
+        "HTTP Basic auth with the charge point's secret) and speak for them to the operator's server.",
+    )
+    gateway.add_argument("--operator", required=True, help="operator id from the world file")
+    gateway.add_argument("--host", help="listen address (default: the world file's host of the operator)")
+    gateway.add_argument("--port", type=int, default=9000, help="listen port, 0 for any free one (default 9000)")
+    gateway.add_argument("--server", help="HOST:PORT of the operator's server (default: the world file's)")
+    gateway.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
+    gateway.set_defaults(run=run_ocpp_gateway, log_level="info")
+
     vehicle = sub.add_parser(
         "vehicle",
         parents=[common, client_tls],
@@ -352,6 +366,29 @@ async def run_station(world: World, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"evcharge station: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
+    from evcharge.ocpp_gateway import Gateway
+
+    if args.log_level != "debug":
+        logging.getLogger("ocpp").setLevel(logging.WARNING)  # it logs every frame at info
+    server_host, server_port = _address(world, args.operator, args.server)
+    gateway = Gateway(
+        world, args.operator, host=args.host, port=args.port, server_host=server_host, server_port=server_port
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    if args.ready_file:
+        _write_atomically(args.ready_file, json.dumps({"host": gateway.host, "port": gateway.port, "pid": os.getpid()}))
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
     return 0
 
 

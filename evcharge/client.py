@@ -228,6 +228,10 @@ class Client:
     async def session_complete(self, reservation_id: str, kwh: float, reason: str = "") -> None:
         await self.call(p.SessionComplete(reservation_id=reservation_id, kwh=kwh, reason=reason), p.Ok)
 
+    async def authorize(self, vehicle_id: str) -> p.ReservationInfo:
+        """The reservation that lets this vehicle charge here now (else the reason as an error)."""
+        return (await self.call(p.Authorize(vehicle_id=vehicle_id), p.ReservationReply)).reservation
+
 
 class Backoff:
     """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with jitter."""

@@ -47,9 +47,10 @@ Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 Kwh = Annotated[float, msgspec.Meta(ge=0, le=100_000)]  # a meter reading (no NaN, no infinity)
 LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
-ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "offline"]
-# What a charge point may say about itself; the server derives the rest.
-ReportedStatus = Literal["available", "faulted"]
+ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "unavailable", "offline"]
+# What a charge point may say about itself; the server derives the rest. `unavailable` is out of
+# service on purpose (maintenance, OCPP's Unavailable), `faulted` is broken: neither can be used.
+ReportedStatus = Literal["available", "faulted", "unavailable"]
 
 
 class Message(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
@@ -348,6 +349,15 @@ class MeterValues(Event, kw_only=True):
     kwh: Kwh
 
 
+class Authorize(Request, kw_only=True):
+    """May this vehicle start charging on this charge point now? (A driver at the charge point.)
+
+    Answered with the reservation that allows it (``booked``, or ``charging`` if it already is).
+    """
+
+    vehicle_id: str
+
+
 class SessionComplete(Request, kw_only=True):
     """The charge point ended a session itself (vehicle full, unplugged, fault)."""
 
@@ -561,6 +571,7 @@ AnyMessage = (
     | HeartbeatAck
     | MeterValues
     | SessionComplete
+    | Authorize
     | RemoteStart
     | RemoteStop
     | SessionReport

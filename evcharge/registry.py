@@ -66,7 +66,15 @@ class ChargePointState:
     ledger: Ledger = field(default_factory=Ledger)
     online: bool = False
     faulted: bool = False
+    unavailable: bool = False  # out of service on purpose (not broken)
     charging: str | None = None  # reservation being charged
+
+    @property
+    def out_of_service(self) -> str | None:
+        """Why nobody can reserve or charge here now, if so: ``faulted`` or ``unavailable``."""
+        if self.faulted:
+            return "faulted"
+        return "unavailable" if self.unavailable else None
 
 
 class Listener(Protocol):
@@ -236,6 +244,8 @@ class Registry:
         r = self._reservation(reservation_id)
         if actor.role == "vehicle" and r.vehicle_id != actor.ident:
             raise ForbiddenError(f"reservation {reservation_id} belongs to another vehicle")
+        if actor.role == "station" and r.charge_point_id != actor.ident:
+            raise ForbiddenError(f"reservation {reservation_id} is not on charge point {actor.ident}")
         return r
 
     def _charge_point(self, cp_id: str) -> ChargePointState:
@@ -257,8 +267,8 @@ class Registry:
 
         def mutate() -> _Change[Reservation]:
             cp = self._charge_point(cp_id)
-            if cp.faulted:
-                raise UnavailableError(f"charge point {cp_id} is faulted")
+            if cp.out_of_service:
+                raise UnavailableError(f"charge point {cp_id} is {cp.out_of_service}")
             if not cp.ledger.fits(start, end):
                 free = cp.ledger.next_free(start, end - start)
                 raise ConflictError(
@@ -315,11 +325,49 @@ class Registry:
             raise ConflictError(f"too early: charge point {cp.config.id} is reserved by someone else until then")
         if not cp.online:
             raise UnavailableError(f"charge point {cp.config.id} is offline")
-        if cp.faulted:
-            raise UnavailableError(f"charge point {cp.config.id} is faulted")
+        if cp.out_of_service:
+            raise UnavailableError(f"charge point {cp.config.id} is {cp.out_of_service}")
         if cp.charging is not None:
             raise ConflictError(f"charge point {cp.config.id} is still charging another vehicle")
         return r, cp
+
+    async def authorize(self, actor: Actor, vehicle_id: str) -> Reservation:
+        """The reservation that lets this vehicle charge on the asking charge point now.
+
+        Its session if it is charging already; else a booked one it may start now (its slot,
+        or early while nobody else's is in the way). Raises why not otherwise.
+        """
+        async with self.lock.reader_lock:
+            cp = self._charge_point(actor.ident)
+            mine = [self.reservations[rid] for _, _, rid in cp.ledger.intervals()]
+            mine = [r for r in mine if r.vehicle_id == vehicle_id]
+            for r in mine:
+                if r.state == "charging":
+                    return r
+            refusal: ConflictError | UnavailableError | None = None
+            for r in mine:
+                if r.state != "booked":
+                    continue  # a trip stop still being decided
+                try:
+                    self.check_can_start(actor, r.id)
+                except (ConflictError, UnavailableError) as exc:
+                    refusal = refusal or exc
+                    continue
+                return r
+        if refusal is not None:
+            raise refusal
+        raise NotFoundError(f"vehicle {vehicle_id} has no reservation on charge point {actor.ident}")
+
+    async def reservations_on(self, cp_id: str, include_past: bool) -> list[p.ReservationInfo]:
+        """A charge point's reservations, by start: the live ones (or every one)."""
+        async with self.lock.reader_lock:
+            cp = self._charge_point(cp_id)
+            if include_past:
+                found = [r for r in self.reservations.values() if r.charge_point_id == cp_id]
+                found.sort(key=lambda r: r.start)
+            else:
+                found = [self.reservations[rid] for _, _, rid in cp.ledger.intervals()]
+            return [self.reservation_info(r) for r in found]
 
     async def begin_charging(self, actor: Actor, reservation_id: str) -> Reservation:
         def mutate() -> _Change[Reservation]:
@@ -433,7 +481,7 @@ class Registry:
                 clash = not cp.ledger.fits(start, end) or any(
                     other == cp_id and o_start < end and start < o_end for other, o_start, o_end in stops[:i]
                 )
-                if clash or cp.faulted:
+                if clash or cp.out_of_service:
                     free = cp.ledger.next_free(start, end - start)
                     conflicts.append(p.StopConflict(charge_point_id=cp_id, next_free=to_datetime(free)))
             if conflicts:
@@ -540,11 +588,14 @@ class Registry:
             log.info("charge point %s %s", cp_id, "online" if online else "offline")
             self._charge_point_changed(cp_id)
 
-    def set_faulted(self, cp_id: str, faulted: bool) -> None:
+    def set_reported(self, cp_id: str, status: p.ReportedStatus) -> None:
+        """What the charge point says of itself: in service, broken, or out of service on purpose."""
         cp = self.charge_points[cp_id]
-        if cp.faulted != faulted:
-            cp.faulted = faulted
-            log.info("charge point %s %s", cp_id, "faulted" if faulted else "available again")
+        before = cp.out_of_service
+        cp.faulted = status == "faulted"
+        cp.unavailable = status == "unavailable"
+        if cp.out_of_service != before:
+            log.info("charge point %s %s", cp_id, cp.out_of_service or "available again")
             self._charge_point_changed(cp_id)
 
     def _charge_point_changed(self, cp_id: str) -> None:
@@ -556,8 +607,8 @@ class Registry:
     def status_of(self, cp: ChargePointState, now: float) -> p.ChargePointStatus:
         if not cp.online:
             return "offline"
-        if cp.faulted:
-            return "faulted"
+        if cp.out_of_service:
+            return "faulted" if cp.faulted else "unavailable"
         if cp.charging is not None:
             return "charging"
         if cp.ledger.busy(int(now), int(now) + self.rules.reserved_soon_min * MIN + 1):

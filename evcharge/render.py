@@ -16,6 +16,7 @@ STATUS_STYLE = {
     "reserved": "yellow",
     "charging": "cyan",
     "faulted": "red",
+    "unavailable": "magenta",
     "offline": "bright_black",
 }
 STATE_STYLE = {
@@ -45,7 +46,7 @@ def when(moment: datetime | None, now: datetime) -> str:
 
 
 def free_in(info: p.ChargePointInfo, now: datetime) -> str:
-    if info.status in ("offline", "faulted"):
+    if info.status in ("offline", "faulted", "unavailable"):
         return "-"
     if info.free_at is None:
         return "free now"

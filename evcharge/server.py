@@ -373,9 +373,22 @@ class Server:
             r = await self.registry.begin_charging(actor, reservation_id)
         except EvchargeError:
             # The charge point may have started (a lost or late answer) while we record
-            # nothing: make sure it stops again.
-            self._spawn(self._command_quietly(station, p.RemoteStop(reservation_id=reservation_id)))
+            # nothing: make sure it stops again -- unless a session is recorded after all
+            # (the charge point started it itself for the same driver).
+            if self.registry.reservations[reservation_id].state != "charging":
+                self._spawn(self._command_quietly(station, p.RemoteStop(reservation_id=reservation_id)))
             raise
+        finally:
+            self._starting.discard(reservation_id)
+        return self.registry.reservation_info(r)
+
+    async def charging_started(self, actor: Actor, reservation_id: str) -> p.ReservationInfo:
+        """A charge point started a session itself, for a driver it authorized: no RemoteStart."""
+        if reservation_id in self._starting:
+            raise ConflictError(f"reservation {reservation_id} is already being started")
+        self._starting.add(reservation_id)
+        try:
+            r = await self.registry.begin_charging(actor, reservation_id)
         finally:
             self._starting.discard(reservation_id)
         return self.registry.reservation_info(r)
@@ -417,11 +430,12 @@ class Server:
         except EvchargeError as exc:
             log.warning("%s: %s failed: %s", station, type(request).__name__, exc)
 
-    async def charge_point_reported(self, actor: Actor, status: str, info: str) -> None:
-        self.registry.set_faulted(actor.ident, status == "faulted")
+    async def charge_point_reported(self, actor: Actor, status: p.ReportedStatus, info: str) -> None:
+        self.registry.set_reported(actor.ident, status)
         cp = self.registry.charge_points[actor.ident]
-        if status == "faulted" and cp.charging is not None:
-            await self.registry.complete_charging(actor, cp.charging, None, f"charge point fault: {info}".strip())
+        if status != "available" and cp.charging is not None:
+            what = "fault" if status == "faulted" else "unavailable"
+            await self.registry.complete_charging(actor, cp.charging, None, f"charge point {what}: {info}".strip())
 
     def meter_value(self, cp_id: str, reservation_id: str, kwh: float) -> None:
         session = self.registry.record_meter(cp_id, reservation_id, kwh)
@@ -436,6 +450,9 @@ class Server:
         event = p.ReservationChanged(reservation=self.registry.reservation_info(reservation), reason=reason)
         for vehicle in self.vehicles_online.get(reservation.vehicle_id, ()):
             vehicle.push(event)
+        station = self.stations_online.get(reservation.charge_point_id)
+        if station is not None:  # a gateway turns these into its charge point's reservations
+            station.push(event)
         self.push_to_operators(event)
 
     def connection_counts(self) -> dict[str, int]:

@@ -218,6 +218,13 @@ class StationSession(Session):
             case p.SessionComplete(reservation_id=rid, kwh=kwh, reason=reason):
                 await self.registry.complete_charging(self.actor, rid, kwh, reason or "completed by charge point")
                 return p.Ok()
+            case p.ListReservations(include_past=include_past):
+                return p.ReservationList(reservations=await self.registry.reservations_on(self.ident, include_past))
+            case p.Authorize(vehicle_id=vehicle_id):
+                r = await self.registry.authorize(self.actor, vehicle_id)
+                return p.ReservationReply(reservation=self.registry.reservation_info(r))
+            case p.StartCharging(reservation_id=rid):
+                return p.ReservationReply(reservation=await self.server.charging_started(self.actor, rid))
         raise ForbiddenError(f"{type(request).__name__} is not a request a charge point may send")
 
     def on_event(self, event: p.Event) -> None:

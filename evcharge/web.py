@@ -505,6 +505,7 @@ PAGE = """<!doctype html>
 :root {
   --bg: #f4f5f7; --card: #fff; --ink: #1c2230; --muted: #687083; --line: #e2e5eb;
   --available: #1a8f4c; --reserved: #c27c00; --charging: #1765c1; --faulted: #cf2f2a; --offline: #8b919c;
+  --unavailable: #8e44ad;
   --held: #c27c00; --booked: #1a8f4c; --completed: #3d5a99; --cancelled: #8b919c; --expired: #cf2f2a;
   --aborted: #8b919c; --committed: #1a8f4c; --planned: #c27c00;
 }
@@ -620,7 +621,7 @@ has the same state as JSON.</div></noscript>
     return `<span class="op${mine}" style="background:${colour}" title="${esc(name)}">${esc(id)}</span>`;
   }
   function freeText(cp, ref) {
-    if (cp.status === "offline" || cp.status === "faulted") return '<span class="muted">&mdash;</span>';
+    if (["offline", "faulted", "unavailable"].includes(cp.status)) return '<span class="muted">&mdash;</span>';
     const m = cp.free_at && ref !== null ? Math.round((ms(cp.free_at) - ref) / 60000) : 0;
     return m <= 0 ? '<span class="free-now">free now</span>' : "free in " + span(m);
   }
@@ -671,7 +672,7 @@ has the same state as JSON.</div></noscript>
     const total = Object.values(counts).reduce((a, b) => a + b, 0);
     let out = `<h2>Stations<span class="n">${state.stations.length}</span> \\u00b7 charge points<span
       class="n">${total}</span></h2>`;
-    out += `<div class="summary">` + ["available", "reserved", "charging", "faulted", "offline"]
+    out += `<div class="summary">` + ["available", "reserved", "charging", "faulted", "unavailable", "offline"]
       .map((s) => `<span>${statusPill(s)} ${counts[s] || 0}</span>`).join("") + `</div>`;
     if (!state.stations.length) out += `<div class="empty">No state yet.</div>`;
     for (const city of [...cities.keys()].sort((a, b) => a.localeCompare(b))) {

@@ -215,6 +215,7 @@ SAMPLES: list[Message] = [
     p.HeartbeatAck(id=21, server_time=T0),
     p.MeterValues(reservation_id="A-r-000042", kwh=7.75),
     p.SessionComplete(id=22, reservation_id="A-r-000042", kwh=28.5, reason="vehicle full"),
+    p.Authorize(id=35, vehicle_id="V007"),
     p.RemoteStart(id=23, reservation_id="A-r-000042", vehicle_id="V007", until=at(45)),
     p.RemoteStop(id=24, reservation_id="A-r-000042"),
     p.SessionReport(id=24, reservation_id="A-r-000042", kwh=28.5),
