@@ -99,6 +99,7 @@ class PeerLink:
         self.last_seen: float | None = None
         self.last_error = "not connected yet"
         self.connects = 0  # times the link came up
+        self._suspect = asyncio.Event()  # a call timed out: test the link now, not at the next heartbeat
 
     @property
     def up(self) -> bool:
@@ -147,12 +148,10 @@ class PeerLink:
             try:
                 await self.on_up(self)
                 while not client.closed.is_set():
-                    try:
-                        async with asyncio.timeout(PEER_HEARTBEAT):
-                            await client.closed.wait()
-                    except TimeoutError:
-                        # A quiet link is kept alive (the other side closes idle ones) and a dead
-                        # one is found here, within PEER_TIMEOUT.
+                    await self._quiet_or_suspect(client)
+                    if not client.closed.is_set():
+                        # A quiet link is kept alive (the other side closes idle ones); a dead one
+                        # (or one whose packets vanish: no FIN, no RST) fails this and is replaced.
                         await self.call(p.Heartbeat(), p.HeartbeatAck)
             except EvchargeError as exc:
                 log.warning("peer link to %s: %s", self.peer.id, exc.message)
@@ -163,6 +162,17 @@ class PeerLink:
                 await client.close()
             log.warning("peer link to %s down; reconnecting", self.peer.id)
 
+    async def _quiet_or_suspect(self, client: Client) -> None:
+        """Until the link closes, a call on it timed out, or it was quiet for PEER_HEARTBEAT."""
+        self._suspect.clear()
+        waits = [asyncio.ensure_future(client.closed.wait()), asyncio.ensure_future(self._suspect.wait())]
+        try:
+            await asyncio.wait(waits, timeout=PEER_HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
     async def call(self, request: p.Request, expect: type[R], timeout: float = PEER_TIMEOUT) -> R:
         client = self.client
         if client is None:
@@ -170,6 +180,8 @@ class PeerLink:
         try:
             reply = await client.call(request, expect, timeout=max(0.05, timeout))
         except EvchargeError as exc:
+            if exc.code == "timeout" and client is self.client:
+                self._suspect.set()
             if exc.code in ("timeout", "unavailable"):
                 raise UnavailableError(f"operator {self.peer.id} did not answer: {exc.message}") from None
             raise

@@ -1,0 +1,90 @@
+"""Peer links through a misbehaving network (the chaos proxy between operators)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from evcharge.chaos_proxy import ChaosProxy
+from evcharge.errors import EvchargeError, UnavailableError
+from evcharge.server import Server
+from evcharge.world import World
+
+from .conftest import free_ports, operator, vehicle, wait_until_federated
+from .test_federation import NATAL_TO_FEIRA, check_invariants
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def with_ports(world: World, ports: dict[str, int]) -> World:
+    operators = [msgspec.structs.replace(op, host="127.0.0.1", port=ports[op.id]) for op in world.operators]
+    return msgspec.structs.replace(world, operators=operators)
+
+
+@asynccontextmanager
+async def federation_behind_proxies(world: World, data_dir: Path) -> AsyncIterator[dict[str, Any]]:
+    """A, B and C in process; A reaches B and C only through proxies (B and C reach everyone directly)."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    direct = dict(zip("ABC", free_ports(3), strict=True))
+    proxies = {op: await ChaosProxy("127.0.0.1", direct[op], name=f"A->{op}").start() for op in "BC"}
+    seen_by_a = {**direct, **{op: proxy.port for op, proxy in proxies.items()}}
+    anchor = time.time()
+    servers: dict[str, Server] = {}
+    try:
+        for op in "ABC":
+            own_world = with_ports(world, seen_by_a if op == "A" else direct)
+            servers[op] = Server(own_world, op, data_dir / op, port=direct[op], time_scale=60.0, clock_anchor=anchor)
+            await servers[op].start()
+        await wait_until_federated(servers)
+        yield {"servers": servers, "proxies": proxies}
+    finally:
+        for server in servers.values():
+            await server.stop()
+        for proxy in proxies.values():
+            await proxy.stop()
+        loop.set_exception_handler(None)
+    assert not unhandled, f"unhandled exceptions in the event loop: {unhandled}"
+
+
+async def test_a_black_holed_peer_link_is_replaced_within_seconds(world: World, tmp_path: Path) -> None:
+    """A link whose packets vanish (no FIN, no RST) must not fail every booking until a heartbeat is due."""
+    async with federation_behind_proxies(world, tmp_path) as fed:
+        servers: dict[str, Server] = fed["servers"]
+        async with vehicle(servers["A"], "V01") as c:
+            first = await c.book_trip(NATAL_TO_FEIRA)
+            assert {s.operator_id for s in first.trip.stops} == {"A", "B", "C"}
+            # From now on A's connection to B swallows everything, for longer than any test runs;
+            # a new connection would go through.
+            assert fed["proxies"]["B"].stall_all(stall_for=600) == 1
+            began = time.monotonic()
+            with pytest.raises(UnavailableError, match="operator B"):
+                await c.book_trip(NATAL_TO_FEIRA)
+            # The timeouts made A test the link at once: it is replaced, and B books again, well before
+            # the next idle-link heartbeat (30 s) would have found it dead.
+            booked = None
+            while booked is None and time.monotonic() - began < 20.0:
+                try:
+                    booked = await c.book_trip(NATAL_TO_FEIRA)
+                except EvchargeError:
+                    await asyncio.sleep(0.5)
+            assert booked is not None, "A kept using the black-holed link"
+            assert time.monotonic() - began < 15.0
+            assert servers["A"].federation is not None
+            assert servers["A"].federation.links["B"].connects == 2
+        async with asyncio.timeout(20):
+            while any(r.state == "held" for s in servers.values() for r in s.registry.reservations.values()):
+                await asyncio.sleep(0.2)
+        states = {}
+        for op, server in servers.items():
+            async with operator(server) as c:
+                states[op] = await c.inspect()
+        check_invariants(states)
