@@ -4,6 +4,9 @@
 2. A trip is whole or absent: a committed trip has each of its stops booked
    (or already used or expired) at its owner; a cancelled trip holds none; no
    stop is booked for a trip no coordinator committed; nothing stays held.
+3. No hold outlives its deadline by more than the time its owner needs to ask
+   the coordinator (checked when ``now`` is given; holds of bookings still in
+   progress are allowed with ``allow_holds``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,23 @@ from evcharge import protocol as p
 _TRIP_STOP_STATES = frozenset({"booked", "charging", "completed", "expired"})
 
 
-def violations(states: dict[str, p.InspectResult], *, allow_holds: bool = False) -> list[str]:
-    """Every broken invariant, as one sentence each (empty: all hold)."""
+HOLD_GRACE_S = 10.0  # real seconds past its deadline a hold may take to be resolved
+
+
+def violations(
+    states: dict[str, p.InspectResult],
+    *,
+    allow_holds: bool = False,
+    now: float | None = None,
+    hold_grace: float = HOLD_GRACE_S,
+) -> list[str]:
+    """Every broken invariant, as one sentence each (empty: all hold).
+
+    ``now`` (wall-clock epoch seconds) turns on the check of holds against their deadlines.
+    """
     found: list[str] = []
+    if now is not None:
+        found += stale_holds(states, now, hold_grace)
     for op_id, state in sorted(states.items()):
         live = sorted(
             (r for r in state.reservations if r.state in p.LIVE_STATES), key=lambda r: (r.charge_point_id, r.start)
@@ -51,6 +68,22 @@ def violations(states: dict[str, p.InspectResult], *, allow_holds: bool = False)
     committed = {t.id for t in trips.values() if t.state in ("committed", "cancelled")}
     for trip_id in sorted(set(stops_of) - committed):
         found.append(f"stops booked for trip {trip_id}, which no coordinator committed")
+    return found
+
+
+def stale_holds(states: dict[str, p.InspectResult], now: float, grace: float = HOLD_GRACE_S) -> list[str]:
+    """Holds still standing ``grace`` seconds after their deadline: nobody resolved them."""
+    found = []
+    for op_id, state in sorted(states.items()):
+        for r in state.reservations:
+            if r.state != "held":
+                continue
+            if r.hold_deadline is None:
+                found.append(f"hold {r.id} at {op_id} (trip {r.trip_id}) has no deadline")
+            elif now > r.hold_deadline + grace:
+                found.append(
+                    f"hold {r.id} at {op_id} (trip {r.trip_id}) is {now - r.hold_deadline:.1f} s past its deadline"
+                )
     return found
 
 

@@ -112,6 +112,7 @@ class ReservationInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     trip_id: str | None = None
     kwh: float = 0.0
     cost: float = 0.0
+    hold_deadline: float | None = None  # held only: wall-clock epoch seconds by which the trip decides
 
 
 class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):

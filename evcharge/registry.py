@@ -700,6 +700,7 @@ class Registry:
             trip_id=r.trip_id,
             kwh=session.kwh if session else 0.0,
             cost=session.cost if session else 0.0,
+            hold_deadline=r.hold_deadline if r.state == "held" else None,
         )
 
     async def reservations_of(self, vehicle_id: str, include_past: bool) -> list[p.ReservationInfo]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from evcharge import protocol as p
-from evcharge.invariants import violations
+from evcharge.invariants import HOLD_GRACE_S, violations
+from evcharge.server import Server
+
+from .conftest import operator
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -92,3 +96,34 @@ def test_each_kind_of_violation_is_reported() -> None:
         "B": state("B", [res("B1", "c9", 0, 30, trip="T1")]),
     }
     assert any("cancelled trip" in v for v in violations(cancelled))
+
+
+def test_a_hold_well_past_its_deadline_counts_even_when_holds_are_allowed() -> None:
+    hold = res("B1", "c9", 0, 30, "held", trip="T9")
+    hold.hold_deadline = 1_000.0
+    states = {"B": state("B", [hold])}
+    assert violations(states, allow_holds=True) == []  # no clock given: holds are not judged
+    assert violations(states, allow_holds=True, now=1_000.0 + HOLD_GRACE_S - 1) == []
+    assert any("past its deadline" in v for v in violations(states, allow_holds=True, now=1_000.0 + HOLD_GRACE_S + 1))
+    hold.hold_deadline = None
+    assert any("no deadline" in v for v in violations(states, allow_holds=True, now=0.0))
+
+
+async def test_inspect_tells_each_holds_deadline(server: Server) -> None:
+    deadline = time.time() + 5
+    start = datetime.fromtimestamp(server.clock.now(), UTC) + timedelta(hours=2)
+    prepare = p.Prepare(
+        txn_id="T1.1",
+        trip_id="B-T1",
+        vehicle_id="V02",
+        stops=[p.StopRequest(charge_point_id="NAT-PN-1", start=start, end=start + timedelta(minutes=30))],
+        deadline=deadline,
+    )
+    vote = await server.registry.hold("B", prepare)
+    async with operator(server) as c:
+        [held] = (await c.inspect()).reservations
+    assert held.id == vote.reservation_ids[0] and held.state == "held" and held.hold_deadline == deadline
+    await server.registry.resolve("B", "T1.1", "B-T1", commit=True)
+    async with operator(server) as c:
+        [booked] = (await c.inspect()).reservations
+    assert booked.state == "booked" and booked.hold_deadline is None
