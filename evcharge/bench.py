@@ -296,7 +296,7 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn that has Linux kill the child if this process dies (even by SIGKILL)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -333,7 +333,7 @@ class Fleet:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.children: list[Child] = []
-        self._preexec = _die_with_parent()
+        self._preexec = die_with_parent()
 
     def spawn(self, name: str, args: list[str]) -> Child:
         log_path = self.work / f"{name}.log"
@@ -546,6 +546,34 @@ def preload_reservations(data_dir: Path, operator: str, charge_points: list[str]
         conn.close()
 
 
+async def wait_federated(world: World, ports: dict[str, int], timeout: float = 60.0) -> None:
+    """Until a trip planned at each operator spans all of them (peers linked, catalogs in).
+
+    Asks as each operator's first bench vehicle (``bench_vehicle_id(op, 1)``), at ``ports``.
+    """
+    deadline = time.monotonic() + timeout
+    origin, destination, soc = CONTENTION_ROUTE
+    query = p.TripQuery(origin=origin, destination=destination, soc_pct=soc)
+    pending = set(ports)
+    while pending:
+        for op_id in sorted(pending):
+            v = world.vehicle(bench_vehicle_id(op_id, 1))
+            try:
+                c = await open_client(HOST, ports[op_id], role="vehicle", ident=v.id, secret=v.token)
+                try:
+                    plan = await c.plan_trip(query)
+                finally:
+                    await c.close()
+            except EvchargeError:
+                continue
+            if {s.operator_id for s in plan.stops} == set(ports):
+                pending.discard(op_id)
+        if pending:
+            if time.monotonic() > deadline:
+                raise BenchError(f"operators {sorted(pending)} did not federate within {timeout:g} s")
+            await asyncio.sleep(0.2)
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -677,28 +705,7 @@ class Bench:
         return world, servers
 
     async def wait_federated(self, world: World, servers: dict[str, Child], timeout: float = 60.0) -> None:
-        """Until a trip planned at each operator spans all three (peers linked, catalogs in)."""
-        deadline = time.monotonic() + timeout
-        origin, destination, soc = CONTENTION_ROUTE
-        query = p.TripQuery(origin=origin, destination=destination, soc_pct=soc)
-        pending = set(servers)
-        while pending:
-            for op_id in sorted(pending):
-                v = world.vehicle(bench_vehicle_id(op_id, 1))
-                try:
-                    c = await open_client(HOST, servers[op_id].port, role="vehicle", ident=v.id, secret=v.token)
-                    try:
-                        plan = await c.plan_trip(query)
-                    finally:
-                        await c.close()
-                except EvchargeError:
-                    continue
-                if {s.operator_id for s in plan.stops} == set(servers):
-                    pending.discard(op_id)
-            if pending:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"operators {sorted(pending)} did not federate within {timeout:g} s")
-                await asyncio.sleep(0.2)
+        await wait_federated(world, {op: child.port for op, child in servers.items()}, timeout)
 
     def rss_of(self, servers: dict[str, Child]) -> dict[str, float]:
         return {op: child.rss() for op, child in servers.items()}

@@ -1,0 +1,211 @@
+"""The chaos run, and the checker it relies on (which must not pass vacuously)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from evcharge import protocol as p
+from evcharge.chaos import Record, check_states
+from evcharge.model import Reservation, Trip
+from evcharge.store import migrate, put_reservation, put_trip
+from evcharge.world import World
+
+from .conftest import REPO, operator, running_federation
+
+
+def leftover_processes(marker: str) -> str:
+    return subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.timeout(200)
+def test_quick_chaos_run_injects_every_fault_and_finds_no_violation(tmp_path: Path) -> None:
+    out = tmp_path / "chaos.json"
+    done = subprocess.run(
+        ["bash", "scripts/chaos.sh", "--quick", "--seed", "7", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert leftover_processes(results["work_dir"]) == ""  # every server and log pipe is gone
+    assert results["violations"] == []
+    assert "0 invariant violations" in done.stdout
+    # It did something, under every kind of fault.
+    assert results["operations"]["total"] > 0
+    ack = results["acknowledged"]
+    assert ack["reservations"] > 0 and ack["trips"] > 0 and ack["cancels"] > 0
+    faults = results["faults"]
+    for kind in ("delay", "stall", "cut", "reset", "partition", "kill", "disk_refused"):
+        assert faults[kind] > 0, f"no {kind} fault injected: {faults}"
+    assert results["restarts"] == faults["kill"]
+    for window in results["disk_windows"]:
+        assert window["probe"] == "unavailable"  # refused, never acknowledged
+        assert window["unavailable_answers"] > 0
+        assert window["recovered_after_s"] is not None
+    # Both checks ran, on real books: after healing, and after kill -9 of every server.
+    assert [c["name"] for c in results["checks"]] == [
+        "after healing",
+        "after kill -9 and restart of every server",
+    ]
+    for check in results["checks"]:
+        assert check["violations"] == [] and check["trips"] > 0 and check["live_reservations"] > 0
+
+
+# --- the checker against real servers whose books are broken ----------------------------------
+
+
+def seed_store(path: Path, reservations: list[Reservation], trips: list[Trip] = ()) -> None:  # type: ignore[assignment]
+    """Write rows into an operator's store before its server starts (as a crash could have left them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        migrate(conn)
+        conn.execute("BEGIN")
+        for sql, params in [*map(put_reservation, reservations), *map(put_trip, trips)]:
+            conn.execute(sql, params)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def trip_row(trip_id: str, stops: list[tuple[str, str, str, int]], now: int) -> Trip:
+    """A committed trip of V01 coordinated by A, its stops (operator, reservation, charge point, start)."""
+    at = datetime.fromtimestamp(stops[0][3], UTC)
+    info = p.TripInfo(
+        id=trip_id,
+        vehicle_id="V01",
+        state="committed",
+        origin="Natal",
+        destination="Recife",
+        depart=at,
+        arrival=at,
+        distance_km=1,
+        soc_at_arrival=10,
+        total_kwh=1,
+        total_cost=1,
+        home_operator_id="A",
+        stops=[
+            p.TripStop(
+                city="X",
+                operator_id=op,
+                station_id="S",
+                station_name="S",
+                charge_point_id=cp,
+                power_kw=50,
+                drive_km=1,
+                arrival=datetime.fromtimestamp(start, UTC),
+                slot_start=datetime.fromtimestamp(start, UTC),
+                slot_end=datetime.fromtimestamp(start + 1800, UTC),
+                soc_in=1,
+                soc_out=2,
+                kwh=1,
+                cost=1,
+                reservation_id=rid,
+            )
+            for op, rid, cp, start in stops
+        ],
+    )
+    return Trip(trip_id, "V01", "committed", f"{trip_id}.1", ["A", "B"], [], msgspec.json.encode(info), now)
+
+
+def acked(record: Record, r: Reservation, operator_id: str) -> None:
+    record.reservation(
+        operator_id,
+        p.ReservationInfo(
+            id=r.id,
+            operator_id=operator_id,
+            station_id="S",
+            charge_point_id=r.charge_point_id,
+            vehicle_id=r.vehicle_id,
+            start=datetime.fromtimestamp(r.start, UTC),
+            end=datetime.fromtimestamp(r.end, UTC),
+            state="booked",
+        ),
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_the_chaos_checker_sees_every_kind_of_violation_in_real_books(world: World, tmp_path: Path) -> None:
+    now = int(time.time())
+    later = now + 2 * 86400
+    cp_a = world.stations_of("A")[0].charge_points[0].id
+    cp_b = world.stations_of("B")[0].charge_points[0].id
+
+    def res(rid: str, cp: str, start: int, state: str = "booked", **more: object) -> Reservation:
+        return Reservation(rid, cp, "V01", start, start + 1800, state, now, **more)  # type: ignore[arg-type]
+
+    kept = res("A-kept", cp_a, later)
+    cancel_lost = res("A-cancel-lost", cp_a, later + 3600)  # its cancellation was acknowledged
+    expired_early = res("A-expired-early", cp_a, later + 7200, "expired")  # a no-show before its time
+    never_stored = res("A-never-stored", cp_a, later + 10_800)  # acknowledged, never written
+    of_trip = {"trip_id": "A-Tpartial", "txn_id": "A-Tpartial.1", "coordinator": "A"}
+    stop_a = res("A-stop", cp_a, later + 14_400, **of_trip)
+    stop_b = res("B-stop", cp_b, later + 18_000, "aborted", **of_trip)  # the other half of the trip is gone
+    # A hold whose coordinator C is never there to answer: nobody resolves it.
+    in_doubt = {"trip_id": "C-Tx", "txn_id": "C-Tx.1", "coordinator": "C", "hold_deadline": now - 60}
+    stuck = res("B-stuck", cp_b, later, "held", **in_doubt)
+    partial = trip_row("A-Tpartial", [("A", "A-stop", cp_a, stop_a.start), ("B", "B-stop", cp_b, stop_b.start)], now)
+    seed_store(tmp_path / "A" / "A.sqlite3", [kept, cancel_lost, expired_early, stop_a], [partial])
+    seed_store(tmp_path / "B" / "B.sqlite3", [stop_b, stuck])
+
+    record = Record()
+    for r in (kept, cancel_lost, expired_early, never_stored):
+        acked(record, r, "A")
+    record.cancel_acked.add(cancel_lost.id)
+    record.trip(msgspec.json.decode(partial.info, type=p.TripInfo))
+
+    async with running_federation(world, tmp_path, operators=("A", "B")) as servers:
+        states = {}
+        for op, server in servers.items():
+            async with operator(server) as c:
+                states[op] = await c.inspect()
+    grace = world.rules.no_show_grace_min
+    found = check_states(states, record, grace, time.time())
+    expected = {
+        "lost acknowledged booking": "acknowledged reservation A-never-stored is gone",
+        "acknowledged cancellation not kept": "A-cancel-lost at A: its cancellation was acknowledged but it is booked",
+        "expired before its time": "A-expired-early at A was acknowledged and never cancelled, but it is expired",
+        "partial trip": "trip A-Tpartial is not whole",
+        "partial acknowledged trip": "stop B-stop at B of trip A-Tpartial (committed) is aborted",
+        "hold past its deadline": "hold B-stuck at B (trip C-Tx) is",
+    }
+    for kind, text in expected.items():
+        assert any(text in v for v in found), f"{kind} not reported: {found}"
+    assert len(found) == len(expected), found
+    # The one thing left right is not reported.
+    assert not any("A-kept" in v for v in found)
+
+    # Overlaps cannot even be loaded (a server refuses a store whose live reservations overlap),
+    # so the last kind is shown on these real books with one reservation copied onto another's slot.
+    copy = msgspec.structs.replace(states["A"].reservations[0], id="A-overlap")
+    states["A"].reservations.append(copy)
+    assert any("overlap at A/" in v for v in check_states(states, record, grace, time.time()))
+
+
+def test_a_record_of_nothing_on_clean_books_finds_nothing() -> None:
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    r = p.ReservationInfo(
+        id="A-1",
+        operator_id="A",
+        station_id="S",
+        charge_point_id="c",
+        vehicle_id="V",
+        start=t0,
+        end=t0 + timedelta(minutes=30),
+        state="booked",
+    )
+    states = {"A": p.InspectResult(operator_id="A", server_time=t0, stations=[], reservations=[r], trips=[])}
+    record = Record()
+    record.reservation("A", r)
+    assert check_states(states, record, 15, t0.timestamp()) == []
