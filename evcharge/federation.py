@@ -322,6 +322,12 @@ class Federation:
                     self._planner_thread, planner.plan_trip, request, spec, options, planner.ledger_next_free(ledgers)
                 )
             except planner.NoRouteError as exc:
+                unknown = sorted(op for op in self.links if op not in self.catalogs)
+                if unknown:
+                    # Not a fact about the road: the chargers of an operator never reached since this
+                    # server started might make the route. The vehicle should try again, not give up.
+                    names = ", ".join(unknown)
+                    raise UnavailableError(f"{exc}; the chargers of operator {names} are not known yet") from None
                 raise NotFoundError(str(exc)) from None
             if claim:
                 self._claim(claim, plan)

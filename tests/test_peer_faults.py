@@ -12,12 +12,13 @@ from typing import Any
 import msgspec
 import pytest
 
+from evcharge import protocol as p
 from evcharge.chaos_proxy import ChaosProxy
 from evcharge.errors import EvchargeError, UnavailableError
 from evcharge.server import Server
-from evcharge.world import World
+from evcharge.world import World, load_world
 
-from .conftest import free_ports, operator, vehicle, wait_until_federated
+from .conftest import free_ports, operator, running_federation, vehicle, wait_until_federated
 from .test_federation import NATAL_TO_FEIRA, check_invariants
 
 pytestmark = pytest.mark.timeout(90)
@@ -88,3 +89,32 @@ async def test_a_black_holed_peer_link_is_replaced_within_seconds(world: World, 
             async with operator(server) as c:
                 states[op] = await c.inspect()
         check_invariants(states)
+
+
+async def test_no_route_while_a_peer_is_unknown_is_unavailable_not_not_found(
+    federated_world_path: Path, tmp_path: Path
+) -> None:
+    """A server that has never reached C does not know C's chargers: that is not 'no route'."""
+    world = load_world(str(federated_world_path))
+    anchor = time.time()
+    async with (
+        running_federation(world, tmp_path / "data", ("A", "B"), clock_anchor=anchor) as servers,
+        vehicle(servers["A"], "V01") as c,
+    ):
+        with pytest.raises(UnavailableError, match="operator C"):
+            await c.plan_trip(NATAL_TO_FEIRA)
+        with pytest.raises(UnavailableError, match="operator C"):
+            await c.book_trip(NATAL_TO_FEIRA)
+        # A route that A and B can serve alone is planned as usual.
+        trip = await c.plan_trip(p.TripQuery(origin="Arapiraca", destination="Natal", soc_pct=80))
+        assert {s.operator_id for s in trip.stops} <= {"A", "B"}
+        # Once C is there, the same trip is planned over its chargers too.
+        late = Server(world, "C", tmp_path / "data" / "C", host="127.0.0.1", time_scale=60.0, clock_anchor=anchor)
+        await late.start()
+        try:
+            async with asyncio.timeout(20):
+                while servers["A"].federation is None or "C" not in servers["A"].federation.catalogs:
+                    await asyncio.sleep(0.05)
+            assert "C" in {s.operator_id for s in (await c.plan_trip(NATAL_TO_FEIRA)).stops}
+        finally:
+            await late.stop()
