@@ -305,6 +305,9 @@ class Federation:
             max_charge_soc=query.max_charge_soc_pct / 100,
         )
         spec = planner.VehicleSpec(vehicle.battery_kwh, vehicle.consumption_kwh_per_km)
+        # Whose chargers this plan goes without, as of now: a catalog arriving while we wait
+        # below is not in `options`.
+        unknown = sorted(op for op in self.links if op not in self.catalogs)
         options = self._charge_options()
         ledgers = await self._availability(depart, depart + AVAILABILITY_WINDOW_S)
         # One plan at a time (held across the search only, never across I/O), so that each
@@ -322,7 +325,6 @@ class Federation:
                     self._planner_thread, planner.plan_trip, request, spec, options, planner.ledger_next_free(ledgers)
                 )
             except planner.NoRouteError as exc:
-                unknown = sorted(op for op in self.links if op not in self.catalogs)
                 if unknown:
                     # Not a fact about the road: the chargers of an operator never reached since this
                     # server started might make the route. The vehicle should try again, not give up.

@@ -30,8 +30,11 @@ def with_ports(world: World, ports: dict[str, int]) -> World:
 
 
 @asynccontextmanager
-async def federation_behind_proxies(world: World, data_dir: Path) -> AsyncIterator[dict[str, Any]]:
-    """A, B and C in process; A reaches B and C only through proxies (B and C reach everyone directly)."""
+async def federation_behind_proxies(world: World, data_dir: Path, start: str = "ABC") -> AsyncIterator[dict[str, Any]]:
+    """A, B and C in process; A reaches B and C only through proxies (B and C reach everyone directly).
+
+    Only the operators in ``start`` are started; ``servers["start"](op)`` starts another one later.
+    """
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
@@ -40,13 +43,18 @@ async def federation_behind_proxies(world: World, data_dir: Path) -> AsyncIterat
     seen_by_a = {**direct, **{op: proxy.port for op, proxy in proxies.items()}}
     anchor = time.time()
     servers: dict[str, Server] = {}
+
+    async def start_one(op: str) -> Server:
+        own_world = with_ports(world, seen_by_a if op == "A" else direct)
+        servers[op] = Server(own_world, op, data_dir / op, port=direct[op], time_scale=60.0, clock_anchor=anchor)
+        await servers[op].start()
+        return servers[op]
+
     try:
-        for op in "ABC":
-            own_world = with_ports(world, seen_by_a if op == "A" else direct)
-            servers[op] = Server(own_world, op, data_dir / op, port=direct[op], time_scale=60.0, clock_anchor=anchor)
-            await servers[op].start()
+        for op in start:
+            await start_one(op)
         await wait_until_federated(servers)
-        yield {"servers": servers, "proxies": proxies}
+        yield {"servers": servers, "proxies": proxies, "start": start_one}
     finally:
         for server in servers.values():
             await server.stop()
@@ -118,3 +126,25 @@ async def test_no_route_while_a_peer_is_unknown_is_unavailable_not_not_found(
             assert "C" in {s.operator_id for s in (await c.plan_trip(NATAL_TO_FEIRA)).stops}
         finally:
             await late.stop()
+
+
+async def test_a_catalog_arriving_during_planning_does_not_turn_the_answer_into_no_route(
+    world: World, tmp_path: Path
+) -> None:
+    """The plan was made without C's chargers; that C's catalog came in meanwhile does not make it 'no route'."""
+    async with federation_behind_proxies(world, tmp_path, start="AB") as fed:
+        servers: dict[str, Server] = fed["servers"]
+        federation = servers["A"].federation
+        assert federation is not None and "C" not in federation.catalogs
+        async with vehicle(servers["A"], "V01") as c:
+            # B's availability will take the whole peer timeout: the plan waits for it.
+            fed["proxies"]["B"].stall_all(stall_for=600)
+            planning = asyncio.ensure_future(c.plan_trip(NATAL_TO_FEIRA))
+            await asyncio.sleep(0.5)
+            await fed["start"]("C")
+            async with asyncio.timeout(10):
+                while "C" not in federation.catalogs:
+                    await asyncio.sleep(0.05)
+            assert not planning.done()
+            with pytest.raises(UnavailableError, match="operator C"):
+                await planning
