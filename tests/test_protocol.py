@@ -88,7 +88,8 @@ RESERVATION_2 = p.ReservationInfo(
     vehicle_id="V007",
     start=at(300),
     end=at(330),
-    state="booked",
+    state="held",
+    hold_deadline=1_800_000_005.25,
 )
 SESSION = p.SessionInfo(
     reservation_id="A-r-000040",
