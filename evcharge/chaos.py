@@ -116,7 +116,8 @@ class Settings:
     disk_full_for: float
     downtime: tuple[float, float]  # a killed server stays down this long (uniform)
     partition_for: tuple[float, float]  # an operator cut off from its peers this long (uniform)
-    event_gap: tuple[float, float]  # between server faults (uniform)
+    event_gap: tuple[float, float]  # between kills and partitions (uniform)
+    disk_gap: tuple[float, float]  # between disk faults (uniform): every trip touching that disk fails meanwhile
     settle_timeout: float
     server_log_level: str
     fault_scale: float
@@ -156,6 +157,7 @@ class Settings:
             downtime=(0.5, 1.0) if quick else (0.5, 3.0),
             partition_for=(2.0, 2.5) if quick else (3.0, 8.0),
             event_gap=(0.5, 1.0) if quick else (3.0, 8.0),
+            disk_gap=(5.0, 6.0) if quick else (10.0, 20.0),
             settle_timeout=25.0 if quick else 40.0,
             server_log_level=args.server_log_level,
             fault_scale=k,
@@ -623,9 +625,12 @@ class Chaos:
         The tracks never pick the same operator at the same time (a restart would end its disk
         fault early and make the disk check meaningless); otherwise faults overlap freely.
         """
-        await asyncio.gather(self._track(["disk"], (1.0,)), self._track(["kill", "partition"], (0.6, 0.4)))
+        await asyncio.gather(
+            self._track(["disk"], (1.0,), self.s.disk_gap),
+            self._track(["kill", "partition"], (0.6, 0.4), self.s.event_gap),
+        )
 
-    async def _track(self, kinds: list[str], weights: tuple[float, ...]) -> None:
+    async def _track(self, kinds: list[str], weights: tuple[float, ...], gap: tuple[float, float]) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.s.duration
         plan = list(kinds)  # every kind early on (a quick run has time for little more), then at random
@@ -634,6 +639,7 @@ class Chaos:
             kind = plan.pop(0) if plan else self.rng.choices(kinds, weights)[0]
             operator = self.rng.choice([op for op in OPERATORS if op not in self.busy])
             self.busy.add(operator)
+            self.console.print(f"  [dim]{time.monotonic() - self.began:6.1f} s[/] {kind} {operator}")
             try:
                 if kind == "kill":
                     await self.kill_and_restart(operator)
@@ -644,7 +650,7 @@ class Chaos:
             finally:
                 self.busy.discard(operator)
             self.check_alive()
-            await asyncio.sleep(self.rng.uniform(*self.s.event_gap))
+            await asyncio.sleep(self.rng.uniform(*gap))
 
     async def partition(self, operator: str) -> None:
         """Cut ``operator`` off from its peers (both ways) for a while; vehicles still reach it."""
@@ -659,7 +665,6 @@ class Chaos:
                 proxy.heal()
 
     async def kill_and_restart(self, operator: str) -> None:
-        self.console.log(f"kill -9 {operator}")
         server = self.servers[operator]
         kill = Kill(operator, round(self.rng.uniform(*self.s.downtime), 2))
         self.kills.append(kill)
