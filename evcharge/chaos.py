@@ -670,10 +670,17 @@ class Chaos:
         self.kills.append(kill)
         server.kill()
         await asyncio.sleep(kill.downtime_s)
-        kill.restart_s = round(await server.start(), 2)
+        try:
+            kill.restart_s = round(await server.start(), 2)
+        except ChaosError as exc:
+            # A server that cannot come back from a crash is a finding, not a broken harness.
+            self.violations.append(f"server {operator} could not restart after kill -9: {exc}")
+            raise
 
     async def refusing_disk(self, operator: str) -> None:
         server = self.servers[operator]
+        if not server.alive():
+            return  # died by itself: check_alive reports it
         window = DiskWindow(operator, self.s.disk_full_for)
         self.disk_windows.append(window)
         self.open_window = window
@@ -695,6 +702,9 @@ class Chaos:
                 self.violations.append(f"operator {operator} did not accept writes 30 s after its disk recovered")
         finally:
             self.open_window = None
+            if server.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    server.refuse_writes(False)
 
     async def probe(self, operator: str) -> str:
         """A reservation sent straight to the server (no proxy); its outcome."""
@@ -976,8 +986,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]interrupted[/]; every server and proxy was stopped")
         return 130
     except ChaosError as exc:
-        console.print(f"[red]chaos run could not run[/]: {exc}")
-        return 2
+        for violation in chaos.violations:
+            console.print(f"[red]VIOLATION[/]: {violation}")
+        console.print(f"[red]chaos run could not go on[/]: {exc}")
+        return 1 if chaos.violations else 2
     finally:
         for server in chaos.servers.values():
             server.kill()  # whatever happened above, nothing is left running
