@@ -1,0 +1,74 @@
+"""What the fuzzer (tests/test_fuzz.py) found, each pinned by a test named after the bug.
+
+Every test here failed before its fix: the server crashed a connection's task
+(an unhandled exception in the event loop, which ``running_server`` turns into
+a failure), answered ``internal``, or sent nothing at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from evcharge import protocol as p
+from evcharge.server import Server
+from evcharge.world import World
+
+from .conftest import running_server
+from .raw import raw
+
+pytestmark = pytest.mark.timeout(60)
+
+# Just under the frame cap, of a character a Python repr writes as four ("\x01"): an error
+# message quoting it would be about four times over the cap.
+HUGE = "\x01" * (p.MAX_FRAME - 200)
+
+
+@pytest.fixture
+async def server(world: World, tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(world, tmp_path / "data", time_scale=1.0) as srv:
+        yield srv
+
+
+async def test_hello_with_a_huge_ident_is_refused_not_crashed(server: Server) -> None:
+    """The refusal quoted the ident: too large to send, so the handshake task died silently."""
+    async with raw(server) as peer:
+        await peer.send(p.Hello(id=1, version=p.PROTOCOL_VERSION, role="vehicle", ident=HUGE, credential="x"))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "unauthorized", error
+        assert len(error.message) < 2000, "an error message should not quote a huge value whole"
+        assert await peer.closed_by_server(timeout=5.0)
+
+
+async def test_first_frame_with_a_huge_unknown_type_is_refused_not_crashed(server: Server) -> None:
+    """msgspec's complaint quotes the unknown value; so did the refusal built from it."""
+    async with raw(server) as peer:
+        # As long as the body allows: the refusal adds its own words around the quote.
+        await peer.send_body(msgspec.msgpack.encode({"type": "x" * (p.MAX_FRAME - 32), "id": 3}))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 3, error
+        assert await peer.closed_by_server(timeout=5.0)
+
+
+async def test_undecodable_frame_with_a_huge_value_after_hello_is_answered_not_crashed(server: Server) -> None:
+    """The same after the handshake: the session's task died and took the connection with it."""
+    async with raw(server) as peer:
+        await peer.hello(server, "vehicle", "V01")
+        await peer.send_body(msgspec.msgpack.encode({"type": "Hello", "id": 4, "role": HUGE}))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 4, error
+        await peer.send(p.Heartbeat(id=5))
+        ack = await peer.receive()
+        assert isinstance(ack, p.HeartbeatAck) and ack.id == 5, "the connection should have stayed open"
+
+
+async def test_request_naming_a_huge_unknown_id_gets_not_found(server: Server) -> None:
+    async with raw(server) as peer:
+        await peer.hello(server, "vehicle", "V01")
+        await peer.send(p.GetStationStatus(id=6, station_id=HUGE))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "not_found" and error.id == 6, error
+        assert len(error.message) < 2000, "an error message should not quote a huge value whole"
