@@ -48,6 +48,14 @@ MIN = 60
 RECOVERY_WAIT = 10.0  # seconds a refused change waits for memory to be re-read from the store
 
 
+def _minute(seconds: int) -> str:
+    """A time for a message; a client's "year 1 at +05:00" is before the first datetime there is."""
+    try:
+        return f"{to_datetime(seconds):%Y-%m-%d %H:%M}Z"
+    except (ValueError, OverflowError):
+        return f"{seconds} s from 1970"
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
     """Who asks: a vehicle acts for itself, an operator for all of its state."""
@@ -250,7 +258,7 @@ class Registry:
             raise BadRequestError(f"duration must be 1..{rules.max_reservation_min} minutes, not {minutes}")
         now = int(self.clock.now())
         if start < now - MIN:
-            raise BadRequestError(f"start {to_datetime(start):%Y-%m-%d %H:%M}Z is in the past")
+            raise BadRequestError(f"start {_minute(start)} is in the past")
         if start > now + rules.max_advance_days * 86400:
             raise BadRequestError(f"start is more than {rules.max_advance_days} days ahead")
         end = start + minutes * MIN

@@ -7,6 +7,7 @@ a failure), answered ``internal``, or sent nothing at all.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from evcharge import protocol as p
 from evcharge.server import Server
 from evcharge.world import World
 
-from .conftest import running_server
+from .conftest import running_server, vehicle
 from .raw import raw
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,3 +73,20 @@ async def test_request_naming_a_huge_unknown_id_gets_not_found(server: Server) -
         error = await peer.receive()
         assert isinstance(error, p.Error) and error.code == "not_found" and error.id == 6, error
         assert len(error.message) < 2000, "an error message should not quote a huge value whole"
+
+
+@pytest.mark.parametrize("start", ["0001-01-01T00:00:00+05:00", "0001-01-01T03:00:00+14:00"])
+async def test_reserve_starting_before_year_one_utc_is_a_bad_request_not_internal(server: Server, start: str) -> None:
+    """The refusal formatted the start as a UTC datetime, which does not exist before year 1."""
+    async with raw(server) as peer, vehicle(server, "V04") as good:
+        await peer.hello(server, "vehicle", "V01")
+        await peer.send_body(
+            msgspec.msgpack.encode(
+                {"type": "Reserve", "id": 7, "charge_point_id": "NAT-PN-1", "start": start, "minutes": 30}
+            )
+        )
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 7, error
+        assert "in the past" in error.message
+        async with asyncio.timeout(5):
+            assert await good.reservations() == []
