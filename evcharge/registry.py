@@ -46,6 +46,9 @@ T = TypeVar("T")
 
 MIN = 60
 RECOVERY_WAIT = 10.0  # seconds a refused change waits for memory to be re-read from the store
+# Stops of one PREPARE. Checking them runs in one writer section, quadratic in their number:
+# thousands (a frame holds ~15,000) would stall every connection for seconds. No trip has 100.
+MAX_TRIP_STOPS = 100
 
 
 def _minute(seconds: int) -> str:
@@ -428,6 +431,8 @@ class Registry:
                 return _Change(p.Vote(txn_id=prepare.txn_id, yes=still, reservation_ids=ids, reason="decided already"))
             if not math.isfinite(prepare.deadline) or prepare.deadline <= time.time():
                 return _Change(self._no(prepare, "the booking's deadline has passed"))
+            if len(stops) > MAX_TRIP_STOPS:
+                return _Change(self._no(prepare, f"{len(stops)} stops; a trip has at most {MAX_TRIP_STOPS}"))
             now = int(self.clock.now())
             conflicts: list[p.StopConflict] = []
             for i, (cp_id, start, end) in enumerate(stops):

@@ -8,7 +8,9 @@ a failure), answered ``internal``, or sent nothing at all.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import msgspec
@@ -90,3 +92,23 @@ async def test_reserve_starting_before_year_one_utc_is_a_bad_request_not_interna
         assert "in the past" in error.message
         async with asyncio.timeout(5):
             assert await good.reservations() == []
+
+
+async def test_prepare_with_thousands_of_stops_is_refused_not_checked_for_seconds(server: Server) -> None:
+    """A PREPARE's stops were checked against each other pairwise inside one writer section: a
+    peer's frame of ~15,000 distinct stops blocked the event loop, so every client, for ~8 s."""
+    cps = list(server.registry.charge_points)
+    now = server.clock.now_dt()
+    stops = []
+    for i in range(2000):
+        start = now + timedelta(minutes=10 + 30 * (i // len(cps)))
+        stops.append(p.StopRequest(charge_point_id=cps[i % len(cps)], start=start, end=start + timedelta(minutes=29)))
+    async with raw(server) as peer:
+        await peer.hello(server, "peer", "B")
+        await peer.send(
+            p.Prepare(id=8, txn_id="B-T1.1", trip_id="B-T1", vehicle_id="V07", stops=stops, deadline=time.time() + 30)
+        )
+        vote = await peer.receive(timeout=30.0)
+        assert isinstance(vote, p.Vote) and vote.id == 8, vote
+        assert not vote.yes and "at most" in vote.reason, vote
+    assert not [r for r in server.registry.reservations.values() if r.trip_id == "B-T1"]
