@@ -602,7 +602,8 @@ class Registry:
             now = self.clock.now()
             chosen: Iterable[StationConfig] = self.stations.values()
             if city:
-                chosen = [s for s in chosen if s.city.casefold() == city.casefold()]
+                wanted = city.casefold()  # once: the city asked for may be as long as a frame
+                chosen = [s for s in chosen if s.city.casefold() == wanted]
             infos = [self.station_info(s, now) for s in chosen]
         if near is not None:
             for info in infos:

@@ -2,6 +2,7 @@
 
 The fuzz and limit tests use it to misbehave on purpose: half frames, garbage,
 pipelining without reading, reading nothing at all. Every wait has a deadline.
+``LoopWatch`` tells whether the (in-process) server's event loop was held up.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import TracebackType
 
 from evcharge import protocol as p
 from evcharge.auth import new_nonce, peer_proof
@@ -110,3 +112,37 @@ async def raw(server: Server, *, rcvbuf: int | None = None, sndbuf: int | None =
     finally:
         # Abort, not close: a close would wait on whatever the server never read.
         writer.transport.abort()
+
+
+class LoopWatch:
+    """The longest the event loop went without running a tick: how long everyone else waited.
+
+    In-process servers share the test's loop, so a request that blocks it shows here.
+    """
+
+    TICK = 0.01
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.TICK)
+            self.longest = max(self.longest, loop.time() - before - self.TICK)
+
+    def reset(self) -> None:
+        self.longest = 0.0
+
+    async def __aenter__(self) -> LoopWatch:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

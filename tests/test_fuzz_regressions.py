@@ -21,7 +21,7 @@ from evcharge.server import Server
 from evcharge.world import World
 
 from .conftest import running_server, vehicle
-from .raw import raw
+from .raw import LoopWatch, raw
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,3 +112,17 @@ async def test_prepare_with_thousands_of_stops_is_refused_not_checked_for_second
         assert isinstance(vote, p.Vote) and vote.id == 8, vote
         assert not vote.yes and "at most" in vote.reason, vote
     assert not [r for r in server.registry.reservations.values() if r.trip_id == "B-T1"]
+
+
+async def test_trip_from_a_frame_sized_city_name_does_not_hold_up_the_server(server: Server) -> None:
+    """Looking a city up folds its name (NFKD, in which "ﷺ" is 18 letters) on the event loop:
+    one PlanTrip with a frame-sized origin held every connection up for ~1.7 s."""
+    query = p.TripQuery(origin="\ufdfa" * 340_000, destination="Recife")
+    async with raw(server) as peer, LoopWatch() as watch:
+        await peer.hello(server, "vehicle", "V01")
+        watch.reset()
+        await peer.send(p.PlanTrip(id=9, query=query))
+        error = await peer.receive(timeout=30.0)
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 9, error
+        assert "unknown city" in error.message
+        assert watch.longest < 1.0, f"the event loop was held for {watch.longest:.2f} s"
