@@ -30,9 +30,17 @@ from evcharge.federation import Federation
 from evcharge.model import Reservation
 from evcharge.protocol import FrameTooLarge, UndecodableMessage
 from evcharge.registry import Actor, Registry
-from evcharge.sessions import OperatorSession, PeerSession, Session, StationSession, VehicleSession
+from evcharge.sessions import (
+    MAX_IN_FLIGHT,
+    PUSH_BUFFER_LIMIT,
+    OperatorSession,
+    PeerSession,
+    Session,
+    StationSession,
+    VehicleSession,
+)
 from evcharge.store import Store, put_meta
-from evcharge.transport import Connection, ConnectionClosed
+from evcharge.transport import WRITE_TIMEOUT, Connection, ConnectionClosed
 from evcharge.world import World
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,9 @@ class Server:
         store_max_bytes: int | None = None,
         clock_anchor: float | None = None,
         max_connections: int = 20_000,
+        write_timeout: float = WRITE_TIMEOUT,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        push_buffer_limit: int = PUSH_BUFFER_LIMIT,
     ) -> None:
         self.world = world
         self.operator = world.operator(operator_id)
@@ -65,6 +76,9 @@ class Server:
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.write_timeout = write_timeout
+        self.max_in_flight = max_in_flight
+        self.push_buffer_limit = push_buffer_limit
         self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
         self._time_scale = time_scale
         self._clock_anchor = clock_anchor
@@ -174,6 +188,7 @@ class Server:
         assert task is not None
         self._handshakes.add(task)
         conn = Connection(reader, writer)
+        conn.write_timeout = self.write_timeout
         try:
             session = await self._handshake(conn)
         except asyncio.CancelledError:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 64  # requests per connection being served at once; then we stop reading
+MAX_IN_FLIGHT = 64  # requests per connection served (or their replies being sent) at once; then we stop reading
 PUSH_BUFFER_LIMIT = 4 << 20  # a client this far behind on pushes is disconnected
 STATION_COMMAND_TIMEOUT = 10.0
 
@@ -49,7 +49,7 @@ class Session:
         self.ident = ident
         self.actor = Actor(self.role, ident)
         self.idle_timeout: float | None = server.idle_timeout
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._slots = asyncio.Semaphore(server.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __str__(self) -> str:
@@ -97,6 +97,9 @@ class Session:
         await self.conn.reply_error(exc.request_id, error)
 
     async def _serve(self, request: p.Request) -> None:
+        # The slot is held until the reply is handed over: a client that does not read its
+        # replies runs out of slots, and then we stop reading its requests (backpressure)
+        # instead of piling up replies it will never take.
         try:
             try:
                 if isinstance(request, p.Hello):
@@ -108,16 +111,22 @@ class Session:
             except Exception:
                 log.exception("%s: %s failed", self, type(request).__name__)
                 reply = InternalError("internal error; the operator's log has the details").to_reply(request.id)
+            finally:
+                self.server.requests_served += 1
+            with contextlib.suppress(ConnectionLostError):
+                try:
+                    await self.conn.send(reply)
+                except TooLargeError as exc:
+                    await self.conn.send(exc.to_reply(request.id))
         finally:
             self._slots.release()
-            self.server.requests_served += 1
-        with contextlib.suppress(ConnectionLostError):
-            try:
-                await self.conn.send(reply)
-            except TooLargeError as exc:
-                await self.conn.send(exc.to_reply(request.id))
         if isinstance(reply, p.Vote) and reply.yes:
             crash_point("participant-voted")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being served or answered on this connection right now."""
+        return len(self._tasks)
 
     def push(self, event: p.Event) -> None:
         """Send an event without waiting; a client that does not keep up is dropped."""
@@ -127,7 +136,7 @@ class Session:
             self.conn.write_nowait(event)
         except ConnectionLostError:
             return
-        if self.conn.buffered_out > PUSH_BUFFER_LIMIT:
+        if self.conn.buffered_out > self.server.push_buffer_limit:
             log.warning("%s is not reading its events; disconnecting", self)
             self.conn.abort()
 

@@ -41,6 +41,7 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 WRITE_TIMEOUT = 10.0
 # Above this many unsent bytes we wait for the peer to read before writing more.
 WRITE_HIGH_WATER = 256 * 1024
+CLOSE_GRACE = 2.0  # seconds a close waits for buffered bytes to leave before it drops them
 
 
 class ConnectionClosed(Exception):
@@ -61,6 +62,7 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self.write_timeout = WRITE_TIMEOUT
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -130,11 +132,12 @@ class Connection:
         try:
             self._writer.write(frame)
             if self.buffered_out > WRITE_HIGH_WATER:
-                async with asyncio.timeout(WRITE_TIMEOUT):
+                async with asyncio.timeout(self.write_timeout):
                     await self._writer.drain()
         except TimeoutError:
-            # A peer that does not read for this long is gone for our purposes.
-            await self.close()
+            # A peer that does not read for this long is gone for our purposes. Abort, not
+            # close: a close would keep what it never read buffered here until it did.
+            self.abort()
             raise ConnectionLostError("peer stopped reading; connection closed") from None
         except (ConnectionError, OSError, RuntimeError) as exc:  # uvloop: RuntimeError once aborted
             await self.close()
@@ -177,9 +180,14 @@ class Connection:
             return
         self._mark_closed()
         self._writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
                 await self._writer.wait_closed()
+        except TimeoutError:
+            # The peer is not taking what is still buffered; do not keep it for the peer's sake.
+            self._writer.transport.abort()
+        except Exception:  # wait_closed re-raises whatever broke the connection: it is closed all the same
+            log.debug("closing %s", self.peername, exc_info=True)
 
     def abort(self) -> None:
         """Drop the connection now, without waiting for buffered writes."""
