@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=600.0, help="close a vehicle or operator silent this long, s (600)"
     )
     server.add_argument(
+        "--hello-timeout", type=float, default=10.0, help="close a connection without a whole Hello by then, s (10)"
+    )
+    server.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=30.0,
+        help="close a connection whose begun frame is not whole by then, s (30)",
+    )
+    server.add_argument(
         "--write-timeout",
         type=float,
         default=10.0,
@@ -259,6 +268,8 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         clock_anchor=args.clock_anchor,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
+        hello_timeout=args.hello_timeout,
+        frame_timeout=args.frame_timeout,
         write_timeout=args.write_timeout,
         max_in_flight=args.max_in_flight,
         push_buffer_limit=args.push_buffer_kb * 1024,

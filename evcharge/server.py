@@ -46,6 +46,7 @@ from evcharge.world import World
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+FRAME_TIMEOUT = 30.0  # real seconds for a begun frame to arrive whole, after the handshake
 SWEEP_INTERVAL = 0.5  # real seconds between no-show / overdue checks
 SHUTDOWN_GRACE = 5.0
 
@@ -65,6 +66,7 @@ class Server:
         store_max_bytes: int | None = None,
         clock_anchor: float | None = None,
         max_connections: int = 20_000,
+        frame_timeout: float | None = FRAME_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
         max_in_flight: int = MAX_IN_FLIGHT,
         push_buffer_limit: int = PUSH_BUFFER_LIMIT,
@@ -76,6 +78,7 @@ class Server:
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.frame_timeout = frame_timeout
         self.write_timeout = write_timeout
         self.max_in_flight = max_in_flight
         self.push_buffer_limit = push_buffer_limit
@@ -188,6 +191,7 @@ class Server:
         assert task is not None
         self._handshakes.add(task)
         conn = Connection(reader, writer)
+        conn.frame_timeout = self.frame_timeout
         conn.write_timeout = self.write_timeout
         try:
             session = await self._handshake(conn)

@@ -27,7 +27,7 @@ from evcharge.faults import crash_point
 from evcharge.federation import plan_info
 from evcharge.protocol import FrameTooLarge, UndecodableMessage
 from evcharge.registry import Actor
-from evcharge.transport import Connection, ConnectionClosed
+from evcharge.transport import Connection, ConnectionClosed, FrameTimeout
 
 if TYPE_CHECKING:
     from evcharge.server import Server
@@ -76,6 +76,8 @@ class Session:
         except FrameTooLarge as exc:
             log.warning("%s: %s; closing", self, exc)
             await self.conn.reply_error(0, TooLargeError(str(exc)))
+        except FrameTimeout as exc:
+            log.info("%s: %s; closing", self, exc)
         except TimeoutError:
             log.info("%s: idle for %s s; closing", self, self.idle_timeout)
         except ConnectionClosed:

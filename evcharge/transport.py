@@ -48,6 +48,10 @@ class ConnectionClosed(Exception):
     """The peer closed the connection (or we did)."""
 
 
+class FrameTimeout(TimeoutError):
+    """A frame began but did not arrive whole in time (a slowloris, or a peer that died mid-frame)."""
+
+
 class Connection:
     def __init__(
         self,
@@ -62,6 +66,10 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        # Once a frame's first bytes are in, all of it must arrive within this (None: no limit);
+        # an idle timeout alone is reset by every byte, so a trickle would hold the connection forever.
+        self.frame_timeout: float | None = None
+        self._frame_started: float | None = None
         self.write_timeout = WRITE_TIMEOUT
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
@@ -75,19 +83,34 @@ class Connection:
         """The next message from the peer.
 
         Raises ``ConnectionClosed`` at end of stream, ``TimeoutError`` when no
-        byte arrives within ``timeout``, ``FrameTooLarge`` for an oversized
+        byte arrives within ``timeout``, ``FrameTimeout`` when a begun frame is
+        not whole within ``frame_timeout``, ``FrameTooLarge`` for an oversized
         frame (fatal) and ``UndecodableMessage`` for a bad body (not fatal:
         the next call reads the next frame).
         """
         while True:
             body = self._frames.next_body()
             if body is not None:
+                # The clock runs only while we wait for the peer, never while we are busy elsewhere.
+                self._frame_started = None
                 return decode_body(body)
             if self._closed:
                 raise ConnectionClosed
+            wait, frame_deadline = timeout, False
+            if self.frame_timeout is not None and self._frames.buffered:
+                now = asyncio.get_running_loop().time()
+                if self._frame_started is None:
+                    self._frame_started = now
+                left = self._frame_started + self.frame_timeout - now
+                if wait is None or left < wait:
+                    wait, frame_deadline = max(left, 0.0), True
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(wait):
                     data = await self._reader.read(READ_CHUNK)
+            except TimeoutError:
+                if frame_deadline:
+                    raise FrameTimeout(f"a frame was not complete within {self.frame_timeout:g} s") from None
+                raise
             except (ConnectionError, OSError) as exc:
                 raise ConnectionClosed from exc
             if not data:

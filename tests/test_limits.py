@@ -77,6 +77,53 @@ async def trickle(peer: RawPeer, data: bytes, every: float) -> None:
         await asyncio.sleep(every)
 
 
+@pytest.mark.parametrize("sends", ["nothing", "half a Hello", "a Hello one byte at a time"])
+async def test_a_client_without_a_whole_hello_in_time_is_closed(sends: str, world: World, tmp_path: Path) -> None:
+    # The idle timeout is far away: only the Hello deadline can close these connections in time.
+    async with running_server(world, tmp_path / "data", hello_timeout=1.0, idle_timeout=600) as server:
+        async with raw(server) as peer, vehicle(server, "V04") as good:
+            hello = hello_frame(server)
+            dripping: asyncio.Task[None] | None = None
+            if sends == "half a Hello":
+                await peer.send_raw(hello[: len(hello) // 2])
+            elif sends == "a Hello one byte at a time":
+                # ~8 s for the whole Hello: every byte comes well within any idle timeout.
+                dripping = asyncio.get_running_loop().create_task(trickle(peer, hello, every=0.1))
+            assert await peer.closed_by_server(timeout=6.0), "the Hello deadline did not close the connection"
+            assert await good.heartbeat()  # nobody else noticed
+            if dripping is not None:
+                assert not dripping.done(), "the whole Hello went out before the deadline; the test proves nothing"
+                dripping.cancel()
+                await asyncio.gather(dripping, return_exceptions=True)
+        assert not server._handshakes
+
+
+async def test_a_frame_trickled_after_hello_is_cut_off_by_the_frame_timeout(world: World, tmp_path: Path) -> None:
+    async with running_server(world, tmp_path / "data", frame_timeout=1.0, idle_timeout=600) as server:
+        async with raw(server) as peer, vehicle(server, "V04") as good:
+            await peer.hello(server, "vehicle", "V01")
+            # A frame split in two within the frame timeout is fine.
+            frame = p.encode_frame(p.Heartbeat(id=2))
+            await peer.send_raw(frame[:7])
+            await asyncio.sleep(0.3)
+            await peer.send_raw(frame[7:])
+            ack = await peer.receive()
+            assert isinstance(ack, p.HeartbeatAck) and ack.id == 2
+            # One byte every 0.2 s: always active, never idle, but the frame takes ~5 s.
+            frame = p.encode_frame(p.Heartbeat(id=3))
+            dripping = asyncio.get_running_loop().create_task(trickle(peer, frame, every=0.2))
+            try:
+                assert await peer.receive(timeout=8.0) is None, "the trickled frame was served, not cut off"
+                assert not dripping.done(), "the whole frame went out before the deadline; the test proves nothing"
+            finally:
+                dripping.cancel()
+                await asyncio.gather(dripping, return_exceptions=True)
+            assert await good.heartbeat()
+        async with asyncio.timeout(5):
+            while "V01" in server.vehicles_online:
+                await asyncio.sleep(0.02)
+
+
 def padded_request(request_id: int) -> bytes:
     # Unknown fields are ignored; the padding makes pipelined requests outgrow the socket buffers.
     body = msgspec.msgpack.encode({"type": "ListStations", "id": request_id, "pad": "x" * 1000})
