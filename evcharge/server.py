@@ -189,6 +189,12 @@ class Server:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._handshakes) >= self.max_connections:
+            # Connections that have not said Hello yet count too: silent or trickling ones
+            # must not exhaust our file descriptors before their Hello deadline cuts them off.
+            log.warning("%d handshakes pending; dropping a new connection", len(self._handshakes))
+            writer.transport.abort()
+            return
         self._handshakes.add(task)
         conn = Connection(reader, writer)
         conn.frame_timeout = self.frame_timeout

@@ -124,6 +124,24 @@ async def test_a_frame_trickled_after_hello_is_cut_off_by_the_frame_timeout(worl
                 await asyncio.sleep(0.02)
 
 
+async def test_pending_handshakes_count_against_the_connection_limit(world: World, tmp_path: Path) -> None:
+    async with running_server(world, tmp_path / "data", max_connections=2, hello_timeout=30.0) as server:
+        async with raw(server) as first, raw(server) as second:
+            await first.send_raw(b"\x00")
+            await second.send_raw(b"\x00")
+            async with asyncio.timeout(5):
+                while len(server._handshakes) < 2:
+                    await asyncio.sleep(0.01)
+            # A third silent connection is dropped at once, not after the 30 s Hello deadline.
+            async with raw(server) as third:
+                assert await third.closed_by_server(timeout=5.0)
+        async with asyncio.timeout(5):
+            while server._handshakes:
+                await asyncio.sleep(0.01)
+        async with vehicle(server, "V01") as c:
+            assert await c.heartbeat()
+
+
 def padded_request(request_id: int) -> bytes:
     # Unknown fields are ignored; the padding makes pipelined requests outgrow the socket buffers.
     body = msgspec.msgpack.encode({"type": "ListStations", "id": request_id, "pad": "x" * 1000})
