@@ -161,11 +161,11 @@ async def test_a_client_pipelining_without_reading_is_held_to_the_in_flight_cap(
         writer = asyncio.get_running_loop().create_task(
             peer.send_raw(b"".join(padded_request(i) for i in range(1, sent + 1)), timeout=120.0)
         )
-        # While the client reads nothing: watch the server stop at the cap, and stay there.
+        # While the client reads nothing: watch the server reach the cap, stop reading, and stay there.
         most_in_flight = most_buffered = 0
         served, still_since = -1, asyncio.get_running_loop().time()
         async with asyncio.timeout(30):
-            while asyncio.get_running_loop().time() - still_since < 1.0:
+            while session.in_flight < cap or asyncio.get_running_loop().time() - still_since < 1.0:
                 most_in_flight = max(most_in_flight, session.in_flight)
                 most_buffered = max(most_buffered, session.conn.buffered_out)
                 if server.requests_served != served:
