@@ -13,10 +13,18 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
+from typing import Protocol
 
 from evcharge import protocol as p
 from evcharge.auth import new_nonce, peer_proof
 from evcharge.server import Server
+
+
+class Listening(Protocol):
+    """A server in this process or a server process: all a raw client needs is its port."""
+
+    @property
+    def port(self) -> int: ...
 
 
 class RawPeer:
@@ -92,7 +100,7 @@ class RawPeer:
 
 
 @asynccontextmanager
-async def raw(server: Server, *, rcvbuf: int | None = None, sndbuf: int | None = None) -> AsyncIterator[RawPeer]:
+async def raw(server: Listening, *, rcvbuf: int | None = None, sndbuf: int | None = None) -> AsyncIterator[RawPeer]:
     """A raw connection to ``server``; small socket buffers make a non-reader felt sooner."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:

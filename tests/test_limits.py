@@ -13,6 +13,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -22,7 +23,7 @@ from evcharge.client import Client, connect
 from evcharge.errors import UnavailableError
 from evcharge.server import Server
 from evcharge.transport import WRITE_HIGH_WATER
-from evcharge.world import World
+from evcharge.world import World, load_world
 
 from .conftest import running_server, vehicle
 from .raw import RawPeer, raw
@@ -64,6 +65,11 @@ async def test_connections_beyond_the_maximum_are_refused_with_a_clear_error(wor
 
 def hello_frame(server: Server, vehicle_id: str = "V01") -> bytes:
     v = server.world.vehicle(vehicle_id)
+    return p.encode_frame(p.Hello(id=1, version=p.PROTOCOL_VERSION, role="vehicle", ident=v.id, credential=v.token))
+
+
+def hello_frame_for(world_path: Path, vehicle_id: str) -> bytes:
+    v = load_world(str(world_path)).vehicle(vehicle_id)
     return p.encode_frame(p.Hello(id=1, version=p.PROTOCOL_VERSION, role="vehicle", ident=v.id, credential=v.token))
 
 
@@ -122,6 +128,27 @@ async def test_a_frame_trickled_after_hello_is_cut_off_by_the_frame_timeout(worl
         async with asyncio.timeout(5):
             while "V01" in server.vehicles_online:
                 await asyncio.sleep(0.02)
+
+
+async def test_the_limits_are_options_of_evcharge_server(spawn_server: Any) -> None:
+    # A real `evcharge server` process takes every limit option; two of them are seen at work.
+    proc = spawn_server(
+        "A",
+        extra=(
+            "--hello-timeout=0.5",
+            "--frame-timeout=0.5",
+            "--write-timeout=1",
+            "--max-in-flight=4",
+            "--push-buffer-kb=64",
+        ),
+    )
+    async with raw(proc) as silent:
+        assert await silent.closed_by_server(timeout=5.0), "--hello-timeout was not applied"
+    async with raw(proc) as trickler:
+        await trickler.send_raw(hello_frame_for(proc.world_path, "V01"))
+        assert isinstance(await trickler.receive(), p.Welcome)
+        await trickler.send_raw(p.encode_frame(p.Heartbeat(id=2))[:5])
+        assert await trickler.closed_by_server(timeout=5.0), "--frame-timeout was not applied"
 
 
 async def test_pending_handshakes_count_against_the_connection_limit(world: World, tmp_path: Path) -> None:
