@@ -105,7 +105,7 @@ async def test_a_client_without_a_whole_hello_in_time_is_closed(sends: str, worl
 
 
 async def test_a_frame_trickled_after_hello_is_cut_off_by_the_frame_timeout(world: World, tmp_path: Path) -> None:
-    async with running_server(world, tmp_path / "data", frame_timeout=1.0, idle_timeout=600) as server:
+    async with running_server(world, tmp_path / "data", frame_timeout=2.0, idle_timeout=600) as server:
         async with raw(server) as peer, vehicle(server, "V04") as good:
             await peer.hello(server, "vehicle", "V01")
             # A frame split in two within the frame timeout is fine.
