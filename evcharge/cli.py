@@ -142,6 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=600.0, help="close a vehicle or operator silent this long, s (600)"
     )
     server.add_argument(
+        "--hello-timeout", type=float, default=10.0, help="close a connection without a whole Hello by then, s (10)"
+    )
+    server.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=30.0,
+        help="close a connection whose begun frame is not whole by then, s (30)",
+    )
+    server.add_argument(
+        "--write-timeout",
+        type=float,
+        default=10.0,
+        help="close a connection that does not take our replies for this long, s (10)",
+    )
+    server.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=64,
+        help="requests per connection served at once; beyond, stop reading it (64)",
+    )
+    server.add_argument(
+        "--push-buffer-kb",
+        type=int,
+        default=4096,
+        help="drop a client this far behind on pushed events, KiB (4096)",
+    )
+    server.add_argument(
         "--clock-anchor",
         type=float,
         help="epoch seconds where simulated and real time meet; give every federated server the same one",
@@ -313,6 +340,11 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         listen=args.listen or (),
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca),
+        hello_timeout=args.hello_timeout,
+        frame_timeout=args.frame_timeout,
+        write_timeout=args.write_timeout,
+        max_in_flight=args.max_in_flight,
+        push_buffer_limit=args.push_buffer_kb * 1024,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

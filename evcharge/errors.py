@@ -11,11 +11,17 @@ from datetime import datetime
 
 from evcharge.protocol import Error, ErrorCode
 
+# Messages may quote what a client sent (an id, a city); a huge one must not make the
+# error itself too large to send, nor flood the log.
+MAX_MESSAGE = 1000
+
 
 class EvchargeError(Exception):
     code: ErrorCode = "internal"
 
     def __init__(self, message: str, *, next_free: datetime | None = None) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + f"… ({len(message) - MAX_MESSAGE} more characters)"
         super().__init__(message)
         self.message = message
         self.next_free = next_free

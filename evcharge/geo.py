@@ -27,6 +27,8 @@ def road_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return great_circle_km(lat1, lon1, lat2, lon2) * ROAD_FACTOR
 
 
+MAX_CITY_NAME = 100  # characters; longer names are not looked up at all
+
 # City centres (latitude, longitude) of Brazil's Northeast, for "near CITY".
 CITIES: dict[str, tuple[float, float]] = {
     "Natal": (-5.7945, -35.2110),
@@ -51,6 +53,10 @@ CITIES: dict[str, tuple[float, float]] = {
 
 def find_city(name: str) -> tuple[str, tuple[float, float]]:
     """A city by name, ignoring case and accents ("joao pessoa" finds João Pessoa)."""
+    if len(name) > MAX_CITY_NAME:
+        # Folding is costly and can grow a string many times over ("ﷺ" is 18 letters in NFKD):
+        # a frame-sized name would hold the event loop for seconds. No city is named like that.
+        raise KeyError(f"unknown city {name[:MAX_CITY_NAME]!r}… ({len(name)} characters)")
     wanted = _fold(name)
     for city, position in CITIES.items():
         if _fold(city) == wanted:

@@ -620,6 +620,9 @@ class UndecodableMessage(Exception):
     """
 
     def __init__(self, reason: str, request_id: int) -> None:
+        # msgspec quotes the offending value, which may be most of a 1 MiB frame.
+        if len(reason) > 500:
+            reason = reason[:500] + "…"
         super().__init__(reason)
         self.reason = reason
         self.request_id = request_id

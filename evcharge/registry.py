@@ -46,6 +46,17 @@ T = TypeVar("T")
 
 MIN = 60
 RECOVERY_WAIT = 10.0  # seconds a refused change waits for memory to be re-read from the store
+# Stops of one PREPARE. Checking them runs in one writer section, quadratic in their number:
+# thousands (a frame holds ~15,000) would stall every connection for seconds. No trip has 100.
+MAX_TRIP_STOPS = 100
+
+
+def _minute(seconds: int) -> str:
+    """A time for a message; a client's "year 1 at +05:00" is before the first datetime there is."""
+    try:
+        return f"{to_datetime(seconds):%Y-%m-%d %H:%M}Z"
+    except (ValueError, OverflowError):
+        return f"{seconds} s from 1970"
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +271,7 @@ class Registry:
             raise BadRequestError(f"duration must be 1..{rules.max_reservation_min} minutes, not {minutes}")
         now = int(self.clock.now())
         if start < now - MIN:
-            raise BadRequestError(f"start {to_datetime(start):%Y-%m-%d %H:%M}Z is in the past")
+            raise BadRequestError(f"start {_minute(start)} is in the past")
         if start > now + rules.max_advance_days * 86400:
             raise BadRequestError(f"start is more than {rules.max_advance_days} days ahead")
         end = start + minutes * MIN
@@ -468,6 +479,8 @@ class Registry:
                 return _Change(p.Vote(txn_id=prepare.txn_id, yes=still, reservation_ids=ids, reason="decided already"))
             if not math.isfinite(prepare.deadline) or prepare.deadline <= time.time():
                 return _Change(self._no(prepare, "the booking's deadline has passed"))
+            if len(stops) > MAX_TRIP_STOPS:
+                return _Change(self._no(prepare, f"{len(stops)} stops; a trip has at most {MAX_TRIP_STOPS}"))
             now = int(self.clock.now())
             conflicts: list[p.StopConflict] = []
             for i, (cp_id, start, end) in enumerate(stops):
@@ -650,7 +663,8 @@ class Registry:
             now = self.clock.now()
             chosen: Iterable[StationConfig] = self.stations.values()
             if city:
-                chosen = [s for s in chosen if s.city.casefold() == city.casefold()]
+                wanted = city.casefold()  # once: the city asked for may be as long as a frame
+                chosen = [s for s in chosen if s.city.casefold() == wanted]
             infos = [self.station_info(s, now) for s in chosen]
         if near is not None:
             for info in infos:

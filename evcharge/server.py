@@ -33,15 +33,24 @@ from evcharge.federation import Federation
 from evcharge.model import Reservation
 from evcharge.protocol import FrameTooLarge, UndecodableMessage
 from evcharge.registry import Actor, Registry
-from evcharge.sessions import OperatorSession, PeerSession, Session, StationSession, VehicleSession
+from evcharge.sessions import (
+    MAX_IN_FLIGHT,
+    PUSH_BUFFER_LIMIT,
+    OperatorSession,
+    PeerSession,
+    Session,
+    StationSession,
+    VehicleSession,
+)
 from evcharge.store import Store, put_meta
 from evcharge.tls import Listen, TlsFiles, certificate_names, client_context, every_role, names_include, server_context
-from evcharge.transport import Connection, ConnectionClosed
+from evcharge.transport import WRITE_TIMEOUT, Connection, ConnectionClosed
 from evcharge.world import World
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+FRAME_TIMEOUT = 30.0  # real seconds for a begun frame to arrive whole, after the handshake
 SWEEP_INTERVAL = 0.5  # real seconds between no-show / overdue checks
 SHUTDOWN_GRACE = 5.0
 
@@ -63,6 +72,10 @@ class Server:
         max_connections: int = 20_000,
         listen: Sequence[Listen] = (),
         tls: TlsFiles | None = None,
+        frame_timeout: float | None = FRAME_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        push_buffer_limit: int = PUSH_BUFFER_LIMIT,
     ) -> None:
         self.world = world
         self.operator = world.operator(operator_id)
@@ -84,6 +97,10 @@ class Server:
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.frame_timeout = frame_timeout
+        self.write_timeout = write_timeout
+        self.max_in_flight = max_in_flight
+        self.push_buffer_limit = push_buffer_limit
         self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
         self._time_scale = time_scale
         self._clock_anchor = clock_anchor
@@ -199,8 +216,16 @@ class Server:
     async def _accept(self, listener: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._handshakes) >= self.max_connections:
+            # Connections that have not said Hello yet count too: silent or trickling ones
+            # must not exhaust our file descriptors before their Hello deadline cuts them off.
+            log.warning("%d handshakes pending; dropping a new connection", len(self._handshakes))
+            writer.transport.abort()
+            return
         self._handshakes.add(task)
         conn = Connection(reader, writer)
+        conn.frame_timeout = self.frame_timeout
+        conn.write_timeout = self.write_timeout
         try:
             session = await self._handshake(conn, self.listen[listener], writer.get_extra_info("peercert"))
         except asyncio.CancelledError:

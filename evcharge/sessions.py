@@ -29,7 +29,7 @@ from evcharge.faults import crash_point
 from evcharge.federation import plan_info
 from evcharge.protocol import FrameTooLarge, UndecodableMessage
 from evcharge.registry import Actor
-from evcharge.transport import Connection, ConnectionClosed
+from evcharge.transport import Connection, ConnectionClosed, FrameTimeout
 
 if TYPE_CHECKING:
     from evcharge.server import Server
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSPECT_PART_BYTES = p.MAX_FRAME // 2  # room to spare under the frame cap
-MAX_IN_FLIGHT = 64  # requests per connection being served at once; then we stop reading
+MAX_IN_FLIGHT = 64  # requests per connection served (or their replies being sent) at once; then we stop reading
 PUSH_BUFFER_LIMIT = 4 << 20  # a client this far behind on pushes is disconnected
 STATION_COMMAND_TIMEOUT = 10.0
 
@@ -52,7 +52,7 @@ class Session:
         self.ident = ident
         self.actor = Actor(self.role, ident)
         self.idle_timeout: float | None = server.idle_timeout
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._slots = asyncio.Semaphore(server.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __str__(self) -> str:
@@ -79,6 +79,8 @@ class Session:
         except FrameTooLarge as exc:
             log.warning("%s: %s; closing", self, exc)
             await self.conn.reply_error(0, TooLargeError(str(exc)))
+        except FrameTimeout as exc:
+            log.info("%s: %s; closing", self, exc)
         except TimeoutError:
             log.info("%s: idle for %s s; closing", self, self.idle_timeout)
         except ConnectionClosed:
@@ -100,6 +102,9 @@ class Session:
         await self.conn.reply_error(exc.request_id, error)
 
     async def _serve(self, request: p.Request) -> None:
+        # The slot is held until the reply is handed over: a client that does not read its
+        # replies runs out of slots, and then we stop reading its requests (backpressure)
+        # instead of piling up replies it will never take.
         try:
             try:
                 if isinstance(request, p.Hello):
@@ -111,16 +116,22 @@ class Session:
             except Exception:
                 log.exception("%s: %s failed", self, type(request).__name__)
                 reply = InternalError("internal error; the operator's log has the details").to_reply(request.id)
+            finally:
+                self.server.requests_served += 1
+            with contextlib.suppress(ConnectionLostError):
+                try:
+                    await self.conn.send(reply)
+                except TooLargeError as exc:
+                    await self.conn.send(exc.to_reply(request.id))
         finally:
             self._slots.release()
-            self.server.requests_served += 1
-        with contextlib.suppress(ConnectionLostError):
-            try:
-                await self.conn.send(reply)
-            except TooLargeError as exc:
-                await self.conn.send(exc.to_reply(request.id))
         if isinstance(reply, p.Vote) and reply.yes:
             crash_point("participant-voted")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being served or answered on this connection right now."""
+        return len(self._tasks)
 
     def push(self, event: p.Event) -> None:
         """Send an event without waiting; a client that does not keep up is dropped."""
@@ -130,7 +141,7 @@ class Session:
             self.conn.write_nowait(event)
         except ConnectionLostError:
             return
-        if self.conn.buffered_out > PUSH_BUFFER_LIMIT:
+        if self.conn.buffered_out > self.server.push_buffer_limit:
             log.warning("%s is not reading its events; disconnecting", self)
             self.conn.abort()
 

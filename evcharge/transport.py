@@ -41,10 +41,15 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 WRITE_TIMEOUT = 10.0
 # Above this many unsent bytes we wait for the peer to read before writing more.
 WRITE_HIGH_WATER = 256 * 1024
+CLOSE_GRACE = 2.0  # seconds a close waits for buffered bytes to leave before it drops them
 
 
 class ConnectionClosed(Exception):
     """The peer closed the connection (or we did)."""
+
+
+class FrameTimeout(TimeoutError):
+    """A frame began but did not arrive whole in time (a slowloris, or a peer that died mid-frame)."""
 
 
 class Connection:
@@ -61,6 +66,11 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        # Once a frame's first bytes are in, all of it must arrive within this (None: no limit);
+        # an idle timeout alone is reset by every byte, so a trickle would hold the connection forever.
+        self.frame_timeout: float | None = None
+        self._frame_started: float | None = None
+        self.write_timeout = WRITE_TIMEOUT
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -73,19 +83,34 @@ class Connection:
         """The next message from the peer.
 
         Raises ``ConnectionClosed`` at end of stream, ``TimeoutError`` when no
-        byte arrives within ``timeout``, ``FrameTooLarge`` for an oversized
+        byte arrives within ``timeout``, ``FrameTimeout`` when a begun frame is
+        not whole within ``frame_timeout``, ``FrameTooLarge`` for an oversized
         frame (fatal) and ``UndecodableMessage`` for a bad body (not fatal:
         the next call reads the next frame).
         """
         while True:
             body = self._frames.next_body()
             if body is not None:
+                # The clock runs only while we wait for the peer, never while we are busy elsewhere.
+                self._frame_started = None
                 return decode_body(body)
             if self._closed:
                 raise ConnectionClosed
+            wait, frame_deadline = timeout, False
+            if self.frame_timeout is not None and self._frames.buffered:
+                now = asyncio.get_running_loop().time()
+                if self._frame_started is None:
+                    self._frame_started = now
+                left = self._frame_started + self.frame_timeout - now
+                if wait is None or left < wait:
+                    wait, frame_deadline = max(left, 0.0), True
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(wait):
                     data = await self._reader.read(READ_CHUNK)
+            except TimeoutError:
+                if frame_deadline:
+                    raise FrameTimeout(f"a frame was not complete within {self.frame_timeout:g} s") from None
+                raise
             except (ConnectionError, OSError) as exc:
                 raise ConnectionClosed from exc
             if not data:
@@ -130,11 +155,12 @@ class Connection:
         try:
             self._writer.write(frame)
             if self.buffered_out > WRITE_HIGH_WATER:
-                async with asyncio.timeout(WRITE_TIMEOUT):
+                async with asyncio.timeout(self.write_timeout):
                     await self._writer.drain()
         except TimeoutError:
-            # A peer that does not read for this long is gone for our purposes.
-            await self.close()
+            # A peer that does not read for this long is gone for our purposes. Abort, not
+            # close: a close would keep what it never read buffered here until it did.
+            self.abort()
             raise ConnectionLostError("peer stopped reading; connection closed") from None
         except (ConnectionError, OSError, RuntimeError) as exc:  # uvloop: RuntimeError once aborted
             await self.close()
@@ -177,9 +203,14 @@ class Connection:
             return
         self._mark_closed()
         self._writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
                 await self._writer.wait_closed()
+        except TimeoutError:
+            # The peer is not taking what is still buffered; do not keep it for the peer's sake.
+            self._writer.transport.abort()
+        except Exception:  # wait_closed re-raises whatever broke the connection: it is closed all the same
+            log.debug("closing %s", self.peername, exc_info=True)
 
     def abort(self) -> None:
         """Drop the connection now, without waiting for buffered writes."""

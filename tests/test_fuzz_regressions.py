@@ -1,0 +1,128 @@
+"""What the fuzzer (tests/test_fuzz.py) found, each pinned by a test named after the bug.
+
+Every test here failed before its fix: the server crashed a connection's task
+(an unhandled exception in the event loop, which ``running_server`` turns into
+a failure), answered ``internal``, or sent nothing at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from evcharge import protocol as p
+from evcharge.server import Server
+from evcharge.world import World
+
+from .conftest import running_server, vehicle
+from .raw import LoopWatch, raw
+
+pytestmark = pytest.mark.timeout(60)
+
+# Just under the frame cap, of a character a Python repr writes as four ("\x01"): an error
+# message quoting it would be about four times over the cap.
+HUGE = "\x01" * (p.MAX_FRAME - 200)
+
+
+@pytest.fixture
+async def server(world: World, tmp_path: Path) -> AsyncIterator[Server]:
+    async with running_server(world, tmp_path / "data", time_scale=1.0) as srv:
+        yield srv
+
+
+async def test_hello_with_a_huge_ident_is_refused_not_crashed(server: Server) -> None:
+    """The refusal quoted the ident: too large to send, so the handshake task died silently."""
+    async with raw(server) as peer:
+        await peer.send(p.Hello(id=1, version=p.PROTOCOL_VERSION, role="vehicle", ident=HUGE, credential="x"))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "unauthorized", error
+        assert len(error.message) < 2000, "an error message should not quote a huge value whole"
+        assert await peer.closed_by_server(timeout=5.0)
+
+
+async def test_first_frame_with_a_huge_unknown_type_is_refused_not_crashed(server: Server) -> None:
+    """msgspec's complaint quotes the unknown value; so did the refusal built from it."""
+    async with raw(server) as peer:
+        # As long as the body allows: the refusal adds its own words around the quote.
+        await peer.send_body(msgspec.msgpack.encode({"type": "x" * (p.MAX_FRAME - 32), "id": 3}))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 3, error
+        assert await peer.closed_by_server(timeout=5.0)
+
+
+async def test_undecodable_frame_with_a_huge_value_after_hello_is_answered_not_crashed(server: Server) -> None:
+    """The same after the handshake: the session's task died and took the connection with it."""
+    async with raw(server) as peer:
+        await peer.hello(server, "vehicle", "V01")
+        await peer.send_body(msgspec.msgpack.encode({"type": "Hello", "id": 4, "role": HUGE}))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 4, error
+        await peer.send(p.Heartbeat(id=5))
+        ack = await peer.receive()
+        assert isinstance(ack, p.HeartbeatAck) and ack.id == 5, "the connection should have stayed open"
+
+
+async def test_request_naming_a_huge_unknown_id_gets_not_found(server: Server) -> None:
+    async with raw(server) as peer:
+        await peer.hello(server, "vehicle", "V01")
+        await peer.send(p.GetStationStatus(id=6, station_id=HUGE))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "not_found" and error.id == 6, error
+        assert len(error.message) < 2000, "an error message should not quote a huge value whole"
+
+
+@pytest.mark.parametrize("start", ["0001-01-01T00:00:00+05:00", "0001-01-01T03:00:00+14:00"])
+async def test_reserve_starting_before_year_one_utc_is_a_bad_request_not_internal(server: Server, start: str) -> None:
+    """The refusal formatted the start as a UTC datetime, which does not exist before year 1."""
+    async with raw(server) as peer, vehicle(server, "V04") as good:
+        await peer.hello(server, "vehicle", "V01")
+        await peer.send_body(
+            msgspec.msgpack.encode(
+                {"type": "Reserve", "id": 7, "charge_point_id": "NAT-PN-1", "start": start, "minutes": 30}
+            )
+        )
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 7, error
+        assert "in the past" in error.message
+        async with asyncio.timeout(5):
+            assert await good.reservations() == []
+
+
+async def test_prepare_with_thousands_of_stops_is_refused_not_checked_for_seconds(server: Server) -> None:
+    """A PREPARE's stops were checked against each other pairwise inside one writer section: a
+    peer's frame of ~15,000 distinct stops blocked the event loop, so every client, for ~8 s."""
+    cps = list(server.registry.charge_points)
+    now = server.clock.now_dt()
+    stops = []
+    for i in range(2000):
+        start = now + timedelta(minutes=10 + 30 * (i // len(cps)))
+        stops.append(p.StopRequest(charge_point_id=cps[i % len(cps)], start=start, end=start + timedelta(minutes=29)))
+    async with raw(server) as peer:
+        await peer.hello(server, "peer", "B")
+        await peer.send(
+            p.Prepare(id=8, txn_id="B-T1.1", trip_id="B-T1", vehicle_id="V02", stops=stops, deadline=time.time() + 30)
+        )
+        vote = await peer.receive(timeout=30.0)
+        assert isinstance(vote, p.Vote) and vote.id == 8, vote
+        assert not vote.yes and "at most" in vote.reason, vote
+    assert not [r for r in server.registry.reservations.values() if r.trip_id == "B-T1"]
+
+
+async def test_trip_from_a_frame_sized_city_name_does_not_hold_up_the_server(server: Server) -> None:
+    """Looking a city up folds its name (NFKD, in which "ﷺ" is 18 letters) on the event loop:
+    one PlanTrip with a frame-sized origin held every connection up for ~1.7 s."""
+    query = p.TripQuery(origin="\ufdfa" * 340_000, destination="Recife")
+    async with raw(server) as peer, LoopWatch() as watch:
+        await peer.hello(server, "vehicle", "V01")
+        watch.reset()
+        await peer.send(p.PlanTrip(id=9, query=query))
+        error = await peer.receive(timeout=30.0)
+        assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 9, error
+        assert "unknown city" in error.message
+        assert watch.longest < 1.0, f"the event loop was held for {watch.longest:.2f} s"
