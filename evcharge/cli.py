@@ -486,7 +486,7 @@ class UsageError(Exception):
     pass
 
 
-def _trip_query(args: argparse.Namespace) -> p.TripQuery:
+def trip_query(args: argparse.Namespace) -> p.TripQuery:
     depart = None
     if args.depart:
         try:
@@ -652,17 +652,19 @@ async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> 
                 out.print(render.history_table(history))
             return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
         case "plan":
-            trip = await c.plan_trip(_trip_query(args))
+            trip = await c.plan_trip(trip_query(args))
             if human:
                 render.trip(trip, out, title=f"Plan {trip.id}")
                 out.print(f"Book it as shown with the same question and [bold]--plan {trip.id}[/].")
             return {"trip": trip}
         case "book":
-            booked = await c.book_trip(_trip_query(args), args.plan)
+            booked = await c.book_trip(trip_query(args), args.plan)
             if human:
                 note = f" (re-planned {booked.attempts - 1}x after losing slots)" if booked.attempts > 1 else ""
+                if args.plan and booked.attempts == 1 and not booked.as_shown:
+                    note = f" (a fresh plan: {args.plan} was not yours for this question, or its time had passed)"
                 render.trip(booked.trip, out, title=f"Booked trip {booked.trip.id}{note}")
-            return {"trip": booked.trip, "attempts": booked.attempts}
+            return {"trip": booked.trip, "attempts": booked.attempts, "as_shown": booked.as_shown}
         case "trips":
             trips = await c.trips(include_cancelled=args.all)
             if human:

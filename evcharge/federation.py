@@ -73,7 +73,7 @@ AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
 MAX_BACKOFF = 5.0
 CLAIM_LINGER = 2.0  # real seconds a booked trip's claim outlives its booking
 PLAN_TTL = 900.0  # real seconds a plan shown to a vehicle can be booked as shown
-MAX_PLANS_SHOWN = 10_000  # plans kept for booking; the oldest go first
+MAX_PLANS_SHOWN = 16  # plans kept per vehicle for booking as shown; the oldest go first
 
 _trip_json = msgspec.json.Encoder()
 _trip_decoder = msgspec.json.Decoder(p.TripInfo)
@@ -199,7 +199,6 @@ class _Txn:
 
 @dataclass(slots=True)
 class _ShownPlan:
-    vehicle_id: str
     query: p.TripQuery
     plan: planner.Plan
     expires: float  # time.monotonic()
@@ -225,7 +224,7 @@ class Federation:
         }
         self.catalogs: dict[str, list[p.StationInfo]] = {}
         self._options: list[planner.ChargeOption] | None = None  # cache of _charge_options()
-        self._shown: OrderedDict[str, _ShownPlan] = OrderedDict()  # plan id -> plan, oldest first
+        self._shown: dict[str, OrderedDict[str, _ShownPlan]] = {}  # vehicle -> plan id -> plan, oldest first
         self._claims: dict[str, list[tuple[str, int, int]]] = {}  # trip id -> slots it is booking
         self._planning = asyncio.Lock()
         self.trips: dict[str, Trip] = {}
@@ -233,6 +232,8 @@ class Federation:
         self.active: dict[str, _Txn] = {}
         self._sending: set[str] = set()  # trips whose decision is being delivered now
         self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
+        self._storing_acks: set[str] = set()  # trips whose acknowledgements are being stored
+        self._stopping = False
         self._trip_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._planner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{self.me.id}")
@@ -255,6 +256,7 @@ class Federation:
         self._tasks.append(loop.create_task(self._resolve_forever()))
 
     async def stop(self) -> None:
+        self._stopping = True
         tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
@@ -391,24 +393,32 @@ class Federation:
     def show(self, vehicle_id: str, query: p.TripQuery, plan: planner.Plan) -> str:
         """Keep a plan shown to a vehicle for a while, so that it can book exactly that plan."""
         plan_id = f"{self.me.id}-P{secrets.token_hex(5)}"
-        self._shown[plan_id] = _ShownPlan(vehicle_id, query, plan, time.monotonic() + PLAN_TTL)
-        while len(self._shown) > MAX_PLANS_SHOWN:
-            self._shown.popitem(last=False)
+        # Per vehicle, so that nobody's plans push out anyone else's.
+        mine = self._shown.setdefault(vehicle_id, OrderedDict())
+        mine[plan_id] = _ShownPlan(query, plan, time.monotonic() + PLAN_TTL)
+        while len(mine) > MAX_PLANS_SHOWN:
+            mine.popitem(last=False)
         return plan_id
 
     def _shown_plan(self, vehicle_id: str, query: p.TripQuery, plan_id: str) -> planner.Plan | None:
-        shown = self._shown.get(plan_id)
-        if shown is None or shown.expires < time.monotonic():
-            self._shown.pop(plan_id, None)
+        """The plan shown to this vehicle for this question, if it can still be booked as shown."""
+        mine = self._shown.get(vehicle_id, {})
+        shown = mine.get(plan_id)
+        if shown is None or shown.query != query:
             return None
-        # Another vehicle's plan, or one for another question, is not what this vehicle saw.
-        return shown.plan if shown.vehicle_id == vehicle_id and shown.query == query else None
+        first = shown.plan.stops[0].slot_start if shown.plan.stops else shown.plan.depart + 3600
+        if shown.expires < time.monotonic() or first <= self.server.clock.now():
+            del mine[plan_id]  # its time has passed (the simulated clock may run fast)
+            return None
+        return shown.plan
 
-    async def book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str = "") -> tuple[p.TripInfo, int]:
+    async def book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str = "") -> tuple[p.TripInfo, int, bool]:
+        """The trip booked, the plans tried, and whether it is the plan shown as ``plan_id``."""
         trip_id = f"{self.me.id}-T{secrets.token_hex(5)}"
         conflicts = ""
         shown = self._shown_plan(vehicle.id, query, plan_id) if plan_id else None
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            as_shown = shown is not None
             if shown is not None:
                 plan = shown
                 self._claim(trip_id, plan)
@@ -424,7 +434,7 @@ class Federation:
                 # Plans whose availability was read before these holds were placed still
                 # need the claim for a moment.
                 asyncio.get_running_loop().call_later(CLAIM_LINGER, self._claims.pop, trip_id, None)
-                return outcome.trip, attempt
+                return outcome.trip, attempt, as_shown
             self._claims.pop(trip_id, None)
             conflicts = outcome.conflicts
             log.info("trip %s attempt %d lost a race (%s); re-planning", trip_id, attempt, conflicts)
@@ -560,6 +570,9 @@ class Federation:
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` beside the request that started it; ``stop`` cancels what is left."""
+        if self._stopping:  # nobody would wait for it; what it would store is redone after a restart
+            work.close()
+            return
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background_done)
@@ -615,6 +628,7 @@ class Federation:
                 if not t.cancelled() and t.exception() is not None:
                     log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
             if acked:
+                self._storing_acks.add(trip.id)
                 self._spawn(self._store_acks(trip, acked))
         finally:
             self._sending.discard(trip.id)
@@ -629,6 +643,8 @@ class Federation:
             await self._update_trip(trip.id, without_acked)
         except StoreError as exc:
             log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
+        finally:
+            self._storing_acks.discard(trip.id)
 
     async def _update_trip(
         self,
@@ -714,7 +730,9 @@ class Federation:
                 log.warning("resolver: %s", exc)
 
     async def resolve_once(self) -> None:
-        undelivered = [t for t in self.trips.values() if t.unacked and t.id not in self._sending]
+        # A trip whose acknowledgements are being stored looks undelivered until they are.
+        busy = self._sending | self._storing_acks
+        undelivered = [t for t in self.trips.values() if t.unacked and t.id not in busy]
         in_doubt = self.registry.overdue_holds(time.time())
         await asyncio.gather(
             *(self._deliver(t, wait=PEER_TIMEOUT) for t in undelivered),

@@ -309,7 +309,8 @@ class InspectResult(Reply, kw_only=True):
 def split_to_fit(result: InspectResult, budget: int) -> list[InspectResult]:
     """The snapshot as parts whose lists, put together in order, are the snapshot's, each at most ``budget`` bytes."""
     size = len(_encoder.encode(result))
-    count = -(-size // budget)
+    longest = max(len(result.stations), len(result.reservations), len(result.trips), 1)
+    count = min(-(-size // budget), longest)
     while True:
         parts = [
             msgspec.structs.replace(
@@ -320,9 +321,11 @@ def split_to_fit(result: InspectResult, budget: int) -> list[InspectResult]:
             )
             for i in range(count)
         ]
-        if count >= size or all(len(_encoder.encode(part)) <= budget for part in parts):
-            return parts
-        count *= 2  # uneven items (a station with many charge points): cut finer
+        # One item per part is as fine as it gets: an item over the budget alone is refused
+        # as too large when sent, not cut into a million parts.
+        if count >= longest or all(len(_encoder.encode(part)) <= budget for part in parts):
+            return [part for part in parts if part.stations or part.reservations or part.trips] or parts[:1]
+        count = min(count * 2, longest)  # uneven items (a station with many charge points): cut finer
 
 
 def _slice(items: list[T], i: int, count: int) -> list[T]:
@@ -409,6 +412,7 @@ class BookTrip(Request, kw_only=True):
 class TripReply(Reply, kw_only=True):
     trip: TripInfo
     attempts: int = 1  # plans tried (more than one: re-planned around conflicts)
+    as_shown: bool = False  # the trip is the plan BookTrip.plan_id named, booked as it was shown
 
 
 class ListTrips(Request, kw_only=True):

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from evcharge import geo
 from evcharge import protocol as p
-from evcharge.cli import UsageError, add_vehicle_commands, vehicle_command
+from evcharge.cli import UsageError, add_vehicle_commands, trip_query, vehicle_command
 from evcharge.client import Backoff, Client, open_client
 from evcharge.errors import EvchargeError, UnavailableError
 from evcharge.world import VehicleConfig, World
@@ -85,7 +85,7 @@ class VehicleRepl:
         self.position_every = position_every
         self.client: Client | None = None
         self.charging: dict[str, tuple[float, float]] = {}  # reservation -> (soc at start, kWh so far)
-        self._last_plan_id = ""  # what `book` books as shown, if asked the same question
+        self._last_plan: tuple[p.TripQuery | None, str] = (None, "")  # the last question planned, its plan id
         self._progress: dict[str, asyncio.Event] = {}
         self._warned_low = False
         self._stop = asyncio.Event()
@@ -184,11 +184,11 @@ class VehicleRepl:
                 case _:
                     args = self.parser.parse_args(words)
                     args.json, args.id = False, self.vehicle.id
-                    if command == "book" and not args.plan:
-                        args.plan = self._last_plan_id  # the server books it only for the same question
+                    if command == "book" and not args.plan and self._last_plan[0] == trip_query(args):
+                        args.plan = self._last_plan[1]  # the same question: book what was shown
                     result = await vehicle_command(self._connected(), args, self.console)
                     if command == "plan":
-                        self._last_plan_id = result["trip"].id
+                        self._last_plan = (trip_query(args), result["trip"].id)
         except EvchargeError as exc:
             self.say(f"[red]{exc.code}[/]: {exc.message}")
         except UsageError as exc:

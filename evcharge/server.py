@@ -260,6 +260,9 @@ class Server:
                     raise UnavailableError("server is shutting down")
                 if len(self.sessions) >= self.max_connections:
                     raise UnavailableError(f"too many connections (at most {self.max_connections}); try again later")
+                if hello.role == "peer" and self.operator.peer_tls and listener.security != "mtls":
+                    # Every operator has every secret: only a certificate tells B from C.
+                    raise ForbiddenError("peers of this operator connect over mutual TLS, on its peer port")
                 if hello.role == "peer":
                     # On a +mtls listener the TLS layer has verified the certificate already.
                     names = certificate_names(peercert) if listener.security == "mtls" else None

@@ -203,8 +203,9 @@ class VehicleSession(Session):
                 return p.TripReply(trip=plan_info(plan_id, self.ident, self.server.operator.id, query, plan))
             case p.BookTrip(query=query, plan_id=plan_id):
                 federation = self.server.federation_or_refuse()
-                trip, attempts = await federation.book(self.server.world.vehicle(self.ident), query, plan_id)
-                return p.TripReply(trip=trip, attempts=attempts)
+                vehicle = self.server.world.vehicle(self.ident)
+                trip, attempts, as_shown = await federation.book(vehicle, query, plan_id)
+                return p.TripReply(trip=trip, attempts=attempts, as_shown=as_shown)
             case p.ListTrips(include_cancelled=include_cancelled):
                 federation = self.server.federation_or_refuse()
                 return p.TripList(trips=federation.trips_of(self.ident, include_cancelled))

@@ -111,17 +111,28 @@ async def test_a_shown_plan_is_booked_as_shown_and_replanned_once_its_slots_are_
         second = await c.plan_trip(NATAL_TO_FEIRA)
         assert first.id != second.id and first.id.startswith("A-P") and slots(first) == slots(second)
         booked = await c.book_trip(NATAL_TO_FEIRA, first.id)
-        assert booked.attempts == 1 and slots(booked.trip) == slots(first)
+        assert booked.attempts == 1 and booked.as_shown and slots(booked.trip) == slots(first)
         # The second plan shows the slots the first booking has just taken: booking it as
         # shown loses them, so the server re-plans (a server that ignored the id would not).
         again = await c.book_trip(NATAL_TO_FEIRA, second.id)
-        assert again.attempts == 2 and not set(slots(again.trip)) & set(slots(first))
+        assert again.attempts == 2 and not again.as_shown and not set(slots(again.trip)) & set(slots(first))
         # A plan is booked as shown only for the vehicle it was shown to, for the same question.
         theirs = await other.book_trip(NATAL_TO_FEIRA, second.id)
-        assert theirs.attempts == 1
+        assert theirs.attempts == 1 and not theirs.as_shown
         other_question = p.TripQuery(origin="Natal", destination="Feira de Santana", soc_pct=70)
-        assert (await c.book_trip(other_question, second.id)).attempts == 1
+        assert not (await c.book_trip(other_question, second.id)).as_shown
     check_invariants(await inspect_all(servers))
+
+
+async def test_a_shown_plan_whose_time_has_passed_is_replaced_by_a_fresh_one(servers: dict[str, Server]) -> None:
+    async with driver(servers, "V01") as c:
+        plan = await c.plan_trip(NATAL_TO_FEIRA)
+        # Five simulated hours later (the clocks run fast): its first slot is in the past.
+        for server in servers.values():
+            server.clock.anchor_sim += 5 * 3600
+        booked = await c.book_trip(NATAL_TO_FEIRA, plan.id)
+        assert booked.trip.state == "committed" and not booked.as_shown and booked.attempts == 1
+        assert booked.trip.stops[0].slot_start > plan.stops[0].slot_start
 
 
 async def test_cancel_trip_releases_every_stop_even_if_a_peer_is_briefly_down(

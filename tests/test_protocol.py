@@ -637,6 +637,15 @@ def test_random_bytes_only_raise_undecodable(body: bytes) -> None:
         assert isinstance(message, typing.get_args(AnyMessage))
 
 
+def test_a_snapshot_with_an_item_over_the_budget_is_cut_no_finer_than_one_item_per_part() -> None:
+    big = p.StationInfo(id="BIG", operator_id="A", name="Site", city="Natal", lat=0, lon=0, charge_points=[CP_1] * 200)
+    small = p.StationInfo(id="S", operator_id="A", name="Site", city="Natal", lat=0, lon=0, charge_points=[CP_1])
+    whole = p.InspectResult(operator_id="A", server_time=T0, stations=[small, big, small], reservations=[])
+    parts = p.split_to_fit(whole, 2_000)
+    assert [s.id for part in parts for s in part.stations] == ["S", "BIG", "S"]
+    assert len(parts) <= 3  # the big one goes alone (and is refused as too large when sent)
+
+
 @given(
     stations=st.integers(0, 60),
     reservations=st.integers(0, 300),

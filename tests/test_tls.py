@@ -28,7 +28,7 @@ from evcharge.client import connect, open_client
 from evcharge.errors import ConnectionLostError, ForbiddenError, UnauthorizedError, UnavailableError
 from evcharge.server import Server
 from evcharge.station import ChargePointSim
-from evcharge.tls import ROLES, Listen, TlsConfigError, TlsFiles, client_context, parse_listen
+from evcharge.tls import ROLES, Listen, TlsConfigError, TlsFiles, client_context, every_role, parse_listen
 from evcharge.world import World, load_world
 
 from .conftest import REPO, free_ports, run_cli, running_server
@@ -325,6 +325,17 @@ async def test_a_peer_needs_a_certificate_of_its_own(mtls_world: World, tmp_path
             await as_b(client_context(pki.ca, c.cert, c.key))
         # B's certificate and B's secret: welcome.
         await as_b(client_context(pki.ca, pki.files["B"].cert, pki.files["B"].key))
+
+
+async def test_a_peer_of_an_operator_on_mutual_tls_is_refused_on_its_other_listeners(
+    mtls_world: World, tmp_path: Path, pki: Pki
+) -> None:
+    listen = [*mtls_listeners(mtls_world, "A"), every_role("127.0.0.1", 0)]
+    async with running_server(mtls_world, tmp_path / "data", "A", listen=listen, tls=pki.files["A"]) as a:
+        b = mtls_world.operator("B")
+        # The plaintext listener takes every role, but a peer there shows no certificate.
+        with pytest.raises(ForbiddenError, match="mutual TLS"):
+            await open_client("127.0.0.1", a.listen[2].port, role="peer", ident="B", secret=b.secret, timeout=5)
 
 
 async def test_a_peer_link_to_a_server_we_cannot_verify_stays_down_and_says_why(
