@@ -372,21 +372,30 @@ class OperatorProcess:
             self.proc.send_signal(signal.SIGKILL)
         self._reap()
 
-    def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it has not ended within ``timeout``; the event loop runs on meanwhile."""
         self.killed_by_us = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                await asyncio.to_thread(proc.wait, timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._reap()
+                proc.kill()
+        # The server is ended (or SIGKILLed, which cannot be ignored): reaping it and its log's
+        # cat takes moments, but is still done off the event loop.
+        await asyncio.to_thread(self._reap)
 
     def _reap(self) -> None:
+        """Wait for the server and its log's cat; whichever is still there after 10 s is SIGKILLed."""
         for proc in (self.proc, self._logger):
-            if proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
     def refuse_writes(self, refuse: bool) -> None:
         """The kernel refuses (or allows again) every write of the server to a file."""
@@ -493,8 +502,11 @@ class Chaos:
     async def teardown(self) -> None:
         for proxy in (*self.peer_proxies.values(), *self.client_proxies.values()):
             await proxy.stop()
-        for server in self.servers.values():
-            server.stop()
+        # All at once, each bounded by its own stop's deadline; every one is stopped even if one fails.
+        stopped = await asyncio.gather(*(server.stop() for server in self.servers.values()), return_exceptions=True)
+        for outcome in stopped:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def all_proxies(self) -> dict[str, ChaosProxy]:
         return {proxy.name: proxy for proxy in (*self.peer_proxies.values(), *self.client_proxies.values())}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +16,7 @@ import msgspec
 import pytest
 
 from evcharge import protocol as p
-from evcharge.chaos import Record, check_states
+from evcharge.chaos import OperatorProcess, Record, check_states
 from evcharge.model import Reservation, Trip
 from evcharge.store import migrate, put_reservation, put_trip
 from evcharge.world import World
@@ -209,3 +212,34 @@ def test_a_record_of_nothing_on_clean_books_finds_nothing() -> None:
     record = Record()
     record.reservation("A", r)
     assert check_states(states, record, 15, t0.timestamp()) == []
+
+
+# --- the servers' processes ----------------------------------------------------------------
+
+# A stand-in for a server that will not stop on SIGTERM: it says so on its output once it ignores it.
+DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('deaf', flush=True); time.sleep(120)"
+
+
+@pytest.mark.timeout(60)
+async def test_stopping_a_server_that_ignores_sigterm_kills_it_without_blocking_the_event_loop(tmp_path: Path) -> None:
+    server = OperatorProcess("A", tmp_path / "world.toml", tmp_path, 0, 0.0, "info")
+    server._spawn([sys.executable, "-c", DEAF, str(tmp_path)])  # its work dir in its command line, for pgrep
+    try:
+        async with asyncio.timeout(20):
+            while b"deaf" not in server.log_path.read_bytes():
+                await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(server.stop(timeout=2.0))
+        # Other tasks run while stop waits: a synchronous wait would have held the loop until it was done.
+        turns = 0
+        async with asyncio.timeout(30):
+            while not stopping.done():
+                turns += 1
+                await asyncio.sleep(0.05)
+        await stopping
+        assert turns > 1
+        assert server.proc is not None and server.proc.returncode == -signal.SIGKILL
+        assert server._logger is not None and server._logger.returncode is not None
+        assert server.died_by_itself() is None  # stopped by us
+        assert leftover_processes(str(tmp_path)) == ""
+    finally:
+        server.kill()
