@@ -762,26 +762,39 @@ class Chaos:
         return states
 
     async def settle_and_check(self, name: str) -> dict[str, Any]:
-        """Wait (bounded) until nothing is held and the books agree; what is still wrong then is a violation."""
+        """Wait (bounded) until nothing is held, every peer link is up and the books agree.
+
+        Called once every fault has stopped: what is still wrong after ``settle_timeout`` (a
+        violation of the books, a hold, a link between two operators still down) is a violation.
+        """
         assert self.world is not None
         began = time.monotonic()
         grace = self.world.rules.no_show_grace_min
         problems: list[str] = ["not inspected yet"]
         states: dict[str, p.InspectResult] = {}
         while True:
+            stuck: list[str] = []  # not a violation yet: what settling may still resolve
             try:
                 states = await self.inspect_all()
             except EvchargeError as exc:
                 problems = [f"inspect failed: {exc.message}"]
             else:
                 problems = check_states(states, self.record, grace, time.time())
-                held = [r.id for s in states.values() for r in s.reservations if r.state == "held"]
-                down = [peer.operator_id for s in states.values() for peer in s.peers if not peer.up]
-                if not problems and not held and not down:
+                stuck = [
+                    f"reservation {r.id} at {op} still held (trip {r.trip_id})"
+                    for op, s in sorted(states.items())
+                    for r in s.reservations
+                    if r.state == "held" and not any(r.id in v for v in problems)
+                ] + [
+                    f"link from {op} to {peer.operator_id} still down ({peer.last_error or 'no error given'})"
+                    for op, s in sorted(states.items())
+                    for peer in s.peers
+                    if not peer.up
+                ]
+                if not problems and not stuck:
                     break
             if time.monotonic() - began > self.s.settle_timeout:
-                if states:
-                    problems += [f"still held after settling: {r}" for r in held] if not problems else []
+                problems += [f"{what} after settling for {self.s.settle_timeout:g} s" for what in stuck]
                 break
             await asyncio.sleep(0.3)
         live = sum(1 for s in states.values() for r in s.reservations if r.state in p.LIVE_STATES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from rich.console import Console
 
 from evcharge import protocol as p
-from evcharge.chaos import OperatorProcess, Record, check_states
+from evcharge.chaos import Chaos, OperatorProcess, Record, Settings, build_parser, check_states
 from evcharge.model import Reservation, Trip
 from evcharge.store import migrate, put_reservation, put_trip
 from evcharge.world import World
@@ -243,3 +245,70 @@ async def test_stopping_a_server_that_ignores_sigterm_kills_it_without_blocking_
         assert leftover_processes(str(tmp_path)) == ""
     finally:
         server.kill()
+
+
+# --- the run's own checks, without servers -------------------------------------------------
+
+
+def quiet_chaos(tmp_path: Path, world: World, *args: str, **settings: float) -> Chaos:
+    """A chaos run that was never started (its checks are called by hand), printing nothing."""
+    made = Settings.make(build_parser().parse_args(["--quick", "--seed", "1", *args]))
+    chaos = Chaos(dataclasses.replace(made, **settings), tmp_path, Console(quiet=True))
+    chaos.world = world
+    return chaos
+
+
+def books(peers_down: dict[str, set[str]]) -> dict[str, p.InspectResult]:
+    """Empty books of A, B and C, each seeing its two peers, up but for those in ``peers_down``."""
+    now = datetime.now(UTC)
+    return {
+        op: p.InspectResult(
+            operator_id=op,
+            server_time=now,
+            stations=[],
+            reservations=[],
+            peers=[
+                p.PeerInfo(
+                    operator_id=peer,
+                    address="127.0.0.1:1",
+                    up=peer not in peers_down.get(op, set()),
+                    last_error="connection refused" if peer in peers_down.get(op, set()) else "",
+                )
+                for peer in "ABC"
+                if peer != op
+            ],
+        )
+        for op in "ABC"
+    }
+
+
+@pytest.mark.timeout(30)
+async def test_a_peer_link_still_down_after_settling_is_a_violation(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chaos = quiet_chaos(tmp_path, world, settle_timeout=0.5)
+
+    async def inspect_all() -> dict[str, p.InspectResult]:
+        return books({"A": {"C"}})
+
+    monkeypatch.setattr(chaos, "inspect_all", inspect_all)
+    check = await chaos.settle_and_check("after healing")
+    assert len(check["violations"]) == 1, check
+    assert "link from A to C still down (connection refused) after settling" in check["violations"][0]
+    assert chaos.violations == [f"after healing: {check['violations'][0]}"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_peer_link_that_comes_back_while_settling_is_no_violation(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chaos = quiet_chaos(tmp_path, world, settle_timeout=20.0)
+    answers = iter([books({"B": {"A", "C"}}), books({"B": {"C"}})])
+
+    async def inspect_all() -> dict[str, p.InspectResult]:
+        return next(answers, books({}))
+
+    monkeypatch.setattr(chaos, "inspect_all", inspect_all)
+    check = await chaos.settle_and_check("after healing")
+    assert check["violations"] == [] and chaos.violations == []
+    assert next(answers, None) is None  # it waited for the links, and stopped once all were up
