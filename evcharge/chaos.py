@@ -85,6 +85,14 @@ CELL_S = 1800  # single reservations and departures fall on half-hour cells
 RESERVE_CELLS = 24  # twelve hours of cells: enough contention for conflicts, room for successes
 DEPART_CELLS = 6
 PROBE_DAY = 3  # probe reservations (the disk checks) go on their own day, one hour apart
+PROXY_FAULT_KINDS = ("delay", "stall", "cut", "reset")  # at random, per chunk, at the proxies' rates
+SERVER_FAULT_KINDS = ("partition", "kill", "disk_refused")  # by the monkey, each at least once a run
+NOT_INJECTED = {
+    **{kind: f"the proxies made no {kind} though its rate is not zero" for kind in PROXY_FAULT_KINDS},
+    "partition": "no operator was partitioned from its peers",
+    "kill": "no server was killed with kill -9 and restarted",
+    "disk_refused": "no disk refused writes with a request answered `unavailable` meanwhile",
+}
 UNKNOWN = ("lost", "timeout", "unfinished")  # outcomes after which nobody knows what happened
 # The answers each request may rightly get under these faults; any other is a finding (say, a
 # cancellation of an acknowledged booking answered not_found, or 'no route' for a route that exists).
@@ -119,6 +127,7 @@ class Settings:
     event_gap: tuple[float, float]  # between kills and partitions (uniform)
     disk_gap: tuple[float, float]  # between disk faults (uniform): every trip touching that disk fails meanwhile
     settle_timeout: float
+    cover_timeout: float  # the load may go on this much past its duration until the run did all it must
     server_log_level: str
     fault_scale: float
 
@@ -159,9 +168,20 @@ class Settings:
             event_gap=(0.5, 1.0) if quick else (3.0, 8.0),
             disk_gap=(5.0, 6.0) if quick else (10.0, 20.0),
             settle_timeout=25.0 if quick else 40.0,
+            cover_timeout=30.0 if quick else 60.0,
             server_log_level=args.server_log_level,
             fault_scale=k,
         )
+
+    @property
+    def enabled_faults(self) -> tuple[str, ...]:
+        """Every kind of fault this run injects: the proxies' kinds whose rate is not zero, and the server faults."""
+        proxy = tuple(
+            kind
+            for kind in PROXY_FAULT_KINDS
+            if getattr(self.peer_rates, kind) > 0 or getattr(self.client_rates, kind) > 0
+        )
+        return (*proxy, *SERVER_FAULT_KINDS)
 
 
 # --- what the servers acknowledged ------------------------------------------------------
@@ -638,24 +658,29 @@ class Chaos:
         fault early and make the disk check meaningless); otherwise faults overlap freely.
         """
         await asyncio.gather(
-            self._track(["disk"], (1.0,), self.s.disk_gap),
+            self._track(["disk_refused"], (1.0,), self.s.disk_gap),
             self._track(["kill", "partition"], (0.6, 0.4), self.s.event_gap),
         )
 
     async def _track(self, kinds: list[str], weights: tuple[float, ...], gap: tuple[float, float]) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.s.duration
-        plan = list(kinds)  # every kind early on (a quick run has time for little more), then at random
         await asyncio.sleep(self.rng.uniform(0.5, 1.5))
-        while not self.stopping.is_set() and loop.time() < end - 2.0:
-            kind = plan.pop(0) if plan else self.rng.choices(kinds, weights)[0]
+        while not self.stopping.is_set():
+            # Each kind not injected yet comes first (a quick run has time for little more), even
+            # past the load's duration, which goes on until it was (see until_covered); then kinds
+            # at random until the duration is over.
+            missing = [kind for kind in kinds if not self.injected(kind)]
+            if not missing and loop.time() >= end - 2.0:
+                break
+            kind = missing[0] if missing else self.rng.choices(kinds, weights)[0]
             operator = self.rng.choice([op for op in OPERATORS if op not in self.busy])
             self.busy.add(operator)
             self.console.print(f"  [dim]{time.monotonic() - self.began:6.1f} s[/] {kind} {operator}")
             try:
                 if kind == "kill":
                     await self.kill_and_restart(operator)
-                elif kind == "disk":
+                elif kind == "disk_refused":
                     await self.refusing_disk(operator)
                 else:
                     await self.partition(operator)
@@ -663,6 +688,45 @@ class Chaos:
                 self.busy.discard(operator)
             self.check_alive()
             await asyncio.sleep(self.rng.uniform(*gap))
+
+    def injected(self, kind: str) -> bool:
+        """Whether the run has injected a fault of this kind (one of ``Settings.enabled_faults``) that did its part."""
+        if kind in PROXY_FAULT_KINDS:
+            return any(proxy.faults[kind] > 0 for proxy in self.all_proxies().values())
+        if kind == "partition":
+            return self.partitions > 0
+        if kind == "kill":
+            return any(k.restart_s > 0 for k in self.kills)  # killed, and restarted
+        if kind == "disk_refused":
+            return any(w.unavailable_answers > 0 for w in self.disk_windows)  # a write was refused
+        raise ValueError(f"no fault {kind!r}")
+
+    def coverage_gaps(self) -> list[str]:
+        """What the run has not done yet that it must (else it passes with nothing tested): violations at its end."""
+        gaps = []
+        if self.ops[("reserve", "ok")] == 0:
+            gaps.append("no single reservation was acknowledged: the run tested no reservation")
+        if not self.record.trips:
+            gaps.append("no trip was acknowledged: the run tested no trip booking")
+        if not self.record.cancel_acked:
+            gaps.append("no cancellation was acknowledged: the run tested no cancellation")
+        gaps += [
+            f"no fault injected of an enabled kind: {NOT_INJECTED[k]}"
+            for k in self.s.enabled_faults
+            if not self.injected(k)
+        ]
+        return gaps
+
+    async def until_covered(self, monkey: asyncio.Future[None]) -> None:
+        """Keep the load going (at most ``cover_timeout``) until the run has done everything it must."""
+        shown: list[str] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.s.cover_timeout):
+                while (gaps := self.coverage_gaps()) and not _failed(monkey):  # a failed monkey injects no more
+                    if gaps != shown:
+                        self.say(f"load goes on past its duration: {'; '.join(gaps)}")
+                        shown = gaps
+                    await asyncio.sleep(0.25)
 
     async def partition(self, operator: str) -> None:
         """Cut ``operator`` off from its peers (both ways) for a while; vehicles still reach it."""
@@ -836,6 +900,7 @@ class Chaos:
         monkey = asyncio.ensure_future(self.monkey())
         try:
             await asyncio.sleep(self.s.duration)
+            await self.until_covered(monkey)
         finally:
             self.stopping.set()
             # Requests in flight get a moment to finish; what is still running then is cut off.
@@ -912,7 +977,8 @@ class Chaos:
             "restarts": restarts,
             "disk_windows": [w.__dict__ for w in self.disk_windows],
             "checks": self.checks,
-            "violations": self.violations,
+            # A run that did not do all it must tested too little to pass.
+            "violations": [*self.violations, *self.coverage_gaps()],
             "settings": {
                 "peer_rates": _rates(self.s.peer_rates),
                 "client_rates": _rates(self.s.client_rates),
@@ -920,8 +986,13 @@ class Chaos:
                 "trip_timeout_s": self.s.trip_timeout,
                 "disk_full_for_s": self.s.disk_full_for,
                 "fault_scale": self.s.fault_scale,
+                "faults_enabled": list(self.s.enabled_faults),
             },
         }
+
+
+def _failed(task: asyncio.Future[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 def _rates(rates: FaultRates) -> dict[str, float]:

@@ -18,7 +18,18 @@ import pytest
 from rich.console import Console
 
 from evcharge import protocol as p
-from evcharge.chaos import Chaos, OperatorProcess, Record, Settings, build_parser, check_states
+from evcharge.chaos import (
+    AckedTrip,
+    Chaos,
+    DiskWindow,
+    Kill,
+    OperatorProcess,
+    Record,
+    Settings,
+    build_parser,
+    check_states,
+)
+from evcharge.chaos_proxy import ChaosProxy
 from evcharge.model import Reservation, Trip
 from evcharge.store import migrate, put_reservation, put_trip
 from evcharge.world import World
@@ -312,3 +323,60 @@ async def test_a_peer_link_that_comes_back_while_settling_is_no_violation(
     check = await chaos.settle_and_check("after healing")
     assert check["violations"] == [] and chaos.violations == []
     assert next(answers, None) is None  # it waited for the links, and stopped once all were up
+
+
+def covered(chaos: Chaos, *, but: str = "") -> Chaos:
+    """Give a never-started run everything a run must do (``but`` one thing): acknowledgements and faults."""
+    if but != "reservation":
+        chaos.ops[("reserve", "ok")] += 1
+    if but != "trip":
+        chaos.record.trips["A-T1"] = AckedTrip("A-T1", "A", "V01", (("B", "B-1"),))
+    if but != "cancellation":
+        chaos.record.cancel_acked.add("A-2")
+    proxy = ChaosProxy("127.0.0.1", 1, name="vehicles->A")  # never started: only its counts matter
+    proxy.faults.update({kind: 1 for kind in ("delay", "stall", "cut", "reset") if kind != but})
+    chaos.client_proxies["A"] = proxy
+    chaos.partitions = 0 if but == "partition" else 1
+    chaos.kills.append(Kill("B", 0.5, 0.0 if but == "kill" else 1.2))  # not restarted: no kill that counts
+    chaos.disk_windows.append(DiskWindow("C", 3.0, "timeout" if but == "disk" else "unavailable", int(but != "disk")))
+    return chaos
+
+
+@pytest.mark.timeout(30)
+def test_a_run_that_did_all_it_must_has_no_violation(tmp_path: Path, world: World) -> None:
+    assert covered(quiet_chaos(tmp_path, world)).results(1.0, 14.0, 20.0)["violations"] == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("but", "violation"),
+    [
+        ("trip", "no trip was acknowledged"),
+        ("reservation", "no single reservation was acknowledged"),
+        ("cancellation", "no cancellation was acknowledged"),
+        ("delay", "the proxies made no delay"),
+        ("stall", "the proxies made no stall"),
+        ("cut", "the proxies made no cut"),
+        ("reset", "the proxies made no reset"),
+        ("partition", "no operator was partitioned"),
+        ("kill", "no server was killed with kill -9 and restarted"),
+        ("disk", "no disk refused writes with a request answered `unavailable`"),
+    ],
+)
+def test_a_run_that_left_something_untested_has_a_violation_saying_what(
+    tmp_path: Path, world: World, but: str, violation: str
+) -> None:
+    results = covered(quiet_chaos(tmp_path, world), but=but).results(1.0, 14.0, 20.0)
+    assert len(results["violations"]) == 1 and violation in results["violations"][0], results["violations"]
+
+
+@pytest.mark.timeout(30)
+def test_a_run_that_did_nothing_has_a_violation_for_each_thing_and_proxy_faults_count_only_if_enabled(
+    tmp_path: Path, world: World
+) -> None:
+    assert len(quiet_chaos(tmp_path, world).results(0.0, 0.0, 0.0)["violations"]) == 3 + 4 + 3
+    # With every proxy rate at zero only the server faults are enabled, and must still be injected.
+    idle_proxies = quiet_chaos(tmp_path, world, "--fault-scale", "0")
+    assert idle_proxies.s.enabled_faults == ("partition", "kill", "disk_refused")
+    assert len(idle_proxies.results(0.0, 0.0, 0.0)["violations"]) == 3 + 3
+    assert covered(idle_proxies, but="delay").results(1.0, 14.0, 20.0)["violations"] == []
