@@ -23,8 +23,13 @@ Every acknowledged reservation, trip and cancellation is recorded. Then faults
 stop, the servers settle (bounded), and the state of every operator is checked:
 no overlapping reservations, no partial trip, no hold past its deadline, every
 acknowledged booking present (cancelled exactly when its cancellation was
-acknowledged). Then all three are killed with SIGKILL, restarted from their
-stores, and checked again: what was acknowledged was on disk.
+acknowledged), every link between operators up again. Then all three are
+killed with SIGKILL, restarted from their stores, and checked again: what was
+acknowledged was on disk.
+
+A run must have done something to pass: no acknowledged trip, single
+reservation or cancellation, or no fault of a kind that was enabled, is a
+violation. The load goes on past its duration (bounded) until it has them all.
 
 Times: the servers run at ``--time-scale 1`` and everything is booked from
 the day after tomorrow on, so no acknowledged booking can expire as a no-show
