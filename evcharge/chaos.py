@@ -23,8 +23,13 @@ Every acknowledged reservation, trip and cancellation is recorded. Then faults
 stop, the servers settle (bounded), and the state of every operator is checked:
 no overlapping reservations, no partial trip, no hold past its deadline, every
 acknowledged booking present (cancelled exactly when its cancellation was
-acknowledged). Then all three are killed with SIGKILL, restarted from their
-stores, and checked again: what was acknowledged was on disk.
+acknowledged), every link between operators up again. Then all three are
+killed with SIGKILL, restarted from their stores, and checked again: what was
+acknowledged was on disk.
+
+A run must have done something to pass: no acknowledged trip, single
+reservation or cancellation, or no fault of a kind that was enabled, is a
+violation. The load goes on past its duration (bounded) until it has them all.
 
 Times: the servers run at ``--time-scale 1`` and everything is booked from
 the day after tomorrow on, so no acknowledged booking can expire as a no-show
@@ -85,6 +90,14 @@ CELL_S = 1800  # single reservations and departures fall on half-hour cells
 RESERVE_CELLS = 24  # twelve hours of cells: enough contention for conflicts, room for successes
 DEPART_CELLS = 6
 PROBE_DAY = 3  # probe reservations (the disk checks) go on their own day, one hour apart
+PROXY_FAULT_KINDS = ("delay", "stall", "cut", "reset")  # at random, per chunk, at the proxies' rates
+SERVER_FAULT_KINDS = ("partition", "kill", "disk_refused")  # by the monkey, each at least once a run
+NOT_INJECTED = {
+    **{kind: f"the proxies made no {kind} though its rate is not zero" for kind in PROXY_FAULT_KINDS},
+    "partition": "no operator was partitioned from its peers",
+    "kill": "no server was killed with kill -9 and restarted",
+    "disk_refused": "no disk refused writes with a request answered `unavailable` meanwhile",
+}
 UNKNOWN = ("lost", "timeout", "unfinished")  # outcomes after which nobody knows what happened
 # The answers each request may rightly get under these faults; any other is a finding (say, a
 # cancellation of an acknowledged booking answered not_found, or 'no route' for a route that exists).
@@ -119,6 +132,7 @@ class Settings:
     event_gap: tuple[float, float]  # between kills and partitions (uniform)
     disk_gap: tuple[float, float]  # between disk faults (uniform): every trip touching that disk fails meanwhile
     settle_timeout: float
+    cover_timeout: float  # the load may go on this much past its duration until the run did all it must
     server_log_level: str
     fault_scale: float
 
@@ -159,9 +173,20 @@ class Settings:
             event_gap=(0.5, 1.0) if quick else (3.0, 8.0),
             disk_gap=(5.0, 6.0) if quick else (10.0, 20.0),
             settle_timeout=25.0 if quick else 40.0,
+            cover_timeout=30.0 if quick else 60.0,
             server_log_level=args.server_log_level,
             fault_scale=k,
         )
+
+    @property
+    def enabled_faults(self) -> tuple[str, ...]:
+        """Every kind of fault this run injects: the proxies' kinds whose rate is not zero, and the server faults."""
+        proxy = tuple(
+            kind
+            for kind in PROXY_FAULT_KINDS
+            if getattr(self.peer_rates, kind) > 0 or getattr(self.client_rates, kind) > 0
+        )
+        return (*proxy, *SERVER_FAULT_KINDS)
 
 
 # --- what the servers acknowledged ------------------------------------------------------
@@ -372,21 +397,30 @@ class OperatorProcess:
             self.proc.send_signal(signal.SIGKILL)
         self._reap()
 
-    def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it has not ended within ``timeout``; the event loop runs on meanwhile."""
         self.killed_by_us = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                await asyncio.to_thread(proc.wait, timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._reap()
+                proc.kill()
+        # The server is ended (or SIGKILLed, which cannot be ignored): reaping it and its log's
+        # cat takes moments, but is still done off the event loop.
+        await asyncio.to_thread(self._reap)
 
     def _reap(self) -> None:
+        """Wait for the server and its log's cat; whichever is still there after 10 s is SIGKILLed."""
         for proc in (self.proc, self._logger):
-            if proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
     def refuse_writes(self, refuse: bool) -> None:
         """The kernel refuses (or allows again) every write of the server to a file."""
@@ -493,8 +527,11 @@ class Chaos:
     async def teardown(self) -> None:
         for proxy in (*self.peer_proxies.values(), *self.client_proxies.values()):
             await proxy.stop()
-        for server in self.servers.values():
-            server.stop()
+        # All at once, each bounded by its own stop's deadline; every one is stopped even if one fails.
+        stopped = await asyncio.gather(*(server.stop() for server in self.servers.values()), return_exceptions=True)
+        for outcome in stopped:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def all_proxies(self) -> dict[str, ChaosProxy]:
         return {proxy.name: proxy for proxy in (*self.peer_proxies.values(), *self.client_proxies.values())}
@@ -626,24 +663,29 @@ class Chaos:
         fault early and make the disk check meaningless); otherwise faults overlap freely.
         """
         await asyncio.gather(
-            self._track(["disk"], (1.0,), self.s.disk_gap),
+            self._track(["disk_refused"], (1.0,), self.s.disk_gap),
             self._track(["kill", "partition"], (0.6, 0.4), self.s.event_gap),
         )
 
     async def _track(self, kinds: list[str], weights: tuple[float, ...], gap: tuple[float, float]) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.s.duration
-        plan = list(kinds)  # every kind early on (a quick run has time for little more), then at random
         await asyncio.sleep(self.rng.uniform(0.5, 1.5))
-        while not self.stopping.is_set() and loop.time() < end - 2.0:
-            kind = plan.pop(0) if plan else self.rng.choices(kinds, weights)[0]
+        while not self.stopping.is_set():
+            # Each kind not injected yet comes first (a quick run has time for little more), even
+            # past the load's duration, which goes on until it was (see until_covered); then kinds
+            # at random until the duration is over.
+            missing = [kind for kind in kinds if not self.injected(kind)]
+            if not missing and loop.time() >= end - 2.0:
+                break
+            kind = missing[0] if missing else self.rng.choices(kinds, weights)[0]
             operator = self.rng.choice([op for op in OPERATORS if op not in self.busy])
             self.busy.add(operator)
             self.console.print(f"  [dim]{time.monotonic() - self.began:6.1f} s[/] {kind} {operator}")
             try:
                 if kind == "kill":
                     await self.kill_and_restart(operator)
-                elif kind == "disk":
+                elif kind == "disk_refused":
                     await self.refusing_disk(operator)
                 else:
                     await self.partition(operator)
@@ -651,6 +693,45 @@ class Chaos:
                 self.busy.discard(operator)
             self.check_alive()
             await asyncio.sleep(self.rng.uniform(*gap))
+
+    def injected(self, kind: str) -> bool:
+        """Whether the run has injected a fault of this kind (one of ``Settings.enabled_faults``) that did its part."""
+        if kind in PROXY_FAULT_KINDS:
+            return any(proxy.faults[kind] > 0 for proxy in self.all_proxies().values())
+        if kind == "partition":
+            return self.partitions > 0
+        if kind == "kill":
+            return any(k.restart_s > 0 for k in self.kills)  # killed, and restarted
+        if kind == "disk_refused":
+            return any(w.unavailable_answers > 0 for w in self.disk_windows)  # a write was refused
+        raise ValueError(f"no fault {kind!r}")
+
+    def coverage_gaps(self) -> list[str]:
+        """What the run has not done yet that it must (else it passes with nothing tested): violations at its end."""
+        gaps = []
+        if self.ops[("reserve", "ok")] == 0:
+            gaps.append("no single reservation was acknowledged: the run tested no reservation")
+        if not self.record.trips:
+            gaps.append("no trip was acknowledged: the run tested no trip booking")
+        if not self.record.cancel_acked:
+            gaps.append("no cancellation was acknowledged: the run tested no cancellation")
+        gaps += [
+            f"no fault injected of an enabled kind: {NOT_INJECTED[k]}"
+            for k in self.s.enabled_faults
+            if not self.injected(k)
+        ]
+        return gaps
+
+    async def until_covered(self, monkey: asyncio.Future[None]) -> None:
+        """Keep the load going (at most ``cover_timeout``) until the run has done everything it must."""
+        shown: list[str] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.s.cover_timeout):
+                while (gaps := self.coverage_gaps()) and not _failed(monkey):  # a failed monkey injects no more
+                    if gaps != shown:
+                        self.say(f"load goes on past its duration: {'; '.join(gaps)}")
+                        shown = gaps
+                    await asyncio.sleep(0.25)
 
     async def partition(self, operator: str) -> None:
         """Cut ``operator`` off from its peers (both ways) for a while; vehicles still reach it."""
@@ -750,26 +831,39 @@ class Chaos:
         return states
 
     async def settle_and_check(self, name: str) -> dict[str, Any]:
-        """Wait (bounded) until nothing is held and the books agree; what is still wrong then is a violation."""
+        """Wait (bounded) until nothing is held, every peer link is up and the books agree.
+
+        Called once every fault has stopped: what is still wrong after ``settle_timeout`` (a
+        violation of the books, a hold, a link between two operators still down) is a violation.
+        """
         assert self.world is not None
         began = time.monotonic()
         grace = self.world.rules.no_show_grace_min
         problems: list[str] = ["not inspected yet"]
         states: dict[str, p.InspectResult] = {}
         while True:
+            stuck: list[str] = []  # not a violation yet: what settling may still resolve
             try:
                 states = await self.inspect_all()
             except EvchargeError as exc:
                 problems = [f"inspect failed: {exc.message}"]
             else:
                 problems = check_states(states, self.record, grace, time.time())
-                held = [r.id for s in states.values() for r in s.reservations if r.state == "held"]
-                down = [peer.operator_id for s in states.values() for peer in s.peers if not peer.up]
-                if not problems and not held and not down:
+                stuck = [
+                    f"reservation {r.id} at {op} still held (trip {r.trip_id})"
+                    for op, s in sorted(states.items())
+                    for r in s.reservations
+                    if r.state == "held" and not any(r.id in v for v in problems)
+                ] + [
+                    f"link from {op} to {peer.operator_id} still down ({peer.last_error or 'no error given'})"
+                    for op, s in sorted(states.items())
+                    for peer in s.peers
+                    if not peer.up
+                ]
+                if not problems and not stuck:
                     break
             if time.monotonic() - began > self.s.settle_timeout:
-                if states:
-                    problems += [f"still held after settling: {r}" for r in held] if not problems else []
+                problems += [f"{what} after settling for {self.s.settle_timeout:g} s" for what in stuck]
                 break
             await asyncio.sleep(0.3)
         live = sum(1 for s in states.values() for r in s.reservations if r.state in p.LIVE_STATES)
@@ -811,6 +905,7 @@ class Chaos:
         monkey = asyncio.ensure_future(self.monkey())
         try:
             await asyncio.sleep(self.s.duration)
+            await self.until_covered(monkey)
         finally:
             self.stopping.set()
             # Requests in flight get a moment to finish; what is still running then is cut off.
@@ -887,7 +982,8 @@ class Chaos:
             "restarts": restarts,
             "disk_windows": [w.__dict__ for w in self.disk_windows],
             "checks": self.checks,
-            "violations": self.violations,
+            # A run that did not do all it must tested too little to pass.
+            "violations": [*self.violations, *self.coverage_gaps()],
             "settings": {
                 "peer_rates": _rates(self.s.peer_rates),
                 "client_rates": _rates(self.s.client_rates),
@@ -895,8 +991,13 @@ class Chaos:
                 "trip_timeout_s": self.s.trip_timeout,
                 "disk_full_for_s": self.s.disk_full_for,
                 "fault_scale": self.s.fault_scale,
+                "faults_enabled": list(self.s.enabled_faults),
             },
         }
+
+
+def _failed(task: asyncio.Future[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 def _rates(rates: FaultRates) -> dict[str, float]:

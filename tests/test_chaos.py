@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 import pytest
+from rich.console import Console
 
 from evcharge import protocol as p
-from evcharge.chaos import Record, check_states
+from evcharge.chaos import (
+    AckedTrip,
+    Chaos,
+    DiskWindow,
+    Kill,
+    OperatorProcess,
+    Record,
+    Settings,
+    build_parser,
+    check_states,
+)
+from evcharge.chaos_proxy import ChaosProxy
 from evcharge.model import Reservation, Trip
 from evcharge.store import migrate, put_reservation, put_trip
 from evcharge.world import World
@@ -209,3 +225,158 @@ def test_a_record_of_nothing_on_clean_books_finds_nothing() -> None:
     record = Record()
     record.reservation("A", r)
     assert check_states(states, record, 15, t0.timestamp()) == []
+
+
+# --- the servers' processes ----------------------------------------------------------------
+
+# A stand-in for a server that will not stop on SIGTERM: it says so on its output once it ignores it.
+DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('deaf', flush=True); time.sleep(120)"
+
+
+@pytest.mark.timeout(60)
+async def test_stopping_a_server_that_ignores_sigterm_kills_it_without_blocking_the_event_loop(tmp_path: Path) -> None:
+    server = OperatorProcess("A", tmp_path / "world.toml", tmp_path, 0, 0.0, "info")
+    server._spawn([sys.executable, "-c", DEAF, str(tmp_path)])  # its work dir in its command line, for pgrep
+    try:
+        async with asyncio.timeout(20):
+            while b"deaf" not in server.log_path.read_bytes():
+                await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(server.stop(timeout=2.0))
+        # Other tasks run while stop waits: a synchronous wait would have held the loop until it was done.
+        turns = 0
+        async with asyncio.timeout(30):
+            while not stopping.done():
+                turns += 1
+                await asyncio.sleep(0.05)
+        await stopping
+        assert turns > 1
+        assert server.proc is not None and server.proc.returncode == -signal.SIGKILL
+        assert server._logger is not None and server._logger.returncode is not None
+        assert server.died_by_itself() is None  # stopped by us
+        assert leftover_processes(str(tmp_path)) == ""
+    finally:
+        server.kill()
+
+
+# --- the run's own checks, without servers -------------------------------------------------
+
+
+def quiet_chaos(tmp_path: Path, world: World, *args: str, **settings: float) -> Chaos:
+    """A chaos run that was never started (its checks are called by hand), printing nothing."""
+    made = Settings.make(build_parser().parse_args(["--quick", "--seed", "1", *args]))
+    chaos = Chaos(dataclasses.replace(made, **settings), tmp_path, Console(quiet=True))
+    chaos.world = world
+    return chaos
+
+
+def books(peers_down: dict[str, set[str]]) -> dict[str, p.InspectResult]:
+    """Empty books of A, B and C, each seeing its two peers, up but for those in ``peers_down``."""
+    now = datetime.now(UTC)
+    return {
+        op: p.InspectResult(
+            operator_id=op,
+            server_time=now,
+            stations=[],
+            reservations=[],
+            peers=[
+                p.PeerInfo(
+                    operator_id=peer,
+                    address="127.0.0.1:1",
+                    up=peer not in peers_down.get(op, set()),
+                    last_error="connection refused" if peer in peers_down.get(op, set()) else "",
+                )
+                for peer in "ABC"
+                if peer != op
+            ],
+        )
+        for op in "ABC"
+    }
+
+
+@pytest.mark.timeout(30)
+async def test_a_peer_link_still_down_after_settling_is_a_violation(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chaos = quiet_chaos(tmp_path, world, settle_timeout=0.5)
+
+    async def inspect_all() -> dict[str, p.InspectResult]:
+        return books({"A": {"C"}})
+
+    monkeypatch.setattr(chaos, "inspect_all", inspect_all)
+    check = await chaos.settle_and_check("after healing")
+    assert len(check["violations"]) == 1, check
+    assert "link from A to C still down (connection refused) after settling" in check["violations"][0]
+    assert chaos.violations == [f"after healing: {check['violations'][0]}"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_peer_link_that_comes_back_while_settling_is_no_violation(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chaos = quiet_chaos(tmp_path, world, settle_timeout=20.0)
+    answers = iter([books({"B": {"A", "C"}}), books({"B": {"C"}})])
+
+    async def inspect_all() -> dict[str, p.InspectResult]:
+        return next(answers, books({}))
+
+    monkeypatch.setattr(chaos, "inspect_all", inspect_all)
+    check = await chaos.settle_and_check("after healing")
+    assert check["violations"] == [] and chaos.violations == []
+    assert next(answers, None) is None  # it waited for the links, and stopped once all were up
+
+
+def covered(chaos: Chaos, *, but: str = "") -> Chaos:
+    """Give a never-started run everything a run must do (``but`` one thing): acknowledgements and faults."""
+    if but != "reservation":
+        chaos.ops[("reserve", "ok")] += 1
+    if but != "trip":
+        chaos.record.trips["A-T1"] = AckedTrip("A-T1", "A", "V01", (("B", "B-1"),))
+    if but != "cancellation":
+        chaos.record.cancel_acked.add("A-2")
+    proxy = ChaosProxy("127.0.0.1", 1, name="vehicles->A")  # never started: only its counts matter
+    proxy.faults.update({kind: 1 for kind in ("delay", "stall", "cut", "reset") if kind != but})
+    chaos.client_proxies["A"] = proxy
+    chaos.partitions = 0 if but == "partition" else 1
+    chaos.kills.append(Kill("B", 0.5, 0.0 if but == "kill" else 1.2))  # not restarted: no kill that counts
+    chaos.disk_windows.append(DiskWindow("C", 3.0, "timeout" if but == "disk" else "unavailable", int(but != "disk")))
+    return chaos
+
+
+@pytest.mark.timeout(30)
+def test_a_run_that_did_all_it_must_has_no_violation(tmp_path: Path, world: World) -> None:
+    assert covered(quiet_chaos(tmp_path, world)).results(1.0, 14.0, 20.0)["violations"] == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("but", "violation"),
+    [
+        ("trip", "no trip was acknowledged"),
+        ("reservation", "no single reservation was acknowledged"),
+        ("cancellation", "no cancellation was acknowledged"),
+        ("delay", "the proxies made no delay"),
+        ("stall", "the proxies made no stall"),
+        ("cut", "the proxies made no cut"),
+        ("reset", "the proxies made no reset"),
+        ("partition", "no operator was partitioned"),
+        ("kill", "no server was killed with kill -9 and restarted"),
+        ("disk", "no disk refused writes with a request answered `unavailable`"),
+    ],
+)
+def test_a_run_that_left_something_untested_has_a_violation_saying_what(
+    tmp_path: Path, world: World, but: str, violation: str
+) -> None:
+    results = covered(quiet_chaos(tmp_path, world), but=but).results(1.0, 14.0, 20.0)
+    assert len(results["violations"]) == 1 and violation in results["violations"][0], results["violations"]
+
+
+@pytest.mark.timeout(30)
+def test_a_run_that_did_nothing_has_a_violation_for_each_thing_and_proxy_faults_count_only_if_enabled(
+    tmp_path: Path, world: World
+) -> None:
+    assert len(quiet_chaos(tmp_path, world).results(0.0, 0.0, 0.0)["violations"]) == 3 + 4 + 3
+    # With every proxy rate at zero only the server faults are enabled, and must still be injected.
+    idle_proxies = quiet_chaos(tmp_path, world, "--fault-scale", "0")
+    assert idle_proxies.s.enabled_faults == ("partition", "kill", "disk_refused")
+    assert len(idle_proxies.results(0.0, 0.0, 0.0)["violations"]) == 3 + 3
+    assert covered(idle_proxies, but="delay").results(1.0, 14.0, 20.0)["violations"] == []
