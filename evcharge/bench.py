@@ -55,6 +55,7 @@ from evcharge import geo
 from evcharge import protocol as p
 from evcharge.client import Client, open_client
 from evcharge.errors import ConnectionLostError, EvchargeError
+from evcharge.federation import MAX_PLANS_SHOWN
 from evcharge.invariants import violations
 from evcharge.model import Reservation
 from evcharge.station import ChargePointSim
@@ -980,7 +981,8 @@ class Bench:
 
             planning_ceiling = await self.ceiling_window()
             planning = await closed_loop(s.connections, plan_op, s.trip_duration, max(s.warmup, 0.5), pids)
-            plans = disjoint_plans(shown)
+            # The server keeps each vehicle's latest plans only: book those.
+            plans = disjoint_plans([mine[-MAX_PLANS_SHOWN:] for mine in shown])
             stops: Counter[int] = Counter()
             turn = [0] * len(clients)  # each connection books its own plans in turn
 
@@ -995,6 +997,8 @@ class Bench:
                 stops[len(booked.trip.stops)] += 1
                 if booked.attempts > 1:
                     notes["replanned"] += 1
+                if not booked.as_shown:
+                    notes["not_as_shown"] += 1
                 if {st.operator_id for st in booked.trip.stops} == {"A", "B", "C"}:
                     notes["spans_all_operators"] += 1
                 return {"book_trip": t1 - t0, "cancel_trip": time.perf_counter() - t1}

@@ -59,6 +59,9 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
         assert entry["rss_mb"] and all(mb > 0 for mb in entry["rss_mb"].values()), name
     assert scenarios["ceiling"]["ratio_to_ceiling"] == 1.0
     assert scenarios["trips"]["plans_booked"] > 0
+    notes = scenarios["trips"].get("notes", {})
+    # Every booking books a plan as shown, unless that plan lost its slots and was re-planned.
+    assert notes.get("not_as_shown", 0) <= notes.get("replanned", 0), notes
     for name in ("status", "reserve", "trip_planning", "trips"):
         assert scenarios[name]["ratio_to_ceiling"] > 0, name
     assert set(scenarios["trips"]["rss_mb"]) == {"A", "B", "C"}
