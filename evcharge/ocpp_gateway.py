@@ -23,6 +23,7 @@ import http
 import json
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -205,7 +206,13 @@ class ChargePointLink(OcppChargePoint):
         while True:
             try:
                 client = await open_client(
-                    gateway.server_host, gateway.server_port, role="station", ident=self.id, secret=self.config.secret
+                    gateway.server_host,
+                    gateway.server_port,
+                    role="station",
+                    ident=self.id,
+                    secret=self.config.secret,
+                    ssl_context=gateway.ssl_context,
+                    server_hostname=gateway.server_hostname,
                 )
             except EvchargeError as exc:
                 log.info("%s: server %s: %s; retrying", self, gateway.server_address, exc.message)
@@ -710,13 +717,19 @@ class Gateway:
         port: int = DEFAULT_PORT,
         server_host: str | None = None,
         server_port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
+        """``ssl_context``: speak TLS to the server (its station listener is ``+tls`` or ``+mtls``),
+        and check that its certificate names ``server_hostname`` (default: ``server_host``)."""
         self.world = world
         self.operator = world.operator(operator_id)
         self.host = host if host is not None else self.operator.host
         self.port = port
         self.server_host = server_host or self.operator.host
         self.server_port = server_port if server_port is not None else self.operator.port
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
         self.heartbeat_s = world.rules.heartbeat_s
         self.charge_points = {cp.id: cp for s in world.stations_of(operator_id) for cp in s.charge_points}
         self.tags = m.IdTags(world.vehicles)
@@ -726,7 +739,7 @@ class Gateway:
 
     @property
     def server_address(self) -> str:
-        return f"{self.server_host}:{self.server_port}"
+        return f"{self.server_host}:{self.server_port}" + (" (tls)" if self.ssl_context is not None else "")
 
     async def start(self) -> None:
         self._ws = await serve(

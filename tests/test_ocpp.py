@@ -34,9 +34,10 @@ from evcharge import ocpp_mapping as m
 from evcharge import protocol as p
 from evcharge.ocpp_gateway import SUBPROTOCOL, Gateway
 from evcharge.server import Server
-from evcharge.world import Rules, VehicleConfig, World
+from evcharge.tls import Listen, client_context
+from evcharge.world import Rules, VehicleConfig, World, load_world
 
-from .conftest import REPO, free_ports, operator, running_server, vehicle
+from .conftest import REPO, Pki, free_ports, operator, running_server, vehicle
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -116,7 +117,9 @@ async def charge_point(
 
 
 @asynccontextmanager
-async def running_gateway(server: Server, port: int = 0, server_port: int | None = None) -> AsyncIterator[Gateway]:
+async def running_gateway(
+    server: Server, port: int = 0, server_port: int | None = None, **options: Any
+) -> AsyncIterator[Gateway]:
     gateway = Gateway(
         server.world,
         server.operator.id,
@@ -124,6 +127,7 @@ async def running_gateway(server: Server, port: int = 0, server_port: int | None
         port=port,
         server_host="127.0.0.1",
         server_port=server_port or server.port,
+        **options,
     )
     await gateway.start()
     try:
@@ -579,7 +583,7 @@ async def test_a_session_the_server_ended_while_the_link_was_down_is_stopped_at_
 class GatewayProcess:
     """``evcharge ocpp-gateway`` as a child process, through the command line."""
 
-    def __init__(self, world_path: Path, server_port: int, port: int, tmp_path: Path) -> None:
+    def __init__(self, world_path: Path, server_port: int, port: int, tmp_path: Path, extra: tuple[str, ...]) -> None:
         self.args = [
             sys.executable,
             "-m",
@@ -597,6 +601,7 @@ class GatewayProcess:
             f"127.0.0.1:{server_port}",
             "--log-level",
             "info",
+            *extra,
         ]
         self.tmp_path = tmp_path
         self.log_path = tmp_path / "gateway.log"
@@ -636,8 +641,8 @@ class GatewayProcess:
 def gateway_process(world_path: Path, tmp_path: Path) -> Iterator[Any]:
     started: list[GatewayProcess] = []
 
-    def make(server_port: int, port: int) -> GatewayProcess:
-        process = GatewayProcess(world_path, server_port, port, tmp_path)
+    def make(server_port: int, port: int, *extra: str, world: Path | None = None) -> GatewayProcess:
+        process = GatewayProcess(world or world_path, server_port, port, tmp_path, extra)
         started.append(process)
         return process
 
@@ -689,3 +694,56 @@ async def test_the_gateway_process_restarts_and_charge_points_come_back(
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+# --- TLS to the server ------------------------------------------------------------------------
+
+
+def station_listener(security: str) -> list[Listen]:
+    """The layout README and protocol.md recommend: everyone but peers on one TLS listener."""
+    return [Listen(frozenset({"vehicle", "station", "operator"}), "127.0.0.1", 0, security)]  # type: ignore[arg-type]
+
+
+async def test_the_gateway_speaks_for_its_charge_points_over_mutual_tls(world: World, tmp_path: Path, pki: Pki) -> None:
+    mine = pki.files["B"]  # any certificate the operator's CA signed will do for a station
+    async with (
+        running_server(world, tmp_path / "data", listen=station_listener("mtls"), tls=pki.files["A"]) as server,
+        running_gateway(
+            server,
+            ssl_context=client_context(pki.ca, mine.cert, mine.key),
+            server_hostname=pki.name("A"),
+        ) as gw,
+        charge_point(gw.port, world, "NAT-PN-1") as cp,
+    ):
+        await boot(cp, server)
+        await cp.call(call.StatusNotification(connector_id=1, error_code="GroundFailure", status="Faulted"))
+        assert await fresh_status(server, cp) == "faulted"
+        [station] = [s for s in server.sessions if s.role == "station"]
+        assert station.conn._writer.get_extra_info("peercert"), "the station link is not mutual TLS"
+
+
+@pytest.fixture
+def tls_world_path(world_path: Path, tmp_path: Path, pki: Pki) -> Path:
+    """The test world where operator A's certificate is for a.evcharge.test, not the address it runs on."""
+    text = world_path.read_text(encoding="utf-8")
+    secret = 'secret = "operator-a-secret"\n'
+    assert secret in text
+    path = tmp_path / "tls.toml"
+    path.write_text(text.replace(secret, f'{secret}tls_name = "{pki.name("A")}"\n', 1), encoding="utf-8")
+    return path
+
+
+async def test_the_gateway_command_takes_the_client_tls_options(
+    tls_world_path: Path, tmp_path: Path, pki: Pki, gateway_process: Any
+) -> None:
+    world = load_world(str(tls_world_path))
+    async with running_server(world, tmp_path / "data", listen=station_listener("tls"), tls=pki.files["A"]) as server:
+        [port] = free_ports(1)
+        gateway = gateway_process(server.port, port, "--tls-ca", str(pki.ca), world=tls_world_path)
+        await gateway.start()
+        async with charge_point(port, world, "NAT-PN-2") as cp:
+            await boot(cp, server)
+            await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Unavailable"))
+            assert await fresh_status(server, cp) == "unavailable"
+        assert await gateway.terminate() == 0
+    assert "(tls)" in gateway.log_path.read_text()
