@@ -121,7 +121,8 @@ class ChargePointLink(OcppChargePoint):
         self.reserve_refused: set[str] = set()  # ReserveNow Rejected: the charge point does not reserve
         self.reserve_retry: dict[str, float] = {}  # reservation id -> monotonic time of the next try
         self.transactions: dict[int, Transaction] = {}
-        self.remote_starts: dict[str, str] = {}  # reservation id -> vehicle: accepted, StartTransaction to come
+        # Reservation id -> vehicle, oldest first: RemoteStarts accepted, their StartTransaction to come.
+        self.remote_starts: dict[str, str] = {}
         self.unsent: list[p.SessionComplete] = []  # ends of sessions the server has not heard yet
         self.orphans_stopped: set[int] = set()  # transactions with no session, already told to stop
         self._wake = asyncio.Event()  # reservations changed: look at ReserveNow again
@@ -250,8 +251,13 @@ class ChargePointLink(OcppChargePoint):
             except EvchargeError as exc:
                 log.warning("%s: server refused the end of %s: %s", self, completion.reservation_id, exc.message)
             self.unsent.pop(0)
+        expected = set(self.remote_starts)  # a RemoteStart over this link while we ask is not stale
         self.reservations = {r.id: r for r in await client.reservations()}
         self.synced = True
+        for rid in expected & set(self.remote_starts):
+            # The server ended it while we were away, without a RemoteStop (it could not send
+            # one): the StartTransaction it waited for must not become another session's.
+            self._drop_remote_start_unless_current(rid)
         for tx_id, tx in list(self.transactions.items()):
             r = self.reservations.get(tx.reservation_id)
             if r is None or r.state != "charging":
@@ -282,7 +288,30 @@ class ChargePointLink(OcppChargePoint):
             self.reservations.pop(r.id, None)
         if r.state in ("charging", "completed"):
             self.held_at_cp.pop(r.id, None)  # a transaction ends the charge point's reservation itself
+        if r.id in self.remote_starts:
+            self._drop_remote_start_unless_current(r.id)  # ended (a fault, the slot's end) before it started
         self._wake.set()
+
+    def _may_charge(self, reservation_id: str, vehicle_id: str) -> bool:
+        """Whether the server's books (our copy) let this vehicle charge here on this reservation."""
+        r = self.reservations.get(reservation_id)
+        return r is not None and r.vehicle_id == vehicle_id and r.state in ("booked", "charging")
+
+    def _drop_remote_start_unless_current(self, reservation_id: str) -> None:
+        vehicle = self.remote_starts.get(reservation_id)
+        if vehicle is not None and not self._may_charge(reservation_id, vehicle):
+            del self.remote_starts[reservation_id]
+            log.info("%s: no StartTransaction expected for %s any more: it has ended", self, reservation_id)
+
+    def _asked_start(self, vehicle_id: str) -> str | None:
+        """The reservation a StartTransaction of this vehicle answers the RemoteStart of, if any.
+
+        The newest of its RemoteStarts whose reservation is still live here; only without one
+        (our copy of the books may be behind) the newest at all.
+        """
+        asked = [rid for rid, v in self.remote_starts.items() if v == vehicle_id]
+        current = [rid for rid in asked if self._may_charge(rid, vehicle_id)]
+        return (current or asked or [None])[-1]
 
     async def _command(self, request: p.Request) -> p.Reply:
         match request:
@@ -297,7 +326,9 @@ class ChargePointLink(OcppChargePoint):
             return p.Ok()  # already started here
         request = call.RemoteStartTransaction(id_tag=m.id_tag(vehicle_id), connector_id=CONNECTOR)
         # Expected before it is asked for: a charge point may send StartTransaction right
-        # behind its answer, and it is handled before this call returns.
+        # behind its answer, and it is handled before this call returns. Asked again, it is
+        # the newest.
+        self.remote_starts.pop(reservation_id, None)
         self.remote_starts[reservation_id] = vehicle_id
         try:
             result = await self._call_for_server(request, COMMAND_DEADLINE)
@@ -625,7 +656,7 @@ class ChargePointLink(OcppChargePoint):
         if connector_id != CONNECTOR or vehicle is None:
             return self._refuse_start(AuthorizationStatus.invalid)
         # A start we asked for (RemoteStart): the server records the session itself.
-        asked = next((rid for rid, v in self.remote_starts.items() if v == vehicle), None)
+        asked = self._asked_start(vehicle)
         if asked is not None:
             del self.remote_starts[asked]
             return self._begin(asked, vehicle, meter_start)

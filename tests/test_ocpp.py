@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from evcharge import ocpp_mapping as m
 from evcharge import protocol as p
+from evcharge.client import Client
 from evcharge.ocpp_gateway import SUBPROTOCOL, Gateway
 from evcharge.server import Server
 from evcharge.tls import Listen, client_context
@@ -578,6 +579,85 @@ async def test_a_session_the_server_ended_while_the_link_was_down_is_stopped_at_
         )
         [done] = await v.reservations(include_past=True)
         assert (done.state, done.kwh) == ("completed", 0.0)
+
+
+async def a_remote_start_never_started(cp: ChargePoint, server: Server, v: Client) -> p.ReservationInfo:
+    """V01's RemoteStart, which the charge point accepts and never follows with a StartTransaction."""
+    await boot(cp, server)
+    r = await v.reserve(cp.id, v.server_now(), 30)
+    assert (await cp.expect("ReserveNow"))["reservation_id"] == m.ocpp_id(r.id)
+    assert (await v.start_charging(r.id)).state == "charging"
+    assert await cp.expect("RemoteStartTransaction") == {"id_tag": "V01", "connector_id": 1}
+    return r
+
+
+async def the_next_session_is_its_own(cp: ChargePoint, server: Server, v: Client, started_by: str) -> None:
+    """V01's next reservation there is charged and billed as itself, however it starts."""
+    price = server.world.charge_point(cp.id)[1].price_per_kwh
+    r = await v.reserve(cp.id, v.server_now(), 30)
+    # The gateway is in step with the server again: it hands this reservation over.
+    assert (await cp.expect("ReserveNow"))["reservation_id"] == m.ocpp_id(r.id)
+    if started_by == "vehicle":  # RemoteStartTransaction, then the charge point's StartTransaction
+        assert (await v.start_charging(r.id)).state == "charging"
+        assert await cp.expect("RemoteStartTransaction") == {"id_tag": "V01", "connector_id": 1}
+    started = await cp.call(
+        call.StartTransaction(
+            connector_id=1, id_tag="V01", meter_start=100_000, timestamp=now_text(), reservation_id=m.ocpp_id(r.id)
+        )
+    )
+    assert started.id_tag_info["status"] == "Accepted"
+    assert started.transaction_id == m.ocpp_id(r.id), "the new transaction went to an older reservation"
+    assert server.registry.reservations[r.id].state == "charging"
+    await cp.call(
+        call.StopTransaction(
+            meter_stop=106_000, timestamp=now_text(), transaction_id=started.transaction_id, reason="EVDisconnected"
+        )
+    )
+    done = server.registry.reservation_info(server.registry.reservations[r.id])
+    assert (done.state, done.kwh, done.cost) == ("completed", 6.0, round(6.0 * price, 2))
+    assert [(s.kwh, s.cost) for s in (await v.history()).sessions if s.reservation_id == r.id] == [
+        (6.0, round(6.0 * price, 2))
+    ]
+
+
+@pytest.mark.parametrize("started_by", ["vehicle", "driver at the charge point"])
+async def test_a_remote_start_the_server_ended_while_the_link_was_down_does_not_take_the_next_session(
+    server: Server, world: World, started_by: str
+) -> None:
+    async with (
+        running_gateway(server) as gw,
+        charge_point(gw.port, world, "NAT-CEN-1") as cp,
+        vehicle(server, "V01") as v,
+    ):
+        first = await a_remote_start_never_started(cp, server, v)
+        # The gateway's server link breaks: the server ends the session of the charge point it
+        # lost, with no RemoteStop (there is nobody to send it to), and the gateway reconnects.
+        server.stations_online["NAT-CEN-1"].conn.abort()
+        await until(lambda: server.registry.reservations[first.id].state == "completed")
+        await until(lambda: server.registry.charge_points["NAT-CEN-1"].online)
+        await the_next_session_is_its_own(cp, server, v, started_by)
+        assert cp.got_none("RemoteStopTransaction")
+
+
+@pytest.mark.parametrize("started_by", ["vehicle", "driver at the charge point"])
+async def test_a_remote_start_the_server_ended_while_linked_does_not_take_the_next_session(
+    server: Server, world: World, started_by: str
+) -> None:
+    async with (
+        running_gateway(server) as gw,
+        charge_point(gw.port, world, "NAT-CEN-1") as cp,
+        vehicle(server, "V01") as v,
+    ):
+        first = await a_remote_start_never_started(cp, server, v)
+        # A fault ends the session on the server, which tells the gateway only by the
+        # reservation's change (no RemoteStop: the charge point is faulted).
+        await cp.call(call.StatusNotification(connector_id=1, error_code="GroundFailure", status="Faulted"))
+        assert await fresh_status(server, cp) == "faulted"
+        assert server.registry.reservations[first.id].state == "completed"
+        await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Available"))
+        assert await fresh_status(server, cp) == "available"
+        await the_next_session_is_its_own(cp, server, v, started_by)
+        assert cp.got_none("RemoteStopTransaction")
 
 
 class GatewayProcess:
