@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = sub.add_parser(
         "ocpp-gateway",
-        parents=[common],
+        parents=[common, client_tls],
         help="let real OCPP 1.6J charge points join an operator",
         description="Accept OCPP 1.6J charge points on ws://HOST:PORT/<charge point id> (subprotocol ocpp1.6, "
         "HTTP Basic auth with the charge point's secret) and speak for them to the operator's server.",
@@ -412,8 +412,16 @@ async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         logging.getLogger("ocpp").setLevel(logging.WARNING)  # it logs every frame at info
     server_host, server_port = _address(world, args.operator, args.server)
+    context, name = _client_tls(args, world.operator(args.operator))
     gateway = Gateway(
-        world, args.operator, host=args.host, port=args.port, server_host=server_host, server_port=server_port
+        world,
+        args.operator,
+        host=args.host,
+        port=args.port,
+        server_host=server_host,
+        server_port=server_port,
+        ssl_context=context,
+        server_hostname=name,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

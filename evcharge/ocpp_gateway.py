@@ -23,6 +23,7 @@ import http
 import json
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -120,7 +121,8 @@ class ChargePointLink(OcppChargePoint):
         self.reserve_refused: set[str] = set()  # ReserveNow Rejected: the charge point does not reserve
         self.reserve_retry: dict[str, float] = {}  # reservation id -> monotonic time of the next try
         self.transactions: dict[int, Transaction] = {}
-        self.remote_starts: dict[str, str] = {}  # reservation id -> vehicle: accepted, StartTransaction to come
+        # Reservation id -> vehicle, oldest first: RemoteStarts accepted, their StartTransaction to come.
+        self.remote_starts: dict[str, str] = {}
         self.unsent: list[p.SessionComplete] = []  # ends of sessions the server has not heard yet
         self.orphans_stopped: set[int] = set()  # transactions with no session, already told to stop
         self._wake = asyncio.Event()  # reservations changed: look at ReserveNow again
@@ -205,7 +207,13 @@ class ChargePointLink(OcppChargePoint):
         while True:
             try:
                 client = await open_client(
-                    gateway.server_host, gateway.server_port, role="station", ident=self.id, secret=self.config.secret
+                    gateway.server_host,
+                    gateway.server_port,
+                    role="station",
+                    ident=self.id,
+                    secret=self.config.secret,
+                    ssl_context=gateway.ssl_context,
+                    server_hostname=gateway.server_hostname,
                 )
             except EvchargeError as exc:
                 log.info("%s: server %s: %s; retrying", self, gateway.server_address, exc.message)
@@ -243,8 +251,13 @@ class ChargePointLink(OcppChargePoint):
             except EvchargeError as exc:
                 log.warning("%s: server refused the end of %s: %s", self, completion.reservation_id, exc.message)
             self.unsent.pop(0)
+        expected = set(self.remote_starts)  # a RemoteStart over this link while we ask is not stale
         self.reservations = {r.id: r for r in await client.reservations()}
         self.synced = True
+        for rid in expected & set(self.remote_starts):
+            # The server ended it while we were away, without a RemoteStop (it could not send
+            # one): the StartTransaction it waited for must not become another session's.
+            self._drop_remote_start_unless_current(rid)
         for tx_id, tx in list(self.transactions.items()):
             r = self.reservations.get(tx.reservation_id)
             if r is None or r.state != "charging":
@@ -275,7 +288,30 @@ class ChargePointLink(OcppChargePoint):
             self.reservations.pop(r.id, None)
         if r.state in ("charging", "completed"):
             self.held_at_cp.pop(r.id, None)  # a transaction ends the charge point's reservation itself
+        if r.id in self.remote_starts:
+            self._drop_remote_start_unless_current(r.id)  # ended (a fault, the slot's end) before it started
         self._wake.set()
+
+    def _may_charge(self, reservation_id: str, vehicle_id: str) -> bool:
+        """Whether the server's books (our copy) let this vehicle charge here on this reservation."""
+        r = self.reservations.get(reservation_id)
+        return r is not None and r.vehicle_id == vehicle_id and r.state in ("booked", "charging")
+
+    def _drop_remote_start_unless_current(self, reservation_id: str) -> None:
+        vehicle = self.remote_starts.get(reservation_id)
+        if vehicle is not None and not self._may_charge(reservation_id, vehicle):
+            del self.remote_starts[reservation_id]
+            log.info("%s: no StartTransaction expected for %s any more: it has ended", self, reservation_id)
+
+    def _asked_start(self, vehicle_id: str) -> str | None:
+        """The reservation a StartTransaction of this vehicle answers the RemoteStart of, if any.
+
+        The newest of its RemoteStarts whose reservation is still live here; only without one
+        (our copy of the books may be behind) the newest at all.
+        """
+        asked = [rid for rid, v in self.remote_starts.items() if v == vehicle_id]
+        current = [rid for rid in asked if self._may_charge(rid, vehicle_id)]
+        return (current or asked or [None])[-1]
 
     async def _command(self, request: p.Request) -> p.Reply:
         match request:
@@ -290,7 +326,9 @@ class ChargePointLink(OcppChargePoint):
             return p.Ok()  # already started here
         request = call.RemoteStartTransaction(id_tag=m.id_tag(vehicle_id), connector_id=CONNECTOR)
         # Expected before it is asked for: a charge point may send StartTransaction right
-        # behind its answer, and it is handled before this call returns.
+        # behind its answer, and it is handled before this call returns. Asked again, it is
+        # the newest.
+        self.remote_starts.pop(reservation_id, None)
         self.remote_starts[reservation_id] = vehicle_id
         try:
             result = await self._call_for_server(request, COMMAND_DEADLINE)
@@ -618,7 +656,7 @@ class ChargePointLink(OcppChargePoint):
         if connector_id != CONNECTOR or vehicle is None:
             return self._refuse_start(AuthorizationStatus.invalid)
         # A start we asked for (RemoteStart): the server records the session itself.
-        asked = next((rid for rid, v in self.remote_starts.items() if v == vehicle), None)
+        asked = self._asked_start(vehicle)
         if asked is not None:
             del self.remote_starts[asked]
             return self._begin(asked, vehicle, meter_start)
@@ -710,13 +748,19 @@ class Gateway:
         port: int = DEFAULT_PORT,
         server_host: str | None = None,
         server_port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
+        """``ssl_context``: speak TLS to the server (its station listener is ``+tls`` or ``+mtls``),
+        and check that its certificate names ``server_hostname`` (default: ``server_host``)."""
         self.world = world
         self.operator = world.operator(operator_id)
         self.host = host if host is not None else self.operator.host
         self.port = port
         self.server_host = server_host or self.operator.host
         self.server_port = server_port if server_port is not None else self.operator.port
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
         self.heartbeat_s = world.rules.heartbeat_s
         self.charge_points = {cp.id: cp for s in world.stations_of(operator_id) for cp in s.charge_points}
         self.tags = m.IdTags(world.vehicles)
@@ -726,7 +770,7 @@ class Gateway:
 
     @property
     def server_address(self) -> str:
-        return f"{self.server_host}:{self.server_port}"
+        return f"{self.server_host}:{self.server_port}" + (" (tls)" if self.ssl_context is not None else "")
 
     async def start(self) -> None:
         self._ws = await serve(

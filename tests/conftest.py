@@ -1,4 +1,4 @@
-"""Shared fixtures: a test world, in-process servers on port 0, server subprocesses.
+"""Shared fixtures: a test world, in-process servers on port 0, server subprocesses, a throwaway CA.
 
 In-process servers fail the test on any exception the event loop saw but
 nobody handled. Subprocesses are always killed at teardown, so the suite
@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 
 from evcharge.client import Client, connect
 from evcharge.server import Server
+from evcharge.tls import TlsFiles
 from evcharge.world import World, load_world, resolve_world_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -261,6 +263,38 @@ async def running_federation(
             await server.stop()
         loop.set_exception_handler(None)
     assert not unhandled, f"unhandled exceptions in the event loop: {unhandled}"
+
+
+# --- TLS: a throwaway CA ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path  # the federation's CA
+    stranger_ca: Path  # a CA nobody here trusts
+    files: dict[str, TlsFiles]  # "A", "B", "C": certificate for a.evcharge.test ...; "stranger": signed by the other CA
+
+    def name(self, operator: str) -> str:
+        return f"{operator.lower()}.evcharge.test"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    where = tmp_path_factory.mktemp("pki")
+    ca, stranger = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(where / "ca.pem"))
+    stranger.cert_pem.write_to_path(str(where / "stranger-ca.pem"))
+
+    def issue(authority: trustme.CA, name: str, label: str) -> TlsFiles:
+        leaf = authority.issue_cert(name)
+        cert, key = where / f"{label}.pem", where / f"{label}.key"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        return TlsFiles(cert=cert, key=key, ca=where / "ca.pem")
+
+    files = {op: issue(ca, f"{op.lower()}.evcharge.test", op) for op in "ABC"}
+    files["stranger"] = issue(stranger, "a.evcharge.test", "stranger")
+    return Pki(where / "ca.pem", where / "stranger-ca.pem", files)
 
 
 def pytest_asyncio_loop_factories() -> dict[str, Any]:

@@ -32,11 +32,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from evcharge import ocpp_mapping as m
 from evcharge import protocol as p
+from evcharge.client import Client
 from evcharge.ocpp_gateway import SUBPROTOCOL, Gateway
 from evcharge.server import Server
-from evcharge.world import Rules, VehicleConfig, World
+from evcharge.tls import Listen, client_context
+from evcharge.world import Rules, VehicleConfig, World, load_world
 
-from .conftest import REPO, free_ports, operator, running_server, vehicle
+from .conftest import REPO, Pki, free_ports, operator, running_server, vehicle
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -116,7 +118,9 @@ async def charge_point(
 
 
 @asynccontextmanager
-async def running_gateway(server: Server, port: int = 0, server_port: int | None = None) -> AsyncIterator[Gateway]:
+async def running_gateway(
+    server: Server, port: int = 0, server_port: int | None = None, **options: Any
+) -> AsyncIterator[Gateway]:
     gateway = Gateway(
         server.world,
         server.operator.id,
@@ -124,6 +128,7 @@ async def running_gateway(server: Server, port: int = 0, server_port: int | None
         port=port,
         server_host="127.0.0.1",
         server_port=server_port or server.port,
+        **options,
     )
     await gateway.start()
     try:
@@ -576,10 +581,89 @@ async def test_a_session_the_server_ended_while_the_link_was_down_is_stopped_at_
         assert (done.state, done.kwh) == ("completed", 0.0)
 
 
+async def a_remote_start_never_started(cp: ChargePoint, server: Server, v: Client) -> p.ReservationInfo:
+    """V01's RemoteStart, which the charge point accepts and never follows with a StartTransaction."""
+    await boot(cp, server)
+    r = await v.reserve(cp.id, v.server_now(), 30)
+    assert (await cp.expect("ReserveNow"))["reservation_id"] == m.ocpp_id(r.id)
+    assert (await v.start_charging(r.id)).state == "charging"
+    assert await cp.expect("RemoteStartTransaction") == {"id_tag": "V01", "connector_id": 1}
+    return r
+
+
+async def the_next_session_is_its_own(cp: ChargePoint, server: Server, v: Client, started_by: str) -> None:
+    """V01's next reservation there is charged and billed as itself, however it starts."""
+    price = server.world.charge_point(cp.id)[1].price_per_kwh
+    r = await v.reserve(cp.id, v.server_now(), 30)
+    # The gateway is in step with the server again: it hands this reservation over.
+    assert (await cp.expect("ReserveNow"))["reservation_id"] == m.ocpp_id(r.id)
+    if started_by == "vehicle":  # RemoteStartTransaction, then the charge point's StartTransaction
+        assert (await v.start_charging(r.id)).state == "charging"
+        assert await cp.expect("RemoteStartTransaction") == {"id_tag": "V01", "connector_id": 1}
+    started = await cp.call(
+        call.StartTransaction(
+            connector_id=1, id_tag="V01", meter_start=100_000, timestamp=now_text(), reservation_id=m.ocpp_id(r.id)
+        )
+    )
+    assert started.id_tag_info["status"] == "Accepted"
+    assert started.transaction_id == m.ocpp_id(r.id), "the new transaction went to an older reservation"
+    assert server.registry.reservations[r.id].state == "charging"
+    await cp.call(
+        call.StopTransaction(
+            meter_stop=106_000, timestamp=now_text(), transaction_id=started.transaction_id, reason="EVDisconnected"
+        )
+    )
+    done = server.registry.reservation_info(server.registry.reservations[r.id])
+    assert (done.state, done.kwh, done.cost) == ("completed", 6.0, round(6.0 * price, 2))
+    assert [(s.kwh, s.cost) for s in (await v.history()).sessions if s.reservation_id == r.id] == [
+        (6.0, round(6.0 * price, 2))
+    ]
+
+
+@pytest.mark.parametrize("started_by", ["vehicle", "driver at the charge point"])
+async def test_a_remote_start_the_server_ended_while_the_link_was_down_does_not_take_the_next_session(
+    server: Server, world: World, started_by: str
+) -> None:
+    async with (
+        running_gateway(server) as gw,
+        charge_point(gw.port, world, "NAT-CEN-1") as cp,
+        vehicle(server, "V01") as v,
+    ):
+        first = await a_remote_start_never_started(cp, server, v)
+        # The gateway's server link breaks: the server ends the session of the charge point it
+        # lost, with no RemoteStop (there is nobody to send it to), and the gateway reconnects.
+        server.stations_online["NAT-CEN-1"].conn.abort()
+        await until(lambda: server.registry.reservations[first.id].state == "completed")
+        await until(lambda: server.registry.charge_points["NAT-CEN-1"].online)
+        await the_next_session_is_its_own(cp, server, v, started_by)
+        assert cp.got_none("RemoteStopTransaction")
+
+
+@pytest.mark.parametrize("started_by", ["vehicle", "driver at the charge point"])
+async def test_a_remote_start_the_server_ended_while_linked_does_not_take_the_next_session(
+    server: Server, world: World, started_by: str
+) -> None:
+    async with (
+        running_gateway(server) as gw,
+        charge_point(gw.port, world, "NAT-CEN-1") as cp,
+        vehicle(server, "V01") as v,
+    ):
+        first = await a_remote_start_never_started(cp, server, v)
+        # A fault ends the session on the server, which tells the gateway only by the
+        # reservation's change (no RemoteStop: the charge point is faulted).
+        await cp.call(call.StatusNotification(connector_id=1, error_code="GroundFailure", status="Faulted"))
+        assert await fresh_status(server, cp) == "faulted"
+        assert server.registry.reservations[first.id].state == "completed"
+        await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Available"))
+        assert await fresh_status(server, cp) == "available"
+        await the_next_session_is_its_own(cp, server, v, started_by)
+        assert cp.got_none("RemoteStopTransaction")
+
+
 class GatewayProcess:
     """``evcharge ocpp-gateway`` as a child process, through the command line."""
 
-    def __init__(self, world_path: Path, server_port: int, port: int, tmp_path: Path) -> None:
+    def __init__(self, world_path: Path, server_port: int, port: int, tmp_path: Path, extra: tuple[str, ...]) -> None:
         self.args = [
             sys.executable,
             "-m",
@@ -597,6 +681,7 @@ class GatewayProcess:
             f"127.0.0.1:{server_port}",
             "--log-level",
             "info",
+            *extra,
         ]
         self.tmp_path = tmp_path
         self.log_path = tmp_path / "gateway.log"
@@ -636,8 +721,8 @@ class GatewayProcess:
 def gateway_process(world_path: Path, tmp_path: Path) -> Iterator[Any]:
     started: list[GatewayProcess] = []
 
-    def make(server_port: int, port: int) -> GatewayProcess:
-        process = GatewayProcess(world_path, server_port, port, tmp_path)
+    def make(server_port: int, port: int, *extra: str, world: Path | None = None) -> GatewayProcess:
+        process = GatewayProcess(world or world_path, server_port, port, tmp_path, extra)
         started.append(process)
         return process
 
@@ -689,3 +774,56 @@ async def test_the_gateway_process_restarts_and_charge_points_come_back(
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+# --- TLS to the server ------------------------------------------------------------------------
+
+
+def station_listener(security: str) -> list[Listen]:
+    """The layout README and protocol.md recommend: everyone but peers on one TLS listener."""
+    return [Listen(frozenset({"vehicle", "station", "operator"}), "127.0.0.1", 0, security)]  # type: ignore[arg-type]
+
+
+async def test_the_gateway_speaks_for_its_charge_points_over_mutual_tls(world: World, tmp_path: Path, pki: Pki) -> None:
+    mine = pki.files["B"]  # any certificate the operator's CA signed will do for a station
+    async with (
+        running_server(world, tmp_path / "data", listen=station_listener("mtls"), tls=pki.files["A"]) as server,
+        running_gateway(
+            server,
+            ssl_context=client_context(pki.ca, mine.cert, mine.key),
+            server_hostname=pki.name("A"),
+        ) as gw,
+        charge_point(gw.port, world, "NAT-PN-1") as cp,
+    ):
+        await boot(cp, server)
+        await cp.call(call.StatusNotification(connector_id=1, error_code="GroundFailure", status="Faulted"))
+        assert await fresh_status(server, cp) == "faulted"
+        [station] = [s for s in server.sessions if s.role == "station"]
+        assert station.conn._writer.get_extra_info("peercert"), "the station link is not mutual TLS"
+
+
+@pytest.fixture
+def tls_world_path(world_path: Path, tmp_path: Path, pki: Pki) -> Path:
+    """The test world where operator A's certificate is for a.evcharge.test, not the address it runs on."""
+    text = world_path.read_text(encoding="utf-8")
+    secret = 'secret = "operator-a-secret"\n'
+    assert secret in text
+    path = tmp_path / "tls.toml"
+    path.write_text(text.replace(secret, f'{secret}tls_name = "{pki.name("A")}"\n', 1), encoding="utf-8")
+    return path
+
+
+async def test_the_gateway_command_takes_the_client_tls_options(
+    tls_world_path: Path, tmp_path: Path, pki: Pki, gateway_process: Any
+) -> None:
+    world = load_world(str(tls_world_path))
+    async with running_server(world, tmp_path / "data", listen=station_listener("tls"), tls=pki.files["A"]) as server:
+        [port] = free_ports(1)
+        gateway = gateway_process(server.port, port, "--tls-ca", str(pki.ca), world=tls_world_path)
+        await gateway.start()
+        async with charge_point(port, world, "NAT-PN-2") as cp:
+            await boot(cp, server)
+            await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Unavailable"))
+            assert await fresh_status(server, cp) == "unavailable"
+        assert await gateway.terminate() == 0
+    assert "(tls)" in gateway.log_path.read_text()

@@ -16,12 +16,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from evcharge import protocol as p
 from evcharge.client import connect, open_client
@@ -31,40 +29,11 @@ from evcharge.station import ChargePointSim
 from evcharge.tls import ROLES, Listen, TlsConfigError, TlsFiles, client_context, every_role, parse_listen
 from evcharge.world import World, load_world
 
-from .conftest import REPO, free_ports, run_cli, running_server
+from .conftest import REPO, Pki, free_ports, run_cli, running_server
 
 pytestmark = pytest.mark.timeout(90)
 
 TRIP = p.TripQuery(origin="Natal", destination="Maceió", soc_pct=30)
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path  # the federation's CA
-    stranger_ca: Path  # a CA nobody here trusts
-    files: dict[str, TlsFiles]  # "A", "B", "C": certificate for a.evcharge.test ...; "stranger": signed by the other CA
-
-    def name(self, operator: str) -> str:
-        return f"{operator.lower()}.evcharge.test"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    where = tmp_path_factory.mktemp("pki")
-    ca, stranger = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(where / "ca.pem"))
-    stranger.cert_pem.write_to_path(str(where / "stranger-ca.pem"))
-
-    def issue(authority: trustme.CA, name: str, label: str) -> TlsFiles:
-        leaf = authority.issue_cert(name)
-        cert, key = where / f"{label}.pem", where / f"{label}.key"
-        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-        key.write_bytes(leaf.private_key_pem.bytes())
-        return TlsFiles(cert=cert, key=key, ca=where / "ca.pem")
-
-    files = {op: issue(ca, f"{op.lower()}.evcharge.test", op) for op in "ABC"}
-    files["stranger"] = issue(stranger, "a.evcharge.test", "stranger")
-    return Pki(where / "ca.pem", where / "stranger-ca.pem", files)
 
 
 def everyone(security: str = "tls") -> list[Listen]:
