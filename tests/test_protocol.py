@@ -227,7 +227,7 @@ SAMPLES: list[Message] = [
     p.TripChanged(trip=TRIP, reason="booked"),
     p.PlanTrip(id=25, query=QUERY),
     p.BookTrip(id=26, query=p.TripQuery(origin="Boston", destination="Hartford"), plan_id="A-P0a1b2c3d4e"),
-    p.TripReply(id=26, trip=TRIP, attempts=3),
+    p.TripReply(id=26, trip=TRIP, attempts=3, as_shown=True),
     p.ListTrips(id=27, include_cancelled=True),
     p.TripList(id=27, trips=[TRIP, TRIP_2]),
     p.CancelTrip(id=28, trip_id="A-t-000009"),
