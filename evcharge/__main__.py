@@ -1,3 +1,3 @@
-from evcharge.cli import main
+from evcharge.apps.cli import main
 
 raise SystemExit(main())

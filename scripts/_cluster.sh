@@ -19,7 +19,7 @@ json_field() { python -c "import json, sys; print(json.load(sys.stdin)$1)"; }
 # The shipped world, with each operator on a free port of this machine.
 python - "$WORK/world.toml" <<'PY'
 import socket, sys
-from evcharge.world import resolve_world_path
+from evcharge.domain.world import resolve_world_path
 text = resolve_world_path("northeast").read_text(encoding="utf-8")
 for default in (7401, 7402, 7403):
     with socket.socket() as s:
@@ -60,8 +60,8 @@ wait_linked() {
   for _ in $(seq 1 150); do
     if python - <<'PY'
 import asyncio, sys
-from evcharge.client import connect
-from evcharge.world import load_world
+from evcharge.links.client import connect
+from evcharge.domain.world import load_world
 async def main() -> bool:
     world = load_world(__import__("os").environ["EVCHARGE_WORLD"])
     for op in world.operators:

@@ -25,10 +25,10 @@ import pytest
 import trustme
 import uvloop
 
-from evcharge.client import Client, connect
-from evcharge.server import Server
-from evcharge.tls import TlsFiles
-from evcharge.world import World, load_world, resolve_world_path
+from evcharge.domain.world import World, load_world, resolve_world_path
+from evcharge.links.client import Client, connect
+from evcharge.operator.server import Server
+from evcharge.wire.tls import TlsFiles
 
 REPO = Path(__file__).resolve().parent.parent
 EXTRA_VEHICLES = 60  # T001..T060, home A: enough for races of 50

@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Protocol
 
-from evcharge import protocol as p
-from evcharge.auth import new_nonce, peer_proof
-from evcharge.server import Server
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.auth import new_nonce, peer_proof
 
 
 class Listening(Protocol):

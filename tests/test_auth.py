@@ -2,7 +2,7 @@
 
 Vehicles prove themselves with a token, charge points with their secret, the
 operator's tools with the operator's secret, and other operators with the HMAC
-challenge-response of ``evcharge.auth``. Every identity acts only for itself,
+challenge-response of ``evcharge.wire.auth``. Every identity acts only for itself,
 and no secret ever reaches a log or an error message.
 """
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from evcharge import protocol as p
-from evcharge.auth import new_nonce, peer_proof
-from evcharge.client import Client, connect, open_client
-from evcharge.errors import ForbiddenError, UnauthorizedError
-from evcharge.server import Server
-from evcharge.world import World, load_world
+from evcharge.domain.world import World, load_world
+from evcharge.links.client import Client, connect, open_client
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.auth import new_nonce, peer_proof
+from evcharge.wire.errors import ForbiddenError, UnauthorizedError
 
 from .conftest import operator, running_federation, running_server, vehicle
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from evcharge import protocol as p
-from evcharge.errors import TooLargeError
-from evcharge.server import Server
-from evcharge.transport import Connection
-from evcharge.world import World
+from evcharge.domain.world import World
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.connection import Connection
+from evcharge.wire.errors import TooLargeError
 
 from .conftest import operator, running_server, vehicle
 

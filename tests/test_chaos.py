@@ -17,8 +17,11 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from evcharge import protocol as p
-from evcharge.chaos import (
+from evcharge.domain.model import Reservation, Trip
+from evcharge.domain.world import World
+from evcharge.operator.store import migrate, put_reservation, put_trip
+from evcharge.wire import protocol as p
+from tools.chaos import (
     AckedTrip,
     Chaos,
     DiskWindow,
@@ -29,10 +32,7 @@ from evcharge.chaos import (
     build_parser,
     check_states,
 )
-from evcharge.chaos_proxy import ChaosProxy
-from evcharge.model import Reservation, Trip
-from evcharge.store import migrate, put_reservation, put_trip
-from evcharge.world import World
+from tools.chaos_proxy import ChaosProxy
 
 from .conftest import REPO, operator, running_federation
 

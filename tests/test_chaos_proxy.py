@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from evcharge.chaos_proxy import NO_FAULTS, ChaosProxy, FaultRates
+from tools.chaos_proxy import NO_FAULTS, ChaosProxy, FaultRates
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from evcharge import protocol as p
-from evcharge.client import connect
-from evcharge.errors import EvchargeError
-from evcharge.world import World, load_world
+from evcharge.domain.world import World, load_world
+from evcharge.links.client import connect
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import EvchargeError
 
 from .conftest import ServerProcess
 from .test_federation import NATAL_TO_FEIRA, check_invariants

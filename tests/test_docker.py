@@ -26,9 +26,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from evcharge.client import connect
-from evcharge.errors import EvchargeError
-from evcharge.world import World, load_world, resolve_world_path
+from evcharge.domain.world import World, load_world, resolve_world_path
+from evcharge.links.client import connect
+from evcharge.wire.errors import EvchargeError
 
 from .conftest import REPO, free_ports, run_cli
 

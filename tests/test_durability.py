@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from evcharge import store as store_mod
-from evcharge.client import connect, open_client
-from evcharge.errors import ConflictError, EvchargeError, UnavailableError
-from evcharge.model import Reservation
-from evcharge.store import Store, StoreError, put_reservation
-from evcharge.world import World
+from evcharge.domain.model import Reservation
+from evcharge.domain.world import World
+from evcharge.links.client import connect, open_client
+from evcharge.operator import store as store_mod
+from evcharge.operator.store import Store, StoreError, put_reservation
+from evcharge.wire.errors import ConflictError, EvchargeError, UnavailableError
 
 from .conftest import ServerProcess
 

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from evcharge import protocol as p
-from evcharge.client import Client, connect
-from evcharge.errors import (
+from evcharge.apps.invariants import violations
+from evcharge.domain.world import World, load_world
+from evcharge.links.client import Client, connect
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import (
     BadRequestError,
     ConflictError,
     EvchargeError,
@@ -22,9 +25,6 @@ from evcharge.errors import (
     NotFoundError,
     UnavailableError,
 )
-from evcharge.invariants import violations
-from evcharge.server import Server
-from evcharge.world import World, load_world
 
 from .conftest import running_federation, wait_until_federated
 
@@ -294,7 +294,7 @@ async def test_trip_rules_match_single_reservations_and_stops_are_cancelled_only
 async def test_a_quiet_peer_link_stays_up(fed_world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Servers close connections idle for longer than their idle timeout; heartbeats keep the
     # peer links busy enough to stay up (without them, each link would drop and come back).
-    monkeypatch.setattr("evcharge.federation.PEER_HEARTBEAT", 0.2)
+    monkeypatch.setattr("evcharge.operator.trips.federation.PEER_HEARTBEAT", 0.2)
     async with running_federation(fed_world, tmp_path / "data", idle_timeout=0.6) as servers:
         await asyncio.sleep(2.0)
         links = [link for server in servers.values() for link in server.federation.links.values()]

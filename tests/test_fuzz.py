@@ -42,11 +42,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgspec import inspect as mi
 
-from evcharge import invariants
-from evcharge import protocol as p
-from evcharge.client import Client, connect
-from evcharge.server import Server
-from evcharge.world import World
+from evcharge.apps import invariants
+from evcharge.domain.world import World
+from evcharge.links.client import Client, connect
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
 
 from .conftest import running_server
 from .raw import LoopWatch, RawPeer, raw

@@ -16,9 +16,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from evcharge import protocol as p
-from evcharge.server import Server
-from evcharge.world import World
+from evcharge.domain.world import World
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
 
 from .conftest import running_server, vehicle
 from .raw import LoopWatch, raw

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from evcharge import protocol as p
-from evcharge.bench import bench_world
-from evcharge.errors import BadRequestError
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import BadRequestError
+from tools.bench import bench_world
 
 from .conftest import operator, running_server
 

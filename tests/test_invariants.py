@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
-from evcharge import protocol as p
-from evcharge.invariants import HOLD_GRACE_S, violations
-from evcharge.server import Server
+from evcharge.apps.invariants import HOLD_GRACE_S, violations
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
 
 from .conftest import operator
 

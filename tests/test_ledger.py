@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from evcharge.ledger import Ledger
+from evcharge.domain.ledger import Ledger
 
 TIMES = st.integers(min_value=0, max_value=200)
 LENGTHS = st.integers(min_value=1, max_value=40)

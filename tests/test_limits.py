@@ -18,12 +18,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from evcharge import protocol as p
-from evcharge.client import Client, connect
-from evcharge.errors import UnavailableError
-from evcharge.server import Server
-from evcharge.transport import WRITE_HIGH_WATER
-from evcharge.world import World, load_world
+from evcharge.domain.world import World, load_world
+from evcharge.links.client import Client, connect
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.connection import WRITE_HIGH_WATER
+from evcharge.wire.errors import UnavailableError
 
 from .conftest import running_server, vehicle
 from .raw import RawPeer, raw

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from evcharge.feed import OperatorFeed
-from evcharge.monitor import monitor_view
-from evcharge.world import load_world
+from evcharge.apps.monitor import monitor_view
+from evcharge.domain.world import load_world
+from evcharge.links.feed import OperatorFeed
 
 from .conftest import running_federation
 from .test_federation import NATAL_TO_FEIRA, driver

@@ -30,13 +30,13 @@ from ocpp.v16.enums import Action
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from evcharge import ocpp_mapping as m
-from evcharge import protocol as p
-from evcharge.client import Client
-from evcharge.ocpp_gateway import SUBPROTOCOL, Gateway
-from evcharge.server import Server
-from evcharge.tls import Listen, client_context
-from evcharge.world import Rules, VehicleConfig, World, load_world
+from evcharge.apps.ocpp import mapping as m
+from evcharge.apps.ocpp.gateway import SUBPROTOCOL, Gateway
+from evcharge.domain.world import Rules, VehicleConfig, World, load_world
+from evcharge.links.client import Client
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.tls import Listen, client_context
 
 from .conftest import REPO, Pki, free_ports, operator, running_server, vehicle
 

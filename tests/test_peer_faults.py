@@ -12,11 +12,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from evcharge import protocol as p
-from evcharge.chaos_proxy import ChaosProxy
-from evcharge.errors import EvchargeError, UnavailableError
-from evcharge.server import Server
-from evcharge.world import World, load_world
+from evcharge.domain.world import World, load_world
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import EvchargeError, UnavailableError
+from tools.chaos_proxy import ChaosProxy
 
 from .conftest import free_ports, operator, running_federation, vehicle, wait_until_federated
 from .test_federation import NATAL_TO_FEIRA, check_invariants

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import networkx as nx
 import pytest
 
-from evcharge.geo import CITIES
-from evcharge.geo import road_km as geo_road_km
-from evcharge.ledger import Ledger
-from evcharge.planner import (
+from evcharge.domain.geo import CITIES
+from evcharge.domain.geo import road_km as geo_road_km
+from evcharge.domain.ledger import Ledger
+from evcharge.domain.planner import (
     AVERAGE_SPEED_KMH,
     SLOT_ROUNDING_S,
     TAPER_SOC,
@@ -26,7 +26,7 @@ from evcharge.planner import (
     ledger_next_free,
     plan_trip,
 )
-from evcharge.world import load_world
+from evcharge.domain.world import load_world
 
 EPS = 1e-9  # the model's documented tolerance (SoC, and "a whole minute")
 T0 = 1_767_225_600 + 17  # some departure, deliberately not on a whole minute

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evcharge import protocol as p
-from evcharge.protocol import (
+from evcharge.wire import protocol as p
+from evcharge.wire.protocol import (
     HEADER,
     MAX_FRAME,
     AnyMessage,

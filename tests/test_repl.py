@@ -11,9 +11,9 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from evcharge import protocol as p
-from evcharge.repl import VehicleRepl
-from evcharge.world import World
+from evcharge.apps.repl import VehicleRepl
+from evcharge.domain.world import World
+from evcharge.wire import protocol as p
 
 from .conftest import running_server, vehicle
 from .test_server import run_charge_points, stop_all

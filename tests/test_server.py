@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from evcharge import protocol as p
-from evcharge.errors import (
+from evcharge.apps.simulator import ChargePointSim
+from evcharge.domain.world import World
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import (
     BadRequestError,
     ConflictError,
     ForbiddenError,
     NotFoundError,
     UnavailableError,
 )
-from evcharge.server import Server
-from evcharge.station import ChargePointSim
-from evcharge.world import World
 
 from .conftest import operator, running_server, vehicle
 

@@ -14,10 +14,10 @@ from datetime import timedelta
 
 import pytest
 
-from evcharge import protocol as p
-from evcharge.client import Client, connect
-from evcharge.errors import ConflictError, ForbiddenError, NotFoundError, UnavailableError
-from evcharge.server import Server
+from evcharge.links.client import Client, connect
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import ConflictError, ForbiddenError, NotFoundError, UnavailableError
 
 from .conftest import operator, vehicle
 

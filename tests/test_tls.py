@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from evcharge import protocol as p
-from evcharge.client import connect, open_client
-from evcharge.errors import ConnectionLostError, ForbiddenError, UnauthorizedError, UnavailableError
-from evcharge.server import Server
-from evcharge.station import ChargePointSim
-from evcharge.tls import ROLES, Listen, TlsConfigError, TlsFiles, client_context, every_role, parse_listen
-from evcharge.world import World, load_world
+from evcharge.apps.simulator import ChargePointSim
+from evcharge.domain.world import World, load_world
+from evcharge.links.client import connect, open_client
+from evcharge.operator.server import Server
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import ConnectionLostError, ForbiddenError, UnauthorizedError, UnavailableError
+from evcharge.wire.tls import ROLES, Listen, TlsConfigError, TlsFiles, client_context, every_role, parse_listen
 
 from .conftest import REPO, Pki, free_ports, run_cli, running_server
 

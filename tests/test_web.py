@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from evcharge import protocol as p
-from evcharge.station import run_stations
-from evcharge.web import Dashboard, serve
-from evcharge.world import World, load_world
+from evcharge.apps.simulator import run_stations
+from evcharge.apps.web.dashboard import Dashboard, serve
+from evcharge.domain.world import World, load_world
+from evcharge.wire import protocol as p
 
 from .conftest import REPO, free_ports, running_federation, running_server, vehicle
 
@@ -207,8 +207,8 @@ async def test_trips_across_operators_and_peer_links(federated_world_path: Path,
 
 WEB_MAIN = """
 import argparse, sys, uvloop
-from evcharge import web
-from evcharge.world import load_world
+from evcharge.apps.web import dashboard as web
+from evcharge.domain.world import load_world
 parser = argparse.ArgumentParser(prog="evcharge")
 common = argparse.ArgumentParser(add_help=False)
 common.add_argument("--world")

@@ -1,0 +1,116 @@
+"""The live monitor: an operator's stations, reservations, trips and peers (rich Live).
+
+It redraws when the server pushes a change (through ``OperatorFeed``), and
+once a second so "free in N min" keeps counting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import datetime
+
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from evcharge.apps import render
+from evcharge.links.feed import OperatorFeed
+from evcharge.wire import protocol as p
+
+RESERVATION_ROWS = 12
+
+
+def monitor_view(
+    snapshot: p.InspectResult | None, now: datetime | None, *, connected: bool, rate: float = 0.0, error: str = ""
+) -> RenderableType:
+    if snapshot is None or now is None:
+        return Text(f"waiting for the server... {error}".rstrip())
+    head = Text.assemble(
+        (f"Operator {snapshot.operator_id}", "bold"),
+        f"  {now:%Y-%m-%d %H:%M}Z  ",
+        ("connected" if connected else "DISCONNECTED (reconnecting)", "green" if connected else "bold red"),
+        f"  {rate:.1f} req/s  ",
+        ", ".join(f"{n} {role}" for role, n in sorted(snapshot.connections.items())),
+    )
+    parts: list[RenderableType] = [head, _stations(snapshot, now), _reservations(snapshot, now)]
+    if snapshot.trips:
+        parts.append(_trips(snapshot))
+    if snapshot.peers:
+        parts.append(_peers(snapshot))
+    return Group(*parts)
+
+
+def _stations(snapshot: p.InspectResult, now: datetime) -> Table:
+    table = Table(title="Stations", title_justify="left")
+    for column in ("city", "station", "charge points"):
+        table.add_column(column)
+    for station in sorted(snapshot.stations, key=lambda s: (s.city, s.name)):
+        cells = Text()
+        for cp in station.charge_points:
+            style = render.STATUS_STYLE.get(cp.status, "white")
+            cells.append(f"{cp.id} {cp.power_kw:g}kW ", style="bold")
+            cells.append(cp.status, style=style)
+            cells.append(f" ({render.free_in(cp, now)})  ")
+        table.add_row(station.city, station.name, cells)
+    return table
+
+
+def _reservations(snapshot: p.InspectResult, now: datetime) -> Table:
+    live = [r for r in snapshot.reservations if r.state in p.LIVE_STATES and r.end > now]
+    live.sort(key=lambda r: r.start)
+    table = render.reservations_table(
+        live[:RESERVATION_ROWS], now, title=f"Current and next reservations ({len(live)} live)"
+    )
+    return table
+
+
+def _trips(snapshot: p.InspectResult) -> Table:
+    table = Table(title="Trips coordinated here", title_justify="left")
+    for column in ("trip", "vehicle", "state", "stops"):
+        table.add_column(column)
+    for trip in snapshot.trips[-RESERVATION_ROWS:]:
+        stops = " → ".join(f"{s.city} ({s.operator_id}) {s.slot_start:%H:%M}" for s in trip.stops) or "direct"
+        style = "green" if trip.state == "committed" else "bright_black"
+        table.add_row(trip.id, trip.vehicle_id, Text(trip.state, style=style), stops)
+    return table
+
+
+def _peers(snapshot: p.InspectResult) -> Table:
+    table = Table(title="Peer links", title_justify="left")
+    for column in ("operator", "address", "link", "last seen", "last error"):
+        table.add_column(column)
+    for peer in snapshot.peers:
+        table.add_row(
+            peer.operator_id,
+            peer.address,
+            Text("up", style="green") if peer.up else Text("down", style="red"),
+            f"{peer.last_seen:%H:%M:%S}" if peer.last_seen else "-",
+            peer.last_error,
+        )
+    return table
+
+
+async def run_monitor(feed: OperatorFeed) -> int:
+    follower = asyncio.ensure_future(feed.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def view() -> RenderableType:
+        return monitor_view(
+            feed.snapshot, feed.now(), connected=feed.connected, rate=feed.request_rate, error=feed.last_error
+        )
+
+    try:
+        with Live(view(), auto_refresh=False, screen=False) as live:
+            seen = -1
+            while not stop.is_set():
+                seen = await feed.wait_change(seen, timeout=1.0)
+                live.update(view(), refresh=True)
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    return 0

@@ -1,0 +1,164 @@
+"""Human output of the command line (rich), beside the stable ``--json`` output."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from evcharge.wire import protocol as p
+
+STATUS_STYLE = {
+    "available": "green",
+    "reserved": "yellow",
+    "charging": "cyan",
+    "faulted": "red",
+    "unavailable": "magenta",
+    "offline": "bright_black",
+}
+STATE_STYLE = {
+    "held": "yellow",
+    "booked": "green",
+    "charging": "cyan",
+    "completed": "blue",
+    "cancelled": "bright_black",
+    "expired": "red",
+    "aborted": "bright_black",
+}
+
+
+def to_json(value: Any) -> str:
+    """Stable machine-readable output: plain JSON objects, RFC 3339 times."""
+    return msgspec.json.encode(value).decode()
+
+
+def when(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "now"
+    minutes = round((moment - now).total_seconds() / 60)
+    stamp = f"{moment:%Y-%m-%d %H:%M}Z"
+    if minutes == 0:
+        return f"{stamp} (now)"
+    return f"{stamp} (in {minutes} min)" if minutes > 0 else f"{stamp} ({-minutes} min ago)"
+
+
+def free_in(info: p.ChargePointInfo, now: datetime) -> str:
+    if info.status in ("offline", "faulted", "unavailable"):
+        return "-"
+    if info.free_at is None:
+        return "free now"
+    return f"free in {max(0, round((info.free_at - now).total_seconds() / 60))} min"
+
+
+def status_text(status: str) -> str:
+    return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def stations_table(stations: list[p.StationInfo], now: datetime, title: str = "Stations") -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("station", "city", "operator", "charge point", "kW", "connector", "R$/kWh", "status", "free"):
+        table.add_column(column)
+    if any(s.distance_km is not None for s in stations):
+        table.add_column("km", justify="right")
+    for station in stations:
+        for i, cp in enumerate(station.charge_points):
+            row = [
+                station.name if i == 0 else "",
+                station.city if i == 0 else "",
+                station.operator_id if i == 0 else "",
+                cp.id,
+                f"{cp.power_kw:g}",
+                cp.connector,
+                f"{cp.price_per_kwh:.2f}",
+                status_text(cp.status),
+                free_in(cp, now),
+            ]
+            if station.distance_km is not None:
+                row.append(f"{station.distance_km:.1f}" if i == 0 else "")
+            table.add_row(*row)
+    return table
+
+
+def station_status(station: p.StationInfo, now: datetime, console: Console) -> None:
+    console.print(stations_table([station], now, title=f"{station.name} ({station.id}) at {now:%H:%M}Z"))
+    for cp in station.charge_points:
+        if cp.busy:
+            slots = ", ".join(f"{i.start:%H:%M}-{i.end:%H:%M}" for i in cp.busy)
+            console.print(f"  {cp.id} taken: {slots}")
+
+
+def reservations_table(reservations: list[p.ReservationInfo], now: datetime, title: str = "Reservations") -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "charge point", "vehicle", "start", "end", "state", "trip", "kWh", "R$"):
+        table.add_column(column)
+    for r in reservations:
+        table.add_row(
+            r.id,
+            r.charge_point_id,
+            r.vehicle_id,
+            when(r.start, now),
+            f"{r.end:%H:%M}Z",
+            f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]",
+            r.trip_id or "",
+            f"{r.kwh:.2f}" if r.kwh else "",
+            f"{r.cost:.2f}" if r.cost else "",
+        )
+    return table
+
+
+def history_table(history: p.History) -> Table:
+    table = Table(title="Charging history", title_justify="left", show_footer=True)
+    table.add_column("when", footer="total")
+    table.add_column("city")
+    table.add_column("operator")
+    table.add_column("charge point")
+    table.add_column("minutes", justify="right")
+    table.add_column("kWh", justify="right", footer=f"{history.total_kwh:.2f}")
+    table.add_column("R$/kWh", justify="right")
+    table.add_column("R$", justify="right", footer=f"{history.total_cost:.2f}")
+    for s in history.sessions:
+        table.add_row(
+            f"{s.started:%Y-%m-%d %H:%M}Z",
+            s.city,
+            s.operator_id,
+            s.charge_point_id,
+            f"{(s.ended - s.started).total_seconds() / 60:.0f}",
+            f"{s.kwh:.2f}",
+            f"{s.price_per_kwh:.2f}",
+            f"{s.cost:.2f}",
+        )
+    return table
+
+
+def trip(info: p.TripInfo, console: Console, title: str) -> None:
+    table = Table(title=title, title_justify="left", show_footer=True)
+    table.add_column("#", footer="")
+    table.add_column("city", footer=info.destination)
+    table.add_column("operator")
+    table.add_column("charge point")
+    table.add_column("drive km", justify="right", footer=f"{info.distance_km:.0f}")
+    table.add_column("arrive", footer=f"{info.arrival:%m-%d %H:%M}Z")
+    table.add_column("slot")
+    table.add_column("SoC %", footer=f"{info.soc_at_arrival:.0f}")
+    table.add_column("kWh", justify="right", footer=f"{info.total_kwh:.1f}")
+    table.add_column("R$", justify="right", footer=f"{info.total_cost:.2f}")
+    table.add_column("reservation")
+    for n, stop in enumerate(info.stops, 1):
+        table.add_row(
+            str(n),
+            stop.city,
+            stop.operator_id,
+            f"{stop.charge_point_id} ({stop.power_kw:g} kW)",
+            f"{stop.drive_km:.0f}",
+            f"{stop.arrival:%m-%d %H:%M}Z",
+            f"{stop.slot_start:%H:%M}-{stop.slot_end:%H:%M}",
+            f"{stop.soc_in:.0f}→{stop.soc_out:.0f}",
+            f"{stop.kwh:.1f}",
+            f"{stop.cost:.2f}",
+            stop.reservation_id or "",
+        )
+    console.print(f"{info.origin} → {info.destination}, departing {info.depart:%Y-%m-%d %H:%M}Z")
+    console.print(table)

@@ -1,0 +1,55 @@
+"""In-memory records of an operator's state (what the store persists)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evcharge.wire.protocol import LIVE_STATES
+
+
+@dataclass(slots=True)
+class Reservation:
+    id: str
+    charge_point_id: str
+    vehicle_id: str
+    start: int  # simulated epoch seconds, half-open [start, end)
+    end: int
+    state: str
+    created: int
+    trip_id: str | None = None
+    hold_deadline: float | None = None  # real epoch seconds (held only)
+    txn_id: str | None = None  # the trip booking that placed it
+    coordinator: str | None = None  # operator coordinating that trip
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+
+@dataclass(slots=True)
+class ChargingSession:
+    reservation_id: str
+    vehicle_id: str
+    charge_point_id: str
+    started: int
+    price_per_kwh: float
+    ended: int | None = None
+    kwh: float = 0.0
+
+    @property
+    def cost(self) -> float:
+        return round(self.kwh * self.price_per_kwh, 2)
+
+
+@dataclass(slots=True)
+class Trip:
+    """A trip this operator coordinates; its row is the two-phase commit record."""
+
+    id: str
+    vehicle_id: str
+    state: str  # committed | cancelled
+    txn_id: str
+    participants: list[str]  # operators owning its stops
+    unacked: list[str]  # participants not yet told the latest decision
+    info: bytes  # the TripInfo, as JSON
+    created: int

@@ -1,0 +1,373 @@
+"""Durability: an operator's state in SQLite (WAL, synchronous=FULL).
+
+Memory is the truth for reads; the store is the truth after a crash. Every
+change is a list of SQL statements handed to ``commit``, which returns a
+future. One writer thread takes everything queued, runs it in one transaction
+and commits once (group commit: one fsync for a whole batch), then resolves
+the batch's futures. The caller acknowledges only after its future resolved.
+
+If a commit fails (disk full, read-only file) the batch is rolled back and the
+store turns ``failed``: it refuses everything queued behind it and every new
+change, until the owner has re-read what is on disk (``reread``), found with
+``probe`` that it can write again, and called ``resume``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evcharge.domain.model import ChargingSession, Reservation, Trip
+
+log = logging.getLogger(__name__)
+
+Op = tuple[str, tuple[Any, ...]]
+
+# Each entry upgrades the schema by one version (PRAGMA user_version).
+MIGRATIONS: list[str] = [
+    # 1: operator state of one server
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE reservations (
+        id TEXT PRIMARY KEY,
+        charge_point_id TEXT NOT NULL,
+        vehicle_id TEXT NOT NULL,
+        start INTEGER NOT NULL,          -- simulated UTC epoch seconds, half-open
+        "end" INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        trip_id TEXT,
+        hold_deadline INTEGER
+    );
+    CREATE INDEX reservations_by_vehicle ON reservations(vehicle_id);
+    CREATE INDEX reservations_by_trip ON reservations(trip_id) WHERE trip_id IS NOT NULL;
+    CREATE TABLE charging_sessions (
+        reservation_id TEXT PRIMARY KEY REFERENCES reservations(id),
+        vehicle_id TEXT NOT NULL,
+        charge_point_id TEXT NOT NULL,
+        started INTEGER NOT NULL,
+        ended INTEGER,
+        kwh REAL NOT NULL,
+        price_per_kwh REAL NOT NULL,
+        cost REAL NOT NULL
+    );
+    CREATE VIEW reservations_readable AS
+        SELECT id, charge_point_id, vehicle_id, state, trip_id,
+               datetime(start, 'unixepoch') AS start_utc,
+               datetime("end", 'unixepoch') AS end_utc
+        FROM reservations ORDER BY start;
+    """,
+    # 2: federation: holds of trip bookings, and the trips this operator coordinates
+    """
+    ALTER TABLE reservations ADD COLUMN txn_id TEXT;
+    ALTER TABLE reservations ADD COLUMN coordinator TEXT;
+    CREATE INDEX reservations_held ON reservations(txn_id) WHERE state = 'held';
+    CREATE TABLE trips (
+        id TEXT PRIMARY KEY,
+        vehicle_id TEXT NOT NULL,
+        state TEXT NOT NULL,             -- committed | cancelled (no row: aborted)
+        txn_id TEXT NOT NULL UNIQUE,
+        participants TEXT NOT NULL,      -- JSON list of operator ids
+        unacked TEXT NOT NULL,           -- JSON list: not yet told the latest decision
+        info TEXT NOT NULL,              -- the trip with its stops, JSON
+        created INTEGER NOT NULL
+    );
+    CREATE INDEX trips_by_vehicle ON trips(vehicle_id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The change could not be made durable; it was not acknowledged."""
+
+
+@dataclass
+class StoredState:
+    reservations: list[Reservation] = field(default_factory=list)
+    sessions: list[ChargingSession] = field(default_factory=list)
+    trips: list[Trip] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def _connect(path: Path, max_bytes: int | None) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    if max_bytes is not None:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size)}")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date; returns the version it started from."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"store schema version {version} is newer than this evcharge ({SCHEMA_VERSION})")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return version
+
+
+def read_state(conn: sqlite3.Connection) -> StoredState:
+    state = StoredState()
+    for row in conn.execute(
+        'SELECT id, charge_point_id, vehicle_id, start, "end", state, created, trip_id, hold_deadline, '
+        "txn_id, coordinator FROM reservations ORDER BY start"
+    ):
+        state.reservations.append(Reservation(*row))
+    for row in conn.execute(
+        "SELECT reservation_id, vehicle_id, charge_point_id, started, price_per_kwh, ended, kwh "
+        "FROM charging_sessions ORDER BY started"
+    ):
+        state.sessions.append(ChargingSession(*row))
+    for row in conn.execute(
+        "SELECT id, vehicle_id, state, txn_id, participants, unacked, info, created FROM trips ORDER BY created"
+    ):
+        tid, vehicle, trip_state, txn, participants, unacked, info, created = row
+        state.trips.append(
+            Trip(tid, vehicle, trip_state, txn, json.loads(participants), json.loads(unacked), info.encode(), created)
+        )
+    state.meta = dict(conn.execute("SELECT key, value FROM meta"))
+    return state
+
+
+def put_reservation(r: Reservation) -> Op:
+    return (
+        'INSERT OR REPLACE INTO reservations (id, charge_point_id, vehicle_id, start, "end", state, '
+        "created, trip_id, hold_deadline, txn_id, coordinator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            r.id,
+            r.charge_point_id,
+            r.vehicle_id,
+            r.start,
+            r.end,
+            r.state,
+            r.created,
+            r.trip_id,
+            r.hold_deadline,
+            r.txn_id,
+            r.coordinator,
+        ),
+    )
+
+
+def put_trip(t: Trip) -> Op:
+    return (
+        "INSERT OR REPLACE INTO trips (id, vehicle_id, state, txn_id, participants, unacked, info, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            t.id,
+            t.vehicle_id,
+            t.state,
+            t.txn_id,
+            json.dumps(t.participants),
+            json.dumps(t.unacked),
+            t.info.decode(),
+            t.created,
+        ),
+    )
+
+
+def put_session(s: ChargingSession) -> Op:
+    return (
+        "INSERT OR REPLACE INTO charging_sessions (reservation_id, vehicle_id, charge_point_id, started, "
+        "ended, kwh, price_per_kwh, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (s.reservation_id, s.vehicle_id, s.charge_point_id, s.started, s.ended, s.kwh, s.price_per_kwh, s.cost),
+    )
+
+
+def put_meta(key: str, value: str) -> Op:
+    return ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+_PROBE: list[Op] = [
+    ("INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', hex(randomblob(4096)))", ()),
+    ("DELETE FROM meta WHERE key = 'write_probe'", ()),
+]
+_STOP = object()
+
+
+class _Batch:
+    __slots__ = ("future", "ops")
+
+    def __init__(self, ops: list[Op], future: asyncio.Future[None]) -> None:
+        self.ops = ops
+        self.future = future
+
+
+class Store:
+    def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.failed = False
+        self.on_failure: Callable[[], object] | None = None  # called on the loop when a commit fails
+        self.commits = 0  # transactions committed (for benchmarks and tests)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    def open(self) -> StoredState:
+        """Create or migrate the file and read everything in it (before serving)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = _connect(self.path, self.max_bytes)
+        old = migrate(self._conn)
+        if old != SCHEMA_VERSION:
+            log.info("store %s: schema %d -> %d", self.path, old, SCHEMA_VERSION)
+        return read_state(self._conn)
+
+    def start(self) -> None:
+        assert self._conn is not None, "open() first"
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="evcharge-store", daemon=True)
+        self._thread.start()
+
+    def commit(self, ops: list[Op]) -> asyncio.Future[None]:
+        """Queue ``ops`` for the next group commit; the future resolves once durable."""
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[None] = self._loop.create_future()
+        if self._thread is None or not self._thread.is_alive():
+            future.set_exception(StoreError("the store is closed"))
+        elif self.failed:
+            future.set_exception(StoreError("the store cannot be written"))
+        else:
+            self._queue.put(_Batch(ops, future))
+        return future
+
+    async def reread(self) -> StoredState:
+        """What is on disk, read after everything queued before this call."""
+        return await self._ask_thread("reread")
+
+    async def probe(self) -> bool:
+        """Whether a write (of a page or so) goes through now."""
+        return await self._ask_thread("probe")
+
+    def resume(self) -> None:
+        """Accept changes again (the owner's memory matches the disk)."""
+        self.failed = False
+
+    async def _ask_thread(self, what: str) -> Any:
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put((what, future))
+        return await future
+
+    async def close(self) -> None:
+        """Commit whatever is queued, then stop the writer thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- the writer thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch: list[_Batch] = []
+            stop = False
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Batch):
+                    batch.append(item)
+                else:
+                    self._flush(batch)
+                    batch = []
+                    self._answer(*item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._flush(batch)
+            if stop:
+                return
+
+    def _flush(self, batch: list[_Batch]) -> None:
+        if not batch:
+            return
+        error: Exception | None = None
+        if self.failed:
+            error = StoreError("the store cannot be written")
+        else:
+            error = self._transaction([op for b in batch for op in b.ops])
+            if error is not None:
+                self.failed = True
+                log.error("store %s: commit failed, refusing changes until it recovers: %s", self.path, error)
+            else:
+                self.commits += 1
+        self._call_loop(_resolve_batch, batch, error)
+        if error is not None and self.on_failure is not None:
+            self._call_loop(self.on_failure)
+
+    def _transaction(self, ops: list[Op]) -> Exception | None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for sql, params in ops:
+                conn.execute(sql, params)
+            conn.execute("COMMIT")
+            return None
+        except Exception as exc:  # whatever it is, the batch fails and the thread lives on
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return StoreError(f"store write failed: {exc}")
+
+    def _answer(self, what: str, future: asyncio.Future[Any]) -> None:
+        assert self._conn is not None
+        try:
+            result = read_state(self._conn) if what == "reread" else self._transaction(_PROBE) is None
+        except sqlite3.Error as exc:
+            self._call_loop(_set_exception, future, StoreError(f"store read failed: {exc}"))
+            return
+        self._call_loop(_set_result, future, result)
+
+    def _call_loop(self, fn: Any, *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
+            self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _resolve_batch(batch: list[_Batch], error: Exception | None) -> None:
+    for item in batch:
+        if item.future.done():
+            continue
+        if error is None:
+            item.future.set_result(None)
+        else:
+            item.future.set_exception(StoreError(str(error)))
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,219 @@
+"""A framed, pipelined connection over asyncio streams.
+
+``Connection`` is shared by the server and every client. It reads frames into
+messages, matches replies to the requests that are waiting for them (many may be
+in flight, answered in any order), and writes with a deadline so a peer that
+stops reading cannot stall us forever. Whoever owns the connection runs the
+receive loop and decides what to do with requests and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+
+import msgspec
+
+from evcharge.wire.errors import (
+    ConnectionLostError,
+    EvchargeError,
+    RequestTimeoutError,
+    TooLargeError,
+    error_from_reply,
+)
+from evcharge.wire.protocol import (
+    MAX_FRAME,
+    Error,
+    FrameBuffer,
+    Message,
+    Reply,
+    Request,
+    decode_body,
+    encode_frame,
+)
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024
+DEFAULT_REQUEST_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
+# Above this many unsent bytes we wait for the peer to read before writing more.
+WRITE_HIGH_WATER = 256 * 1024
+CLOSE_GRACE = 2.0  # seconds a close waits for buffered bytes to leave before it drops them
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (or we did)."""
+
+
+class FrameTimeout(TimeoutError):
+    """A frame began but did not arrive whole in time (a slowloris, or a peer that died mid-frame)."""
+
+
+class Connection:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._frames = FrameBuffer(max_frame)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        # Once a frame's first bytes are in, all of it must arrive within this (None: no limit);
+        # an idle timeout alone is reset by every byte, so a trickle would hold the connection forever.
+        self.frame_timeout: float | None = None
+        self._frame_started: float | None = None
+        self.write_timeout = WRITE_TIMEOUT
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer = writer.get_extra_info("peername")
+        self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        """The next message from the peer.
+
+        Raises ``ConnectionClosed`` at end of stream, ``TimeoutError`` when no
+        byte arrives within ``timeout``, ``FrameTimeout`` when a begun frame is
+        not whole within ``frame_timeout``, ``FrameTooLarge`` for an oversized
+        frame (fatal) and ``UndecodableMessage`` for a bad body (not fatal:
+        the next call reads the next frame).
+        """
+        while True:
+            body = self._frames.next_body()
+            if body is not None:
+                # The clock runs only while we wait for the peer, never while we are busy elsewhere.
+                self._frame_started = None
+                return decode_body(body)
+            if self._closed:
+                raise ConnectionClosed
+            wait, frame_deadline = timeout, False
+            if self.frame_timeout is not None and self._frames.buffered:
+                now = asyncio.get_running_loop().time()
+                if self._frame_started is None:
+                    self._frame_started = now
+                left = self._frame_started + self.frame_timeout - now
+                if wait is None or left < wait:
+                    wait, frame_deadline = max(left, 0.0), True
+            try:
+                async with asyncio.timeout(wait):
+                    data = await self._reader.read(READ_CHUNK)
+            except TimeoutError:
+                if frame_deadline:
+                    raise FrameTimeout(f"a frame was not complete within {self.frame_timeout:g} s") from None
+                raise
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionClosed from exc
+            if not data:
+                raise ConnectionClosed
+            self._frames.feed(data)
+
+    def resolve(self, reply: Reply) -> None:
+        """Hand a reply to the request waiting for it (late replies are dropped)."""
+        future = self._pending.get(reply.id)
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    def fail_request(self, request_id: int, exc: Exception) -> bool:
+        """Fail a waiting request (e.g. its reply could not be decoded)."""
+        future = self._pending.get(request_id)
+        if future is None or future.done():
+            return False
+        future.set_exception(exc)
+        return True
+
+    @property
+    def buffered_out(self) -> int:
+        """Bytes written but not yet taken by the peer."""
+        return self._writer.transport.get_write_buffer_size()
+
+    def write_nowait(self, message: Message) -> None:
+        """Queue a frame without waiting for the peer to read (for pushes)."""
+        if self._closed or self._writer.transport.is_closing():
+            raise ConnectionLostError("connection is closed")
+        try:
+            self._writer.write(encode_frame(message))
+        except (RuntimeError, ConnectionError, OSError) as exc:  # uvloop: RuntimeError once aborted
+            raise ConnectionLostError(f"connection lost: {exc}") from None
+
+    async def send(self, message: Message) -> None:
+        if self._closed or self._writer.transport.is_closing():
+            raise ConnectionLostError("connection is closed")
+        frame = encode_frame(message)
+        if len(frame) - 4 > self._frames.max_frame:
+            # The peer would refuse it and drop the connection: say so instead of sending it.
+            raise TooLargeError(f"{type(message).__name__} of {len(frame) - 4} bytes is over the frame limit")
+        try:
+            self._writer.write(frame)
+            if self.buffered_out > WRITE_HIGH_WATER:
+                async with asyncio.timeout(self.write_timeout):
+                    await self._writer.drain()
+        except TimeoutError:
+            # A peer that does not read for this long is gone for our purposes. Abort, not
+            # close: a close would keep what it never read buffered here until it did.
+            self.abort()
+            raise ConnectionLostError("peer stopped reading; connection closed") from None
+        except (ConnectionError, OSError, RuntimeError) as exc:  # uvloop: RuntimeError once aborted
+            await self.close()
+            raise ConnectionLostError(f"connection lost: {exc}") from None
+
+    async def request(self, message: Request, timeout: float = DEFAULT_REQUEST_TIMEOUT) -> Reply:
+        """Send a request and wait for its reply; an ``Error`` reply is raised."""
+        if self._closed:
+            raise ConnectionLostError("connection is closed")
+        # A copy with our id: the caller's message may be in flight on other connections too.
+        message = msgspec.structs.replace(message, id=next(self._ids))
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[message.id] = future
+        try:
+            await self.send(message)
+            async with asyncio.timeout(timeout):
+                reply = await future
+        except TimeoutError:
+            raise RequestTimeoutError(f"no reply to {type(message).__name__} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(message.id, None)
+        if isinstance(reply, Error):
+            raise error_from_reply(reply)
+        return reply
+
+    async def reply_error(self, request_id: int, exc: EvchargeError) -> None:
+        with contextlib.suppress(ConnectionLostError):
+            await self.send(exc.to_reply(request_id))
+
+    def _mark_closed(self) -> None:
+        self._closed = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLostError("connection closed before the reply"))
+        self._pending.clear()
+
+    async def close(self) -> None:
+        """Close once; every request still waiting fails with ConnectionLostError."""
+        if self._closed:
+            return
+        self._mark_closed()
+        self._writer.close()
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self._writer.wait_closed()
+        except TimeoutError:
+            # The peer is not taking what is still buffered; do not keep it for the peer's sake.
+            self._writer.transport.abort()
+        except Exception:  # wait_closed re-raises whatever broke the connection: it is closed all the same
+            log.debug("closing %s", self.peername, exc_info=True)
+
+    def abort(self) -> None:
+        """Drop the connection now, without waiting for buffered writes."""
+        if not self._closed:
+            self._mark_closed()
+        self._writer.transport.abort()
