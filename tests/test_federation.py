@@ -291,10 +291,9 @@ async def test_trip_rules_match_single_reservations_and_stops_are_cancelled_only
     check_invariants(await inspect_all(servers))
 
 
-async def test_a_quiet_peer_link_stays_up(fed_world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Servers close connections idle for longer than their idle timeout; heartbeats keep the
-    # peer links busy enough to stay up (without them, each link would drop and come back).
-    monkeypatch.setattr("evcharge.operator.trips.federation.PEER_HEARTBEAT", 0.2)
+async def test_a_quiet_peer_link_stays_up(fed_world: World, tmp_path: Path) -> None:
+    # Servers close connections idle for longer than their idle timeout; heartbeats, paced by
+    # the idle timeout each Welcome names, keep the peer links up (else each would drop and come back).
     async with running_federation(fed_world, tmp_path / "data", idle_timeout=0.6) as servers:
         await asyncio.sleep(2.0)
         links = [link for server in servers.values() for link in server.federation.links.values()]

@@ -192,8 +192,8 @@ async def test_a_client_pipelining_without_reading_is_held_to_the_in_flight_cap(
         most_in_flight = most_buffered = 0
         served, still_since = -1, asyncio.get_running_loop().time()
         async with asyncio.timeout(30):
-            while session.in_flight < cap or asyncio.get_running_loop().time() - still_since < 1.0:
-                most_in_flight = max(most_in_flight, session.in_flight)
+            while session.conn.in_flight < cap or asyncio.get_running_loop().time() - still_since < 1.0:
+                most_in_flight = max(most_in_flight, session.conn.in_flight)
                 most_buffered = max(most_buffered, session.conn.buffered_out)
                 if server.requests_served != served:
                     served, still_since = server.requests_served, asyncio.get_running_loop().time()
@@ -201,7 +201,7 @@ async def test_a_client_pipelining_without_reading_is_held_to_the_in_flight_cap(
         assert most_in_flight <= cap
         assert most_buffered <= WRITE_HIGH_WATER + cap * 4096, most_buffered
         assert served - served_before < sent, "the server read every request of a client that reads nothing"
-        assert session.in_flight == cap, "requests held at the cap are waiting for the client to read"
+        assert session.conn.in_flight == cap, "requests held at the cap are waiting for the client to read"
         assert await good.heartbeat()  # others are served meanwhile
         # Once the client reads, every reply comes, each once.
         ids: list[int] = []

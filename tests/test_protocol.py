@@ -179,7 +179,15 @@ QUERY = p.TripQuery(
 # other than its default (so omit_defaults cannot hide a field that fails to round-trip).
 SAMPLES: list[Message] = [
     p.Hello(id=1, version=p.PROTOCOL_VERSION, role="vehicle", ident="V007", credential="s3cret-token"),
-    p.Welcome(id=1, version=1, operator_id="A", operator_name="Atlantic Charge", server_time=T0, time_scale=60.0),
+    p.Welcome(
+        id=1,
+        version=1,
+        operator_id="A",
+        operator_name="Atlantic Charge",
+        server_time=T0,
+        time_scale=60.0,
+        idle_timeout=600.0,
+    ),
     p.Error(id=7, code="conflict", message="slot taken", next_free=at(45)),
     p.Ok(id=8),
     p.ListStations(id=9, city="Boston", lat=42.36, lon=-71.06, limit=5),

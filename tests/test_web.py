@@ -143,17 +143,17 @@ async def test_state_page_and_live_updates_by_push(world: World, tmp_path: Path)
                 assert (seen["charge_point_id"], seen["vehicle_id"], seen["state"]) == ("NAT-PN-1", "V01", "booked")
 
                 # Driven by pushes: with nothing happening, no Inspect goes out.
-                quiet = dash.inspects
+                quiet = dash.feed.inspects
                 await asyncio.sleep(0.5)
-                assert dash.inspects == quiet
+                assert dash.feed.inspects == quiet
 
                 # A burst of pushes costs one Inspect, not one each.
                 for _ in range(50):
-                    dash._on_event(
+                    dash.feed.pushed(
                         p.ChargePointChanged(station_id="NAT-PN", charge_point_id="NAT-PN-1", status="offline")
                     )
                 await asyncio.sleep(0.5)
-                assert dash.inspects == quiet + 1
+                assert dash.feed.inspects == quiet + 1
 
                 # The server goes away: browsers are told at once, and so is /api/state.
                 await server.stop()

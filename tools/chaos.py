@@ -66,7 +66,8 @@ from rich.table import Table
 from evcharge.apps.invariants import violations
 from evcharge.domain.clock import to_datetime
 from evcharge.domain.world import VehicleConfig, World
-from evcharge.links.client import Backoff, Client, open_client
+from evcharge.links.client import Client, open_client
+from evcharge.links.link import Backoff, Link
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import ConnectionLostError, EvchargeError
 from tools.bench import (
@@ -560,29 +561,30 @@ class Chaos:
 
     async def vehicle(self, v: VehicleConfig, rng: random.Random) -> None:
         """One vehicle: books, reserves and cancels through its home's proxy until told to stop."""
-        client: Client | None = None
         mine: list[tuple[str, str]] = []  # ("reservation" | "trip", id) it may cancel
-        backoff = Backoff(first=0.05, cap=1.0)
+        link = Link(
+            HOST,
+            self.client_proxies[v.home].port,
+            role="vehicle",
+            ident=v.id,
+            secret=v.token,
+            timeout=self.s.request_timeout,
+            backoff=Backoff(first=0.05, cap=1.0),
+            on_down=lambda reason: self.count("connect", "unavailable", reason),
+            name=f"vehicle {v.id}",
+        )
+        runner = asyncio.ensure_future(link.run())
         try:
             while not self.stopping.is_set():
-                if client is None or client.closed.is_set():
-                    if client is not None:
-                        await client.close()
-                    try:
-                        client = await open_client(
-                            HOST,
-                            self.client_proxies[v.home].port,
-                            role="vehicle",
-                            ident=v.id,
-                            secret=v.token,
-                            timeout=self.s.request_timeout,
-                        )
-                    except EvchargeError as exc:
-                        client = None
+                if runner.done():  # refused: no retry helps
+                    exc = runner.exception()
+                    if isinstance(exc, EvchargeError):
                         self.count("connect", outcome_of(exc), exc.message)
-                        await backoff.sleep()
-                        continue
-                    backoff.reset()
+                    return
+                try:
+                    client = await link.wait_up(timeout=1.0)
+                except EvchargeError:
+                    continue  # still down: look at stopping and at the link again
                 roll = rng.random()
                 if roll < 0.3 and mine:
                     done = await self.cancel(client, mine.pop(rng.randrange(len(mine))), mine)
@@ -591,12 +593,12 @@ class Chaos:
                 else:
                     done = await self.reserve(client, v, rng, mine)
                 if not done:  # its reply never came: this connection cannot be trusted any more
-                    await client.close()
-                    client = None
+                    client.conn.abort()
                 await asyncio.sleep(rng.uniform(0, self.s.think))
         finally:
-            if client is not None:
-                await client.close()
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            await link.close()
 
     async def reserve(self, client: Client, v: VehicleConfig, rng: random.Random, mine: list[tuple[str, str]]) -> bool:
         cp = rng.choice(self.charge_points(v.home))

@@ -405,6 +405,9 @@ async def run_station(world: World, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"evcharge station: {exc}", file=sys.stderr)
         return 2
+    except EvchargeError as exc:
+        print(f"evcharge station: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -446,7 +449,10 @@ async def run_monitor(world: World, args: argparse.Namespace) -> int:
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
     context, name = _client_tls(args, op)
-    return await monitor(OperatorFeed(op, host, port, ssl_context=context, server_hostname=name))
+    feed = OperatorFeed(
+        op, host, port, ssl_context=context, server_hostname=name, reserved_soon_min=world.rules.reserved_soon_min
+    )
+    return await monitor(feed)
 
 
 async def run_check(world: World, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from datetime import datetime
 
 from rich.console import Group, RenderableType
@@ -18,6 +19,7 @@ from rich.text import Text
 from evcharge.apps import render
 from evcharge.links.feed import OperatorFeed
 from evcharge.wire import protocol as p
+from evcharge.wire.errors import EvchargeError
 
 RESERVATION_ROWS = 12
 
@@ -107,10 +109,15 @@ async def run_monitor(feed: OperatorFeed) -> int:
     try:
         with Live(view(), auto_refresh=False, screen=False) as live:
             seen = -1
-            while not stop.is_set():
+            while not stop.is_set() and not follower.done():
                 seen = await feed.wait_change(seen, timeout=1.0)
                 live.update(view(), refresh=True)
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
+    if not follower.cancelled() and isinstance(follower.exception(), EvchargeError):
+        refusal = follower.exception()
+        assert isinstance(refusal, EvchargeError)
+        print(f"evcharge monitor: {refusal.code}: {refusal.message}", file=sys.stderr)
+        return 1
     return 0

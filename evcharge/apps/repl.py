@@ -32,7 +32,8 @@ from rich.table import Table
 from evcharge.apps.cli import UsageError, add_vehicle_commands, trip_query, vehicle_command
 from evcharge.domain import geo
 from evcharge.domain.world import VehicleConfig, World
-from evcharge.links.client import Backoff, Client, open_client
+from evcharge.links.client import Client
+from evcharge.links.link import Link
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import EvchargeError, UnavailableError
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 DRIVING_SPEED_KMH = 80.0
 LOW_SOC = 0.20
 BATTERY_TICK = 1.0  # real seconds between battery updates
-MAX_BACKOFF = 5.0
 
 HELP = """\
 [bold]Commands[/] (TAB completes; the same options as `evcharge vehicle COMMAND --help`):
@@ -77,13 +77,25 @@ class VehicleRepl:
     ) -> None:
         self.world = world
         self.vehicle = vehicle
-        self.host, self.port = host, port
-        self.ssl_context, self.server_hostname = ssl_context, server_hostname
+        self.link = Link(
+            host,
+            port,
+            role="vehicle",
+            ident=vehicle.id,
+            secret=vehicle.token,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            on_up=self._came_up,
+            on_down=self._went_down,
+            name=f"vehicle {vehicle.id}",
+        )
+        self._was_up = False  # connected at least once (then a new connection is news)
+        self._lost = False  # told the user the connection was lost, not yet that it is back
+        self.refused = ""  # why the server refused this vehicle for good, if it did
         self.console = console or Console(highlight=False)
         self.soc = start_soc
         self.position = position or self._home_position()
         self.position_every = position_every
-        self.client: Client | None = None
         self.charging: dict[str, tuple[float, float]] = {}  # reservation -> (soc at start, kWh so far)
         self._last_plan: tuple[p.TripQuery | None, str] = (None, "")  # the last question planned, its plan id
         self._progress: dict[str, asyncio.Event] = {}
@@ -150,8 +162,9 @@ class VehicleRepl:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if self.client is not None:
-                await self.client.close()
+            await self.link.close()
+        if self.refused:
+            return 1
         self.say("Bye.")
         return 0
 
@@ -250,34 +263,32 @@ class VehicleRepl:
 
     # --- living in the background -----------------------------------------------------------
 
+    @property
+    def client(self) -> Client | None:
+        return self.link.client
+
     async def _stay_connected(self) -> None:
-        backoff = Backoff(cap=MAX_BACKOFF)
-        while True:
-            try:
-                client = await open_client(
-                    self.host,
-                    self.port,
-                    role="vehicle",
-                    ident=self.vehicle.id,
-                    secret=self.vehicle.token,
-                    ssl_context=self.ssl_context,
-                    server_hostname=self.server_hostname,
-                )
-            except EvchargeError as exc:
-                log.debug("connect: %s", exc)
-                await backoff.sleep()
-                continue
-            if backoff.retrying:
-                self.say("[green]Reconnected.[/]")
-            backoff.reset()
-            client.on_event.append(self._pushed)
-            client.report_position(lambda: self.position, every=self.position_every)
-            self.client = client
-            await client.closed.wait()
-            self.client = None
-            await client.close()
+        try:
+            await self.link.run()
+        except EvchargeError as exc:
+            # Wrong token, or not this operator's vehicle: no retry helps, so say it and end.
+            self.refused = f"{exc.code}: {exc.message}"
+            self.say(f"[red]{exc.code}[/]: {exc.message}")
+            self._stop.set()
+            if self.session.app.is_running:
+                self.session.app.exit(exception=EOFError())
+
+    async def _came_up(self, client: Client) -> None:
+        client.on_event.append(self._pushed)
+        client.report_position(lambda: self.position, every=self.position_every)
+        if self._lost:
+            self.say("[green]Reconnected.[/]")
+        self._was_up, self._lost = True, False
+
+    def _went_down(self, reason: str) -> None:
+        if self._was_up and not self._lost:
             self.say("[yellow]Connection to the server lost; reconnecting...[/]")
-            await backoff.sleep()  # and the next success says "Reconnected."
+            self._lost = True
 
     def _pushed(self, event: p.Event) -> None:
         match event:

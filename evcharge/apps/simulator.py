@@ -16,14 +16,14 @@ import time
 from datetime import datetime
 
 from evcharge.domain.world import ChargePointConfig, World
-from evcharge.links.client import Backoff, Client, open_client
+from evcharge.links.client import Client
+from evcharge.links.link import Link
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConflictError, EvchargeError
+from evcharge.wire.errors import ConflictError
 
 log = logging.getLogger(__name__)
 
 METER_INTERVAL = 0.5  # real seconds between meter values
-MAX_BACKOFF = 5.0
 
 
 class ChargePointSim:
@@ -39,58 +39,43 @@ class ChargePointSim:
         server_hostname: str | None = None,
     ) -> None:
         self.cp = cp
-        self.host = host
-        self.port = port
-        self.ssl_context, self.server_hostname = ssl_context, server_hostname
-        self.heartbeat_s = heartbeat_s
         self.fault_rate = fault_rate
-        self.client: Client | None = None
+        self.link = Link(
+            host,
+            port,
+            role="station",
+            ident=cp.id,
+            secret=cp.secret,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            heartbeat=heartbeat_s,
+            on_up=self._came_up,
+            on_down=self._went_down,
+            name=f"charge point {cp.id}",
+        )
         self.charging: str | None = None
         self.kwh = 0.0
         self._meter: asyncio.Task[None] | None = None
         self.sessions_completed = 0
 
-    async def run(self) -> None:
-        """Stay connected until cancelled."""
-        backoff = Backoff(cap=MAX_BACKOFF)
-        while True:
-            try:
-                self.client = await open_client(
-                    self.host,
-                    self.port,
-                    role="station",
-                    ident=self.cp.id,
-                    secret=self.cp.secret,
-                    ssl_context=self.ssl_context,
-                    server_hostname=self.server_hostname,
-                )
-            except EvchargeError as exc:
-                log.info("%s: %s; retrying in %.1f s", self.cp.id, exc.message, backoff.delay)
-                await backoff.sleep()
-                continue
-            backoff.reset()
-            try:
-                await self._connected(self.client)
-            except EvchargeError as exc:
-                log.info("%s: connection lost: %s", self.cp.id, exc.message)
-            finally:
-                await self._stop_meter()
-                self.charging = None  # the server ends a session whose charge point went away
-                await self.client.close()
-                self.client = None
+    @property
+    def client(self) -> Client | None:
+        return self.link.client
 
-    async def _connected(self, client: Client) -> None:
+    async def run(self) -> None:
+        """Stay connected until cancelled (or refused: that error is raised)."""
+        await self.link.run()
+
+    async def _came_up(self, client: Client) -> None:
         client.on_request = self._handle
         await client.report_status("available")
-        log.info("%s: online at %s:%d", self.cp.id, self.host, self.port)
-        closed = asyncio.ensure_future(client.closed.wait())
-        try:
-            while not client.closed.is_set():
-                done, _ = await asyncio.wait({closed}, timeout=self.heartbeat_s)
-                if not done:
-                    await client.heartbeat()
-        finally:
-            closed.cancel()
+        log.info("%s: online at %s", self.cp.id, self.link.address)
+
+    def _went_down(self, reason: str) -> None:
+        if self._meter is not None:
+            self._meter.cancel()
+            self._meter = None
+        self.charging = None  # the server ends a session whose charge point went away
 
     async def _handle(self, request: p.Request) -> p.Reply:
         match request:
@@ -174,4 +159,10 @@ async def run_stations(
         for cp in cps
     ]
     log.info("simulating %d charge points of operator %s", len(sims), operator_id)
-    await asyncio.gather(*(sim.run() for sim in sims))
+    tasks = [asyncio.ensure_future(sim.run()) for sim in sims]
+    try:
+        await asyncio.gather(*tasks)  # until cancelled, or a charge point is refused (its error is raised)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,14 +7,13 @@ Requests are pipelined over one connection (call them concurrently with
 ``asyncio.gather``); an ``Error`` reply is raised as the matching
 ``EvchargeError`` subclass. Events pushed by the server go to the callbacks in
 ``on_event``; a charge point's commands from the server go to ``on_request``.
+A client that should stay connected is kept by a ``Link`` (evcharge.links.link).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,13 +23,12 @@ from typing import Any, TypeVar
 
 from evcharge.wire import protocol as p
 from evcharge.wire.auth import new_nonce, peer_proof, same_secret
-from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT, Connection, ConnectionClosed
+from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT, Connection, ConnectionClosed, Responder
 from evcharge.wire.errors import (
     BadRequestError,
     ConnectionLostError,
     EvchargeError,
     ForbiddenError,
-    InternalError,
     RequestTimeoutError,
     UnauthorizedError,
     UnavailableError,
@@ -46,7 +44,7 @@ RequestHandler = Callable[[p.Request], Awaitable[p.Reply]]
 EventHandler = Callable[[p.Event], None]
 
 
-class Client:
+class Client(Responder):
     def __init__(self, conn: Connection, welcome: p.Welcome, *, timeout: float) -> None:
         self.conn = conn
         self.welcome = welcome
@@ -55,7 +53,6 @@ class Client:
         self.on_request: RequestHandler | None = None
         self._welcomed_at = time.monotonic()
         self._reader: asyncio.Task[None] | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
         self._position_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
 
@@ -68,47 +65,26 @@ class Client:
         elapsed = (time.monotonic() - self._welcomed_at) * self.welcome.time_scale
         return self.welcome.server_time + timedelta(seconds=elapsed)
 
-    def _start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+    def __str__(self) -> str:
+        return f"link to {self.welcome.operator_id} ({self.conn.peername})"
 
-    async def _read_loop(self) -> None:
+    def _start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
         try:
-            while True:
-                try:
-                    message = await self.conn.receive()
-                except UndecodableMessage as exc:
-                    error = BadRequestError(f"undecodable message from server: {exc.reason}")
-                    if not self.conn.fail_request(exc.request_id, error):
-                        log.warning("%s", error)
-                    continue
-                if isinstance(message, p.Reply):
-                    self.conn.resolve(message)
-                elif isinstance(message, p.Event):
-                    for handler in list(self.on_event):
-                        handler(message)
-                elif isinstance(message, p.Request):
-                    task = asyncio.get_running_loop().create_task(self._serve(message))
-                    self._handlers.add(task)
-                    task.add_done_callback(self._handlers.discard)
-        except (ConnectionClosed, FrameTooLarge):
-            pass
+            await self.conn.serve(self)
         finally:
-            await self.conn.close()
             self.closed.set()
 
-    async def _serve(self, request: p.Request) -> None:
-        try:
-            if self.on_request is None:
-                raise ForbiddenError(f"this client does not accept {type(request).__name__}")
-            reply = await self.on_request(request)
-            reply.id = request.id
-        except EvchargeError as exc:
-            reply = exc.to_reply(request.id)
-        except Exception as exc:
-            log.exception("handling %s", type(request).__name__)
-            reply = InternalError(f"client failed: {exc}").to_reply(request.id)
-        with contextlib.suppress(ConnectionLostError):
-            await self.conn.send(reply)
+    async def handle(self, request: p.Request) -> p.Reply:
+        if self.on_request is None:
+            raise ForbiddenError(f"this client does not accept {type(request).__name__}")
+        return await self.on_request(request)
+
+    def handle_event(self, event: p.Event) -> None:
+        for handler in list(self.on_event):
+            handler(event)
 
     async def close(self) -> None:
         if self._position_task is not None:
@@ -117,9 +93,7 @@ class Client:
         await self.conn.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self.conn.cancel_serving()
 
     async def call(self, request: p.Request, expect: type[R], timeout: float | None = None) -> R:
         reply = await self.conn.request(request, timeout=timeout or self.timeout)
@@ -231,25 +205,6 @@ class Client:
     async def authorize(self, vehicle_id: str) -> p.ReservationInfo:
         """The reservation that lets this vehicle charge here now (else the reason as an error)."""
         return (await self.call(p.Authorize(vehicle_id=vehicle_id), p.ReservationReply)).reservation
-
-
-class Backoff:
-    """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with jitter."""
-
-    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
-        self.first, self.cap = first, cap
-        self.delay = first
-
-    @property
-    def retrying(self) -> bool:
-        return self.delay > self.first
-
-    def reset(self) -> None:
-        self.delay = self.first
-
-    async def sleep(self) -> None:
-        await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
-        self.delay = min(self.delay * 2, self.cap)
 
 
 async def open_client(

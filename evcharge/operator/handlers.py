@@ -7,9 +7,7 @@ below, by a ``match`` on its type: ``VehicleSession.handle``,
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -19,17 +17,13 @@ from evcharge.operator.crash_points import crash_point
 from evcharge.operator.registry import Actor
 from evcharge.operator.trips.federation import plan_info
 from evcharge.wire import protocol as p
-from evcharge.wire.connection import Connection, ConnectionClosed, FrameTimeout
+from evcharge.wire.connection import Connection, Responder
 from evcharge.wire.errors import (
     BadRequestError,
     ConnectionLostError,
-    EvchargeError,
     ForbiddenError,
-    InternalError,
-    TooLargeError,
     UnavailableError,
 )
-from evcharge.wire.protocol import FrameTooLarge, UndecodableMessage
 
 if TYPE_CHECKING:
     from evcharge.operator.server import Server
@@ -37,13 +31,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSPECT_PART_BYTES = p.MAX_FRAME // 2  # room to spare under the frame cap
-MAX_IN_FLIGHT = 64  # requests per connection served (or their replies being sent) at once; then we stop reading
 PUSH_BUFFER_LIMIT = 4 << 20  # a client this far behind on pushes is disconnected
 STATION_COMMAND_TIMEOUT = 10.0
 
 
-class Session:
+class Session(Responder):
     role: str = ""
+    internal_error = "internal error; the operator's log has the details"
 
     def __init__(self, server: Server, conn: Connection, ident: str) -> None:
         self.server = server
@@ -52,86 +46,24 @@ class Session:
         self.ident = ident
         self.actor = Actor(self.role, ident)
         self.idle_timeout: float | None = server.idle_timeout
-        self._slots = asyncio.Semaphore(server.max_in_flight)
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def __str__(self) -> str:
         return f"{self.role} {self.ident} ({self.conn.peername})"
 
     async def run(self) -> None:
         try:
-            while True:
-                try:
-                    message = await self.conn.receive(timeout=self.idle_timeout)
-                except UndecodableMessage as exc:
-                    await self._answer_undecodable(exc)
-                    continue
-                if isinstance(message, p.Reply):
-                    self.conn.resolve(message)
-                elif isinstance(message, p.Event):
-                    self.on_event(message)
-                else:
-                    assert isinstance(message, p.Request)
-                    await self._slots.acquire()
-                    task = asyncio.get_running_loop().create_task(self._serve(message))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-        except FrameTooLarge as exc:
-            log.warning("%s: %s; closing", self, exc)
-            await self.conn.reply_error(0, TooLargeError(str(exc)))
-        except FrameTimeout as exc:
-            log.info("%s: %s; closing", self, exc)
-        except TimeoutError:
-            log.info("%s: idle for %s s; closing", self, self.idle_timeout)
-        except ConnectionClosed:
-            pass
+            reason = await self.conn.serve(
+                self, idle_timeout=self.idle_timeout, max_in_flight=self.server.max_in_flight
+            )
+            if reason != "closed":
+                log.info("%s: %s; closing", self, reason)
         finally:
-            await self.conn.close()
             self.closed()
 
-    async def wait_idle(self) -> None:
-        """Wait for the requests being served (at shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _answer_undecodable(self, exc: UndecodableMessage) -> None:
-        error = BadRequestError(f"undecodable message: {exc.reason}")
-        if exc.request_id and self.conn.fail_request(exc.request_id, error):
-            return  # it was the reply to one of our own requests
-        log.info("%s: bad message: %s", self, exc.reason)
-        await self.conn.reply_error(exc.request_id, error)
-
-    async def _serve(self, request: p.Request) -> None:
-        # The slot is held until the reply is handed over: a client that does not read its
-        # replies runs out of slots, and then we stop reading its requests (backpressure)
-        # instead of piling up replies it will never take.
-        try:
-            try:
-                if isinstance(request, p.Hello):
-                    raise BadRequestError("already said Hello")
-                reply = await self.handle(request)
-                reply.id = request.id
-            except EvchargeError as exc:
-                reply = exc.to_reply(request.id)
-            except Exception:
-                log.exception("%s: %s failed", self, type(request).__name__)
-                reply = InternalError("internal error; the operator's log has the details").to_reply(request.id)
-            finally:
-                self.server.requests_served += 1
-            with contextlib.suppress(ConnectionLostError):
-                try:
-                    await self.conn.send(reply)
-                except TooLargeError as exc:
-                    await self.conn.send(exc.to_reply(request.id))
-        finally:
-            self._slots.release()
+    def replied(self, request: p.Request, reply: p.Reply) -> None:
+        self.server.requests_served += 1
         if isinstance(reply, p.Vote) and reply.yes:
             crash_point("participant-voted")
-
-    @property
-    def in_flight(self) -> int:
-        """Requests being served or answered on this connection right now."""
-        return len(self._tasks)
 
     def push(self, event: p.Event) -> None:
         """Send an event without waiting; a client that does not keep up is dropped."""
@@ -159,9 +91,6 @@ class Session:
                 station = await self.registry.station_status(station_id)
                 return p.StationStatus(station=station, server_time=self.server.clock.now_dt())
         raise ForbiddenError(f"{type(request).__name__} is not a request a {self.role} may send")
-
-    def on_event(self, event: p.Event) -> None:
-        log.debug("%s: ignoring %s", self, type(event).__name__)
 
     def closed(self) -> None:
         self.server.forget(self)
@@ -239,12 +168,12 @@ class StationSession(Session):
                 return p.ReservationReply(reservation=await self.server.charging_started(self.actor, rid))
         raise ForbiddenError(f"{type(request).__name__} is not a request a charge point may send")
 
-    def on_event(self, event: p.Event) -> None:
+    def handle_event(self, event: p.Event) -> None:
         match event:
             case p.MeterValues(reservation_id=rid, kwh=kwh):
                 self.server.meter_value(self.ident, rid, kwh)
             case _:
-                super().on_event(event)
+                super().handle_event(event)
 
     async def command(self, request: p.Request) -> p.Reply:
         try:

@@ -20,7 +20,6 @@ from evcharge.domain.clock import SimClock, to_datetime
 from evcharge.domain.model import Reservation
 from evcharge.domain.world import World
 from evcharge.operator.handlers import (
-    MAX_IN_FLIGHT,
     PUSH_BUFFER_LIMIT,
     OperatorSession,
     PeerSession,
@@ -33,7 +32,7 @@ from evcharge.operator.store import Store, put_meta
 from evcharge.operator.trips.federation import Federation
 from evcharge.wire import protocol as p
 from evcharge.wire.auth import new_nonce, peer_proof, same_secret
-from evcharge.wire.connection import WRITE_TIMEOUT, Connection, ConnectionClosed
+from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT, Connection, ConnectionClosed
 from evcharge.wire.errors import (
     BadRequestError,
     ConflictError,
@@ -208,7 +207,7 @@ class Server:
             task.cancel()
         try:
             async with asyncio.timeout(SHUTDOWN_GRACE):
-                await asyncio.gather(*(s.wait_idle() for s in list(self.sessions)))
+                await asyncio.gather(*(s.conn.wait_served() for s in list(self.sessions)))
         except TimeoutError:
             log.warning("requests still running after %s s; closing anyway", SHUTDOWN_GRACE)
         await asyncio.gather(*(s.conn.close() for s in list(self.sessions)), return_exceptions=True)
@@ -301,6 +300,7 @@ class Server:
                 operator_name=self.operator.name,
                 server_time=self.clock.now_dt(),
                 time_scale=self.clock.time_scale,
+                idle_timeout=session.idle_timeout or 0.0,
             )
         )
         self._register(session)

@@ -1,10 +1,11 @@
-"""A framed, pipelined connection over asyncio streams.
+"""A framed, pipelined connection over asyncio streams, and its one dispatch loop.
 
 ``Connection`` is shared by the server and every client. It reads frames into
 messages, matches replies to the requests that are waiting for them (many may be
 in flight, answered in any order), and writes with a deadline so a peer that
-stops reading cannot stall us forever. Whoever owns the connection runs the
-receive loop and decides what to do with requests and events.
+stops reading cannot stall us forever. ``Connection.serve`` is the receive loop
+of both sides: replies go to their waiting requests, events and requests to a
+``Responder`` (the server's role handlers, a client's callbacks).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import logging
 import msgspec
 
 from evcharge.wire.errors import (
+    BadRequestError,
     ConnectionLostError,
     EvchargeError,
+    ForbiddenError,
+    InternalError,
     RequestTimeoutError,
     TooLargeError,
     error_from_reply,
@@ -26,10 +30,14 @@ from evcharge.wire.errors import (
 from evcharge.wire.protocol import (
     MAX_FRAME,
     Error,
+    Event,
     FrameBuffer,
+    FrameTooLarge,
+    Hello,
     Message,
     Reply,
     Request,
+    UndecodableMessage,
     decode_body,
     encode_frame,
 )
@@ -42,6 +50,7 @@ WRITE_TIMEOUT = 10.0
 # Above this many unsent bytes we wait for the peer to read before writing more.
 WRITE_HIGH_WATER = 256 * 1024
 CLOSE_GRACE = 2.0  # seconds a close waits for buffered bytes to leave before it drops them
+MAX_IN_FLIGHT = 64  # requests per connection served (or their replies being sent) at once; then we stop reading
 
 
 class ConnectionClosed(Exception):
@@ -50,6 +59,21 @@ class ConnectionClosed(Exception):
 
 class FrameTimeout(TimeoutError):
     """A frame began but did not arrive whole in time (a slowloris, or a peer that died mid-frame)."""
+
+
+class Responder:
+    """What ``Connection.serve`` hands the peer's requests and events to."""
+
+    internal_error = "internal error; the log has the details"  # what the peer is told of a bug of ours
+
+    async def handle(self, request: Request) -> Reply:
+        raise ForbiddenError(f"{type(request).__name__} is not a request this side accepts")
+
+    def handle_event(self, event: Event) -> None:
+        log.debug("ignoring %s", type(event).__name__)
+
+    def replied(self, request: Request, reply: Reply) -> None:
+        """The reply to ``request`` was handed to the connection (or could not be)."""
 
 
 class Connection:
@@ -71,6 +95,8 @@ class Connection:
         self.frame_timeout: float | None = None
         self._frame_started: float | None = None
         self.write_timeout = WRITE_TIMEOUT
+        self.last_sent = asyncio.get_running_loop().time()  # when we last wrote a frame (monotonic)
+        self._serving: set[asyncio.Task[None]] = set()  # requests of the peer's being handled
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -144,6 +170,7 @@ class Connection:
             self._writer.write(encode_frame(message))
         except (RuntimeError, ConnectionError, OSError) as exc:  # uvloop: RuntimeError once aborted
             raise ConnectionLostError(f"connection lost: {exc}") from None
+        self.last_sent = asyncio.get_running_loop().time()
 
     async def send(self, message: Message) -> None:
         if self._closed or self._writer.transport.is_closing():
@@ -154,6 +181,7 @@ class Connection:
             raise TooLargeError(f"{type(message).__name__} of {len(frame) - 4} bytes is over the frame limit")
         try:
             self._writer.write(frame)
+            self.last_sent = asyncio.get_running_loop().time()
             if self.buffered_out > WRITE_HIGH_WATER:
                 async with asyncio.timeout(self.write_timeout):
                     await self._writer.drain()
@@ -217,3 +245,89 @@ class Connection:
         if not self._closed:
             self._mark_closed()
         self._writer.transport.abort()
+
+    # --- the receive loop ------------------------------------------------------------
+
+    async def serve(
+        self, responder: Responder, *, idle_timeout: float | None = None, max_in_flight: int = MAX_IN_FLIGHT
+    ) -> str:
+        """Dispatch the peer's messages until the connection ends; close it; return why it ended.
+
+        Replies resolve our requests; events go to ``responder.handle_event``; requests are
+        handled concurrently, at most ``max_in_flight`` at a time: a slot is held until
+        the reply is handed over, so a peer that does not read its replies runs out of
+        slots and then we stop reading its requests (backpressure) instead of piling up
+        replies it will never take. ``idle_timeout``: close when nothing arrives that long.
+        """
+        slots = asyncio.Semaphore(max_in_flight)
+        try:
+            while True:
+                try:
+                    message = await self.receive(timeout=idle_timeout)
+                except UndecodableMessage as exc:
+                    await self._answer_undecodable(exc)
+                    continue
+                if isinstance(message, Reply):
+                    self.resolve(message)
+                elif isinstance(message, Event):
+                    responder.handle_event(message)
+                else:
+                    assert isinstance(message, Request)
+                    await slots.acquire()
+                    task = asyncio.get_running_loop().create_task(self._answer(responder, message, slots))
+                    self._serving.add(task)
+                    task.add_done_callback(self._serving.discard)
+        except FrameTooLarge as exc:
+            await self.reply_error(0, TooLargeError(str(exc)))
+            return str(exc)
+        except FrameTimeout as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"idle for {idle_timeout:g} s"
+        except ConnectionClosed:
+            return "closed"
+        finally:
+            await self.close()
+
+    async def _answer_undecodable(self, exc: UndecodableMessage) -> None:
+        error = BadRequestError(f"undecodable message: {exc.reason}")
+        if exc.request_id and self.fail_request(exc.request_id, error):
+            return  # it was the reply to one of our own requests
+        log.info("%s: bad message: %s", self.peername, exc.reason)
+        await self.reply_error(exc.request_id, error)
+
+    async def _answer(self, responder: Responder, request: Request, slots: asyncio.Semaphore) -> None:
+        try:
+            try:
+                if isinstance(request, Hello):
+                    raise BadRequestError("already said Hello")
+                reply = await responder.handle(request)
+                reply.id = request.id
+            except EvchargeError as exc:
+                reply = exc.to_reply(request.id)
+            except Exception:
+                log.exception("%s: %s failed", responder, type(request).__name__)
+                reply = InternalError(responder.internal_error).to_reply(request.id)
+            with contextlib.suppress(ConnectionLostError):
+                try:
+                    await self.send(reply)
+                except TooLargeError as exc:
+                    await self.send(exc.to_reply(request.id))
+        finally:
+            slots.release()
+        responder.replied(request, reply)
+
+    @property
+    def in_flight(self) -> int:
+        """The peer's requests being handled or answered right now."""
+        return len(self._serving)
+
+    async def wait_served(self) -> None:
+        """Wait for the peer's requests being handled (at shutdown)."""
+        if self._serving:
+            await asyncio.gather(*self._serving, return_exceptions=True)
+
+    async def cancel_serving(self) -> None:
+        for task in list(self._serving):
+            task.cancel()
+        await asyncio.gather(*self._serving, return_exceptions=True)

@@ -189,6 +189,9 @@ class Welcome(Reply, kw_only=True):
     operator_name: str
     server_time: datetime
     time_scale: float
+    # Real seconds of silence after which the server closes this connection (0: never);
+    # a client that may be quiet that long sends heartbeats well within it.
+    idle_timeout: float = 0.0
 
 
 # --- generic replies -----------------------------------------------------------

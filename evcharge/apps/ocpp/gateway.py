@@ -55,7 +55,8 @@ from websockets.typing import Subprotocol
 
 from evcharge.apps.ocpp import mapping as m
 from evcharge.domain.world import ChargePointConfig, World
-from evcharge.links.client import Backoff, Client, open_client
+from evcharge.links.client import Client
+from evcharge.links.link import Link
 from evcharge.wire import protocol as p
 from evcharge.wire.auth import same_secret
 from evcharge.wire.errors import (
@@ -78,7 +79,6 @@ CONNECTOR = 1  # one of our charge points is one OCPP connector
 OCPP_RESPONSE_TIMEOUT = 8.0  # a charge point's answer to one of our calls
 COMMAND_DEADLINE = 9.0  # a whole RemoteStart / RemoteStop, including the StopTransaction awaited
 RESERVE_RETRY = 5.0  # a ReserveNow the charge point could not take (Occupied...) is tried again
-MAX_BACKOFF = 5.0
 MAX_ORPHANS = 64  # transactions without a session that one connection stops
 MAX_MESSAGE = 256 * 1024  # OCPP messages are small; a bigger one closes that connection (1009)
 OPEN_TIMEOUT = 10.0
@@ -112,7 +112,19 @@ class ChargePointLink(OcppChargePoint):
         self.gateway = gateway
         self.config = config
         self.websocket = websocket
-        self.client: Client | None = None
+        self.link = Link(
+            gateway.server_host,
+            gateway.server_port,
+            role="station",
+            ident=config.id,
+            secret=config.secret,
+            ssl_context=gateway.ssl_context,
+            server_hostname=gateway.server_hostname,
+            heartbeat=gateway.heartbeat_s,
+            on_up=self._came_up,
+            on_down=self._went_down,
+            name=f"charge point {config.id}'s server link",
+        )
         self.synced = False  # the server link is up and our copy of its reservations is current
         self.connectors: dict[int, tuple[str, str]] = {}  # connector id -> (OCPP status, details)
         self.reported: p.ReportedStatus | None = None  # what the server was last told
@@ -201,43 +213,26 @@ class ChargePointLink(OcppChargePoint):
 
     # --- the server link ------------------------------------------------------------------
 
+    @property
+    def client(self) -> Client | None:
+        return self.link.client
+
     async def _keep_linked(self) -> None:
-        gateway = self.gateway
-        backoff = Backoff(cap=MAX_BACKOFF)
-        while True:
-            try:
-                client = await open_client(
-                    gateway.server_host,
-                    gateway.server_port,
-                    role="station",
-                    ident=self.id,
-                    secret=self.config.secret,
-                    ssl_context=gateway.ssl_context,
-                    server_hostname=gateway.server_hostname,
-                )
-            except EvchargeError as exc:
-                log.info("%s: server %s: %s; retrying", self, gateway.server_address, exc.message)
-                await backoff.sleep()
-                continue
-            backoff.reset()
-            client.on_request = self._command
-            client.on_event.append(self._on_event)
-            self.client = client
-            try:
-                await self._synchronize(client)
-                log.info("%s: online at %s", self, gateway.server_address)
-                await self._heartbeat(client)
-            except EvchargeError as exc:
-                log.info("%s: server link lost: %s", self, exc.message)
-            except ConnectionClosed:
-                raise  # the charge point is gone: so is its link
-            except Exception:
-                # A fault of ours must not leave the charge point without a server for good.
-                log.exception("%s: server link failed; reconnecting", self)
-            finally:
-                self.client, self.synced, self.reported = None, False, None
-                await client.close()
-            await backoff.sleep()  # a link that keeps failing at once is not re-made in a tight loop
+        try:
+            await self.link.run()
+        except EvchargeError as exc:
+            # Its credentials are the world file's, as ours: someone has to look at that file.
+            log.error("%s: server %s refused it: %s; closing its WebSocket", self, self.link.address, exc.message)
+            await self.websocket.close(code=1008, reason="refused by the operator's server")
+
+    async def _came_up(self, client: Client) -> None:
+        client.on_request = self._command
+        client.on_event.append(self._on_event)
+        await self._synchronize(client)
+        log.info("%s: online at %s", self, self.gateway.server_address)
+
+    def _went_down(self, reason: str) -> None:
+        self.synced, self.reported = False, None
 
     async def _synchronize(self, client: Client) -> None:
         """After (re)connecting: tell the server what we know, learn what it has."""
@@ -267,16 +262,6 @@ class ChargePointLink(OcppChargePoint):
             elif tx.kwh > 0:
                 client.send_meter(tx.reservation_id, tx.kwh)
         self._wake.set()
-
-    async def _heartbeat(self, client: Client) -> None:
-        closed = asyncio.ensure_future(client.closed.wait())
-        try:
-            while not client.closed.is_set():
-                done, _ = await asyncio.wait({closed}, timeout=self.gateway.heartbeat_s)
-                if not done:
-                    await client.heartbeat()
-        finally:
-            closed.cancel()
 
     def _on_event(self, event: p.Event) -> None:
         if not isinstance(event, p.ReservationChanged) or event.reservation.charge_point_id != self.id:

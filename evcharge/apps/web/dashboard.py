@@ -4,14 +4,10 @@ A separate process, not part of the server: it connects to one operator's
 server over the evcharge protocol as the operator's own tool (role
 ``operator``, with the operator's secret from the world file), keeps the latest
 ``Inspect`` snapshot, and takes a new one when the server pushes an event
-(``ReservationChanged``, ``ChargePointChanged``, ``PeerChanged``). Pushes are
-debounced: at most one Inspect is in flight, and a burst of pushes within
-``debounce`` seconds costs one more. There is no polling loop; the only timed
-refresh is at the next moment a charge point turns ``reserved`` by the clock
-alone (its next reservation starts within the world's ``reserved_soon_min``),
-which the server does not push. A quiet link is checked with a heartbeat; a
-lost one is re-opened with backoff, and the state says ``connected: false``
-meanwhile.
+(``ReservationChanged``, ``ChargePointChanged``, ``PeerChanged``): all of that is
+``OperatorFeed`` (evcharge.links.feed), the monitor's too, with TLS when the
+server's listener speaks it. A lost link is re-opened with backoff, and the
+state says ``connected: false`` meanwhile.
 
 Browsers get:
 
@@ -31,11 +27,9 @@ import asyncio
 import contextlib
 import html
 import logging
-import random
 import signal
+import ssl
 import sys
-import time
-from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -43,30 +37,27 @@ from aiohttp import web
 
 from evcharge.apps.web.command import add_parser  # noqa: F401  (re-exported: the command's definition)
 from evcharge.domain.world import World
-from evcharge.links.client import Client, open_client
-from evcharge.wire import protocol as p
+from evcharge.links.feed import OperatorFeed
+from evcharge.links.link import Backoff
 from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT
 from evcharge.wire.errors import EvchargeError
 
 log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.1  # real seconds: pushes this close together cost one Inspect
-HEARTBEAT_EVERY = 30.0  # real seconds of quiet before the link is checked (servers drop links idle for 600 s)
-BACKOFF_MIN = 0.2
 BACKOFF_MAX = 10.0
 CLOSE_TIMEOUT = 5.0
 KEEPALIVE = 15.0  # real seconds between SSE keep-alive comments
 SUBSCRIBER_QUEUE = 8  # states waiting for one browser; past this the oldest is dropped
 SSE_WRITE_TIMEOUT = 10.0  # a browser that takes longer than this to take a write is dropped
 SHUTDOWN_TIMEOUT = 5.0
-BOUNDARY_MARGIN = 0.05  # real seconds after a clock boundary before refreshing
 LISTEN_TIMEOUT = 10.0
 
 _json = msgspec.json.Encoder()
 
 
 class Dashboard:
-    """The latest state of one operator, kept fresh by the server's pushes."""
+    """What browsers see of one operator: its feed, published to every SSE subscriber."""
 
     def __init__(
         self,
@@ -75,53 +66,45 @@ class Dashboard:
         host: str,
         port: int,
         *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
         debounce: float = DEBOUNCE,
-        heartbeat_every: float = HEARTBEAT_EVERY,
-        backoff_min: float = BACKOFF_MIN,
         backoff_max: float = BACKOFF_MAX,
     ) -> None:
         self.world = world
         self.operator = world.operator(operator_id)
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self.debounce = debounce
-        self.heartbeat_every = heartbeat_every
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
-        self.snapshot: p.InspectResult | None = None
-        self.connected = False
-        self.last_error = ""
+        self.feed = OperatorFeed(
+            self.operator,
+            host,
+            port,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            timeout=timeout,
+            settle=debounce,
+            reserved_soon_min=world.rules.reserved_soon_min,
+            backoff=Backoff(cap=backoff_max),
+        )
         self.version = 0  # bumped on every change published to browsers
-        self.inspects = 0  # Inspect requests sent: one per (debounced) push, not per tick
-        self.time_scale = 1.0
-        self._received_at = 0.0  # monotonic time the snapshot arrived
-        self._client: Client | None = None
+        self.refusal = ""  # why the server refused us for good, if it did
         self._task: asyncio.Task[None] | None = None
-        self._refresh_task: asyncio.Task[None] | None = None
-        self._refresh_timer: asyncio.TimerHandle | None = None
-        self._boundary_timer: asyncio.TimerHandle | None = None
-        self._dirty = False
-        self._link_snapshots = 0  # snapshots received over the current link
         self._subscribers: set[asyncio.Queue[bytes | None]] = set()
         self._streams_closed = False
 
     # --- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect in the background (and stay connected) until ``close()``."""
+        """Follow the operator in the background (and stay connected) until ``close()``."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._maintain(), name="dashboard-link")
+            self._task = asyncio.get_running_loop().create_task(self._follow(), name="dashboard-feed")
 
     async def close(self) -> None:
-        """End every SSE stream, stop reconnecting, close the link to the server."""
+        """End every SSE stream, stop following, close the link to the server."""
         self.close_streams()
-        self._cancel_timers()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT + 1.0):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
                     await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
@@ -131,176 +114,48 @@ class Dashboard:
         for queue in self._subscribers:
             _offer(queue, None)
 
-    # --- the link to the operator's server ------------------------------------------
-
-    async def _maintain(self) -> None:
-        delay = self.backoff_min
-        while True:
-            op = self.operator
-            try:
-                client = await open_client(
-                    self.host, self.port, role="operator", ident=op.id, secret=op.secret, timeout=self.timeout
-                )
-            except EvchargeError as exc:
-                self._link_down(f"{exc.code}: {exc.message}")
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            self._link_snapshots = 0
-            reason = await self._use(client)
-            self._link_down(reason)
-            if self._link_snapshots:
-                delay = self.backoff_min  # the link worked: try again soon
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.backoff_max)
-
-    async def _use(self, client: Client) -> str:
-        """Serve one connection until it is lost; returns why."""
-        log.info("connected to operator %s at %s:%d", self.operator.id, self.host, self.port)
-        self._client = client
-        self.time_scale = client.time_scale or 1.0
-        client.on_event.append(self._on_event)
-        reason = "the server closed the connection"
+    async def _follow(self) -> None:
+        """Publish every change of the feed until cancelled, or until the server refuses us."""
+        feed = asyncio.ensure_future(self.feed.run())
         try:
-            self._refresh_now()
-            while not client.closed.is_set():
-                try:
-                    async with asyncio.timeout(self.heartbeat_every):
-                        await client.closed.wait()
-                except TimeoutError:
-                    await client.heartbeat()  # a dead link fails here, within the client's timeout
-        except EvchargeError as exc:
-            reason = f"{exc.code}: {exc.message}"
+            seen = self.feed.version
+            while True:
+                change = asyncio.ensure_future(self.feed.wait_change(seen, timeout=3600.0))
+                await asyncio.wait({feed, change}, return_when=asyncio.FIRST_COMPLETED)
+                if feed.done():
+                    change.cancel()
+                    break
+                seen = change.result()
+                self._publish()
         finally:
-            self._client = None
-            self._cancel_timers()
-            refresh, self._refresh_task = self._refresh_task, None
-            if refresh is not None:
-                refresh.cancel()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await asyncio.gather(*([refresh] if refresh else []), return_exceptions=True)
-                    await client.close()
-        return reason
-
-    def _link_down(self, reason: str) -> None:
-        changed = self.connected or reason != self.last_error
-        if self.connected:
-            log.warning("lost operator %s at %s:%d: %s", self.operator.id, self.host, self.port, reason)
-        elif changed:
-            log.info("operator %s at %s:%d unreachable (retrying): %s", self.operator.id, self.host, self.port, reason)
-        self.connected = False
-        self.last_error = reason
-        if changed:
+            feed.cancel()
+            await asyncio.gather(feed, return_exceptions=True)
+        error = feed.exception()
+        if isinstance(error, EvchargeError):
+            log.error("operator %s refused the dashboard: %s", self.operator.id, error.message)
+            self.refusal = f"{error.code}: {error.message}"
             self._publish()
-
-    # --- refreshing: pushes in, one Inspect at a time out ---------------------------------
-
-    def _on_event(self, event: p.Event) -> None:
-        self._dirty = True
-        self._schedule(self.debounce)
-
-    def _schedule(self, delay: float) -> None:
-        if self._client is None or self._refresh_task is not None or self._refresh_timer is not None:
-            return  # the Inspect in flight, or the one already scheduled, covers it
-        self._refresh_timer = asyncio.get_running_loop().call_later(delay, self._start_refresh)
-
-    def _refresh_now(self) -> None:
-        self._dirty = True
-        if self._refresh_timer is not None:
-            self._refresh_timer.cancel()
-            self._refresh_timer = None
-        self._start_refresh()
-
-    def _start_refresh(self) -> None:
-        self._refresh_timer = None
-        client = self._client
-        if client is None or self._refresh_task is not None:
-            return
-        self._dirty = False
-        self._refresh_task = asyncio.get_running_loop().create_task(self._refresh(client))
-        self._refresh_task.add_done_callback(self._refresh_done)
-
-    async def _refresh(self, client: Client) -> None:
-        self.inspects += 1
-        result = await client.inspect()  # within the client's timeout
-        if client is self._client:
-            self._apply(result)
-
-    def _refresh_done(self, task: asyncio.Task[None]) -> None:
-        if self._refresh_task is task:
-            self._refresh_task = None
-        if task.cancelled():
-            return
-        exc = task.exception()
-        client = self._client
-        if exc is not None:
-            if not isinstance(exc, EvchargeError):
-                log.error("refreshing the dashboard failed", exc_info=exc)
-            if client is not None:
-                # The link is not healthy: drop it and let the reconnect loop take over.
-                log.warning("inspect failed (%s); reconnecting", exc)
-                client.conn.abort()
-            return
-        if self._dirty:
-            self._schedule(self.debounce)
-
-    def _apply(self, result: p.InspectResult) -> None:
-        self.snapshot = result
-        self._received_at = time.monotonic()
-        self._link_snapshots += 1
-        self.connected = True
-        self.last_error = ""
-        self._schedule_boundary(result)
-        self._publish()
-
-    def _schedule_boundary(self, result: p.InspectResult) -> None:
-        """Refresh when a charge point turns ``reserved`` by the clock alone (nobody pushes that)."""
-        if self._boundary_timer is not None:
-            self._boundary_timer.cancel()
-            self._boundary_timer = None
-        soon = timedelta(minutes=self.world.rules.reserved_soon_min)
-        now = result.server_time
-        ahead = [r.start - soon for r in result.reservations if r.state in ("held", "booked") and r.start - soon > now]
-        if not ahead:
-            return
-        delay = (min(ahead) - now).total_seconds() / max(self.time_scale, 1e-9) + BOUNDARY_MARGIN
-        self._boundary_timer = asyncio.get_running_loop().call_later(delay, self._on_boundary)
-
-    def _on_boundary(self) -> None:
-        self._boundary_timer = None
-        self._dirty = True
-        self._schedule(0.0)
-
-    def _cancel_timers(self) -> None:
-        for timer in (self._refresh_timer, self._boundary_timer):
-            if timer is not None:
-                timer.cancel()
-        self._refresh_timer = self._boundary_timer = None
+        elif error is not None:
+            raise error
 
     # --- the state browsers see --------------------------------------------------------
 
-    def server_now(self) -> datetime | None:
-        """The server's simulated time: estimated while connected, the last known one otherwise."""
-        if self.snapshot is None:
-            return None
-        if not self.connected:
-            return self.snapshot.server_time
-        elapsed = (time.monotonic() - self._received_at) * self.time_scale
-        return self.snapshot.server_time + timedelta(seconds=elapsed)
+    @property
+    def connected(self) -> bool:
+        return self.feed.connected
 
     def state(self) -> dict[str, Any]:
         """The state as plain data, every field present (the wire omits defaults; browsers want them)."""
-        snap = self.snapshot
+        snap = self.feed.snapshot
         return {
             "connected": self.connected,
             "operator_id": self.operator.id,
             "operator_name": self.operator.name,
-            "server": f"{self.host}:{self.port}",
-            "server_time": self.server_now(),
+            "server": self.feed.address,
+            "server_time": self.feed.now(),
             "snapshot_time": snap.server_time if snap else None,
-            "time_scale": self.time_scale,
-            "error": self.last_error,
+            "time_scale": self.feed.time_scale,
+            "error": self.refusal or self.feed.last_error,
             "version": self.version,
             "operators": {op.id: op.name for op in self.world.operators},
             "stations": _complete(snap.stations) if snap else [],

@@ -42,7 +42,8 @@ from evcharge.domain.clock import to_datetime, to_seconds
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.model import Trip
 from evcharge.domain.world import OperatorConfig, VehicleConfig
-from evcharge.links.client import Backoff, Client, open_client
+from evcharge.links.client import Client
+from evcharge.links.link import Backoff, Link
 from evcharge.operator.crash_points import crash_point
 from evcharge.operator.store import StoreError, put_trip
 from evcharge.wire import protocol as p
@@ -70,7 +71,6 @@ MAX_ATTEMPTS = 4  # plans tried per booking
 RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
 RESOLVE_INTERVAL = 0.5  # real seconds between background passes
 AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
-MAX_BACKOFF = 5.0
 CLAIM_LINGER = 2.0  # real seconds a booked trip's claim outlives its booking
 PLAN_TTL = 900.0  # real seconds a plan shown to a vehicle can be booked as shown
 MAX_PLANS_SHOWN = 16  # plans kept per vehicle for booking as shown; the oldest go first
@@ -79,114 +79,50 @@ _trip_json = msgspec.json.Encoder()
 _trip_decoder = msgspec.json.Decoder(p.TripInfo)
 
 
-class PeerLink:
-    """Our connection to one other operator: handshake, reconnect with backoff, deadlines."""
+class PeerLink(Link):
+    """Our link to one other operator (mutual TLS if it asks for it)."""
 
     def __init__(
         self,
         me: OperatorConfig,
         peer: OperatorConfig,
-        on_up: Callable[[PeerLink], Awaitable[None]],
+        on_up: Callable[[PeerLink, Client], Awaitable[None]],
         on_change: Callable[[PeerLink], None],
         ssl_context: ssl.SSLContext | None = None,
     ):
-        self.me = me
+        host, port = peer.peer_address
+        super().__init__(
+            host,
+            port,
+            role="peer",
+            ident=me.id,
+            secret=me.secret,
+            ssl_context=ssl_context if peer.peer_tls else None,
+            server_hostname=peer.certificate_name,
+            timeout=PEER_TIMEOUT,
+            heartbeat=PEER_HEARTBEAT,
+            backoff=Backoff(first=0.1),
+            on_up=self._came_up,
+            on_down=lambda _reason: on_change(self),
+            retry_refused=True,  # its operator may fix its side while we wait
+            name=f"peer link to {peer.id}",
+            what=f"operator {peer.id}",
+        )
         self.peer = peer
-        self.ssl_context = ssl_context if peer.peer_tls else None
-        self.on_up = on_up
-        self.on_change = on_change
-        self.client: Client | None = None
-        self.last_seen: float | None = None
-        self.last_error = "not connected yet"
-        self.connects = 0  # times the link came up
-        self._suspect = asyncio.Event()  # a call timed out: test the link now, not at the next heartbeat
+        self._on_up, self._on_change = on_up, on_change
 
-    @property
-    def up(self) -> bool:
-        return self.client is not None and not self.client.closed.is_set()
+    async def _came_up(self, client: Client) -> None:
+        self._on_change(self)
+        await self._on_up(self, client)
 
     def info(self) -> p.PeerInfo:
-        host, port = self.peer.peer_address
         return p.PeerInfo(
             operator_id=self.peer.id,
-            address=f"{host}:{port}" + (" (tls)" if self.ssl_context else ""),
+            address=self.address + (" (tls)" if self.ssl_context else ""),
             up=self.up,
             last_seen=to_datetime(self.last_seen) if self.last_seen else None,
             last_error="" if self.up else self.last_error,
         )
-
-    async def run(self) -> None:
-        backoff = Backoff(first=0.1, cap=MAX_BACKOFF)
-        while True:
-            host, port = self.peer.peer_address
-            try:
-                client = await open_client(
-                    host,
-                    port,
-                    role="peer",
-                    ident=self.me.id,
-                    secret=self.me.secret,
-                    timeout=PEER_TIMEOUT,
-                    ssl_context=self.ssl_context,
-                    server_hostname=self.peer.certificate_name,
-                )
-            except EvchargeError as exc:
-                if exc.message != self.last_error:
-                    # Said once per new reason, not once per retry. A peer that is not up yet is
-                    # routine; one that fails to authenticate needs someone to look.
-                    level = logging.INFO if exc.code in ("unavailable", "timeout") else logging.WARNING
-                    log.log(level, "peer link to %s: %s", self.peer.id, exc.message)
-                self.last_error = exc.message
-                await backoff.sleep()
-                continue
-            backoff.reset()
-            self.connects += 1
-            self.client = client
-            self.last_seen = time.time()
-            log.info("peer link to %s up", self.peer.id)
-            self.on_change(self)
-            try:
-                await self.on_up(self)
-                while not client.closed.is_set():
-                    await self._quiet_or_suspect(client)
-                    if not client.closed.is_set():
-                        # A quiet link is kept alive (the other side closes idle ones); a dead one
-                        # (or one whose packets vanish: no FIN, no RST) fails this and is replaced.
-                        await self.call(p.Heartbeat(), p.HeartbeatAck)
-            except EvchargeError as exc:
-                log.warning("peer link to %s: %s", self.peer.id, exc.message)
-            finally:
-                self.client = None
-                self.last_error = "connection closed"
-                self.on_change(self)
-                await client.close()
-            log.warning("peer link to %s down; reconnecting", self.peer.id)
-
-    async def _quiet_or_suspect(self, client: Client) -> None:
-        """Until the link closes, a call on it timed out, or it was quiet for PEER_HEARTBEAT."""
-        self._suspect.clear()
-        waits = [asyncio.ensure_future(client.closed.wait()), asyncio.ensure_future(self._suspect.wait())]
-        try:
-            await asyncio.wait(waits, timeout=PEER_HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-
-    async def call(self, request: p.Request, expect: type[R], timeout: float = PEER_TIMEOUT) -> R:
-        client = self.client
-        if client is None:
-            raise UnavailableError(f"operator {self.peer.id} is unreachable ({self.last_error})")
-        try:
-            reply = await client.call(request, expect, timeout=max(0.05, timeout))
-        except EvchargeError as exc:
-            if exc.code == "timeout" and client is self.client:
-                self._suspect.set()
-            if exc.code in ("timeout", "unavailable"):
-                raise UnavailableError(f"operator {self.peer.id} did not answer: {exc.message}") from None
-            raise
-        self.last_seen = time.time()
-        return reply
 
 
 @dataclass(slots=True)
@@ -266,8 +202,8 @@ class Federation:
                 await link.client.close()
         self._planner_thread.shutdown(wait=False, cancel_futures=True)
 
-    async def _link_up(self, link: PeerLink) -> None:
-        catalog = await link.call(p.GetCatalog(), p.Catalog)
+    async def _link_up(self, link: PeerLink, client: Client) -> None:
+        catalog = await client.call(p.GetCatalog(), p.Catalog, timeout=PEER_TIMEOUT)
         self.catalogs[link.peer.id] = catalog.stations
         self._options = None
         log.info("catalog of %s: %d stations", link.peer.id, len(catalog.stations))

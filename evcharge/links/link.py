@@ -1,0 +1,227 @@
+"""A link to one server that stays up: the one reconnect loop every client uses.
+
+``Link.run()`` connects (TLS when given a context), says Hello, and then keeps
+the connection: a heartbeat goes out whenever nothing else was sent for a while
+(the server closes connections idle longer than the ``idle_timeout`` its
+``Welcome`` names), and at once when a call timed out, so that a link whose
+packets vanish is found and replaced. A lost link is re-opened with backoff,
+reset once a connection has come up and ``on_up`` (a catalog to fetch, a state
+to send; calls may already use the link) has succeeded. ``on_down`` hears why
+a link went down, and each new reason an attempt to connect failed. A refusal
+of who we are (``unauthorized``, ``forbidden``, ``unsupported_version``) ends
+``run()`` with that error: retrying cannot fix it, and someone has to look --
+unless ``retry_refused`` (a peer operator may fix its side while we wait).
+
+The model is nats.py's reconnect, written once with callbacks, and redis-py's
+``Backoff`` object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from evcharge.links.client import Client, open_client
+from evcharge.wire import protocol as p
+from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT
+from evcharge.wire.errors import EvchargeError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=p.Reply)
+
+HEARTBEAT = 30.0  # real seconds of sending nothing before a heartbeat (sooner if the server's idle timeout is short)
+BACKOFF_FIRST = 0.2
+BACKOFF_CAP = 5.0
+# Refusals a retry cannot fix: the credentials, the role on this port, the protocol version.
+REFUSALS = frozenset({"unauthorized", "forbidden", "unsupported_version"})
+
+
+class Backoff:
+    """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with jitter."""
+
+    def __init__(self, first: float = BACKOFF_FIRST, cap: float = BACKOFF_CAP) -> None:
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay * random.uniform(0.8, 1.2))
+        self.delay = min(self.delay * 2, self.cap)
+
+
+class Link:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        role: p.Role,
+        ident: str,
+        secret: str,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        heartbeat: float = HEARTBEAT,
+        backoff: Backoff | None = None,
+        on_up: Callable[[Client], Awaitable[None]] | None = None,
+        on_down: Callable[[str], None] | None = None,
+        retry_refused: bool = False,
+        name: str = "",
+        what: str = "",
+    ) -> None:
+        self.host, self.port = host, port
+        self.role, self.ident, self.secret = role, ident, secret
+        self.ssl_context, self.server_hostname = ssl_context, server_hostname
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.backoff = backoff or Backoff()
+        self.on_up = on_up
+        self.on_down = on_down
+        self.retry_refused = retry_refused
+        self.name = name or f"{role} {ident} -> {host}:{port}"  # for the log
+        self.what = what or f"{host}:{port}"  # for users: who did not answer
+        self.client: Client | None = None  # set while the link is up
+        self.last_error = "not connected yet"
+        self.last_seen: float | None = None  # wall-clock time of the last reply
+        self.connects = 0  # times the link came up
+        self._suspect = asyncio.Event()
+        self._is_up = asyncio.Event()  # set while self.client is
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None and not self.client.closed.is_set()
+
+    async def wait_up(self, timeout: float) -> Client:
+        """The client once the link is up; ``UnavailableError`` if it is not within ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._is_up.wait()
+        except TimeoutError:
+            raise UnavailableError(f"{self.what} is unreachable ({self.last_error})") from None
+        assert self.client is not None  # set and cleared together with _is_up
+        return self.client
+
+    async def run(self) -> None:
+        """Stay connected until cancelled, or until refused (that error is raised)."""
+        while True:
+            try:
+                client = await open_client(
+                    self.host,
+                    self.port,
+                    role=self.role,
+                    ident=self.ident,
+                    secret=self.secret,
+                    timeout=self.timeout,
+                    ssl_context=self.ssl_context,
+                    server_hostname=self.server_hostname,
+                )
+            except EvchargeError as exc:
+                self._failed(exc)
+                if exc.code in REFUSALS and not self.retry_refused:
+                    raise
+                await self.backoff.sleep()
+                continue
+            self._down(await self._keep(client))
+            await self.backoff.sleep()  # a link that fails at once is not re-made in a tight loop
+
+    async def _keep(self, client: Client) -> str:
+        """Use one connection until it is lost; returns why it was."""
+        reason = "connection closed"
+        self.connects += 1
+        self.client = client
+        self._is_up.set()
+        self.last_seen = time.time()
+        self.last_error = ""
+        log.info("%s up", self.name)
+        try:
+            if self.on_up is not None:
+                await self.on_up(client)
+            self.backoff.reset()  # it worked: once this one goes, try again soon
+            await self._keep_alive(client)
+        except EvchargeError as exc:
+            reason = exc.message
+        except Exception:
+            # A fault of ours must not leave this client without its server for good.
+            log.exception("%s: failed; reconnecting", self.name)
+            reason = "internal error (see the log)"
+        finally:
+            self.client = None
+            self._is_up.clear()
+            await client.close()
+        return reason
+
+    async def _keep_alive(self, client: Client) -> None:
+        """Heartbeat whenever nothing was sent for a while, or a call timed out; until closed."""
+        every = self.heartbeat
+        if client.welcome.idle_timeout > 0:
+            every = min(every, client.welcome.idle_timeout / 3)
+        self._suspect.clear()
+        closed = asyncio.ensure_future(client.closed.wait())
+        try:
+            while not closed.done():
+                suspect = asyncio.ensure_future(self._suspect.wait())
+                try:
+                    while not (closed.done() or suspect.done()):
+                        quiet = client.conn.last_sent + every - time.monotonic()
+                        if quiet <= 0:
+                            break
+                        await asyncio.wait({closed, suspect}, timeout=quiet, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    suspect.cancel()
+                if closed.done():
+                    return
+                self._suspect.clear()
+                # A dead link (or one whose packets vanish: no FIN, no RST) fails this.
+                await self.call(p.Heartbeat(), p.HeartbeatAck)
+        finally:
+            closed.cancel()
+            await asyncio.gather(closed, return_exceptions=True)
+
+    def _failed(self, exc: EvchargeError) -> None:
+        if exc.message == self.last_error:
+            return  # said once per new reason, not once per retry
+        # A server that is not up yet is routine; one that refuses our credentials needs someone to look.
+        level = logging.WARNING if exc.code in REFUSALS else logging.INFO
+        log.log(level, "%s: %s", self.name, exc.message)
+        self.last_error = exc.message
+        if self.on_down is not None:
+            self.on_down(exc.message)
+
+    def _down(self, reason: str) -> None:
+        self.last_error = reason
+        log.warning("%s down (%s); reconnecting", self.name, reason)
+        if self.on_down is not None:
+            self.on_down(reason)
+
+    async def call(self, request: p.Request, expect: type[R], timeout: float | None = None) -> R:
+        """One request over the link; ``UnavailableError`` when it is down or does not answer."""
+        client = self.client
+        if client is None:
+            raise UnavailableError(f"{self.what} is unreachable ({self.last_error})")
+        try:
+            reply = await client.call(request, expect, timeout=max(0.05, timeout or self.timeout))
+        except EvchargeError as exc:
+            if exc.code == "timeout" and client is self.client:
+                self._suspect.set()  # test the link now, not at the next heartbeat
+            if exc.code in ("timeout", "unavailable"):
+                raise UnavailableError(f"{self.what} did not answer: {exc.message}") from None
+            raise
+        self.last_seen = time.time()
+        return reply
+
+    async def close(self) -> None:
+        client = self.client
+        if client is not None:
+            await client.close()
