@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv with the test extra and run the whole suite: lint, format, pytest.
+# Set up .venv with the test extra and run the whole suite: lint, format, layer contracts, types, pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k race -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +9,9 @@ echo "==> ruff check"
 ruff check .
 echo "==> ruff format --check"
 ruff format --check .
+echo "==> lint-imports (the layer arrows, .importlinter)"
+lint-imports
+echo "==> mypy (strict for wire, domain, operator, links; pyproject.toml)"
+mypy
 echo "==> pytest"
 exec python -m pytest "$@"

@@ -235,7 +235,7 @@ def federated_world_path(world_path: Path, tmp_path: Path) -> Path:
 async def wait_until_federated(servers: dict[str, Server], timeout: float = 15.0) -> None:
     async with asyncio.timeout(timeout):
         while not all(
-            server.federation is not None and len(server.federation.catalogs) == len(servers) - 1
+            server.federation is not None and len(server.federation.peers.catalogs) == len(servers) - 1
             for server in servers.values()
         ):
             await asyncio.sleep(0.05)

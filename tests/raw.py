@@ -80,7 +80,7 @@ class RawPeer:
             case "vehicle":
                 credential = world.vehicle(ident).token
             case "station":
-                credential = server.registry.charge_points[ident].config.secret
+                credential = server.books.charge_points[ident].config.secret
             case "operator":
                 credential = world.operator(ident).secret
             case "peer":

@@ -201,7 +201,7 @@ async def test_a_charge_point_needs_its_own_secret(server: Server) -> None:
         with pytest.raises(UnauthorizedError):
             async with connect("127.0.0.1", server.port, role="station", ident=ident, secret=secret):
                 pass
-    assert not server.registry.charge_points["NAT-PN-2"].online
+    assert not server.books.charge_points["NAT-PN-2"].online
 
 
 async def test_a_charge_point_speaks_only_for_itself(server: Server) -> None:
@@ -232,9 +232,9 @@ async def test_a_charge_point_speaks_only_for_itself(server: Server) -> None:
         await y.close()
         await x.heartbeat()
         async with asyncio.timeout(5):
-            while server.registry.charge_points["NAT-PN-2"].online:
+            while server.books.charge_points["NAT-PN-2"].online:
                 await asyncio.sleep(0.02)
-        assert server.registry.charge_points["NAT-PN-1"].online
+        assert server.books.charge_points["NAT-PN-1"].online
 
 
 # --- peers -------------------------------------------------------------------------------
@@ -273,10 +273,10 @@ async def test_a_peer_link_to_a_server_that_does_not_know_our_secret_stays_down_
         running_server(world_b, tmp_path / "B", operator="B", port=world_b.operator("B").port) as b,
     ):
         assert a.federation is not None and b.federation is not None
-        b_to_a = b.federation.links["A"]
+        b_to_a = b.federation.peers.links["A"]
         async with asyncio.timeout(15):
             # A still trusts B's own proof of A's secret, so that direction comes up...
-            while not a.federation.links["B"].up:
+            while not a.federation.peers.links["B"].up:
                 await asyncio.sleep(0.05)
             # ...but B's link to A never does: A cannot prove it knows B's secret.
             while "could not prove" not in b_to_a.last_error:

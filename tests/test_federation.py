@@ -161,7 +161,7 @@ async def test_cancel_trip_releases_every_stop_even_if_a_peer_is_briefly_down(
         await servers["B"].start()
         await wait_until_federated(servers)
         async with asyncio.timeout(15):
-            while any(r.state == "booked" for r in servers["B"].registry.reservations.values()):
+            while any(r.state == "booked" for r in servers["B"].books.reservations.values()):
                 await asyncio.sleep(0.1)
     state = await inspect_all(servers)
     assert all(r.state == "cancelled" for result in state.values() for r in result.reservations)
@@ -296,6 +296,6 @@ async def test_a_quiet_peer_link_stays_up(fed_world: World, tmp_path: Path) -> N
     # the idle timeout each Welcome names, keep the peer links up (else each would drop and come back).
     async with running_federation(fed_world, tmp_path / "data", idle_timeout=0.6) as servers:
         await asyncio.sleep(2.0)
-        links = [link for server in servers.values() for link in server.federation.links.values()]
+        links = [link for server in servers.values() for link in server.federation.peers.links.values()]
         assert all(link.up for link in links)
         assert [link.connects for link in links] == [1] * len(links)

@@ -456,7 +456,7 @@ async def live_target(world: World, data_dir: Path, role: str | None) -> AsyncIt
         handler = _ErrorRecords(errors)
         logging.getLogger("evcharge").addHandler(handler)
         v, o = world.vehicle(GOOD_VEHICLE), world.vehicle(OTHER_VEHICLE)
-        cp = server.registry.charge_points[GOOD_CP].config
+        cp = server.books.charge_points[GOOD_CP].config
         try:
             async with (
                 LoopWatch() as watch,
@@ -481,7 +481,7 @@ async def live_target(world: World, data_dir: Path, role: str | None) -> AsyncIt
                     mine = await fuzzed.reserve("FOR-1-2", now + timedelta(minutes=5), 30)
                 credential = {
                     "vehicle": world.vehicle(FUZZ_VEHICLE).token,
-                    "station": server.registry.charge_points[FUZZ_CP].config.secret,
+                    "station": server.books.charge_points[FUZZ_CP].config.secret,
                     "operator": server.operator.secret,
                     "peer": "f" * 32,
                 }
@@ -493,7 +493,7 @@ async def live_target(world: World, data_dir: Path, role: str | None) -> AsyncIt
                 }
                 await other.close()
                 async with asyncio.timeout(EXCHANGE_TIMEOUT):
-                    while server.vehicles_online.get(OTHER_VEHICLE) or server.vehicles_online.get(FUZZ_VEHICLE):
+                    while server.online.vehicles.get(OTHER_VEHICLE) or server.online.vehicles.get(FUZZ_VEHICLE):
                         await asyncio.sleep(0.005)
                 target = Target(
                     server=server,
@@ -507,7 +507,7 @@ async def live_target(world: World, data_dir: Path, role: str | None) -> AsyncIt
                     errors=errors,
                     watch=watch,
                     role=role,
-                    baseline_sessions=len(server.sessions),
+                    baseline_sessions=len(server.online.everyone),
                 )
                 yield target
         finally:
@@ -519,7 +519,7 @@ async def wait_for_sessions(target: Target) -> None:
     """Every fuzzing connection is gone and forgotten: nothing leaks per connection."""
     server = target.server
     async with asyncio.timeout(EXCHANGE_TIMEOUT):
-        while len(server.sessions) != target.baseline_sessions or server._handshakes:
+        while len(server.online.everyone) != target.baseline_sessions or server._handshakes:
             await asyncio.sleep(0.005)
 
 

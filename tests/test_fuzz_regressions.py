@@ -97,7 +97,7 @@ async def test_reserve_starting_before_year_one_utc_is_a_bad_request_not_interna
 async def test_prepare_with_thousands_of_stops_is_refused_not_checked_for_seconds(server: Server) -> None:
     """A PREPARE's stops were checked against each other pairwise inside one writer section: a
     peer's frame of ~15,000 distinct stops blocked the event loop, so every client, for ~8 s."""
-    cps = list(server.registry.charge_points)
+    cps = list(server.books.charge_points)
     now = server.clock.now_dt()
     stops = []
     for i in range(2000):
@@ -111,7 +111,7 @@ async def test_prepare_with_thousands_of_stops_is_refused_not_checked_for_second
         vote = await peer.receive(timeout=30.0)
         assert isinstance(vote, p.Vote) and vote.id == 8, vote
         assert not vote.yes and "at most" in vote.reason, vote
-    assert not [r for r in server.registry.reservations.values() if r.trip_id == "B-T1"]
+    assert not [r for r in server.books.reservations.values() if r.trip_id == "B-T1"]
 
 
 async def test_trip_from_a_frame_sized_city_name_does_not_hold_up_the_server(server: Server) -> None:

@@ -119,11 +119,11 @@ async def test_inspect_tells_each_holds_deadline(server: Server) -> None:
         stops=[p.StopRequest(charge_point_id="NAT-PN-1", start=start, end=start + timedelta(minutes=30))],
         deadline=deadline,
     )
-    vote = await server.registry.hold("B", prepare)
+    vote = await server.participant.hold("B", prepare)
     async with operator(server) as c:
         [held] = (await c.inspect()).reservations
     assert held.id == vote.reservation_ids[0] and held.state == "held" and held.hold_deadline == deadline
-    await server.registry.resolve("B", "T1.1", "B-T1", commit=True)
+    await server.participant.resolve("B", "T1.1", "B-T1", commit=True)
     async with operator(server) as c:
         [booked] = (await c.inspect()).reservations
     assert booked.state == "booked" and booked.hold_deadline is None

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(90)
 
 @asynccontextmanager
 async def station(server: Server, cp_id: str) -> AsyncIterator[Client]:
-    secret = server.registry.charge_points[cp_id].config.secret
+    secret = server.books.charge_points[cp_id].config.secret
     async with connect("127.0.0.1", server.port, role="station", ident=cp_id, secret=secret) as client:
         yield client
 
@@ -43,7 +43,7 @@ async def test_a_silent_client_is_closed_after_the_idle_timeout(world: World, tm
         await c.heartbeat()  # activity keeps it open...
         async with asyncio.timeout(5):
             await c.closed.wait()  # ...silence does not
-        assert not server.vehicles_online
+        assert not server.online.vehicles
 
 
 async def test_connections_beyond_the_maximum_are_refused_with_a_clear_error(world: World, tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ async def test_connections_beyond_the_maximum_are_refused_with_a_clear_error(wor
                     pass
         # Once the others have gone, there is room again.
         async with asyncio.timeout(5):
-            while server.sessions:
+            while server.online.everyone:
                 await asyncio.sleep(0.02)
         async with vehicle(server, "V07") as c:
             assert await c.heartbeat()
@@ -126,7 +126,7 @@ async def test_a_frame_trickled_after_hello_is_cut_off_by_the_frame_timeout(worl
                 await asyncio.gather(dripping, return_exceptions=True)
             assert await good.heartbeat()
         async with asyncio.timeout(5):
-            while "V01" in server.vehicles_online:
+            while "V01" in server.online.vehicles:
                 await asyncio.sleep(0.02)
 
 
@@ -183,7 +183,7 @@ async def test_a_client_pipelining_without_reading_is_held_to_the_in_flight_cap(
         vehicle(server, "V04") as good,
     ):
         await peer.hello(server, "vehicle", "V01")
-        (session,) = server.vehicles_online["V01"]
+        (session,) = server.online.vehicles["V01"]
         served_before = server.requests_served
         writer = asyncio.get_running_loop().create_task(
             peer.send_raw(b"".join(padded_request(i) for i in range(1, sent + 1)), timeout=120.0)
@@ -223,14 +223,14 @@ async def test_a_client_that_never_reads_its_replies_is_disconnected(world: Worl
         vehicle(server, "V04") as good,
     ):
         await peer.hello(server, "vehicle", "V01")
-        (session,) = server.vehicles_online["V01"]
+        (session,) = server.online.vehicles["V01"]
         writer = asyncio.get_running_loop().create_task(
             peer.send_raw(b"".join(padded_request(i) for i in range(1, 3001)), timeout=60.0)
         )
         most_buffered = 0
         try:
             async with asyncio.timeout(20):
-                while "V01" in server.vehicles_online:
+                while "V01" in server.online.vehicles:
                     most_buffered = max(most_buffered, session.conn.buffered_out)
                     await asyncio.sleep(0.005)
         finally:
@@ -250,11 +250,11 @@ async def test_a_client_that_never_reads_its_pushes_is_disconnected(world: World
         station(server, "NAT-PN-1") as cp,
     ):
         await monitor.hello(server, "operator", server.operator.id)
-        (session,) = server.operators_online
+        (session,) = server.online.operator_tools
         most_buffered = 0
         async with asyncio.timeout(30):
             # Every status change is pushed to the operator's tools, which never read here.
-            while server.operators_online:
+            while server.online.operator_tools:
                 await cp.report_status("faulted")
                 await cp.report_status("available")
                 most_buffered = max(most_buffered, session.conn.buffered_out)

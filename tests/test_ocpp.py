@@ -150,13 +150,13 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 async def boot(cp: ChargePoint, server: Server) -> call_result.BootNotification:
     booted = await cp.call(call.BootNotification(charge_point_model="Wallbox 150", charge_point_vendor="Acme"))
     await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Available"))
-    await until(lambda: server.registry.charge_points[cp.id].online)
+    await until(lambda: server.books.charge_points[cp.id].online)
     return booted
 
 
 def status(server: Server, cp_id: str) -> str:
-    cp = server.registry.charge_points[cp_id]
-    return server.registry.status_of(cp, server.clock.now())
+    cp = server.books.charge_points[cp_id]
+    return server.views.status_of(cp, server.clock.now())
 
 
 async def fresh_status(server: Server, cp: ChargePoint) -> str:
@@ -477,7 +477,7 @@ async def test_bad_credentials_unknown_ids_and_malformed_frames_are_refused_alon
                 pass
         assert no_auth.value.response.status_code == 401
         assert no_auth.value.response.headers["WWW-Authenticate"].startswith("Basic")
-        assert not server.registry.charge_points["NAT-PN-2"].online
+        assert not server.books.charge_points["NAT-PN-2"].online
 
         # Malformed OCPP frames from an authenticated charge point: a CallError each, and it stays connected.
         async with connect(
@@ -519,7 +519,7 @@ async def test_bad_credentials_unknown_ids_and_malformed_frames_are_refused_alon
         assert await fresh_status(server, good) == "available"
         await good.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Unavailable"))
         assert await fresh_status(server, good) == "unavailable"
-        assert server.registry.charge_points["NAT-PN-1"].online
+        assert server.books.charge_points["NAT-PN-1"].online
         assert set(gw.links) == {"NAT-PN-1"}
 
 
@@ -542,7 +542,7 @@ async def test_a_server_restart_reconnects_and_resyncs(world: World, tmp_path: P
             await cp.call(call.Heartbeat())
             async with running_server(world, data, port=port, time_scale=60.0) as second:
                 # A restarted server knows nothing of the fault until the gateway says it again.
-                await until(lambda: second.registry.charge_points["JPA-1-1"].online)
+                await until(lambda: second.books.charge_points["JPA-1-1"].online)
                 await until(lambda: status(second, "JPA-1-1") == "faulted")
                 await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Available"))
                 assert await fresh_status(second, cp) == "available"
@@ -569,10 +569,10 @@ async def test_a_session_the_server_ended_while_the_link_was_down_is_stopped_at_
         assert started.id_tag_info["status"] == "Accepted"
         # The line between gateway and server breaks: the server ends the session of a
         # charge point it cannot see, and the gateway reconnects.
-        server.stations_online["MOS-1-1"].conn.abort()
-        await until(lambda: server.registry.reservations[r.id].state == "completed")
+        server.online.charge_points["MOS-1-1"].conn.abort()
+        await until(lambda: server.books.reservations[r.id].state == "completed")
         assert await cp.expect("RemoteStopTransaction") == {"transaction_id": started.transaction_id}
-        await until(lambda: server.registry.charge_points["MOS-1-1"].online)
+        await until(lambda: server.books.charge_points["MOS-1-1"].online)
         # Its StopTransaction is answered, and changes nothing.
         await cp.call(
             call.StopTransaction(meter_stop=9000, timestamp=now_text(), transaction_id=started.transaction_id)
@@ -607,13 +607,13 @@ async def the_next_session_is_its_own(cp: ChargePoint, server: Server, v: Client
     )
     assert started.id_tag_info["status"] == "Accepted"
     assert started.transaction_id == m.ocpp_id(r.id), "the new transaction went to an older reservation"
-    assert server.registry.reservations[r.id].state == "charging"
+    assert server.books.reservations[r.id].state == "charging"
     await cp.call(
         call.StopTransaction(
             meter_stop=106_000, timestamp=now_text(), transaction_id=started.transaction_id, reason="EVDisconnected"
         )
     )
-    done = server.registry.reservation_info(server.registry.reservations[r.id])
+    done = server.views.reservation_info(server.books.reservations[r.id])
     assert (done.state, done.kwh, done.cost) == ("completed", 6.0, round(6.0 * price, 2))
     assert [(s.kwh, s.cost) for s in (await v.history()).sessions if s.reservation_id == r.id] == [
         (6.0, round(6.0 * price, 2))
@@ -632,9 +632,9 @@ async def test_a_remote_start_the_server_ended_while_the_link_was_down_does_not_
         first = await a_remote_start_never_started(cp, server, v)
         # The gateway's server link breaks: the server ends the session of the charge point it
         # lost, with no RemoteStop (there is nobody to send it to), and the gateway reconnects.
-        server.stations_online["NAT-CEN-1"].conn.abort()
-        await until(lambda: server.registry.reservations[first.id].state == "completed")
-        await until(lambda: server.registry.charge_points["NAT-CEN-1"].online)
+        server.online.charge_points["NAT-CEN-1"].conn.abort()
+        await until(lambda: server.books.reservations[first.id].state == "completed")
+        await until(lambda: server.books.charge_points["NAT-CEN-1"].online)
         await the_next_session_is_its_own(cp, server, v, started_by)
         assert cp.got_none("RemoteStopTransaction")
 
@@ -653,7 +653,7 @@ async def test_a_remote_start_the_server_ended_while_linked_does_not_take_the_ne
         # reservation's change (no RemoteStop: the charge point is faulted).
         await cp.call(call.StatusNotification(connector_id=1, error_code="GroundFailure", status="Faulted"))
         assert await fresh_status(server, cp) == "faulted"
-        assert server.registry.reservations[first.id].state == "completed"
+        assert server.books.reservations[first.id].state == "completed"
         await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Available"))
         assert await fresh_status(server, cp) == "available"
         await the_next_session_is_its_own(cp, server, v, started_by)
@@ -754,13 +754,13 @@ async def test_the_gateway_process_restarts_and_charge_points_come_back(
     running = asyncio.create_task(keep_connected())
     try:
         first = await asyncio.wait_for(connections.get(), 20)
-        await until(lambda: server.registry.charge_points["NAT-PN-2"].online)
+        await until(lambda: server.books.charge_points["NAT-PN-2"].online)
         assert await gateway.terminate() == 0
-        await until(lambda: not server.registry.charge_points["NAT-PN-2"].online)
+        await until(lambda: not server.books.charge_points["NAT-PN-2"].online)
         await gateway.start()
         second = await asyncio.wait_for(connections.get(), 30)
         assert second is not first
-        await until(lambda: server.registry.charge_points["NAT-PN-2"].online, timeout=20)
+        await until(lambda: server.books.charge_points["NAT-PN-2"].online, timeout=20)
         async with vehicle(server, "V01") as v:
             r = await v.reserve("NAT-PN-2", v.server_now(), 30)
             assert (await second.expect("ReserveNow"))["reservation_id"] == m.ocpp_id(r.id)
@@ -768,7 +768,7 @@ async def test_the_gateway_process_restarts_and_charge_points_come_back(
         gateway.kill()
         await gateway.start()
         third = await asyncio.wait_for(connections.get(), 30)
-        await until(lambda: server.registry.charge_points["NAT-PN-2"].online, timeout=20)
+        await until(lambda: server.books.charge_points["NAT-PN-2"].online, timeout=20)
         # The new gateway learns the reservation from the server and hands it over again.
         assert (await third.expect("ReserveNow"))["reservation_id"] == m.ocpp_id(r.id)
     finally:
@@ -798,7 +798,7 @@ async def test_the_gateway_speaks_for_its_charge_points_over_mutual_tls(world: W
         await boot(cp, server)
         await cp.call(call.StatusNotification(connector_id=1, error_code="GroundFailure", status="Faulted"))
         assert await fresh_status(server, cp) == "faulted"
-        [station] = [s for s in server.sessions if s.role == "station"]
+        [station] = [s for s in server.online.everyone if s.role == "station"]
         assert station.conn._writer.get_extra_info("peercert"), "the station link is not mutual TLS"
 
 

@@ -88,9 +88,9 @@ async def test_a_black_holed_peer_link_is_replaced_within_seconds(world: World, 
             assert booked is not None, "A kept using the black-holed link"
             assert time.monotonic() - began < 15.0
             assert servers["A"].federation is not None
-            assert servers["A"].federation.links["B"].connects == 2
+            assert servers["A"].federation.peers.links["B"].connects == 2
         async with asyncio.timeout(20):
-            while any(r.state == "held" for s in servers.values() for r in s.registry.reservations.values()):
+            while any(r.state == "held" for s in servers.values() for r in s.books.reservations.values()):
                 await asyncio.sleep(0.2)
         states = {}
         for op, server in servers.items():
@@ -121,7 +121,7 @@ async def test_no_route_while_a_peer_is_unknown_is_unavailable_not_not_found(
         await late.start()
         try:
             async with asyncio.timeout(20):
-                while servers["A"].federation is None or "C" not in servers["A"].federation.catalogs:
+                while servers["A"].federation is None or "C" not in servers["A"].federation.peers.catalogs:
                     await asyncio.sleep(0.05)
             assert "C" in {s.operator_id for s in (await c.plan_trip(NATAL_TO_FEIRA)).stops}
         finally:
@@ -135,7 +135,7 @@ async def test_a_catalog_arriving_during_planning_does_not_turn_the_answer_into_
     async with federation_behind_proxies(world, tmp_path, start="AB") as fed:
         servers: dict[str, Server] = fed["servers"]
         federation = servers["A"].federation
-        assert federation is not None and "C" not in federation.catalogs
+        assert federation is not None and "C" not in federation.peers.catalogs
         async with vehicle(servers["A"], "V01") as c:
             # B's availability will take the whole peer timeout: the plan waits for it.
             fed["proxies"]["B"].stall_all(stall_for=600)
@@ -143,7 +143,7 @@ async def test_a_catalog_arriving_during_planning_does_not_turn_the_answer_into_
             await asyncio.sleep(0.5)
             await fed["start"]("C")
             async with asyncio.timeout(10):
-                while "C" not in federation.catalogs:
+                while "C" not in federation.peers.catalogs:
                     await asyncio.sleep(0.05)
             assert not planning.done()
             with pytest.raises(UnavailableError, match="operator C"):

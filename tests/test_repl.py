@@ -70,7 +70,7 @@ async def test_a_whole_session_of_commands(world: World, tmp_path: Path) -> None
                 await type_line("stations --city Natal", "Natal Ponta Negra")
                 await type_line("nearest --near Natal --min-kw 100", "Nearest: Natal Ponta Negra")
                 await type_line("reserve NAT-PN-1 --minutes 30", "Reserved NAT-PN-1")
-                rid = next(r.id for r in server.registry.reservations.values() if r.vehicle_id == "V01")
+                rid = next(r.id for r in server.books.reservations.values() if r.vehicle_id == "V01")
                 await type_line("reserve NAT-PN-1 --minutes 30", "conflict: charge point NAT-PN-1 is taken")
                 await type_line("reservations", rid)
                 await type_line("bogus-command", "usage")
@@ -84,7 +84,7 @@ async def test_a_whole_session_of_commands(world: World, tmp_path: Path) -> None
                 await type_line("costs", "Costs by operator and month")
                 await type_line("soc", "Battery")
                 # Position reports reach the server in the background.
-                assert server.registry.positions.get("V01") is not None
+                assert server.books.positions.get("V01") is not None
                 keys.send_text("quit\n")
                 assert await asyncio.wait_for(session, 10) == 0
         finally:

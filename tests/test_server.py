@@ -112,7 +112,7 @@ async def run_charge_points(server: Server, *cp_ids: str) -> tuple[list[ChargePo
     ]
     tasks = [asyncio.create_task(sim.run()) for sim in sims]
     async with asyncio.timeout(10):
-        while not all(server.registry.charge_points[cp].online for cp in cp_ids):
+        while not all(server.books.charge_points[cp].online for cp in cp_ids):
             await asyncio.sleep(0.02)
     return sims, tasks
 
@@ -250,7 +250,7 @@ async def test_position_is_reported_periodically(server: Server) -> None:
     async with vehicle(server, "V01") as c:
         c.report_position(lambda: next(route), every=0.1)
         async with asyncio.timeout(5):
-            while server.registry.positions.get("V01") != (-7.12, -34.85):
+            while server.books.positions.get("V01") != (-7.12, -34.85):
                 await asyncio.sleep(0.02)
 
 

@@ -145,7 +145,7 @@ async def test_a_charge_point_connects_over_mutual_tls(world: World, tmp_path: P
         task = asyncio.create_task(sim.run())
         try:
             async with asyncio.timeout(10):
-                while not server.registry.charge_points["NAT-PN-1"].online:
+                while not server.books.charge_points["NAT-PN-1"].online:
                     await asyncio.sleep(0.02)
         finally:
             task.cancel()
@@ -248,18 +248,22 @@ async def test_two_operators_book_a_trip_over_mutual_tls(mtls_world: World, tmp_
         a, b = servers["A"], servers["B"]
         assert a.federation is not None and b.federation is not None
         async with asyncio.timeout(15):
-            while not (a.federation.links["B"].up and b.federation.links["A"].up and "B" in a.federation.catalogs):
+            while not (
+                a.federation.peers.links["B"].up
+                and b.federation.peers.links["A"].up
+                and "B" in a.federation.peers.catalogs
+            ):
                 await asyncio.sleep(0.05)
         async with tls_vehicle(a, pki) as c:
             trip = (await c.book_trip(TRIP)).trip
         assert trip.state == "committed" and {s.operator_id for s in trip.stops} >= {"A", "B"}
-        at_b = [r for r in b.registry.reservations.values() if r.trip_id == trip.id]
+        at_b = [r for r in b.books.reservations.values() if r.trip_id == trip.id]
         assert at_b and all(r.state == "booked" for r in at_b)
         # The peer connections really are TLS with a client certificate, both ways.
         for server in (a, b):
-            peers = [s for s in server.sessions if s.role == "peer"]
+            peers = [s for s in server.online.everyone if s.role == "peer"]
             assert peers and all(s.conn._writer.get_extra_info("peercert") for s in peers)
-        assert a.federation.links["B"].info().address.endswith("(tls)")
+        assert a.federation.peers.links["B"].info().address.endswith("(tls)")
 
 
 async def test_a_peer_needs_a_certificate_of_its_own(mtls_world: World, tmp_path: Path, pki: Pki) -> None:
@@ -330,7 +334,7 @@ async def test_a_peer_link_to_a_server_we_cannot_verify_stays_down_and_says_why(
         ) as b,
     ):
         assert b.federation is not None
-        link = b.federation.links["A"]
+        link = b.federation.peers.links["A"]
         async with asyncio.timeout(15):
             while "certificate verify failed" not in link.last_error:
                 await asyncio.sleep(0.05)

@@ -54,11 +54,11 @@ from rich.table import Table
 from evcharge.apps.invariants import violations
 from evcharge.apps.simulator import ChargePointSim
 from evcharge.domain import geo
-from evcharge.domain.model import Reservation
+from evcharge.domain.model import LIVE_STATES, Reservation
 from evcharge.domain.world import ChargePointConfig, OperatorConfig, StationConfig, VehicleConfig, World, load_world
 from evcharge.links.client import Client, open_client
 from evcharge.operator.store import migrate, put_reservation
-from evcharge.operator.trips.federation import MAX_PLANS_SHOWN
+from evcharge.operator.trips.planning import MAX_PLANS_SHOWN
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import ConnectionLostError, EvchargeError
 
@@ -1081,7 +1081,7 @@ class Bench:
             (op_id, r.charge_point_id, r.start, r.end)
             for op_id, state in states.items()
             for r in state.reservations
-            if r.state in p.LIVE_STATES
+            if r.state in LIVE_STATES
         )
         winners_per_slot = max([len(v) for v in holders.values()] + list(owner_holders.values()) + [0])
         main = row(

@@ -65,6 +65,7 @@ from rich.table import Table
 
 from evcharge.apps.invariants import violations
 from evcharge.domain.clock import to_datetime
+from evcharge.domain.model import LIVE_STATES
 from evcharge.domain.world import VehicleConfig, World
 from evcharge.links.client import Client, open_client
 from evcharge.links.link import Backoff, Link
@@ -264,7 +265,7 @@ def record_violations(states: dict[str, p.InspectResult], record: Record, grace_
                 found.append(f"stop {rid} of acknowledged trip {ack.id} is gone from operator {op}")
                 continue
             where = f"stop {rid} at {op} of trip {ack.id} ({t.state})"
-            if t.state == "cancelled" and stop.state in p.LIVE_STATES:
+            if t.state == "cancelled" and stop.state in LIVE_STATES:
                 found.append(f"{where} is still {stop.state}")
             elif t.state == "committed" and stop.state != "booked" and not _expired_rightly(stop, states, grace_min):
                 found.append(f"{where} is {stop.state}")
@@ -868,7 +869,7 @@ class Chaos:
                 problems += [f"{what} after settling for {self.s.settle_timeout:g} s" for what in stuck]
                 break
             await asyncio.sleep(0.3)
-        live = sum(1 for s in states.values() for r in s.reservations if r.state in p.LIVE_STATES)
+        live = sum(1 for s in states.values() for r in s.reservations if r.state in LIVE_STATES)
         result = {
             "name": name,
             "settle_s": round(time.monotonic() - began, 2),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
+from evcharge.domain.model import LIVE_STATES
 from evcharge.wire import protocol as p
 
 # A stop nobody drove to expires like any no-show: it still belonged to its trip.
@@ -39,7 +40,7 @@ def violations(
         found += stale_holds(states, now, hold_grace)
     for op_id, state in sorted(states.items()):
         live = sorted(
-            (r for r in state.reservations if r.state in p.LIVE_STATES), key=lambda r: (r.charge_point_id, r.start)
+            (r for r in state.reservations if r.state in LIVE_STATES), key=lambda r: (r.charge_point_id, r.start)
         )
         for cp, group in itertools.groupby(live, key=lambda r: r.charge_point_id):
             for a, b in itertools.pairwise(group):
@@ -88,6 +89,6 @@ def stale_holds(states: dict[str, p.InspectResult], now: float, grace: float = H
 
 
 def summary(states: dict[str, p.InspectResult]) -> str:
-    live = sum(1 for s in states.values() for r in s.reservations if r.state in p.LIVE_STATES)
+    live = sum(1 for s in states.values() for r in s.reservations if r.state in LIVE_STATES)
     trips = sum(1 for s in states.values() for t in s.trips if t.state == "committed")
     return f"{len(states)} operators, {live} live reservations, {trips} committed trips"

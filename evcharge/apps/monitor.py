@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evcharge.apps import render
+from evcharge.domain.model import LIVE_STATES
 from evcharge.links.feed import OperatorFeed
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import EvchargeError
@@ -60,7 +61,7 @@ def _stations(snapshot: p.InspectResult, now: datetime) -> Table:
 
 
 def _reservations(snapshot: p.InspectResult, now: datetime) -> Table:
-    live = [r for r in snapshot.reservations if r.state in p.LIVE_STATES and r.end > now]
+    live = [r for r in snapshot.reservations if r.state in LIVE_STATES and r.end > now]
     live.sort(key=lambda r: r.start)
     table = render.reservations_table(
         live[:RESERVATION_ROWS], now, title=f"Current and next reservations ({len(live)} live)"

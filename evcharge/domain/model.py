@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evcharge.wire.protocol import LIVE_STATES
+# A live reservation holds its slot; the others are history.
+LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
 
 
 @dataclass(slots=True)

@@ -1,8 +1,10 @@
-"""One operator's server: accept, handshake, route to role sessions, keep time.
+"""One operator's server: listen, handshake and authenticate, hand each connection to its role's handler.
 
-The server owns the registry (state), the store (durability), the links to its
-connected charge points, and the background sweeper that expires no-shows and
-stops sessions whose slot has ended.
+The server builds the operator's services (books, reservations, charging,
+trips, pushes; see ``Services``), owns the listeners and the store's
+lifecycle, keeps simulated time across restarts, and runs the sweeper that
+expires no-shows and stops sessions whose slot has ended. What is done with a
+message is the handlers' business (``handlers.py``), not the server's.
 """
 
 from __future__ import annotations
@@ -11,31 +13,35 @@ import asyncio
 import functools
 import logging
 import ssl
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from evcharge.domain.clock import SimClock, to_datetime
-from evcharge.domain.model import Reservation
+from evcharge.domain.clock import SimClock
 from evcharge.domain.world import World
+from evcharge.operator.charging import Charging
 from evcharge.operator.handlers import (
     PUSH_BUFFER_LIMIT,
-    OperatorSession,
-    PeerSession,
-    Session,
-    StationSession,
-    VehicleSession,
+    ChargePointHandler,
+    OperatorToolHandler,
+    PeerHandler,
+    RoleHandler,
+    VehicleHandler,
 )
-from evcharge.operator.registry import Actor, Registry
+from evcharge.operator.pushes import Online
+from evcharge.operator.reservations import Reservations
+from evcharge.operator.services import Services
+from evcharge.operator.state import Books
 from evcharge.operator.store import Store, put_meta
 from evcharge.operator.trips.federation import Federation
+from evcharge.operator.trips.participant import Participant
+from evcharge.operator.views import Views
 from evcharge.wire import protocol as p
 from evcharge.wire.auth import new_nonce, peer_proof, same_secret
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT, Connection, ConnectionClosed
 from evcharge.wire.errors import (
     BadRequestError,
-    ConflictError,
     EvchargeError,
     ForbiddenError,
     TooLargeError,
@@ -111,35 +117,50 @@ class Server:
         self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
         self._time_scale = time_scale
         self._clock_anchor = clock_anchor
-        self.clock = SimClock(time_scale)
-        self.registry = Registry(world, operator_id, self.store, self.clock)
-        self.registry.listeners.append(self)
-        self.federation = Federation(self) if len(world.operators) > 1 else None
-        if self.federation is not None:
-            federation = self.federation
-            self.registry.reload_hooks.append(lambda state: federation.load(state.trips))
-        self.sessions: set[Session] = set()
-        self.stations_online: dict[str, StationSession] = {}
-        self.vehicles_online: dict[str, set[VehicleSession]] = {}
-        self.operators_online: set[OperatorSession] = set()  # monitors and inspectors get every push
+        self.books = Books(world, operator_id, self.store, SimClock(time_scale))
+        self.views = Views(self.books)
+        self.online = Online(self.views)
+        self.books.listeners.append(self.online)
+        self.reservations = Reservations(self.books)
+        self.charging = Charging(self.books, self.reservations, self.online)
+        self.participant = Participant(self.books)
+        self.federation: Federation | None = None
+        if len(world.operators) > 1:
+            self.federation = Federation(world, self.views, self.participant, self.online, self.peer_ssl)
+        self.services = Services(
+            world=world,
+            operator=self.operator,
+            books=self.books,
+            views=self.views,
+            reservations=self.reservations,
+            charging=self.charging,
+            participant=self.participant,
+            online=self.online,
+            federation=self.federation,
+            push_buffer_limit=push_buffer_limit,
+        )
         self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
-        self._background: set[asyncio.Task[None]] = set()
-        self._ending: set[str] = set()  # reservations whose session is being ended
-        self._starting: set[str] = set()  # reservations whose charge point is being started
         self._stopping = False
-        self.requests_served = 0
+
+    @property
+    def clock(self) -> SimClock:
+        return self.books.clock
+
+    @property
+    def requests_served(self) -> int:
+        return self.services.counters.requests_served
+
+    def connection_counts(self) -> dict[str, int]:
+        return self.online.counts()
 
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         state = self.store.open()
-        self.clock = self._continue_clock(state.meta)
-        self.registry.clock = self.clock
-        self.registry.load(state)
-        if self.federation is not None:
-            self.federation.load(state.trips)
+        self.books.clock = self._continue_clock(state.meta)
+        self.books.load(state)
         self.store.start()
         await self.store.commit(
             [
@@ -163,14 +184,14 @@ class Server:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if self.federation is not None:
             self.federation.start()
-        live = sum(1 for r in self.registry.reservations.values() if r.live)
+        live = sum(1 for r in self.books.reservations.values() if r.live)
         log.info(
             "operator %s (%s) listening on %s; %d stations, %d charge points, %d live reservations; time x%g, now %s",
             self.operator.id,
             self.operator.name,
             " ".join(listener.describe() for listener in self.listen),
-            len(self.registry.stations),
-            len(self.registry.charge_points),
+            len(self.books.stations),
+            len(self.books.charge_points),
             live,
             self.clock.time_scale,
             self.clock.now_dt().isoformat(timespec="seconds"),
@@ -205,16 +226,18 @@ class Server:
             await self.federation.stop()
         for task in list(self._handshakes):
             task.cancel()
+        clients = list(self.online.everyone)
         try:
             async with asyncio.timeout(SHUTDOWN_GRACE):
-                await asyncio.gather(*(s.conn.wait_served() for s in list(self.sessions)))
+                await asyncio.gather(*(c.conn.wait_served() for c in clients))
         except TimeoutError:
             log.warning("requests still running after %s s; closing anyway", SHUTDOWN_GRACE)
-        await asyncio.gather(*(s.conn.close() for s in list(self.sessions)), return_exceptions=True)
-        await asyncio.gather(*self._handshakes, *self._background, return_exceptions=True)
+        await asyncio.gather(*(c.conn.close() for c in clients), return_exceptions=True)
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
+        await self.charging.close()
         for listener in self._listeners:
             await listener.wait_closed()
-        await self.registry.stop()
+        await self.books.stop()
         await self.store.close()
         log.info("operator %s stopped", self.operator.id)
 
@@ -234,16 +257,18 @@ class Server:
         conn.frame_timeout = self.frame_timeout
         conn.write_timeout = self.write_timeout
         try:
-            session = await self._handshake(conn, self.listen[listener], writer.get_extra_info("peercert"))
+            handler = await self._handshake(conn, self.listen[listener], writer.get_extra_info("peercert"))
         except asyncio.CancelledError:
             await conn.close()
             raise
         finally:
             self._handshakes.discard(task)
-        if session is not None:
-            await session.run()
+        if handler is not None:
+            await handler.run(self.max_in_flight, closed=self._forget)
 
-    async def _handshake(self, conn: Connection, listener: Listen, peercert: dict[str, Any] | None) -> Session | None:
+    async def _handshake(
+        self, conn: Connection, listener: Listen, peercert: dict[str, Any] | None
+    ) -> RoleHandler | None:
         request_id = 0
         try:
             # One deadline for the whole handshake: trickling bytes does not extend it.
@@ -265,7 +290,7 @@ class Server:
                     raise ForbiddenError(f"this port is for {roles}, not {hello.role}; ask the operator for yours")
                 if self._stopping:
                     raise UnavailableError("server is shutting down")
-                if len(self.sessions) >= self.max_connections:
+                if len(self.online) >= self.max_connections:
                     raise UnavailableError(f"too many connections (at most {self.max_connections}); try again later")
                 if hello.role == "peer" and self.operator.peer_tls and listener.security != "mtls":
                     # Every operator has every secret: only a certificate tells B from C.
@@ -273,9 +298,9 @@ class Server:
                 if hello.role == "peer":
                     # On a +mtls listener the TLS layer has verified the certificate already.
                     names = certificate_names(peercert) if listener.security == "mtls" else None
-                    session, request_id = await self._authenticate_peer(conn, hello, names)
+                    handler, request_id = await self._authenticate_peer(conn, hello, names)
                 else:
-                    session = self._authenticate(conn, hello)
+                    handler = self._authenticate(conn, hello)
         except EvchargeError as exc:
             log.info("handshake from %s refused: %s", conn.peername, exc.message)
             await conn.reply_error(request_id, exc)
@@ -300,14 +325,14 @@ class Server:
                 operator_name=self.operator.name,
                 server_time=self.clock.now_dt(),
                 time_scale=self.clock.time_scale,
-                idle_timeout=session.idle_timeout or 0.0,
+                idle_timeout=handler.idle_timeout or 0.0,
             )
         )
-        self._register(session)
-        log.info("%s connected", session)
-        return session
+        self.online.add(handler)
+        log.info("%s connected", handler)
+        return handler
 
-    def _authenticate(self, conn: Connection, hello: p.Hello) -> Session:
+    def _authenticate(self, conn: Connection, hello: p.Hello) -> RoleHandler:
         denied = UnauthorizedError(f"{hello.role} {hello.ident!r}: unknown identity or wrong credential")
         match hello.role:
             case "vehicle":
@@ -316,23 +341,22 @@ class Server:
                     raise denied
                 if vehicle.home != self.operator.id:
                     raise ForbiddenError(f"vehicle {vehicle.id} belongs to operator {vehicle.home}; connect there")
-                return VehicleSession(self, conn, vehicle.id)
+                return VehicleHandler(self.services, conn, vehicle.id, idle_timeout=self.idle_timeout)
             case "station":
-                cp = self.registry.charge_points.get(hello.ident)
+                cp = self.books.charge_points.get(hello.ident)
                 if cp is None or not same_secret(cp.config.secret, hello.credential):
                     raise denied
-                session = StationSession(self, conn, cp.config.id)
-                session.idle_timeout = 3 * self.world.rules.heartbeat_s
-                return session
+                idle = 3 * self.world.rules.heartbeat_s
+                return ChargePointHandler(self.services, conn, cp.config.id, idle_timeout=idle)
             case "operator":
                 if hello.ident != self.operator.id or not same_secret(self.operator.secret, hello.credential):
                     raise denied
-                return OperatorSession(self, conn, self.operator.id)
+                return OperatorToolHandler(self.services, conn, self.operator.id, idle_timeout=self.idle_timeout)
         raise BadRequestError(f"unknown role {hello.role!r}")
 
     async def _authenticate_peer(
         self, conn: Connection, hello: p.Hello, certificate_names: list[str] | None
-    ) -> tuple[Session, int]:
+    ) -> tuple[RoleHandler, int]:
         """Challenge-response: the peer proves it knows its secret without sending it.
 
         Over mutual TLS its certificate must also be the claimed operator's: every operator
@@ -352,169 +376,13 @@ class Server:
         expected = peer_proof(peer.secret, "client", hello.credential, nonce, peer.id)
         if not isinstance(answer, p.PeerProof) or not same_secret(expected, answer.proof):
             raise UnauthorizedError(f"peer {peer.id}: wrong proof")
-        return PeerSession(self, conn, peer.id), answer.id
+        return PeerHandler(self.services, conn, peer.id, idle_timeout=self.idle_timeout), answer.id
 
-    def _register(self, session: Session) -> None:
-        self.sessions.add(session)
-        if isinstance(session, StationSession):
-            old = self.stations_online.get(session.ident)
-            if old is not None:
-                log.info("%s replaces an older connection of the same charge point", session)
-                old.conn.abort()
-            self.stations_online[session.ident] = session
-            self.registry.set_online(session.ident, True)
-        elif isinstance(session, VehicleSession):
-            self.vehicles_online.setdefault(session.ident, set()).add(session)
-        elif isinstance(session, OperatorSession):
-            self.operators_online.add(session)
-
-    def forget(self, session: Session) -> None:
-        """A session's connection closed."""
-        self.sessions.discard(session)
-        log.info("%s disconnected", session)
-        if isinstance(session, StationSession) and self.stations_online.get(session.ident) is session:
-            del self.stations_online[session.ident]
-            self.registry.set_online(session.ident, False)
-            cp = self.registry.charge_points[session.ident]
-            if cp.charging is not None and not self._stopping:
-                # A vanished charge point must not leave a session open forever.
-                self._spawn(self._end_session(cp.charging, None, "charge point went offline"))
-        elif isinstance(session, OperatorSession):
-            self.operators_online.discard(session)
-        elif isinstance(session, VehicleSession):
-            peers = self.vehicles_online.get(session.ident)
-            if peers is not None:
-                peers.discard(session)
-                if not peers:
-                    del self.vehicles_online[session.ident]
-
-    def federation_or_refuse(self) -> Federation:
-        if self.federation is None:
-            raise UnavailableError(f"operator {self.operator.id} is not federated with anyone")
-        return self.federation
-
-    # --- charging, which needs both the registry and the charge point's link -------
-
-    async def start_charging(self, actor: Actor, reservation_id: str) -> p.ReservationInfo:
-        async with self.registry.lock.reader_lock:
-            r, cp = self.registry.check_can_start(actor, reservation_id)
-        station = self.stations_online.get(cp.config.id)
-        if station is None:
-            raise UnavailableError(f"charge point {cp.config.id} is offline")
-        if reservation_id in self._starting:
-            raise ConflictError(f"reservation {reservation_id} is already being started")
-        self._starting.add(reservation_id)
-        try:
-            await station.command(p.RemoteStart(reservation_id=r.id, vehicle_id=r.vehicle_id, until=to_datetime(r.end)))
-            r = await self.registry.begin_charging(actor, reservation_id)
-        except EvchargeError:
-            # The charge point may have started (a lost or late answer) while we record
-            # nothing: make sure it stops again -- unless a session is recorded after all
-            # (the charge point started it itself for the same driver).
-            if self.registry.reservations[reservation_id].state != "charging":
-                self._spawn(self._command_quietly(station, p.RemoteStop(reservation_id=reservation_id)))
-            raise
-        finally:
-            self._starting.discard(reservation_id)
-        return self.registry.reservation_info(r)
-
-    async def charging_started(self, actor: Actor, reservation_id: str) -> p.ReservationInfo:
-        """A charge point started a session itself, for a driver it authorized: no RemoteStart."""
-        if reservation_id in self._starting:
-            raise ConflictError(f"reservation {reservation_id} is already being started")
-        self._starting.add(reservation_id)
-        try:
-            r = await self.registry.begin_charging(actor, reservation_id)
-        finally:
-            self._starting.discard(reservation_id)
-        return self.registry.reservation_info(r)
-
-    async def stop_charging(self, actor: Actor, reservation_id: str) -> p.ReservationInfo:
-        async with self.registry.lock.reader_lock:
-            r = self.registry.check_charging(actor, reservation_id)
-        r = await self._end_session(r.id, actor, "stopped by vehicle")
-        return self.registry.reservation_info(r)
-
-    async def _end_session(self, reservation_id: str, actor: Actor | None, reason: str) -> Reservation:
-        """Stop the charge point if it is there, then record the final reading."""
-        if reservation_id in self._ending:
-            raise ConflictError(f"reservation {reservation_id} is already being stopped")
-        self._ending.add(reservation_id)
-        try:
-            return await self._stop_and_record(reservation_id, actor, reason)
-        finally:
-            self._ending.discard(reservation_id)
-
-    async def _stop_and_record(self, reservation_id: str, actor: Actor | None, reason: str) -> Reservation:
-        r = self.registry.reservations[reservation_id]
-        kwh: float | None = None
-        station = self.stations_online.get(r.charge_point_id)
-        if station is not None:
-            try:
-                report = await station.command(p.RemoteStop(reservation_id=reservation_id))
-                if isinstance(report, p.SessionReport):
-                    kwh = report.kwh
-            except EvchargeError as exc:
-                log.warning("stopping %s on %s: %s; using the last meter value", reservation_id, station, exc)
-        return await self.registry.complete_charging(
-            actor or Actor("operator", self.operator.id), reservation_id, kwh, reason
-        )
-
-    async def _command_quietly(self, station: StationSession, request: p.Request) -> None:
-        try:
-            await station.command(request)
-        except EvchargeError as exc:
-            log.warning("%s: %s failed: %s", station, type(request).__name__, exc)
-
-    async def charge_point_reported(self, actor: Actor, status: p.ReportedStatus, info: str) -> None:
-        self.registry.set_reported(actor.ident, status)
-        cp = self.registry.charge_points[actor.ident]
-        if status != "available" and cp.charging is not None:
-            what = "fault" if status == "faulted" else "unavailable"
-            await self.registry.complete_charging(actor, cp.charging, None, f"charge point {what}: {info}".strip())
-
-    def meter_value(self, cp_id: str, reservation_id: str, kwh: float) -> None:
-        session = self.registry.record_meter(cp_id, reservation_id, kwh)
-        if session is not None:
-            event = p.ChargingProgress(reservation_id=reservation_id, kwh=session.kwh, cost=session.cost)
-            for vehicle in self.vehicles_online.get(session.vehicle_id, ()):
-                vehicle.push(event)
-
-    # --- pushes (the registry calls these after a change is durable) ----------------
-
-    def reservation_changed(self, reservation: Reservation, reason: str) -> None:
-        event = p.ReservationChanged(reservation=self.registry.reservation_info(reservation), reason=reason)
-        for vehicle in self.vehicles_online.get(reservation.vehicle_id, ()):
-            vehicle.push(event)
-        station = self.stations_online.get(reservation.charge_point_id)
-        if station is not None:  # a gateway turns these into its charge point's reservations
-            station.push(event)
-        self.push_to_operators(event)
-
-    def connection_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for session in self.sessions:
-            counts[session.role] = counts.get(session.role, 0) + 1
-        return counts
-
-    def trip_changed(self, trip: p.TripInfo, reason: str) -> None:
-        event = p.TripChanged(trip=trip, reason=reason)
-        for vehicle in self.vehicles_online.get(trip.vehicle_id, ()):
-            vehicle.push(event)
-        self.push_to_operators(event)
-
-    def push_to_operators(self, event: p.Event) -> None:
-        for session in self.operators_online:
-            session.push(event)
-
-    def charge_point_changed(self, cp_id: str) -> None:
-        cp = self.registry.charge_points[cp_id]
-        event = p.ChargePointChanged(
-            station_id=cp.station.id,
-            charge_point_id=cp_id,
-            status=self.registry.status_of(cp, self.clock.now()),
-        )
-        self.push_to_operators(event)
+    def _forget(self, handler: RoleHandler) -> None:
+        """A client's connection closed."""
+        log.info("%s disconnected", handler)
+        if self.online.remove(handler) and not self._stopping:
+            self.charging.charge_point_went_away(handler.ident)
 
     # --- background work ------------------------------------------------------------
 
@@ -522,23 +390,9 @@ class Server:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                await self.registry.expire_no_shows()
-                for r in self.registry.overdue_sessions():
-                    if r.id not in self._ending:
-                        self._spawn(self._end_session(r.id, None, "reservation ended"))
+                await self.reservations.expire_no_shows()
+                self.charging.end_overdue()
             except EvchargeError as exc:
                 log.warning("sweep: %s", exc)
             except Exception:
                 log.exception("sweep failed; trying again next round")
-
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(_logged(work))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-
-async def _logged(work: Coroutine[Any, Any, Any]) -> None:
-    try:
-        await work
-    except EvchargeError as exc:
-        log.warning("background work failed: %s", exc)

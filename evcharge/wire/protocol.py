@@ -46,7 +46,6 @@ UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
 Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 Kwh = Annotated[float, msgspec.Meta(ge=0, le=100_000)]  # a meter reading (no NaN, no infinity)
-LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
 ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "unavailable", "offline"]
 # What a charge point may say about itself; the server derives the rest. `unavailable` is out of
 # service on purpose (maintenance, OCPP's Unavailable), `faulted` is broken: neither can be used.

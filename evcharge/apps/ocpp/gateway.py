@@ -54,6 +54,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from evcharge.apps.ocpp import mapping as m
+from evcharge.domain.model import LIVE_STATES
 from evcharge.domain.world import ChargePointConfig, World
 from evcharge.links.client import Client
 from evcharge.links.link import Link
@@ -267,7 +268,7 @@ class ChargePointLink(OcppChargePoint):
         if not isinstance(event, p.ReservationChanged) or event.reservation.charge_point_id != self.id:
             return
         r = event.reservation
-        if r.state in p.LIVE_STATES:
+        if r.state in LIVE_STATES:
             self.reservations[r.id] = r
         else:
             self.reservations.pop(r.id, None)

@@ -112,7 +112,7 @@ def _connect(path: Path, max_bytes: int | None) -> sqlite3.Connection:
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to date; returns the version it started from."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StoreError(f"store schema version {version} is newer than this evcharge ({SCHEMA_VERSION})")
     for target in range(version + 1, SCHEMA_VERSION + 1):
@@ -257,11 +257,13 @@ class Store:
 
     async def reread(self) -> StoredState:
         """What is on disk, read after everything queued before this call."""
-        return await self._ask_thread("reread")
+        state: StoredState = await self._ask_thread("reread")
+        return state
 
     async def probe(self) -> bool:
         """Whether a write (of a page or so) goes through now."""
-        return await self._ask_thread("probe")
+        writable: bool = await self._ask_thread("probe")
+        return writable
 
     def resume(self) -> None:
         """Accept changes again (the owner's memory matches the disk)."""

@@ -1,0 +1,398 @@
+"""This operator as a trip's coordinator: two-phase commit with presumed abort.
+
+A vehicle's home server books a trip whose stops belong to several operators,
+each a participant (the home server is one too, for its own stops):
+
+1. PREPARE goes to every owner in parallel; each checks and holds all its
+   stops in one writer section, stores the holds, and votes YES (or NO with the
+   conflicting stops). Holds carry a deadline.
+2. All YES before the deadline: the coordinator stores the trip row (that row
+   *is* the COMMIT record) and only then tells everyone. Anything else: ABORT.
+   No row for a transaction means it aborted.
+3. A participant that voted YES never decides alone: once the deadline has
+   passed it asks the coordinator (``outcome``) until it gets an answer. A
+   coordinator that restarts re-sends the decisions its store says are not yet
+   acknowledged (``recovery``).
+4. On NO the coordinator re-plans around the conflicts and tries again
+   (``MAX_ATTEMPTS``), so the losers of a race still get a trip if one exists.
+
+Every trip row is written through ``Books.apply`` (the one commit engine),
+with the coordinator's own stops in the same transaction. Deadlines here are
+real (wall-clock) seconds: they are about the network, not the simulated road.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any
+
+from evcharge.domain import planner
+from evcharge.domain.clock import to_datetime
+from evcharge.domain.model import Trip
+from evcharge.domain.world import VehicleConfig
+from evcharge.operator.crash_points import crash_point
+from evcharge.operator.pushes import Online
+from evcharge.operator.state import Actor, Books, Change
+from evcharge.operator.store import StoreError, put_trip
+from evcharge.operator.trips.participant import Participant
+from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
+from evcharge.operator.trips.planning import Planning
+from evcharge.operator.views import planned_trip_info, trip_info, trip_json
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import ConflictError, EvchargeError, ForbiddenError, NotFoundError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+PREPARE_TIMEOUT = 5.0  # real seconds from PREPARE to decision
+DECIDE_TIMEOUT = 3.0  # how long a booking or cancellation waits for the owners to take the decision
+MAX_ATTEMPTS = 4  # plans tried per booking
+RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
+
+
+@dataclass(slots=True)
+class _Txn:
+    """A booking this coordinator has not decided yet."""
+
+    state: str  # preparing | committing | committed | aborted
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Outcome:
+    trip: p.TripInfo | None = None
+    conflicts: str = ""
+
+
+class Coordinator:
+    def __init__(self, books: Books, participant: Participant, peers: Peers, planning: Planning, online: Online):
+        self.books = books
+        self.me = books.operator_id
+        self.participant = participant
+        self.peers = peers
+        self.planning = planning
+        self.online = online
+        self.active: dict[str, _Txn] = {}
+        self.sending: set[str] = set()  # trips whose decision is being delivered now
+        self.storing_acks: set[str] = set()  # trips whose acknowledgements are being stored
+        self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
+        self._stopping = False
+        self._trip_locks: dict[str, asyncio.Lock] = {}
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # --- booking ------------------------------------------------------------------------
+
+    async def book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str = "") -> tuple[p.TripInfo, int, bool]:
+        """The trip booked, the plans tried, and whether it is the plan shown as ``plan_id``."""
+        trip_id = f"{self.me}-T{secrets.token_hex(5)}"
+        conflicts = ""
+        shown = self.planning.shown_plan(vehicle.id, query, plan_id) if plan_id else None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            as_shown = shown is not None
+            if shown is not None:
+                plan = shown
+                self.planning.claim(trip_id, plan)
+            else:
+                plan = await self.planning.plan(vehicle, query, claim=trip_id)
+            shown = None  # a plan that lost its slots is re-planned, not retried
+            try:
+                outcome = await self._two_phase(trip_id, f"{trip_id}.{attempt}", vehicle.id, query, plan)
+            except BaseException:
+                self.planning.unclaim(trip_id)
+                raise
+            if outcome.trip is not None:
+                # Plans whose availability was read before these holds were placed still
+                # need the claim for a moment.
+                self.planning.unclaim(trip_id, later=True)
+                return outcome.trip, attempt, as_shown
+            self.planning.unclaim(trip_id)
+            conflicts = outcome.conflicts
+            log.info("trip %s attempt %d lost a race (%s); re-planning", trip_id, attempt, conflicts)
+            # The losers of one race would all re-plan onto the same next-best slots at once:
+            # a little random delay lets the winners' holds show in the next availability.
+            await asyncio.sleep(random.uniform(0, RETRY_JITTER * attempt))
+        raise ConflictError(f"no trip: every plan lost its slots to other bookings ({MAX_ATTEMPTS} tries; {conflicts})")
+
+    async def _two_phase(
+        self, trip_id: str, txn_id: str, vehicle_id: str, query: p.TripQuery, plan: planner.Plan
+    ) -> _Outcome:
+        by_owner: dict[str, list[int]] = {}
+        for i, stop in enumerate(plan.stops):
+            by_owner.setdefault(stop.option.operator_id, []).append(i)
+        deadline = time.time() + PREPARE_TIMEOUT
+        txn = _Txn("preparing", deadline)
+        self.active[txn_id] = txn
+        try:
+            owners = list(by_owner)
+            votes = await asyncio.gather(
+                *(
+                    self._prepare_at(owner, txn_id, trip_id, vehicle_id, plan, by_owner[owner], deadline)
+                    for owner in owners
+                ),
+                return_exceptions=True,
+            )
+            failed = {o: v for o, v in zip(owners, votes, strict=True) if isinstance(v, BaseException)}
+            noes = {o: v for o, v in zip(owners, votes, strict=True) if isinstance(v, p.Vote) and not v.yes}
+            yes = {o: v for o, v in zip(owners, votes, strict=True) if isinstance(v, p.Vote) and v.yes}
+            if not failed and not noes and txn.state == "preparing" and time.time() < deadline:
+                txn.state = "committing"
+                trip = await self._commit(trip_id, txn_id, vehicle_id, query, plan, by_owner, yes)
+                txn.state = "committed"
+                return _Outcome(trip=trip)
+            txn.state = "aborted"
+            # Everyone, not only those that said YES: a late PREPARE may still place holds.
+            await self._tell_abort(txn_id, trip_id, owners)
+            for exc in failed.values():
+                if not isinstance(exc, EvchargeError):
+                    raise exc
+            if failed:
+                names = ", ".join(f"{o} ({e})" for o, e in failed.items())
+                raise UnavailableError(f"trip not booked: operator {names}; nothing was held")
+            if any(not v.conflicts for v in noes.values()):
+                reasons = "; ".join(f"{o}: {v.reason}" for o, v in noes.items())
+                raise ConflictError(f"trip not booked: {reasons}")
+            return _Outcome(
+                conflicts=", ".join(f"{c.charge_point_id}@{o}" for o, v in noes.items() for c in v.conflicts)
+            )
+        except BaseException:
+            if txn.state in ("preparing", "committing"):
+                txn.state = "aborted"
+            raise
+        finally:
+            self.active.pop(txn_id, None)
+
+    async def _prepare_at(
+        self,
+        owner: str,
+        txn_id: str,
+        trip_id: str,
+        vehicle_id: str,
+        plan: planner.Plan,
+        indexes: list[int],
+        deadline: float,
+    ) -> p.Vote:
+        stops = [
+            p.StopRequest(
+                charge_point_id=plan.stops[i].option.charge_point_id,
+                start=to_datetime(plan.stops[i].slot_start),
+                end=to_datetime(plan.stops[i].slot_end),
+            )
+            for i in indexes
+        ]
+        prepare = p.Prepare(txn_id=txn_id, trip_id=trip_id, vehicle_id=vehicle_id, stops=stops, deadline=deadline)
+        if owner == self.me:
+            return await self.participant.hold(self.me, prepare)
+        return await self.peers.link(owner).call(prepare, p.Vote, timeout=deadline - time.time())
+
+    async def _commit(
+        self,
+        trip_id: str,
+        txn_id: str,
+        vehicle_id: str,
+        query: p.TripQuery,
+        plan: planner.Plan,
+        by_owner: dict[str, list[int]],
+        votes: dict[str, p.Vote],
+    ) -> p.TripInfo:
+        reservation_of: dict[int, str] = {}
+        for owner, indexes in by_owner.items():
+            reservation_of.update(zip(indexes, votes[owner].reservation_ids, strict=True))
+        info = planned_trip_info(trip_id, vehicle_id, self.me, query, plan, reservation_of, state="committed")
+        trip = Trip(
+            id=trip_id,
+            vehicle_id=vehicle_id,
+            state="committed",
+            txn_id=txn_id,
+            participants=list(by_owner),
+            unacked=[owner for owner in by_owner if owner != self.me],  # ours decide with the row
+            info=trip_json(info),
+            created=int(self.books.clock.now()),
+        )
+        try:
+            await self._store_decision(trip)  # the COMMIT record: durable before anyone hears of it
+        except (StoreError, UnavailableError):
+            await self._tell_abort(txn_id, trip_id, list(by_owner))
+            raise UnavailableError("the trip could not be stored; it was not booked") from None
+        self.books.remember_trip(trip)
+        crash_point("coordinator-committed")
+        self.online.trip_changed(info, "booked")
+        log.info(
+            "trip %s committed for vehicle %s: %d stops at %s", trip_id, vehicle_id, len(plan.stops), trip.participants
+        )
+        # Booked from here on, whatever happens to the messages. The reply waits (a little)
+        # for the other owners too, so that a booked trip is booked everywhere when the
+        # vehicle hears of it; the resolver keeps telling those that did not answer.
+        await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        return info
+
+    async def _store_decision(self, trip: Trip) -> None:
+        """Store a trip's row (its decision); our own stops take the decision in the same transaction."""
+        row = (put_trip(trip),)
+        if self.me not in trip.participants:
+            await self._store_row(trip)
+        elif trip.state == "committed":
+            await self.participant.resolve(self.me, trip.txn_id, trip.id, commit=True, also_store=row)
+        else:
+            await self.participant.release_trip(self.me, trip.id, also_store=row)
+
+    async def _store_row(self, trip: Trip) -> None:
+        row = put_trip(trip)
+        await self.books.apply(Actor("coordinator", self.me), f"store trip {trip.id}", lambda: Change(None, [row]))
+
+    # --- telling the participants -----------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` beside the request that started it; ``stop`` cancels what is left."""
+        if self._stopping:  # nobody would wait for it; what it would store is redone after a restart
+            work.close()
+            return
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
+
+    async def _tell(self, owner: str, trip_id: str, txn_id: str, decision: str) -> str:
+        """Deliver one decision ("commit", "abort" or "release") to one owner; returns the owner."""
+        if owner == self.me:
+            if decision == "release":
+                await self.participant.release_trip(self.me, trip_id)
+            else:
+                await self.participant.resolve(self.me, txn_id, trip_id, commit=decision == "commit")
+        elif decision == "release":
+            await self.peers.link(owner).call(p.ReleaseTrip(trip_id=trip_id), p.Ok)
+        else:
+            decide = p.Decide(txn_id=txn_id, trip_id=trip_id, commit=decision == "commit")
+            await self.peers.link(owner).call(decide, p.Ok)
+        return owner
+
+    async def _tell_abort(self, txn_id: str, trip_id: str, owners: list[str]) -> None:
+        """Best effort: a participant not reached asks us after its deadline."""
+        results = await asyncio.gather(
+            *(self._tell(o, trip_id, txn_id, "abort") for o in owners), return_exceptions=True
+        )
+        for owner, result in zip(owners, results, strict=True):
+            if isinstance(result, BaseException):
+                log.info("abort of %s not delivered to %s (it will ask): %s", txn_id, owner, result)
+
+    async def deliver(self, trip: Trip, wait: float | None = PEER_TIMEOUT) -> None:
+        """Tell the participants not yet told the trip's latest decision; store who acknowledged.
+
+        Who acknowledged is stored after this returns: a booking need not wait for that
+        write, since a decision sent again (after a crash, or by the resolver before the
+        write) is acknowledged again: deciding is idempotent.
+        """
+        if trip.id in self.sending or not trip.unacked:
+            return
+        self.sending.add(trip.id)
+        try:
+            decision = "commit" if trip.state == "committed" else "release"
+            pending = [asyncio.ensure_future(self._tell(o, trip.id, trip.txn_id, decision)) for o in trip.unacked]
+            try:
+                done, _ = await asyncio.wait(pending, timeout=wait)
+            finally:  # whatever did not answer in time (or if we are cancelled) is retried later
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            acked = {t.result() for t in done if not t.cancelled() and t.exception() is None}
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
+            if acked:
+                self.storing_acks.add(trip.id)
+                self._spawn(self._store_acks(trip, acked))
+        finally:
+            self.sending.discard(trip.id)
+
+    async def _store_acks(self, trip: Trip, acked: set[str]) -> None:
+        def without_acked(current: Trip) -> Trip | None:
+            if current.state != trip.state:  # a newer decision is delivered afresh
+                return None
+            return replace(current, unacked=[o for o in current.unacked if o not in acked])
+
+        try:
+            await self._update_trip(trip.id, without_acked)
+        except (StoreError, UnavailableError) as exc:
+            log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
+        finally:
+            self.storing_acks.discard(trip.id)
+
+    async def _update_trip(
+        self,
+        trip_id: str,
+        change: Callable[[Trip], Trip | None],
+        write: Callable[[Trip], Awaitable[None]] | None = None,
+    ) -> Trip:
+        """Store a change of a trip's row (with ``write``, by default the row alone), from its latest version.
+
+        The per-trip lock orders the writes of that one row (a cancellation must not be
+        overwritten by a late acknowledgement computed before it); nothing else waits on it.
+        """
+        async with self._trip_locks.setdefault(trip_id, asyncio.Lock()):
+            current = self.books.trips[trip_id]
+            updated = change(current)
+            if updated is None:
+                return current
+            await (write or self._store_row)(updated)
+            self.books.remember_trip(updated)
+            return updated
+
+    def outcome(self, txn_id: str) -> p.Outcome:
+        """What a participant in doubt is told (presumed abort)."""
+        if txn_id in self.books.trips_by_txn:
+            return "commit"
+        txn = self.active.get(txn_id)
+        if txn is None:
+            return "abort"
+        if txn.state == "preparing" and time.time() >= txn.deadline:
+            txn.state = "aborted"  # too late: it can no longer commit
+        if txn.state in ("preparing", "committing"):
+            return "pending"
+        return "commit" if txn.state == "committed" else "abort"
+
+    # --- trips as the vehicle sees them -------------------------------------------------
+
+    def trips_of(self, vehicle_id: str, include_cancelled: bool) -> list[p.TripInfo]:
+        return [
+            trip_info(t)
+            for t in self.books.trips.values()
+            if t.vehicle_id == vehicle_id and (include_cancelled or t.state != "cancelled")
+        ]
+
+    async def cancel_trip(self, vehicle_id: str, trip_id: str) -> p.TripInfo:
+        trip = self.books.trips.get(trip_id)
+        if trip is None:
+            raise NotFoundError(f"no trip {trip_id!r}")
+        if trip.vehicle_id != vehicle_id:
+            raise ForbiddenError(f"trip {trip_id} belongs to another vehicle")
+        self.planning.unclaim(trip_id)  # its slots are free again for the next plans
+        if trip.state != "cancelled":
+
+            def cancelled(current: Trip) -> Trip | None:
+                if current.state == "cancelled":
+                    return None
+                # Our own stops are released in the transaction that stores the cancellation.
+                unacked = [owner for owner in current.participants if owner != self.me]
+                return replace(current, state="cancelled", unacked=unacked)
+
+            try:
+                trip = await self._update_trip(trip_id, cancelled, write=self._store_decision)
+            except (StoreError, UnavailableError):
+                raise UnavailableError("the cancellation could not be stored; the trip stands") from None
+            log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
+            self.online.trip_changed(trip_info(trip), "cancelled")
+            await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        return trip_info(self.books.trips[trip_id])
