@@ -29,6 +29,7 @@ from evcharge.domain import geo
 from evcharge.domain.world import SHIPPED, OperatorConfig, World, WorldError, load_world
 from evcharge.links.client import Client, connect
 from evcharge.wire import protocol as p
+from evcharge.wire.address import host_port_argument
 from evcharge.wire.errors import EvchargeError
 from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, client_context, parse_listen
 
@@ -185,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     station.add_argument("--operator", required=True)
     station.add_argument("--id", action="append", dest="ids", help="only this charge point (repeatable)")
-    station.add_argument("--server", help="HOST:PORT of the operator's server (default: the world file's)")
+    station.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
     station.add_argument("--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault")
     station.set_defaults(run=run_station, log_level="info")
 
@@ -199,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--operator", required=True, help="operator id from the world file")
     gateway.add_argument("--host", help="listen address (default: the world file's host of the operator)")
     gateway.add_argument("--port", type=int, default=9000, help="listen port, 0 for any free one (default 9000)")
-    gateway.add_argument("--server", help="HOST:PORT of the operator's server (default: the world file's)")
+    gateway.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
     gateway.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     gateway.set_defaults(run=run_ocpp_gateway, log_level="info")
 
@@ -213,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     vehicle.add_argument("--id", required=True, help="vehicle id from the world file")
-    vehicle.add_argument("--server", help="HOST:PORT of the home operator (default: the world file's)")
+    vehicle.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the home operator (default: the world file's)"
+    )
     vehicle.add_argument("--json", action="store_true", help="machine-readable output")
     vehicle.add_argument("--soc", dest="start_soc", type=float, default=80.0, help="interactive: SoC at start, %%")
     vehicle.add_argument("--at", dest="position", help="interactive: where the vehicle is (CITY or LAT,LON)")
@@ -230,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A live terminal view of one operator, updated when its server pushes changes.",
     )
     monitor.add_argument("--operator", required=True)
-    monitor.add_argument("--server", help="HOST:PORT (default: the world file's)")
+    monitor.add_argument("--server", type=host_port_argument, help="HOST:PORT (default: the world file's)")
     monitor.set_defaults(run=run_monitor)
 
     check = sub.add_parser(
@@ -255,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print every station, charge point and reservation of an operator.",
     )
     inspect.add_argument("--operator", required=True)
-    inspect.add_argument("--server", help="HOST:PORT (default: the world file's)")
+    inspect.add_argument("--server", type=host_port_argument, help="HOST:PORT (default: the world file's)")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=run_inspect)
     return parser
@@ -311,10 +318,9 @@ def _client_tls(args: argparse.Namespace, op: OperatorConfig) -> tuple[ssl.SSLCo
     return client_context(args.tls_ca, args.tls_cert, args.tls_key), op.tls_name or None
 
 
-def _address(world: World, operator_id: str, override: str | None) -> tuple[str, int]:
-    if override:
-        host, _, port = override.rpartition(":")
-        return host or "127.0.0.1", int(port)
+def _address(world: World, operator_id: str, override: tuple[str, int] | None) -> tuple[str, int]:
+    if override is not None:
+        return override
     op = world.operator(operator_id)
     return op.host, op.port
 

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 
 from evcharge.domain.world import World
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT") from None
-    if not 0 < number < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: port must be 1-65535")
-    return host or "127.0.0.1", number
+from evcharge.wire.address import host_port_argument
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -35,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common:
     cmd.add_argument("--operator", required=True, help="operator id from the world file")
     cmd.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default: 127.0.0.1)")
     cmd.add_argument("--port", type=int, default=8080, help="port the dashboard listens on (default: 8080)")
-    cmd.add_argument("--server", type=_host_port, help="HOST:PORT of the operator's server (default: the world file's)")
+    cmd.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
     cmd.set_defaults(run=_run_web, log_level="info")
 
 
