@@ -207,7 +207,7 @@ async def test_trips_across_operators_and_peer_links(federated_world_path: Path,
 
 WEB_MAIN = """
 import argparse, sys, uvloop
-from evcharge.apps.web import dashboard as web
+from evcharge.apps.web import command as web
 from evcharge.domain.world import load_world
 parser = argparse.ArgumentParser(prog="evcharge")
 common = argparse.ArgumentParser(add_help=False)

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from evcharge.apps.cli import UsageError, add_vehicle_commands, trip_query, vehicle_command
+from evcharge.apps.vehicle import UsageError, add_vehicle_commands, trip_query, vehicle_command
 from evcharge.domain import geo
 from evcharge.domain.world import VehicleConfig, World
 from evcharge.links.client import Backoff, Client, open_client

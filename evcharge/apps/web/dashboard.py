@@ -41,7 +41,6 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from evcharge.apps.web.command import add_parser  # noqa: F401  (re-exported: the command's definition)
 from evcharge.domain.world import World
 from evcharge.links.client import Client, open_client
 from evcharge.wire import protocol as p
