@@ -23,11 +23,23 @@ import uvloop
 from rich.console import Console
 
 from evcharge.apps import render
-from evcharge.apps.vehicle import VEHICLE_COMMANDS, UsageError, add_vehicle_commands, parse_position, vehicle_command
+from evcharge.apps.ocpp import DEFAULT_PORT as OCPP_PORT
+from evcharge.apps.vehicle import (
+    POSITION_EVERY,
+    START_SOC,
+    VEHICLE_COMMANDS,
+    UsageError,
+    add_vehicle_commands,
+    parse_position,
+    vehicle_command,
+)
 from evcharge.apps.web import command as webcmd
 from evcharge.domain.world import SHIPPED, OperatorConfig, World, WorldError, load_world
 from evcharge.links.client import Client, connect
+from evcharge.operator.handlers import MAX_IN_FLIGHT, PUSH_BUFFER_LIMIT
+from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
 from evcharge.wire.address import host_port_argument
+from evcharge.wire.connection import WRITE_TIMEOUT
 from evcharge.wire.errors import EvchargeError
 from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, client_context, parse_listen
 
@@ -93,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--operator", required=True, help="operator id from the world file")
     server.add_argument("--data-dir", type=Path, default=Path("data"), help="where the store lives (default: ./data)")
-    server.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per real second (e.g. 60)")
+    server.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="simulated seconds per real second, e.g. 60 (default: %(default)s)",
+    )
     server.add_argument("--host", help="listen address (default: the world file's)")
     server.add_argument("--port", type=int, help="listen port, 0 for any free one (default: the world file's)")
     server.add_argument(
@@ -119,37 +136,46 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     server.add_argument("--store-limit-mb", type=float, help="refuse changes once the store would grow past this")
     server.add_argument(
-        "--max-connections", type=int, default=20_000, help="refuse new clients beyond this many (default 20000)"
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="refuse new clients beyond this many (default: %(default)s)",
     )
     server.add_argument(
-        "--idle-timeout", type=float, default=600.0, help="close a vehicle or operator silent this long, s (600)"
+        "--idle-timeout",
+        type=float,
+        default=IDLE_TIMEOUT,
+        help="close a vehicle or operator silent this long, s (default: %(default)s)",
     )
     server.add_argument(
-        "--hello-timeout", type=float, default=10.0, help="close a connection without a whole Hello by then, s (10)"
+        "--hello-timeout",
+        type=float,
+        default=HELLO_TIMEOUT,
+        help="close a connection without a whole Hello by then, s (default: %(default)s)",
     )
     server.add_argument(
         "--frame-timeout",
         type=float,
-        default=30.0,
-        help="close a connection whose begun frame is not whole by then, s (30)",
+        default=FRAME_TIMEOUT,
+        help="close a connection whose begun frame is not whole by then, s (default: %(default)s)",
     )
     server.add_argument(
         "--write-timeout",
         type=float,
-        default=10.0,
-        help="close a connection that does not take our replies for this long, s (10)",
+        default=WRITE_TIMEOUT,
+        help="close a connection that does not take our replies for this long, s (default: %(default)s)",
     )
     server.add_argument(
         "--max-in-flight",
         type=int,
-        default=64,
-        help="requests per connection served at once; beyond, stop reading it (64)",
+        default=MAX_IN_FLIGHT,
+        help="requests per connection served at once; beyond, stop reading it (default: %(default)s)",
     )
     server.add_argument(
         "--push-buffer-kb",
         type=int,
-        default=4096,
-        help="drop a client this far behind on pushed events, KiB (4096)",
+        default=PUSH_BUFFER_LIMIT // 1024,
+        help="drop a client this far behind on pushed events, KiB (default: %(default)s)",
     )
     server.add_argument(
         "--clock-anchor",
@@ -169,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     station.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
-    station.add_argument("--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault")
+    station.add_argument(
+        "--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault (default: %(default)s)"
+    )
     station.set_defaults(run=run_station, log_level="info")
 
     gateway = sub.add_parser(
@@ -181,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--operator", required=True, help="operator id from the world file")
     gateway.add_argument("--host", help="listen address (default: the world file's host of the operator)")
-    gateway.add_argument("--port", type=int, default=9000, help="listen port, 0 for any free one (default 9000)")
+    gateway.add_argument(
+        "--port", type=int, default=OCPP_PORT, help="listen port, 0 for any free one (default: %(default)s)"
+    )
     gateway.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
@@ -202,10 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", type=host_port_argument, help="HOST:PORT of the home operator (default: the world file's)"
     )
     vehicle.add_argument("--json", action="store_true", help="machine-readable output")
-    vehicle.add_argument("--soc", dest="start_soc", type=float, default=80.0, help="interactive: SoC at start, %%")
+    vehicle.add_argument(
+        "--soc",
+        dest="start_soc",
+        type=float,
+        default=START_SOC * 100,
+        help="interactive: SoC at start, %% (default: %(default)s)",
+    )
     vehicle.add_argument("--at", dest="position", help="interactive: where the vehicle is (CITY or LAT,LON)")
     vehicle.add_argument(
-        "--position-every", type=float, default=60.0, help="interactive: seconds between position reports"
+        "--position-every",
+        type=float,
+        default=POSITION_EVERY,
+        help="interactive: seconds between position reports (default: %(default)s)",
     )
     add_vehicle_commands(vehicle.add_subparsers(title="commands", metavar="COMMAND", dest="command"))
     vehicle.set_defaults(run=run_vehicle)
@@ -273,8 +312,6 @@ def _address(world: World, operator_id: str, override: tuple[str, int] | None) -
 
 
 async def run_server(world: World, args: argparse.Namespace) -> int:
-    from evcharge.operator.server import Server
-
     limit = int(args.store_limit_mb * 1024 * 1024) if args.store_limit_mb else None
     if args.listen and (args.host is not None or args.port is not None):
         print("evcharge server: give either --listen or --host/--port, not both", file=sys.stderr)

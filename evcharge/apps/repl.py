@@ -29,7 +29,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from evcharge.apps.vehicle import UsageError, add_vehicle_commands, trip_query, vehicle_command
+from evcharge.apps.vehicle import (
+    POSITION_EVERY,
+    START_SOC,
+    UsageError,
+    add_vehicle_commands,
+    trip_query,
+    vehicle_command,
+)
 from evcharge.domain import geo
 from evcharge.domain.world import VehicleConfig, World
 from evcharge.links.client import Backoff, Client, open_client
@@ -66,9 +73,9 @@ class VehicleRepl:
         host: str,
         port: int,
         *,
-        start_soc: float = 0.8,
+        start_soc: float = START_SOC,
         position: tuple[float, float] | None = None,
-        position_every: float = 60.0,
+        position_every: float = POSITION_EVERY,
         console: Console | None = None,
         input: Input | None = None,
         output: Output | None = None,

@@ -11,6 +11,7 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 from rich.console import Console
 
 from evcharge.apps import render
@@ -18,17 +19,28 @@ from evcharge.domain import geo
 from evcharge.links.client import Client
 from evcharge.wire import protocol as p
 
+RESERVE_MINUTES = 30  # a reservation's length unless --minutes says otherwise
+# The interactive vehicle's own defaults (``evcharge vehicle`` without a COMMAND).
+START_SOC = 0.8  # state of charge at start, 0..1
+POSITION_EVERY = 60.0  # real seconds between position reports
+
+
+def _default(struct: type[msgspec.Struct], field: str) -> Any:
+    """The protocol's default for a field, so an option's default is the server's."""
+    (found,) = [f.default for f in msgspec.structs.fields(struct) if f.name == field]
+    return found
+
 
 class UsageError(Exception):
     """A command line that cannot be run as typed (a bad time, an unknown city...)."""
 
 
-VEHICLE_COMMANDS = """\
+VEHICLE_COMMANDS = f"""\
 commands:
   stations [--city C] [--near CITY|LAT,LON] [--limit N]   list the home operator's stations
   nearest --near=CITY|LAT,LON [--min-kw KW]                nearest charge point available now
   status STATION                                           a station's charge points, "free in N min"
-  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve a charge point (default: now, 30 min)
+  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve a charge point (default: now, {RESERVE_MINUTES} min)
   reservations [--all]                                     your reservations (--all: past ones too)
   cancel RESERVATION                                       cancel one of your reservations
   charge RESERVATION                                       start charging on a reservation
@@ -50,7 +62,12 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
     cmd.add_argument("--limit", type=int)
     cmd = vcmd.add_parser("nearest", help="nearest available charge point")
     cmd.add_argument("--near", required=True, help="CITY or LAT,LON")
-    cmd.add_argument("--min-kw", type=float, default=0.0)
+    cmd.add_argument(
+        "--min-kw",
+        type=float,
+        default=_default(p.FindNearest, "min_power_kw"),
+        help="only charge points of at least this power (default: %(default)s)",
+    )
     cmd = vcmd.add_parser("status", help="a station's live status")
     cmd.add_argument("station")
     cmd = vcmd.add_parser("reserve", help="reserve a charge point")
@@ -58,7 +75,7 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
     when = cmd.add_mutually_exclusive_group()
     when.add_argument("--start", help="ISO time (UTC if no offset)")
     when.add_argument("--in", dest="in_minutes", type=float, help="minutes from now (server time)")
-    cmd.add_argument("--minutes", type=int, default=30)
+    cmd.add_argument("--minutes", type=int, default=RESERVE_MINUTES, help="how long (default: %(default)s)")
     cmd = vcmd.add_parser("reservations", help="your reservations")
     cmd.add_argument("--all", action="store_true", help="include finished ones")
     for name, text in (("cancel", "cancel a reservation"), ("charge", "start charging"), ("release", "stop charging")):
@@ -68,10 +85,25 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
         cmd = vcmd.add_parser(name, help=text)
         cmd.add_argument("--from", dest="origin", required=True, help="origin city")
         cmd.add_argument("--to", dest="destination", required=True, help="destination city")
-        cmd.add_argument("--soc", type=float, default=80.0, help="state of charge at departure, %% (default 80)")
+        cmd.add_argument(
+            "--soc",
+            type=float,
+            default=_default(p.TripQuery, "soc_pct"),
+            help="state of charge at departure, %% (default: %(default)s)",
+        )
         cmd.add_argument("--depart", help="ISO departure time (default: now, server time)")
-        cmd.add_argument("--min-arrival-soc", type=float, default=10.0, help="never arrive below this %% (default 10)")
-        cmd.add_argument("--max-charge-soc", type=float, default=80.0, help="never charge above this %% (default 80)")
+        cmd.add_argument(
+            "--min-arrival-soc",
+            type=float,
+            default=_default(p.TripQuery, "min_arrival_soc_pct"),
+            help="never arrive below this %% (default: %(default)s)",
+        )
+        cmd.add_argument(
+            "--max-charge-soc",
+            type=float,
+            default=_default(p.TripQuery, "max_charge_soc_pct"),
+            help="never charge above this %% (default: %(default)s)",
+        )
     cmd.add_argument("--plan", default="", help="book this plan (its id from `plan`, same question) as it was shown")
     cmd = vcmd.add_parser("trips", help="your trips")
     cmd.add_argument("--all", action="store_true", help="include cancelled ones")

@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common:
         "--host on loopback unless everyone who can reach it may see the operator's bookings.",
     )
     cmd.add_argument("--operator", required=True, help="operator id from the world file")
-    cmd.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default: 127.0.0.1)")
-    cmd.add_argument("--port", type=int, default=8080, help="port the dashboard listens on (default: 8080)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default: %(default)s)")
+    cmd.add_argument("--port", type=int, default=8080, help="port the dashboard listens on (default: %(default)s)")
     cmd.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
