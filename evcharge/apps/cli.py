@@ -1,4 +1,4 @@
-"""The ``evcharge`` command: server, station simulator, vehicle commands, inspect.
+"""The ``evcharge`` command: server, charge point simulator, vehicle commands, inspect.
 
 Exit codes: 0 success, 1 the request failed (a typed error is printed; in
 ``--json`` mode as ``{"error": {"code": ..., "message": ...}}``), 2 bad usage.
@@ -184,21 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.set_defaults(run=run_server, log_level="info")
 
-    station = sub.add_parser(
+    simulator = sub.add_parser(
         "station",
         parents=[common, client_tls],
         help="simulate an operator's charge points",
-        description="Run charge points of an operator as simulated stations that connect to its server.",
+        description="Simulate charge points of an operator, each connected to its server in the station role.",
     )
-    station.add_argument("--operator", required=True)
-    station.add_argument("--id", action="append", dest="ids", help="only this charge point (repeatable)")
-    station.add_argument(
+    simulator.add_argument("--operator", required=True)
+    simulator.add_argument("--id", action="append", dest="ids", help="only this charge point (repeatable)")
+    simulator.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
-    station.add_argument(
+    simulator.add_argument(
         "--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault (default: %(default)s)"
     )
-    station.set_defaults(run=run_station, log_level="info")
+    simulator.set_defaults(run=run_simulator, log_level="info")
 
     gateway = sub.add_parser(
         "ocpp-gateway",
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, client_tls],
         help="act as a vehicle: interactively, or one command (find, reserve, charge, trips...)",
         description="Act as a vehicle connected to its home operator. Without a COMMAND, an interactive "
-        "session opens (commands with completion, live pushes, battery monitor); with one, it runs and exits.",
+        "prompt opens (commands with completion, live pushes, battery monitor); with one, it runs and exits.",
         epilog=VEHICLE_COMMANDS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -308,7 +308,7 @@ def _address(world: World, operator_id: str, override: tuple[str, int] | None) -
     return op.host, op.port
 
 
-# --- server and stations ------------------------------------------------------------
+# --- server and charge points ------------------------------------------------------------
 
 
 async def run_server(world: World, args: argparse.Namespace) -> int:
@@ -365,7 +365,7 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-async def run_station(world: World, args: argparse.Namespace) -> int:
+async def run_simulator(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.simulator import run_stations
 
     host, port = _address(world, args.operator, args.server)

@@ -98,7 +98,7 @@ class VehicleRepl:
         self._stop = asyncio.Event()
         self.parser = _ReplParser(prog="", add_help=False)
         add_vehicle_commands(self.parser.add_subparsers(dest="command"))
-        self.session: PromptSession[str] = PromptSession(
+        self.prompt_session: PromptSession[str] = PromptSession(
             completer=self._completer(), input=input, output=output, complete_while_typing=False
         )
 
@@ -148,7 +148,7 @@ class VehicleRepl:
             with patch_stdout(raw=True):
                 while not self._stop.is_set():
                     try:
-                        line = await self.session.prompt_async(self._prompt)
+                        line = await self.prompt_session.prompt_async(self._prompt)
                     except (EOFError, KeyboardInterrupt):
                         break
                     if not await self.execute(line):
