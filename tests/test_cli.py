@@ -145,3 +145,47 @@ def test_bad_world_file_names_file_key_and_problem(world_path: Path, tmp_path: P
     done = run_cli("server", "--world", str(bad), "--operator", "A", "--data-dir", str(tmp_path / "d"))
     assert done.returncode == 2
     assert str(bad) in done.stderr and expected in done.stderr, done.stderr
+
+
+def test_option_defaults_are_those_of_what_they_configure() -> None:
+    import inspect
+
+    from evcharge.apps.cli import build_parser
+    from evcharge.apps.ocpp.gateway import Gateway
+    from evcharge.apps.repl import VehicleRepl
+    from evcharge.operator.server import Server
+    from evcharge.wire import protocol as p
+
+    parser = build_parser()
+    server = parser.parse_args(["server", "--operator", "A"])
+    defaults = {name: param.default for name, param in inspect.signature(Server).parameters.items()}
+    for option in ("max_connections", "idle_timeout", "hello_timeout", "frame_timeout", "write_timeout"):
+        assert getattr(server, option) == defaults[option], option
+    assert server.max_in_flight == defaults["max_in_flight"]
+    assert server.push_buffer_kb * 1024 == defaults["push_buffer_limit"]
+    assert server.time_scale == defaults["time_scale"]
+
+    gateway = parser.parse_args(["ocpp-gateway", "--operator", "A"])
+    assert gateway.port == inspect.signature(Gateway).parameters["port"].default
+
+    vehicle = parser.parse_args(["vehicle", "--id", "V01"])
+    repl = inspect.signature(VehicleRepl).parameters
+    assert vehicle.start_soc / 100 == repl["start_soc"].default
+    assert vehicle.position_every == repl["position_every"].default
+
+    plan = parser.parse_args(["vehicle", "--id", "V01", "plan", "--from", "Natal", "--to", "Recife"])
+    asked = p.TripQuery(
+        origin="Natal",
+        destination="Recife",
+        soc_pct=plan.soc,
+        min_arrival_soc_pct=plan.min_arrival_soc,
+        max_charge_soc_pct=plan.max_charge_soc,
+    )
+    assert asked == p.TripQuery(origin="Natal", destination="Recife")
+    nearest = parser.parse_args(["vehicle", "--id", "V01", "nearest", "--near", "Natal"])
+    assert nearest.min_kw == p.FindNearest(lat=0, lon=0).min_power_kw
+
+    done = run_cli("server", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert f"(default: {defaults['hello_timeout']})" in text and f"(default: {defaults['max_connections']})" in text

@@ -207,7 +207,7 @@ async def test_trips_across_operators_and_peer_links(federated_world_path: Path,
 
 WEB_MAIN = """
 import argparse, sys, uvloop
-from evcharge.apps.web import dashboard as web
+from evcharge.apps.web import command as web
 from evcharge.domain.world import load_world
 parser = argparse.ArgumentParser(prog="evcharge")
 common = argparse.ArgumentParser(add_help=False)
@@ -329,3 +329,15 @@ async def test_headless_chromium_renders_the_page(world: World, tmp_path: Path) 
         finally:
             stations.cancel()
             await asyncio.gather(stations, return_exceptions=True)
+
+
+def test_the_page_is_its_static_files_put_inline() -> None:
+    from importlib import resources
+
+    from evcharge.apps.web.dashboard import PAGE
+
+    static = resources.files("evcharge.apps.web").joinpath("static")
+    for name in ("dashboard.css", "dashboard.js"):
+        assert static.joinpath(name).read_text(encoding="utf-8").rstrip("\n") in PAGE
+    assert "__CSS__" not in PAGE and "__JS__" not in PAGE
+    assert PAGE.count("__TITLE__") == 1 and PAGE.count("__STATE__") == 1  # filled in per request

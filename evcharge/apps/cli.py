@@ -1,4 +1,4 @@
-"""The ``evcharge`` command: server, station simulator, vehicle commands, inspect.
+"""The ``evcharge`` command: server, charge point simulator, vehicle commands, inspect.
 
 Exit codes: 0 success, 1 the request failed (a typed error is printed; in
 ``--json`` mode as ``{"error": {"code": ..., "message": ...}}``), 2 bad usage.
@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +22,28 @@ import uvloop
 from rich.console import Console
 
 from evcharge.apps import render
+from evcharge.apps.ocpp import DEFAULT_PORT as OCPP_PORT
+from evcharge.apps.tls_options import client_tls, client_tls_parser
+from evcharge.apps.vehicle import (
+    POSITION_EVERY,
+    START_SOC,
+    VEHICLE_COMMANDS,
+    UsageError,
+    add_vehicle_commands,
+    parse_position,
+    vehicle_command,
+)
 from evcharge.apps.web import command as webcmd
-from evcharge.domain import geo
-from evcharge.domain.world import SHIPPED, OperatorConfig, World, WorldError, load_world
+from evcharge.domain.world import SHIPPED, World, WorldError, load_world
 from evcharge.links.client import Client, connect
-from evcharge.wire import protocol as p
+from evcharge.operator.handlers import MAX_IN_FLIGHT, PUSH_BUFFER_LIMIT
+from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
+from evcharge.wire.address import host_port_argument
+from evcharge.wire.connection import WRITE_TIMEOUT
 from evcharge.wire.errors import EvchargeError
-from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, client_context, parse_listen
+from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, parse_listen
 
 log = logging.getLogger("evcharge")
-
-VEHICLE_COMMANDS = """\
-commands:
-  stations [--city C] [--near CITY|LAT,LON] [--limit N]   list the home operator's stations
-  nearest --near=CITY|LAT,LON [--min-kw KW]                nearest charge point available now
-  status STATION                                           a station's charge points, "free in N min"
-  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve a charge point (default: now, 30 min)
-  reservations [--all]                                     your reservations (--all: past ones too)
-  cancel RESERVATION                                       cancel one of your reservations
-  charge RESERVATION                                       start charging on a reservation
-  release RESERVATION                                      stop charging and free the charge point
-  history                                                  your charging sessions with kWh and cost
-  plan --from CITY --to CITY [--soc PCT] [--depart ISO]    plan an intercity trip over every operator's chargers
-  book --from CITY --to CITY [...] [--plan ID]             book every stop atomically (all or none): the plan
-                                                           shown, or a fresh one if its slots were taken
-  trips [--all]                                            your booked trips (--all: cancelled ones too)
-  cancel-trip TRIP                                         release every stop of a trip, at every operator
-"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,16 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"world file (TOML) or a shipped world's name (default: $EVCHARGE_WORLD, else {SHIPPED})",
     )
     common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    client_tls = argparse.ArgumentParser(add_help=False)
-    group = client_tls.add_argument_group("TLS (when the server's listener speaks it)")
-    group.add_argument(
-        "--tls-ca",
-        type=Path,
-        help="connect with TLS, trusting this CA bundle (PEM); the server's certificate must name the "
-        "operator's tls_name from the world file, else the host connected to",
-    )
-    group.add_argument("--tls-cert", type=Path, help="client certificate chain (PEM), for a +mtls listener")
-    group.add_argument("--tls-key", type=Path, help="its private key (PEM), if not inside --tls-cert")
+    client_tls = client_tls_parser()
     sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
 
     server = sub.add_parser(
@@ -112,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--operator", required=True, help="operator id from the world file")
     server.add_argument("--data-dir", type=Path, default=Path("data"), help="where the store lives (default: ./data)")
-    server.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per real second (e.g. 60)")
+    server.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="simulated seconds per real second, e.g. 60 (default: %(default)s)",
+    )
     server.add_argument("--host", help="listen address (default: the world file's)")
     server.add_argument("--port", type=int, help="listen port, 0 for any free one (default: the world file's)")
     server.add_argument(
@@ -138,37 +127,46 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     server.add_argument("--store-limit-mb", type=float, help="refuse changes once the store would grow past this")
     server.add_argument(
-        "--max-connections", type=int, default=20_000, help="refuse new clients beyond this many (default 20000)"
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="refuse new clients beyond this many (default: %(default)s)",
     )
     server.add_argument(
-        "--idle-timeout", type=float, default=600.0, help="close a vehicle or operator silent this long, s (600)"
+        "--idle-timeout",
+        type=float,
+        default=IDLE_TIMEOUT,
+        help="close a vehicle or operator silent this long, s (default: %(default)s)",
     )
     server.add_argument(
-        "--hello-timeout", type=float, default=10.0, help="close a connection without a whole Hello by then, s (10)"
+        "--hello-timeout",
+        type=float,
+        default=HELLO_TIMEOUT,
+        help="close a connection without a whole Hello by then, s (default: %(default)s)",
     )
     server.add_argument(
         "--frame-timeout",
         type=float,
-        default=30.0,
-        help="close a connection whose begun frame is not whole by then, s (30)",
+        default=FRAME_TIMEOUT,
+        help="close a connection whose begun frame is not whole by then, s (default: %(default)s)",
     )
     server.add_argument(
         "--write-timeout",
         type=float,
-        default=10.0,
-        help="close a connection that does not take our replies for this long, s (10)",
+        default=WRITE_TIMEOUT,
+        help="close a connection that does not take our replies for this long, s (default: %(default)s)",
     )
     server.add_argument(
         "--max-in-flight",
         type=int,
-        default=64,
-        help="requests per connection served at once; beyond, stop reading it (64)",
+        default=MAX_IN_FLIGHT,
+        help="requests per connection served at once; beyond, stop reading it (default: %(default)s)",
     )
     server.add_argument(
         "--push-buffer-kb",
         type=int,
-        default=4096,
-        help="drop a client this far behind on pushed events, KiB (4096)",
+        default=PUSH_BUFFER_LIMIT // 1024,
+        help="drop a client this far behind on pushed events, KiB (default: %(default)s)",
     )
     server.add_argument(
         "--clock-anchor",
@@ -177,17 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server.set_defaults(run=run_server, log_level="info")
 
-    station = sub.add_parser(
+    simulator = sub.add_parser(
         "station",
         parents=[common, client_tls],
         help="simulate an operator's charge points",
-        description="Run charge points of an operator as simulated stations that connect to its server.",
+        description="Simulate charge points of an operator, each connected to its server in the station role.",
     )
-    station.add_argument("--operator", required=True)
-    station.add_argument("--id", action="append", dest="ids", help="only this charge point (repeatable)")
-    station.add_argument("--server", help="HOST:PORT of the operator's server (default: the world file's)")
-    station.add_argument("--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault")
-    station.set_defaults(run=run_station, log_level="info")
+    simulator.add_argument("--operator", required=True)
+    simulator.add_argument("--id", action="append", dest="ids", help="only this charge point (repeatable)")
+    simulator.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
+    simulator.add_argument(
+        "--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault (default: %(default)s)"
+    )
+    simulator.set_defaults(run=run_simulator, log_level="info")
 
     gateway = sub.add_parser(
         "ocpp-gateway",
@@ -198,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--operator", required=True, help="operator id from the world file")
     gateway.add_argument("--host", help="listen address (default: the world file's host of the operator)")
-    gateway.add_argument("--port", type=int, default=9000, help="listen port, 0 for any free one (default 9000)")
-    gateway.add_argument("--server", help="HOST:PORT of the operator's server (default: the world file's)")
+    gateway.add_argument(
+        "--port", type=int, default=OCPP_PORT, help="listen port, 0 for any free one (default: %(default)s)"
+    )
+    gateway.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
     gateway.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     gateway.set_defaults(run=run_ocpp_gateway, log_level="info")
 
@@ -208,17 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, client_tls],
         help="act as a vehicle: interactively, or one command (find, reserve, charge, trips...)",
         description="Act as a vehicle connected to its home operator. Without a COMMAND, an interactive "
-        "session opens (commands with completion, live pushes, battery monitor); with one, it runs and exits.",
+        "prompt opens (commands with completion, live pushes, battery monitor); with one, it runs and exits.",
         epilog=VEHICLE_COMMANDS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     vehicle.add_argument("--id", required=True, help="vehicle id from the world file")
-    vehicle.add_argument("--server", help="HOST:PORT of the home operator (default: the world file's)")
+    vehicle.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the home operator (default: the world file's)"
+    )
     vehicle.add_argument("--json", action="store_true", help="machine-readable output")
-    vehicle.add_argument("--soc", dest="start_soc", type=float, default=80.0, help="interactive: SoC at start, %%")
+    vehicle.add_argument(
+        "--soc",
+        dest="start_soc",
+        type=float,
+        default=START_SOC * 100,
+        help="interactive: SoC at start, %% (default: %(default)s)",
+    )
     vehicle.add_argument("--at", dest="position", help="interactive: where the vehicle is (CITY or LAT,LON)")
     vehicle.add_argument(
-        "--position-every", type=float, default=60.0, help="interactive: seconds between position reports"
+        "--position-every",
+        type=float,
+        default=POSITION_EVERY,
+        help="interactive: seconds between position reports (default: %(default)s)",
     )
     add_vehicle_commands(vehicle.add_subparsers(title="commands", metavar="COMMAND", dest="command"))
     vehicle.set_defaults(run=run_vehicle)
@@ -230,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A live terminal view of one operator, updated when its server pushes changes.",
     )
     monitor.add_argument("--operator", required=True)
-    monitor.add_argument("--server", help="HOST:PORT (default: the world file's)")
+    monitor.add_argument("--server", type=host_port_argument, help="HOST:PORT (default: the world file's)")
     monitor.set_defaults(run=run_monitor)
 
     check = sub.add_parser(
@@ -246,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(run=run_check)
 
-    webcmd.add_parser(sub, common)
+    webcmd.add_parser(sub, [common, client_tls])
 
     inspect = sub.add_parser(
         "inspect",
@@ -255,46 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print every station, charge point and reservation of an operator.",
     )
     inspect.add_argument("--operator", required=True)
-    inspect.add_argument("--server", help="HOST:PORT (default: the world file's)")
+    inspect.add_argument("--server", type=host_port_argument, help="HOST:PORT (default: the world file's)")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=run_inspect)
     return parser
-
-
-def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The vehicle's commands: for `evcharge vehicle ... COMMAND` and the interactive REPL alike."""
-    cmd = vcmd.add_parser("stations", help="list stations")
-    cmd.add_argument("--city")
-    cmd.add_argument("--near", help="CITY or LAT,LON: sort by distance")
-    cmd.add_argument("--limit", type=int)
-    cmd = vcmd.add_parser("nearest", help="nearest available charge point")
-    cmd.add_argument("--near", required=True, help="CITY or LAT,LON")
-    cmd.add_argument("--min-kw", type=float, default=0.0)
-    cmd = vcmd.add_parser("status", help="a station's live status")
-    cmd.add_argument("station")
-    cmd = vcmd.add_parser("reserve", help="reserve a charge point")
-    cmd.add_argument("charge_point")
-    when = cmd.add_mutually_exclusive_group()
-    when.add_argument("--start", help="ISO time (UTC if no offset)")
-    when.add_argument("--in", dest="in_minutes", type=float, help="minutes from now (server time)")
-    cmd.add_argument("--minutes", type=int, default=30)
-    cmd = vcmd.add_parser("reservations", help="your reservations")
-    cmd.add_argument("--all", action="store_true", help="include finished ones")
-    for name, text in (("cancel", "cancel a reservation"), ("charge", "start charging"), ("release", "stop charging")):
-        vcmd.add_parser(name, help=text).add_argument("reservation")
-    vcmd.add_parser("history", help="charging history with kWh and cost")
-    for name, text in (("plan", "plan a trip"), ("book", "book a trip atomically")):
-        cmd = vcmd.add_parser(name, help=text)
-        cmd.add_argument("--from", dest="origin", required=True, help="origin city")
-        cmd.add_argument("--to", dest="destination", required=True, help="destination city")
-        cmd.add_argument("--soc", type=float, default=80.0, help="state of charge at departure, %% (default 80)")
-        cmd.add_argument("--depart", help="ISO departure time (default: now, server time)")
-        cmd.add_argument("--min-arrival-soc", type=float, default=10.0, help="never arrive below this %% (default 10)")
-        cmd.add_argument("--max-charge-soc", type=float, default=80.0, help="never charge above this %% (default 80)")
-    cmd.add_argument("--plan", default="", help="book this plan (its id from `plan`, same question) as it was shown")
-    cmd = vcmd.add_parser("trips", help="your trips")
-    cmd.add_argument("--all", action="store_true", help="include cancelled ones")
-    vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
 
 
 def _listen(text: str) -> Listen:
@@ -304,27 +285,17 @@ def _listen(text: str) -> Listen:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _client_tls(args: argparse.Namespace, op: OperatorConfig) -> tuple[ssl.SSLContext | None, str | None]:
-    """The TLS context and the name to verify for a client of ``op`` (no TLS without --tls-*)."""
-    if args.tls_ca is None and args.tls_cert is None:
-        return None, None
-    return client_context(args.tls_ca, args.tls_cert, args.tls_key), op.tls_name or None
-
-
-def _address(world: World, operator_id: str, override: str | None) -> tuple[str, int]:
-    if override:
-        host, _, port = override.rpartition(":")
-        return host or "127.0.0.1", int(port)
+def _address(world: World, operator_id: str, override: tuple[str, int] | None) -> tuple[str, int]:
+    if override is not None:
+        return override
     op = world.operator(operator_id)
     return op.host, op.port
 
 
-# --- server and stations ------------------------------------------------------------
+# --- server and charge points ------------------------------------------------------------
 
 
 async def run_server(world: World, args: argparse.Namespace) -> int:
-    from evcharge.operator.server import Server
-
     limit = int(args.store_limit_mb * 1024 * 1024) if args.store_limit_mb else None
     if args.listen and (args.host is not None or args.port is not None):
         print("evcharge server: give either --listen or --host/--port, not both", file=sys.stderr)
@@ -378,11 +349,11 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-async def run_station(world: World, args: argparse.Namespace) -> int:
+async def run_simulator(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.simulator import run_stations
 
     host, port = _address(world, args.operator, args.server)
-    context, name = _client_tls(args, world.operator(args.operator))
+    context, name = client_tls(args, world.operator(args.operator))
     task = asyncio.ensure_future(
         run_stations(
             world,
@@ -417,7 +388,7 @@ async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         logging.getLogger("ocpp").setLevel(logging.WARNING)  # it logs every frame at info
     server_host, server_port = _address(world, args.operator, args.server)
-    context, name = _client_tls(args, world.operator(args.operator))
+    context, name = client_tls(args, world.operator(args.operator))
     gateway = Gateway(
         world,
         args.operator,
@@ -448,7 +419,7 @@ async def run_monitor(world: World, args: argparse.Namespace) -> int:
 
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
-    context, name = _client_tls(args, op)
+    context, name = client_tls(args, op)
     feed = OperatorFeed(
         op, host, port, ssl_context=context, server_hostname=name, reserved_soon_min=world.rules.reserved_soon_min
     )
@@ -460,7 +431,7 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
 
     states = {}
     for op in world.operators:
-        context, name = _client_tls(args, op)
+        context, name = client_tls(args, op)
         try:
             async with connect(
                 op.host,
@@ -482,62 +453,17 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
-# --- vehicle commands -------------------------------------------------------------------
-
-
-def _position(text: str) -> tuple[float, float]:
-    if "," in text:
-        lat, lon = text.split(",", 1)
-        try:
-            return float(lat), float(lon)
-        except ValueError:
-            pass
-    try:
-        return geo.find_city(text)[1]
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
-
-
-class UsageError(Exception):
-    pass
-
-
-def trip_query(args: argparse.Namespace) -> p.TripQuery:
-    depart = None
-    if args.depart:
-        try:
-            depart = datetime.fromisoformat(args.depart)
-        except ValueError:
-            raise UsageError(f"--depart {args.depart!r} is not an ISO time (e.g. 2026-11-23T14:30)") from None
-        depart = depart if depart.tzinfo else depart.replace(tzinfo=UTC)
-    return p.TripQuery(
-        origin=args.origin,
-        destination=args.destination,
-        soc_pct=args.soc,
-        depart=depart,
-        min_arrival_soc_pct=args.min_arrival_soc,
-        max_charge_soc_pct=args.max_charge_soc,
-    )
-
-
-def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
-    if args.start:
-        try:
-            start = datetime.fromisoformat(args.start)
-        except ValueError:
-            raise UsageError(f"--start {args.start!r} is not an ISO time (e.g. 2026-11-23T14:30)") from None
-        return start if start.tzinfo else start.replace(tzinfo=UTC)
-    return now + timedelta(minutes=args.in_minutes or 0)
+# --- vehicles and inspect -------------------------------------------------------------------
 
 
 async def run_vehicle(world: World, args: argparse.Namespace) -> int:
     vehicle = world.vehicle(args.id)
     host, port = _address(world, vehicle.home, args.server)
-    context, name = _client_tls(args, world.operator(vehicle.home))
+    context, name = client_tls(args, world.operator(vehicle.home))
     if args.command is None:
         from evcharge.apps.repl import VehicleRepl
 
-        position = _position(args.position) if args.position else None
+        position = parse_position(args.position) if args.position else None
         repl = VehicleRepl(
             world,
             vehicle,
@@ -568,7 +494,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
 async def run_inspect(world: World, args: argparse.Namespace) -> int:
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
-    context, name = _client_tls(args, op)
+    context, name = client_tls(args, op)
 
     def connector() -> Any:
         return connect(
@@ -603,98 +529,6 @@ async def _run_client(
     if args.json:
         print(render.to_json(result))
     return 0
-
-
-async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> Any:
-    now = c.server_now()
-    human = not args.json
-    match args.command:
-        case "stations":
-            near = _position(args.near) if args.near else None
-            stations = await c.list_stations(city=args.city, near=near, limit=args.limit)
-            if human:
-                out.print(render.stations_table(stations, now))
-            return {"stations": stations}
-        case "nearest":
-            lat, lon = _position(args.near)
-            found = await c.find_nearest(lat, lon, min_power_kw=args.min_kw)
-            if human:
-                cp = next(cp for cp in found.station.charge_points if cp.id == found.charge_point_id)
-                out.print(
-                    f"Nearest: [bold]{found.station.name}[/] ({found.station.city}), {found.distance_km:.1f} km — "
-                    f"charge point [bold]{cp.id}[/] {cp.power_kw:g} kW {cp.connector}, R$ {cp.price_per_kwh:.2f}/kWh"
-                )
-            return {
-                "station": found.station,
-                "charge_point_id": found.charge_point_id,
-                "distance_km": found.distance_km,
-            }
-        case "status":
-            station = await c.station_status(args.station)
-            if human:
-                render.station_status(station, now, out)
-            return {"station": station}
-        case "reserve":
-            r = await c.reserve(args.charge_point, _start_time(args, now), args.minutes)
-            if human:
-                out.print(
-                    f"Reserved [bold]{r.charge_point_id}[/] {render.when(r.start, now)} until {r.end:%H:%M}Z "
-                    f"— reservation [bold]{r.id}[/]"
-                )
-            return {"reservation": r}
-        case "reservations":
-            mine = await c.reservations(include_past=args.all)
-            if human:
-                out.print(render.reservations_table(mine, now, title=f"Reservations of {args.id}"))
-            return {"reservations": mine}
-        case "cancel":
-            r = await c.cancel(args.reservation)
-            if human:
-                out.print(f"Reservation [bold]{r.id}[/] is {r.state}; {r.charge_point_id} is free again")
-            return {"reservation": r}
-        case "charge":
-            r = await c.start_charging(args.reservation)
-            if human:
-                out.print(f"Charging on [bold]{r.charge_point_id}[/] until {r.end:%H:%M}Z (reservation {r.id})")
-            return {"reservation": r}
-        case "release":
-            r = await c.stop_charging(args.reservation)
-            if human:
-                out.print(f"Released [bold]{r.charge_point_id}[/]: {r.kwh:.2f} kWh, R$ {r.cost:.2f}")
-            return {"reservation": r}
-        case "history":
-            history = await c.history()
-            if human:
-                out.print(render.history_table(history))
-            return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
-        case "plan":
-            trip = await c.plan_trip(trip_query(args))
-            if human:
-                render.trip(trip, out, title=f"Plan {trip.id}")
-                out.print(f"Book it as shown with the same question and [bold]--plan {trip.id}[/].")
-            return {"trip": trip}
-        case "book":
-            booked = await c.book_trip(trip_query(args), args.plan)
-            if human:
-                note = f" (re-planned {booked.attempts - 1}x after losing slots)" if booked.attempts > 1 else ""
-                if args.plan and booked.attempts == 1 and not booked.as_shown:
-                    note = f" (a fresh plan: {args.plan} was not yours for this question, or its time had passed)"
-                render.trip(booked.trip, out, title=f"Booked trip {booked.trip.id}{note}")
-            return {"trip": booked.trip, "attempts": booked.attempts, "as_shown": booked.as_shown}
-        case "trips":
-            trips = await c.trips(include_cancelled=args.all)
-            if human:
-                for trip in trips:
-                    render.trip(trip, out, title=f"Trip {trip.id} [{trip.state}]")
-                if not trips:
-                    out.print("No trips.")
-            return {"trips": trips}
-        case "cancel-trip":
-            trip = await c.cancel_trip(args.trip)
-            if human:
-                out.print(f"Trip [bold]{trip.id}[/] is {trip.state}; its {len(trip.stops)} stops are released")
-            return {"trip": trip}
-    raise UsageError(f"unknown command {args.command}")
 
 
 async def inspect(c: Client, args: argparse.Namespace, out: Console) -> Any:

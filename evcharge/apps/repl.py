@@ -29,7 +29,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from evcharge.apps.cli import UsageError, add_vehicle_commands, trip_query, vehicle_command
+from evcharge.apps.vehicle import (
+    POSITION_EVERY,
+    START_SOC,
+    UsageError,
+    add_vehicle_commands,
+    trip_query,
+    vehicle_command,
+)
 from evcharge.domain import geo
 from evcharge.domain.world import VehicleConfig, World
 from evcharge.links.client import Client
@@ -66,9 +73,9 @@ class VehicleRepl:
         host: str,
         port: int,
         *,
-        start_soc: float = 0.8,
+        start_soc: float = START_SOC,
         position: tuple[float, float] | None = None,
-        position_every: float = 60.0,
+        position_every: float = POSITION_EVERY,
         console: Console | None = None,
         input: Input | None = None,
         output: Output | None = None,
@@ -103,7 +110,7 @@ class VehicleRepl:
         self._stop = asyncio.Event()
         self.parser = _ReplParser(prog="", add_help=False)
         add_vehicle_commands(self.parser.add_subparsers(dest="command"))
-        self.session: PromptSession[str] = PromptSession(
+        self.prompt_session: PromptSession[str] = PromptSession(
             completer=self._completer(), input=input, output=output, complete_while_typing=False
         )
 
@@ -153,7 +160,7 @@ class VehicleRepl:
             with patch_stdout(raw=True):
                 while not self._stop.is_set():
                     try:
-                        line = await self.session.prompt_async(self._prompt)
+                        line = await self.prompt_session.prompt_async(self._prompt)
                     except (EOFError, KeyboardInterrupt):
                         break
                     if not await self.execute(line):

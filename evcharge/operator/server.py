@@ -63,6 +63,8 @@ from evcharge.wire.tls import (
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+IDLE_TIMEOUT = 600.0  # real seconds a vehicle or operator may stay silent
+MAX_CONNECTIONS = 20_000
 FRAME_TIMEOUT = 30.0  # real seconds for a begun frame to arrive whole, after the handshake
 SWEEP_INTERVAL = 0.5  # real seconds between no-show / overdue checks
 SHUTDOWN_GRACE = 5.0
@@ -79,10 +81,10 @@ class Server:
         host: str | None = None,
         port: int | None = None,
         hello_timeout: float = HELLO_TIMEOUT,
-        idle_timeout: float | None = 600.0,
+        idle_timeout: float | None = IDLE_TIMEOUT,
         store_max_bytes: int | None = None,
         clock_anchor: float | None = None,
-        max_connections: int = 20_000,
+        max_connections: int = MAX_CONNECTIONS,
         listen: Sequence[Listen] = (),
         tls: TlsFiles | None = None,
         frame_timeout: float | None = FRAME_TIMEOUT,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from evcharge.wire.address import parse_host_port
 from evcharge.wire.protocol import Role
 
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -72,14 +73,10 @@ def parse_listen(text: str) -> Listen:
         if unknown or not names:
             raise TlsConfigError(f"{text!r}: roles are all or some of {', '.join(ROLES)} (got {roles_text!r})")
         roles = frozenset(r for r in ROLES if r in names)
-    host, colon, port_text = address.rpartition(":")
-    host = host.strip("[]")  # [::1]:7401
     try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
-    if not colon or not host or not 0 <= port <= 65535:
-        raise TlsConfigError(f"{text!r}: the address must be HOST:PORT (PORT 0 for any free port)")
+        host, port = parse_host_port(address, allow_zero=True)
+    except ValueError as exc:
+        raise TlsConfigError(f"{text!r}: {exc}") from None
     return Listen(roles, host, port, security if plus else "plain")  # type: ignore[arg-type]
 
 

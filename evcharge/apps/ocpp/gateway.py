@@ -53,6 +53,7 @@ from websockets.headers import build_www_authenticate_basic, parse_authorization
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from evcharge.apps.ocpp import DEFAULT_PORT
 from evcharge.apps.ocpp import mapping as m
 from evcharge.domain.model import LIVE_STATES
 from evcharge.domain.world import ChargePointConfig, World
@@ -73,7 +74,6 @@ from evcharge.wire.errors import (
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = Subprotocol("ocpp1.6")
-DEFAULT_PORT = 9000
 CONNECTOR = 1  # one of our charge points is one OCPP connector
 # Deadlines (real seconds). The server waits 10 s for a charge point's answer to a command,
 # so everything a command does at the charge point fits inside that.

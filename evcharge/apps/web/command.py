@@ -5,37 +5,32 @@ from __future__ import annotations
 import argparse
 
 from evcharge.domain.world import World
+from evcharge.wire.address import host_port_argument
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT") from None
-    if not 0 < number < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: port must be 1-65535")
-    return host or "127.0.0.1", number
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
+) -> None:
     cmd = sub.add_parser(
         "web",
-        parents=[common],
+        parents=parents,
         help="a read-only live web dashboard of one operator",
         description="Serve a read-only live web dashboard of one operator: cities, stations and charge points "
         'with their status and "free in N min", current and upcoming reservations, trips with their stops '
         "across operators, and the peer links. It runs as a separate process that connects to the operator's "
         "server over the evcharge protocol, as the operator's own tool (with the operator's secret from the "
         "world file, like `evcharge inspect`), and refreshes when that server pushes a change; it reconnects "
-        "by itself if the server goes away. It never changes anything. Besides the page at /, /api/state is "
+        "by itself if the server goes away, over TLS with --tls-ca when the server's listener speaks it. "
+        "It never changes anything. Besides the page at /, /api/state is "
         "the state as JSON and /api/events a live Server-Sent Events stream. The page has no login: keep "
         "--host on loopback unless everyone who can reach it may see the operator's bookings.",
     )
     cmd.add_argument("--operator", required=True, help="operator id from the world file")
-    cmd.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default: 127.0.0.1)")
-    cmd.add_argument("--port", type=int, default=8080, help="port the dashboard listens on (default: 8080)")
-    cmd.add_argument("--server", type=_host_port, help="HOST:PORT of the operator's server (default: the world file's)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default: %(default)s)")
+    cmd.add_argument("--port", type=int, default=8080, help="port the dashboard listens on (default: %(default)s)")
+    cmd.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
     cmd.set_defaults(run=_run_web, log_level="info")
 
 

@@ -1,0 +1,243 @@
+"""What a vehicle can ask: the commands of ``evcharge vehicle COMMAND`` and of its interactive prompt.
+
+One set of argparse definitions (``add_vehicle_commands``) and one way to run
+them (``vehicle_command``), shared by the one-shot CLI and the REPL, so both
+take the same options and print the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from rich.console import Console
+
+from evcharge.apps import render
+from evcharge.domain import geo
+from evcharge.links.client import Client
+from evcharge.wire import protocol as p
+
+RESERVE_MINUTES = 30  # a reservation's length unless --minutes says otherwise
+# The interactive vehicle's own defaults (``evcharge vehicle`` without a COMMAND).
+START_SOC = 0.8  # state of charge at start, 0..1
+POSITION_EVERY = 60.0  # real seconds between position reports
+
+
+def _default(struct: type[msgspec.Struct], field: str) -> Any:
+    """The protocol's default for a field, so an option's default is the server's."""
+    (found,) = [f.default for f in msgspec.structs.fields(struct) if f.name == field]
+    return found
+
+
+class UsageError(Exception):
+    """A command line that cannot be run as typed (a bad time, an unknown city...)."""
+
+
+VEHICLE_COMMANDS = f"""\
+commands:
+  stations [--city C] [--near CITY|LAT,LON] [--limit N]   list the home operator's stations
+  nearest --near=CITY|LAT,LON [--min-kw KW]                nearest charge point available now
+  status STATION                                           a station's charge points, "free in N min"
+  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve a charge point (default: now, {RESERVE_MINUTES} min)
+  reservations [--all]                                     your reservations (--all: past ones too)
+  cancel RESERVATION                                       cancel one of your reservations
+  charge RESERVATION                                       start charging on a reservation
+  release RESERVATION                                      stop charging and free the charge point
+  history                                                  your charging sessions with kWh and cost
+  plan --from CITY --to CITY [--soc PCT] [--depart ISO]    plan an intercity trip over every operator's chargers
+  book --from CITY --to CITY [...] [--plan ID]             book every stop atomically (all or none): the plan
+                                                           shown, or a fresh one if its slots were taken
+  trips [--all]                                            your booked trips (--all: cancelled ones too)
+  cancel-trip TRIP                                         release every stop of a trip, at every operator
+"""
+
+
+def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The vehicle's commands: for `evcharge vehicle ... COMMAND` and the interactive REPL alike."""
+    cmd = vcmd.add_parser("stations", help="list stations")
+    cmd.add_argument("--city")
+    cmd.add_argument("--near", help="CITY or LAT,LON: sort by distance")
+    cmd.add_argument("--limit", type=int)
+    cmd = vcmd.add_parser("nearest", help="nearest available charge point")
+    cmd.add_argument("--near", required=True, help="CITY or LAT,LON")
+    cmd.add_argument(
+        "--min-kw",
+        type=float,
+        default=_default(p.FindNearest, "min_power_kw"),
+        help="only charge points of at least this power (default: %(default)s)",
+    )
+    cmd = vcmd.add_parser("status", help="a station's live status")
+    cmd.add_argument("station")
+    cmd = vcmd.add_parser("reserve", help="reserve a charge point")
+    cmd.add_argument("charge_point")
+    when = cmd.add_mutually_exclusive_group()
+    when.add_argument("--start", help="ISO time (UTC if no offset)")
+    when.add_argument("--in", dest="in_minutes", type=float, help="minutes from now (server time)")
+    cmd.add_argument("--minutes", type=int, default=RESERVE_MINUTES, help="how long (default: %(default)s)")
+    cmd = vcmd.add_parser("reservations", help="your reservations")
+    cmd.add_argument("--all", action="store_true", help="include finished ones")
+    for name, text in (("cancel", "cancel a reservation"), ("charge", "start charging"), ("release", "stop charging")):
+        vcmd.add_parser(name, help=text).add_argument("reservation")
+    vcmd.add_parser("history", help="charging history with kWh and cost")
+    for name, text in (("plan", "plan a trip"), ("book", "book a trip atomically")):
+        cmd = vcmd.add_parser(name, help=text)
+        cmd.add_argument("--from", dest="origin", required=True, help="origin city")
+        cmd.add_argument("--to", dest="destination", required=True, help="destination city")
+        cmd.add_argument(
+            "--soc",
+            type=float,
+            default=_default(p.TripQuery, "soc_pct"),
+            help="state of charge at departure, %% (default: %(default)s)",
+        )
+        cmd.add_argument("--depart", help="ISO departure time (default: now, server time)")
+        cmd.add_argument(
+            "--min-arrival-soc",
+            type=float,
+            default=_default(p.TripQuery, "min_arrival_soc_pct"),
+            help="never arrive below this %% (default: %(default)s)",
+        )
+        cmd.add_argument(
+            "--max-charge-soc",
+            type=float,
+            default=_default(p.TripQuery, "max_charge_soc_pct"),
+            help="never charge above this %% (default: %(default)s)",
+        )
+    cmd.add_argument("--plan", default="", help="book this plan (its id from `plan`, same question) as it was shown")
+    cmd = vcmd.add_parser("trips", help="your trips")
+    cmd.add_argument("--all", action="store_true", help="include cancelled ones")
+    vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
+
+
+def parse_position(text: str) -> tuple[float, float]:
+    if "," in text:
+        lat, lon = text.split(",", 1)
+        try:
+            return float(lat), float(lon)
+        except ValueError:
+            pass
+    try:
+        return geo.find_city(text)[1]
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+
+
+def trip_query(args: argparse.Namespace) -> p.TripQuery:
+    depart = None
+    if args.depart:
+        try:
+            depart = datetime.fromisoformat(args.depart)
+        except ValueError:
+            raise UsageError(f"--depart {args.depart!r} is not an ISO time (e.g. 2026-11-23T14:30)") from None
+        depart = depart if depart.tzinfo else depart.replace(tzinfo=UTC)
+    return p.TripQuery(
+        origin=args.origin,
+        destination=args.destination,
+        soc_pct=args.soc,
+        depart=depart,
+        min_arrival_soc_pct=args.min_arrival_soc,
+        max_charge_soc_pct=args.max_charge_soc,
+    )
+
+
+def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
+    if args.start:
+        try:
+            start = datetime.fromisoformat(args.start)
+        except ValueError:
+            raise UsageError(f"--start {args.start!r} is not an ISO time (e.g. 2026-11-23T14:30)") from None
+        return start if start.tzinfo else start.replace(tzinfo=UTC)
+    return now + timedelta(minutes=args.in_minutes or 0)
+
+
+async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> Any:
+    now = c.server_now()
+    human = not args.json
+    match args.command:
+        case "stations":
+            near = parse_position(args.near) if args.near else None
+            stations = await c.list_stations(city=args.city, near=near, limit=args.limit)
+            if human:
+                out.print(render.stations_table(stations, now))
+            return {"stations": stations}
+        case "nearest":
+            lat, lon = parse_position(args.near)
+            found = await c.find_nearest(lat, lon, min_power_kw=args.min_kw)
+            if human:
+                cp = next(cp for cp in found.station.charge_points if cp.id == found.charge_point_id)
+                out.print(
+                    f"Nearest: [bold]{found.station.name}[/] ({found.station.city}), {found.distance_km:.1f} km — "
+                    f"charge point [bold]{cp.id}[/] {cp.power_kw:g} kW {cp.connector}, R$ {cp.price_per_kwh:.2f}/kWh"
+                )
+            return {
+                "station": found.station,
+                "charge_point_id": found.charge_point_id,
+                "distance_km": found.distance_km,
+            }
+        case "status":
+            station = await c.station_status(args.station)
+            if human:
+                render.station_status(station, now, out)
+            return {"station": station}
+        case "reserve":
+            r = await c.reserve(args.charge_point, _start_time(args, now), args.minutes)
+            if human:
+                out.print(
+                    f"Reserved [bold]{r.charge_point_id}[/] {render.when(r.start, now)} until {r.end:%H:%M}Z "
+                    f"— reservation [bold]{r.id}[/]"
+                )
+            return {"reservation": r}
+        case "reservations":
+            mine = await c.reservations(include_past=args.all)
+            if human:
+                out.print(render.reservations_table(mine, now, title=f"Reservations of {args.id}"))
+            return {"reservations": mine}
+        case "cancel":
+            r = await c.cancel(args.reservation)
+            if human:
+                out.print(f"Reservation [bold]{r.id}[/] is {r.state}; {r.charge_point_id} is free again")
+            return {"reservation": r}
+        case "charge":
+            r = await c.start_charging(args.reservation)
+            if human:
+                out.print(f"Charging on [bold]{r.charge_point_id}[/] until {r.end:%H:%M}Z (reservation {r.id})")
+            return {"reservation": r}
+        case "release":
+            r = await c.stop_charging(args.reservation)
+            if human:
+                out.print(f"Released [bold]{r.charge_point_id}[/]: {r.kwh:.2f} kWh, R$ {r.cost:.2f}")
+            return {"reservation": r}
+        case "history":
+            history = await c.history()
+            if human:
+                out.print(render.history_table(history))
+            return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
+        case "plan":
+            trip = await c.plan_trip(trip_query(args))
+            if human:
+                render.trip(trip, out, title=f"Plan {trip.id}")
+                out.print(f"Book it as shown with the same question and [bold]--plan {trip.id}[/].")
+            return {"trip": trip}
+        case "book":
+            booked = await c.book_trip(trip_query(args), args.plan)
+            if human:
+                note = f" (re-planned {booked.attempts - 1}x after losing slots)" if booked.attempts > 1 else ""
+                if args.plan and booked.attempts == 1 and not booked.as_shown:
+                    note = f" (a fresh plan: {args.plan} was not yours for this question, or its time had passed)"
+                render.trip(booked.trip, out, title=f"Booked trip {booked.trip.id}{note}")
+            return {"trip": booked.trip, "attempts": booked.attempts, "as_shown": booked.as_shown}
+        case "trips":
+            trips = await c.trips(include_cancelled=args.all)
+            if human:
+                for trip in trips:
+                    render.trip(trip, out, title=f"Trip {trip.id} [{trip.state}]")
+                if not trips:
+                    out.print("No trips.")
+            return {"trips": trips}
+        case "cancel-trip":
+            trip = await c.cancel_trip(args.trip)
+            if human:
+                out.print(f"Trip [bold]{trip.id}[/] is {trip.state}; its {len(trip.stops)} stops are released")
+            return {"trip": trip}
+    raise UsageError(f"unknown command {args.command}")
