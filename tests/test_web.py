@@ -207,13 +207,14 @@ async def test_trips_across_operators_and_peer_links(federated_world_path: Path,
 
 WEB_MAIN = """
 import argparse, sys, uvloop
+from evcharge.apps.tls_options import client_tls_parser
 from evcharge.apps.web import command as web
 from evcharge.domain.world import load_world
 parser = argparse.ArgumentParser(prog="evcharge")
 common = argparse.ArgumentParser(add_help=False)
 common.add_argument("--world")
 common.add_argument("--log-level", default="warning")
-web.add_parser(parser.add_subparsers(), common)
+web.add_parser(parser.add_subparsers(), [common, client_tls_parser()])
 args = parser.parse_args(sys.argv[1:])
 sys.exit(uvloop.run(args.run(load_world(args.world), args)))
 """

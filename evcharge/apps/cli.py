@@ -36,10 +36,10 @@ from evcharge.apps.vehicle import (
 from evcharge.apps.web import command as webcmd
 from evcharge.domain.world import SHIPPED, World, WorldError, load_world
 from evcharge.links.client import Client, connect
-from evcharge.operator.handlers import MAX_IN_FLIGHT, PUSH_BUFFER_LIMIT
+from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
 from evcharge.wire.address import host_port_argument
-from evcharge.wire.connection import WRITE_TIMEOUT
+from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
 from evcharge.wire.errors import EvchargeError
 from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, parse_listen
 
