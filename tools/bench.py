@@ -1176,13 +1176,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def git_commit() -> str:
+    """The commit checked out here, or "unknown": no git, no checkout (say, an unpacked copy), no commit yet.
+
+    Only a checkout whose top is this tree counts: a copy inside some other repository is
+    not that repository's commit.
+    """
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+            ["git", "-C", str(ROOT), "rev-parse", "--show-toplevel", "HEAD"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != ROOT:
+        return "unknown"
+    return lines[1].strip() or "unknown"
 
 
 def cpu_model() -> str:
