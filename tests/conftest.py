@@ -1,19 +1,15 @@
 """Shared fixtures: a test world, in-process servers on port 0, server subprocesses, a throwaway CA.
 
 In-process servers fail the test on any exception the event loop saw but
-nobody handled. Subprocesses are always killed at teardown, so the suite
-leaves no process behind.
+nobody handled. Subprocesses (``tools.harness.ServerProcess``, shared with the
+tools) are always killed at teardown, so the suite leaves no process behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -25,23 +21,20 @@ import pytest
 import trustme
 import uvloop
 
-from evcharge.domain.world import World, load_world, resolve_world_path
+from evcharge.domain.world import VehicleConfig, World, load_world
 from evcharge.links.client import Client, connect
 from evcharge.operator.server import Server
 from evcharge.wire.tls import TlsFiles
+from tools.harness import ROOT, ServerProcess, evcharge_command, free_ports, write_world
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 EXTRA_VEHICLES = 60  # T001..T060, home A: enough for races of 50
 
 
 def write_test_world(path: Path) -> Path:
-    text = resolve_world_path("northeast").read_text(encoding="utf-8")
-    extra = [
-        f'\n[[vehicles]]\nid = "T{n:03d}"\nhome = "A"\ntoken = "test-vehicle-{n:03d}"\n'
-        "battery_kwh = 60\nconsumption_kwh_per_km = 0.16\n"
-        for n in range(1, EXTRA_VEHICLES + 1)
-    ]
-    path.write_text(text + "".join(extra), encoding="utf-8")
+    """The shipped world, its text as it is, plus the test vehicles."""
+    extra = [VehicleConfig(f"T{n:03d}", "A", f"test-vehicle-{n:03d}", 60.0, 0.16) for n in range(1, EXTRA_VEHICLES + 1)]
+    write_world(path, vehicles=extra)
     return path
 
 
@@ -98,77 +91,6 @@ def vehicles_of(world: World, operator_id: str) -> list[str]:
 # --- real server processes ------------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    """``python -m evcharge server`` as a child process on a free port."""
-
-    world_path: Path
-    operator: str
-    data_dir: Path
-    log_path: Path
-    time_scale: float = 60.0
-    extra: tuple[str, ...] = ()
-    env: dict[str, str] | None = None
-    world_port: bool = False  # listen where the world file says (federated), not on a free port
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-
-    def start(self, timeout: float = 20.0) -> ServerProcess:
-        ready = self.data_dir.parent / f"{self.operator}.{time.monotonic_ns()}.ready"
-        args = [
-            sys.executable,
-            "-m",
-            "evcharge",
-            "server",
-            "--world",
-            str(self.world_path),
-            "--operator",
-            self.operator,
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            "127.0.0.1",
-            *(() if self.world_port else ("--port", "0")),
-            "--ready-file",
-            str(ready),
-            "--time-scale",
-            str(self.time_scale),
-            "--log-level",
-            "info",
-            *self.extra,
-        ]
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(self.env or {})}
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
-            time.sleep(0.05)
-        self.port = json.loads(ready.read_text())["port"]
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        """kill -9: no cleanup of any kind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-
 @pytest.fixture
 def spawn_server(world_path: Path, tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
@@ -194,7 +116,7 @@ def spawn_server(world_path: Path, tmp_path: Path) -> Iterator[Any]:
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, COLUMNS="200")
     return subprocess.run(
-        [sys.executable, "-m", "evcharge", *args],
+        evcharge_command(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -206,24 +128,9 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[st
 # --- three federated operators ----------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports free right now on loopback (the servers bind them a moment later)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def write_federated_world(source: Path, dest: Path) -> Path:
     """The test world with each operator on a free port, so peers can find each other."""
-    text = source.read_text(encoding="utf-8")
-    for default, port in zip((7401, 7402, 7403), free_ports(3), strict=True):
-        text = text.replace(f"port = {default}\n", f"port = {port}\n")
-    dest.write_text(text, encoding="utf-8")
+    write_world(dest, source, ports=dict(zip("ABC", free_ports(3), strict=True)))
     return dest
 
 

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +18,6 @@ from rich.console import Console
 
 from evcharge.domain.model import Reservation, Trip
 from evcharge.domain.world import World
-from evcharge.operator.store import migrate, put_reservation, put_trip
 from evcharge.wire import protocol as p
 from tools.chaos import (
     AckedTrip,
@@ -33,6 +31,7 @@ from tools.chaos import (
     check_states,
 )
 from tools.chaos_proxy import ChaosProxy
+from tools.harness import seed_store
 
 from .conftest import REPO, operator, running_federation
 
@@ -78,21 +77,6 @@ def test_quick_chaos_run_injects_every_fault_and_finds_no_violation(tmp_path: Pa
 
 
 # --- the checker against real servers whose books are broken ----------------------------------
-
-
-def seed_store(path: Path, reservations: list[Reservation], trips: list[Trip] = ()) -> None:  # type: ignore[assignment]
-    """Write rows into an operator's store before its server starts (as a crash could have left them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        migrate(conn)
-        conn.execute("BEGIN")
-        for sql, params in [*map(put_reservation, reservations), *map(put_trip, trips)]:
-            conn.execute(sql, params)
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
 
 
 def trip_row(trip_id: str, stops: list[tuple[str, str, str, int]], now: int) -> Trip:
@@ -172,8 +156,9 @@ async def test_the_chaos_checker_sees_every_kind_of_violation_in_real_books(worl
     in_doubt = {"trip_id": "C-Tx", "txn_id": "C-Tx.1", "coordinator": "C", "hold_deadline": now - 60}
     stuck = res("B-stuck", cp_b, later, "held", **in_doubt)
     partial = trip_row("A-Tpartial", [("A", "A-stop", cp_a, stop_a.start), ("B", "B-stop", cp_b, stop_b.start)], now)
-    seed_store(tmp_path / "A" / "A.sqlite3", [kept, cancel_lost, expired_early, stop_a], [partial])
-    seed_store(tmp_path / "B" / "B.sqlite3", [stop_b, stuck])
+    # Rows in the operators' stores before their servers start, as a crash could have left them.
+    await seed_store(tmp_path / "A", "A", [kept, cancel_lost, expired_early, stop_a], [partial])
+    await seed_store(tmp_path / "B", "B", [stop_b, stuck])
 
     record = Record()
     for r in (kept, cancel_lost, expired_early, never_stored):
@@ -236,12 +221,12 @@ DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); prin
 @pytest.mark.timeout(60)
 async def test_stopping_a_server_that_ignores_sigterm_kills_it_without_blocking_the_event_loop(tmp_path: Path) -> None:
     server = OperatorProcess("A", tmp_path / "world.toml", tmp_path, 0, 0.0, "info")
-    server._spawn([sys.executable, "-c", DEAF, str(tmp_path)])  # its work dir in its command line, for pgrep
+    server.launch([sys.executable, "-c", DEAF, str(tmp_path)])  # its work dir in its command line, for pgrep
     try:
         async with asyncio.timeout(20):
             while b"deaf" not in server.log_path.read_bytes():
                 await asyncio.sleep(0.05)
-        stopping = asyncio.ensure_future(server.stop(timeout=2.0))
+        stopping = asyncio.ensure_future(server.stop_async(grace=2.0))
         # Other tasks run while stop waits: a synchronous wait would have held the loop until it was done.
         turns = 0
         async with asyncio.timeout(30):
@@ -251,7 +236,7 @@ async def test_stopping_a_server_that_ignores_sigterm_kills_it_without_blocking_
         await stopping
         assert turns > 1
         assert server.proc is not None and server.proc.returncode == -signal.SIGKILL
-        assert server._logger is not None and server._logger.returncode is not None
+        assert server.logger is not None and server.logger.returncode is not None
         assert server.died_by_itself() is None  # stopped by us
         assert leftover_processes(str(tmp_path)) == ""
     finally:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib.metadata
 import json
 import math
@@ -33,8 +32,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -46,7 +43,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import uvloop
 from rich.console import Console
 from rich.table import Table
@@ -55,35 +51,38 @@ from evcharge.apps.invariants import violations
 from evcharge.apps.simulator import ChargePointSim
 from evcharge.domain import geo
 from evcharge.domain.model import LIVE_STATES, Reservation
-from evcharge.domain.world import ChargePointConfig, OperatorConfig, StationConfig, VehicleConfig, World, load_world
+from evcharge.domain.world import ChargePointConfig, StationConfig, World, load_world
 from evcharge.links.client import Client, open_client
-from evcharge.operator.store import migrate, put_reservation
 from evcharge.operator.trips.planning import MAX_PLANS_SHOWN
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import ConnectionLostError, EvchargeError
+from tools.harness import (
+    HOST,
+    ROOT,
+    ROUTES,
+    SPANNING_ROUTE,
+    Child,
+    HarnessError,
+    ServerProcess,
+    bench_vehicle_id,
+    bench_vehicles,
+    free_ports,
+    inspect_operators,
+    read_json,
+    seed_store,
+    sigterm_cancels,
+    tail,
+    wait_federated,
+    write_atomically,
+    write_json,
+    write_world,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("ceiling", "status", "reserve", "trips", "contention", "scale")
-HOST = "127.0.0.1"
 SCALE_PREFIX = "SC"  # generated stations of the scale world
 GRID_S = 120  # reservation grid: preloaded reservations take [cell, cell+60), the benchmark's [cell+60, cell+120)
 GRID_DAYS = 26
-ROUTES: tuple[tuple[str, str, float], ...] = (
-    # 3-5 stops across A, B and C for the bench vehicles (75 kWh, 0.18 kWh/km)
-    ("Natal", "Feira de Santana", 80),
-    ("Natal", "Salvador", 80),
-    ("Natal", "Alagoinhas", 80),
-    ("Natal", "Aracaju", 80),
-    ("Natal", "Estância", 80),
-    ("Natal", "Aracaju", 50),
-    ("Feira de Santana", "Natal", 80),
-    ("Salvador", "Natal", 80),
-    ("Alagoinhas", "Natal", 80),
-    ("Aracaju", "Natal", 80),
-    ("Estância", "Natal", 80),
-    ("Arapiraca", "Natal", 50),
-)
-CONTENTION_ROUTE = ("Natal", "Feira de Santana", 80.0)
+CONTENTION_ROUTE = SPANNING_ROUTE  # every operator has stops on it
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ class Settings:
         )
 
 
-class BenchError(Exception):
+class BenchError(HarnessError):
     pass
 
 
@@ -297,164 +296,36 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that has Linux kill the child if this process dies (even by SIGKILL)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    return preexec
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    port: int = 0
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def rss(self) -> float:
-        return rss_mb(self.pid)
-
-
 class Fleet:
     """Every child process of a run; ``stop_all`` ends each of them, whatever happened."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
         self.children: list[Child] = []
-        self._preexec = die_with_parent()
 
     def spawn(self, name: str, args: list[str]) -> Child:
-        log_path = self.work / f"{name}.log"
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=REPO,
-                preexec_fn=self._preexec,  # only calls prctl
-            )
-        child = Child(name, proc, log_path)
+        child = Child(name, self.work / f"{name}.log")
         self.children.append(child)
+        child.launch(args)
         return child
 
-    async def wait_ready(self, child: Child, ready: Path, timeout: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while (info := read_json(ready)) is None:
-            if child.proc.poll() is not None:
-                raise BenchError(f"{child.name} exited with {child.proc.returncode}:\n{tail(child.log)}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{child.name} not ready after {timeout:g} s:\n{tail(child.log)}")
-            await asyncio.sleep(0.02)
-        child.port = int(info.get("port", 0))
-        return info
+    async def start_server(self, server: ServerProcess, timeout: float = 120.0) -> ServerProcess:
+        self.children.append(server)
+        return await server.start_async(timeout)
 
     def stop(self, child: Child, grace: float = 5.0) -> None:
-        proc = child.proc
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        child.stop(grace)
         if child in self.children:
             self.children.remove(child)
 
     def stop_all(self) -> None:
         for child in list(self.children):
             with contextlib.suppress(Exception):
-                child.proc.kill()
-        for child in list(self.children):
-            with contextlib.suppress(Exception):
-                child.proc.wait(timeout=10)
+                child.kill()
         self.children.clear()
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in ``path`` (written atomically by a child), or None while it is not there yet."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free right now on loopback (the servers bind them a moment later)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # --- bench worlds -----------------------------------------------------------------------
-
-
-def _q(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a TOML basic string
-
-
-def world_toml(world: World) -> str:
-    """A world as TOML text that ``load_world`` reads back."""
-    out = ["# evcharge benchmark world (generated by tools.bench)\n"]
-    for op in world.operators:
-        out.append(
-            f"\n[[operators]]\nid = {_q(op.id)}\nname = {_q(op.name)}\nhost = {_q(op.host)}\n"
-            f"port = {op.port}\nsecret = {_q(op.secret)}\n"
-        )
-    for s in world.stations:
-        out.append(
-            f"\n[[stations]]\nid = {_q(s.id)}\noperator = {_q(s.operator)}\nname = {_q(s.name)}\n"
-            f"city = {_q(s.city)}\nlat = {s.lat!r}\nlon = {s.lon!r}\n"
-        )
-        for cp in s.charge_points:
-            out.append(
-                f"\n[[stations.charge_points]]\nid = {_q(cp.id)}\npower_kw = {cp.power_kw!r}\n"
-                f"connector = {_q(cp.connector)}\nprice_per_kwh = {cp.price_per_kwh!r}\nsecret = {_q(cp.secret)}\n"
-            )
-    for v in world.vehicles:
-        out.append(
-            f"\n[[vehicles]]\nid = {_q(v.id)}\nhome = {_q(v.home)}\ntoken = {_q(v.token)}\n"
-            f"battery_kwh = {v.battery_kwh!r}\nconsumption_kwh_per_km = {v.consumption_kwh_per_km!r}\n"
-        )
-    out.append("\n[rules]\n")
-    for key, value in msgspec.structs.asdict(world.rules).items():
-        out.append(f"{key} = {value!r}\n")
-    return "".join(out)
-
-
-def bench_vehicle_id(op: str, n: int) -> str:
-    return f"BV{op}{n:03d}"
 
 
 def bench_world(
@@ -467,19 +338,7 @@ def bench_world(
     seed: int = 1,
 ) -> World:
     """The shipped world cut to ``operators``, plus bench vehicles and generated charge points."""
-    shipped = load_world("northeast")
-    ops = [
-        OperatorConfig(op.id, op.name, HOST, (ports or {}).get(op.id, op.port), op.secret)
-        for op in shipped.operators
-        if op.id in operators
-    ]
-    stations = [s for s in shipped.stations if s.operator in operators]
-    vehicles = [v for v in shipped.vehicles if v.home in operators]
-    for op in operators:
-        vehicles += [
-            VehicleConfig(bench_vehicle_id(op, n), op, f"bench-token-{op}-{n:03d}", 75.0, 0.18)
-            for n in range(1, vehicles_per_operator + 1)
-        ]
+    stations: list[StationConfig] = []
     if scale_charge_points:
         rng = random.Random(seed)
         cities = list(geo.CITIES.items())
@@ -504,32 +363,32 @@ def bench_world(
                     cps,
                 )
             )
-    world = World(operators=ops, stations=stations, vehicles=vehicles, rules=shipped.rules)
-    path.write_text(world_toml(world), encoding="utf-8")
-    return load_world(str(path))  # read back: the servers load exactly this
+    return write_world(
+        path,
+        operators=operators,
+        ports=ports,
+        vehicles=bench_vehicles(operators, vehicles_per_operator),
+        stations=stations,
+    )
 
 
 def scale_charge_points(world: World) -> list[Any]:
     return [cp for s in world.stations if s.id.startswith(SCALE_PREFIX) for cp in s.charge_points]
 
 
-def preload_reservations(data_dir: Path, operator: str, charge_points: list[str], count: int, base: int) -> None:
-    """Write ``count`` booked reservations into the operator's store before it starts.
+async def preload_reservations(data_dir: Path, operator: str, charge_points: list[str], count: int, base: int) -> None:
+    """Put ``count`` booked reservations into the operator's store before it starts.
 
     They take the first half of consecutive grid cells, round robin over
     ``charge_points``, so the benchmark's own reservations (second halves) fit
     between them and every conflict check bisects ledgers of count/len(cps).
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(data_dir / f"{operator}.sqlite3", isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        migrate(conn)
-        now = int(time.time())
-        ops = []
-        for j in range(count):
-            start = base + (j // len(charge_points)) * GRID_S
-            r = Reservation(
+    now = int(time.time())
+    reservations = []
+    for j in range(count):
+        start = base + (j // len(charge_points)) * GRID_S
+        reservations.append(
+            Reservation(
                 id=f"{operator}-pre{j:07d}",
                 charge_point_id=charge_points[j % len(charge_points)],
                 vehicle_id=f"PRELOAD{j % 100:02d}",
@@ -538,41 +397,8 @@ def preload_reservations(data_dir: Path, operator: str, charge_points: list[str]
                 state="booked",
                 created=now,
             )
-            ops.append(put_reservation(r))
-        conn.execute("BEGIN")
-        if ops:
-            conn.executemany(ops[0][0], [params for _, params in ops])
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-
-
-async def wait_federated(world: World, ports: dict[str, int], timeout: float = 60.0) -> None:
-    """Until a trip planned at each operator spans all of them (peers linked, catalogs in).
-
-    Asks as each operator's first bench vehicle (``bench_vehicle_id(op, 1)``), at ``ports``.
-    """
-    deadline = time.monotonic() + timeout
-    origin, destination, soc = CONTENTION_ROUTE
-    query = p.TripQuery(origin=origin, destination=destination, soc_pct=soc)
-    pending = set(ports)
-    while pending:
-        for op_id in sorted(pending):
-            v = world.vehicle(bench_vehicle_id(op_id, 1))
-            try:
-                c = await open_client(HOST, ports[op_id], role="vehicle", ident=v.id, secret=v.token)
-                try:
-                    plan = await c.plan_trip(query)
-                finally:
-                    await c.close()
-            except EvchargeError:
-                continue
-            if {s.operator_id for s in plan.stops} == set(ports):
-                pending.discard(op_id)
-        if pending:
-            if time.monotonic() > deadline:
-                raise BenchError(f"operators {sorted(pending)} did not federate within {timeout:g} s")
-            await asyncio.sleep(0.2)
+        )
+    await seed_store(data_dir, operator, reservations)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -580,7 +406,7 @@ async def wait_federated(world: World, ports: dict[str, int], timeout: float = 6
 
 @dataclass
 class ReserveTarget:
-    server: Child
+    server: ServerProcess
     clients: list[Client]
     op: Op
     startup: float  # seconds from spawn to listening (loads the store)
@@ -660,36 +486,23 @@ class Bench:
         *,
         world_port: bool = False,
         clock_anchor: float | None = None,
-    ) -> tuple[Child, float]:
-        ready = data_dir.parent / f"{operator}.ready"
-        args = [
-            sys.executable,
-            "-m",
-            "evcharge",
-            "server",
-            "--world",
-            str(world_path),
-            "--operator",
+    ) -> tuple[ServerProcess, float]:
+        name = f"{data_dir.parent.name}-server-{operator}"
+        server = ServerProcess(
+            world_path,
             operator,
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            HOST,
-            *(() if world_port else ("--port", "0")),
-            "--ready-file",
-            str(ready),
-            "--time-scale",
-            "1",
-            "--log-level",
-            self.settings.server_log_level,
-            *(("--clock-anchor", repr(clock_anchor)) if clock_anchor is not None else ()),
-        ]
-        began = time.perf_counter()
-        child = self.fleet.spawn(f"{data_dir.parent.name}-server-{operator}", args)
-        await self.fleet.wait_ready(child, ready, timeout=120.0)
-        return child, time.perf_counter() - began
+            data_dir,
+            self.work / f"{name}.log",
+            name=name,
+            time_scale=1.0,
+            log_level=self.settings.server_log_level,
+            clock_anchor=clock_anchor,
+            world_port=world_port,
+        )
+        await self.fleet.start_server(server, timeout=120.0)
+        return server, server.startup_s
 
-    async def start_federation(self, name: str, vehicles_per_operator: int) -> tuple[World, dict[str, Child]]:
+    async def start_federation(self, name: str, vehicles_per_operator: int) -> tuple[World, dict[str, ServerProcess]]:
         base = self.fresh(name)
         ports = dict(zip("ABC", free_ports(3), strict=True))
         world_path = base / "world.toml"
@@ -697,7 +510,7 @@ class Bench:
             world_path, operators=("A", "B", "C"), ports=ports, vehicles_per_operator=vehicles_per_operator
         )
         anchor = time.time()
-        servers: dict[str, Child] = {}
+        servers: dict[str, ServerProcess] = {}
         for op in "ABC":
             servers[op], _ = await self.start_server(
                 world_path, op, base / "data", world_port=True, clock_anchor=anchor
@@ -705,33 +518,25 @@ class Bench:
         await self.wait_federated(world, servers)
         return world, servers
 
-    async def wait_federated(self, world: World, servers: dict[str, Child], timeout: float = 60.0) -> None:
+    async def wait_federated(self, world: World, servers: dict[str, ServerProcess], timeout: float = 60.0) -> None:
         await wait_federated(world, {op: child.port for op, child in servers.items()}, timeout)
 
-    def rss_of(self, servers: dict[str, Child]) -> dict[str, float]:
-        return {op: child.rss() for op, child in servers.items()}
+    def rss_of(self, servers: dict[str, ServerProcess]) -> dict[str, float]:
+        return {op: rss_mb(child.pid) for op, child in servers.items()}
 
-    def stop_servers(self, servers: dict[str, Child]) -> None:
+    def stop_servers(self, servers: dict[str, ServerProcess]) -> None:
         for child in servers.values():
             self.fleet.stop(child)
 
-    async def vehicle_clients(self, world: World, servers: dict[str, Child], ids: list[str]) -> list[Client]:
+    async def vehicle_clients(self, world: World, servers: dict[str, ServerProcess], ids: list[str]) -> list[Client]:
         async def one(vehicle_id: str) -> Client:
             v = world.vehicle(vehicle_id)
             return await open_client(HOST, servers[v.home].port, role="vehicle", ident=v.id, secret=v.token)
 
         return list(await asyncio.gather(*(one(v) for v in ids)))
 
-    async def inspect_all(self, world: World, servers: dict[str, Child]) -> dict[str, p.InspectResult]:
-        states = {}
-        for op_id, child in servers.items():
-            op = world.operator(op_id)
-            c = await open_client(HOST, child.port, role="operator", ident=op.id, secret=op.secret, timeout=60)
-            try:
-                states[op_id] = await c.inspect()
-            finally:
-                await c.close()
-        return states
+    async def inspect_all(self, world: World, servers: dict[str, ServerProcess]) -> dict[str, p.InspectResult]:
+        return await inspect_operators(world, {op: child.port for op, child in servers.items()}, timeout=60)
 
     def add(self, key: str, result: dict[str, Any], *rows: dict[str, Any]) -> None:
         self.results[key] = result
@@ -748,7 +553,7 @@ class Bench:
                 f"{base.name}-echo-server",
                 [sys.executable, "-m", "tools.bench", "--echo-server", "--port", "0", "--ready-file", str(ready)],
             )
-            await self.fleet.wait_ready(self.echo, ready)
+            await self.echo.wait_ready_async(ready)
             for i in range(self.settings.connections):
                 self.echo_clients.append(
                     await open_client(HOST, self.echo.port, role="vehicle", ident=f"echo-{i}", secret="echo-secret")
@@ -786,7 +591,7 @@ class Bench:
         self.say(f"ceiling: echo server (our framing and codec, uvloop), {s.connections} connections")
         load = await self.ceiling_window()
         assert self.echo is not None
-        self.add("ceiling", load_row("ceiling (echo)", s.connections, load, rss={"echo": self.echo.rss()}))
+        self.add("ceiling", load_row("ceiling (echo)", s.connections, load, rss={"echo": rss_mb(self.echo.pid)}))
 
     # --- 2. status queries ------------------------------------------------------------------
 
@@ -884,7 +689,7 @@ class Bench:
         world, world_path, data = await self.single_operator(name, vehicles=s.connections)
         charge_points = [cp.id for st in world.stations_of("A") for cp in st.charge_points]
         if preload:
-            preload_reservations(data, "A", charge_points, preload, self.grid_base)
+            await preload_reservations(data, "A", charge_points, preload, self.grid_base)
         server, startup = await self.start_server(world_path, "A", data)
         clients = await self.vehicle_clients(
             world, {"A": server}, [bench_vehicle_id("A", n + 1) for n in range(s.connections)]
@@ -902,7 +707,7 @@ class Bench:
         try:
             ceiling = await self.ceiling_window()
             load = await closed_loop(s.connections, target.op, s.duration, s.warmup, {"A": target.server.pid})
-            rss = {"A": target.server.rss()}
+            rss = {"A": rss_mb(target.server.pid)}
         finally:
             await self.close_target(target)
         main = load_row(
@@ -928,7 +733,7 @@ class Bench:
                     loads[t.existing].append(
                         await closed_loop(s.connections, t.op, s.duration, s.warmup, {"A": t.server.pid})
                     )
-            rss = {t.existing: t.server.rss() for t in targets}
+            rss = {t.existing: rss_mb(t.server.pid) for t in targets}
         finally:
             for t in targets:
                 await self.close_target(t)
@@ -1114,7 +919,7 @@ class Bench:
         servers = {"A": server}
         procs: list[Child] = []
         try:
-            rss_idle = server.rss()
+            rss_idle = rss_mb(server.pid)
             self.say(
                 f"scale: {len(cps)} charge points connect to one operator and heartbeat every "
                 f"{s.heartbeat_interval:g} s ({s.heartbeat_processes} client processes)"
@@ -1160,11 +965,10 @@ class Bench:
                     )
                 )
             connected = [
-                await self.fleet.wait_ready(proc, ready, timeout=600)
-                for proc, ready in zip(procs, readies, strict=True)
+                await proc.wait_ready_async(ready, timeout=600) for proc, ready in zip(procs, readies, strict=True)
             ]
             connect_s = time.perf_counter() - began
-            rss_connected = server.rss()
+            rss_connected = rss_mb(server.pid)
             online: int | None = None
             inspect_error = ""
             try:
@@ -1175,7 +979,7 @@ class Bench:
             await asyncio.sleep(s.heartbeat_warmup)
             cpu_before = cpu_seconds(server.pid)
             await asyncio.sleep(s.heartbeat_duration / 2)
-            rss_beating = server.rss()
+            rss_beating = rss_mb(server.pid)
             await asyncio.sleep(s.heartbeat_duration / 2)
             server_cpu = cpu_seconds(server.pid) - cpu_before
             results = [
@@ -1219,10 +1023,10 @@ class Bench:
     async def _result_of(self, proc: Child, out: Path, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while (result := read_json(out)) is None:
-            if proc.proc.poll() is not None and (result := read_json(out)) is None:
-                raise BenchError(f"{proc.name} exited with {proc.proc.returncode}:\n{tail(proc.log)}")
+            if not proc.alive() and (result := read_json(out)) is None:
+                raise BenchError(f"{proc.name} exited with {proc.returncode_text()}:\n{tail(proc.log_path)}")
             if time.monotonic() > deadline:
-                raise BenchError(f"{proc.name} gave no result within {timeout:g} s:\n{tail(proc.log)}")
+                raise BenchError(f"{proc.name} gave no result within {timeout:g} s:\n{tail(proc.log_path)}")
             await asyncio.sleep(0.05)
         return result
 
@@ -1372,13 +1176,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def git_commit() -> str:
+    """The commit checked out here, or "unknown": no git, no checkout (say, an unpacked copy), no commit yet.
+
+    Only a checkout whose top is this tree counts: a copy inside some other repository is
+    not that repository's commit.
+    """
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+            ["git", "-C", str(ROOT), "rev-parse", "--show-toplevel", "HEAD"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != ROOT:
+        return "unknown"
+    return lines[1].strip() or "unknown"
 
 
 def cpu_model() -> str:
@@ -1675,14 +1492,6 @@ def parse_scenarios(text: str) -> list[str]:
     return [s for s in SCENARIOS if s == "ceiling" or s in wanted]
 
 
-async def _main_task(coro: Awaitable[Any]) -> Any:
-    """Run ``coro`` so that SIGTERM cancels it (its finally blocks then stop every child)."""
-    task = asyncio.ensure_future(coro)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    return await task
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.echo_server:
@@ -1698,11 +1507,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="evcharge-bench."))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        results = uvloop.run(_main_task(run_bench(settings, scenarios, work, console)))
+        results = uvloop.run(sigterm_cancels(run_bench(settings, scenarios, work, console)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[red]interrupted[/]; every server was stopped")
         return 130
-    except BenchError as exc:
+    except HarnessError as exc:  # a BenchError, or a child that would not start
         console.print(f"[red]bench failed[/]: {exc}")
         return 1
     finally:
@@ -1711,8 +1520,7 @@ def main(argv: list[str] | None = None) -> int:
     report(results, console)
     if args.markdown:
         print(markdown_table(results["rows"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out, json.dumps(results, indent=2, default=str) + "\n")
+    write_json(args.out, results)
     console.print(f"results written to {args.out}")
     return 0
 

@@ -44,11 +44,9 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import random
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -71,21 +69,21 @@ from evcharge.links.client import Client, open_client
 from evcharge.links.link import Backoff, Link
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import ConnectionLostError, EvchargeError
-from tools.bench import (
-    HOST,
-    REPO,
-    ROUTES,
-    BenchError,
-    bench_vehicle_id,
-    bench_world,
-    die_with_parent,
-    free_ports,
-    read_json,
-    tail,
-    wait_federated,
-    write_atomically,
-)
 from tools.chaos_proxy import FAULT_KINDS, NO_FAULTS, ChaosProxy, FaultRates
+from tools.harness import (
+    HOST,
+    ROUTES,
+    HarnessError,
+    ServerProcess,
+    bench_vehicle_id,
+    bench_vehicles,
+    free_ports,
+    inspect_operators,
+    sigterm_cancels,
+    wait_federated,
+    write_json,
+    write_world,
+)
 
 OPERATORS = ("A", "B", "C")
 CELL_S = 1800  # single reservations and departures fall on half-hour cells
@@ -113,7 +111,7 @@ EXPECTED: dict[str, frozenset[str]] = {
 }
 
 
-class ChaosError(Exception):
+class ChaosError(HarnessError):
     """The cluster could not be set up or kept running (not a finding about evcharge)."""
 
 
@@ -301,7 +299,7 @@ def check_states(states: dict[str, p.InspectResult], record: Record, grace_min: 
 # --- the servers ------------------------------------------------------------------------
 
 
-class OperatorProcess:
+class OperatorProcess(ServerProcess):
     """``python -m evcharge server`` for one operator, restartable on the same port and data.
 
     Its output goes through a pipe to a ``cat`` that writes the log: a pipe is not a file,
@@ -309,26 +307,21 @@ class OperatorProcess:
     """
 
     def __init__(self, operator: str, world_path: Path, work: Path, port: int, anchor: float, log_level: str) -> None:
-        self.operator = operator
-        self.world_path = world_path
-        self.work = work
-        self.data_dir = work / "data"
+        super().__init__(
+            world_path,
+            operator,
+            work / "data",
+            work / f"server-{operator}.log",
+            time_scale=1.0,
+            log_level=log_level,
+            clock_anchor=anchor,
+            listen_port=port,
+            log_through_pipe=True,
+        )
         self.port = port
-        self.anchor = anchor
-        self.log_level = log_level
-        self.log_path = work / f"server-{operator}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._logger: subprocess.Popen[bytes] | None = None
+        self.work = work
         self.killed_by_us = False
         self.starts = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def died_by_itself(self) -> int | None:
         """Its exit status if it ended without us killing it."""
@@ -336,93 +329,21 @@ class OperatorProcess:
             return None
         return self.proc.poll()
 
-    async def start(self, timeout: float = 60.0) -> float:
-        """Start and wait until it listens; returns the seconds that took."""
-        ready = self.work / f"{self.operator}.ready"
-        ready.unlink(missing_ok=True)
-        args = [
-            sys.executable,
-            "-m",
-            "evcharge",
-            "server",
-            "--world",
-            str(self.world_path),
-            "--operator",
-            self.operator,
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-            "--ready-file",
-            str(ready),
-            "--time-scale",
-            "1",
-            "--clock-anchor",
-            repr(self.anchor),
-            "--log-level",
-            self.log_level,
-        ]
-        began = time.monotonic()
-        self._spawn(args)
-        while read_json(ready) is None:
-            if self.proc.poll() is not None:
-                raise ChaosError(f"server {self.operator} exited with {self.proc.returncode}:\n{tail(self.log_path)}")
-            if time.monotonic() - began > timeout:
-                self.kill()
-                raise ChaosError(f"server {self.operator} not ready after {timeout:g} s:\n{tail(self.log_path)}")
-            await asyncio.sleep(0.05)
-        return time.monotonic() - began
-
-    def _spawn(self, args: list[str]) -> None:
-        preexec = die_with_parent()
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-            preexec_fn=preexec,  # only calls prctl
-        )
-        with self.log_path.open("ab") as log:
-            self._logger = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=log, preexec_fn=preexec)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()  # cat holds the pipe now
+    def launch(self, args: list[str]) -> subprocess.Popen[bytes]:
+        proc = super().launch(args)
         self.killed_by_us = False
         self.starts += 1
+        return proc
 
     def kill(self) -> None:
         """``kill -9``: no cleanup of any kind."""
         self.killed_by_us = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self._reap()
+        super().kill()
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it has not ended within ``timeout``; the event loop runs on meanwhile."""
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not ended within ``grace``."""
         self.killed_by_us = True
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        # The server is ended (or SIGKILLed, which cannot be ignored): reaping it and its log's
-        # cat takes moments, but is still done off the event loop.
-        await asyncio.to_thread(self._reap)
-
-    def _reap(self) -> None:
-        """Wait for the server and its log's cat; whichever is still there after 10 s is SIGKILLed."""
-        for proc in (self.proc, self._logger):
-            if proc is None:
-                continue
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        return super().stop(grace)
 
     def refuse_writes(self, refuse: bool) -> None:
         """The kernel refuses (or allows again) every write of the server to a file."""
@@ -502,11 +423,10 @@ class Chaos:
         # proxies of its own links, so that a pair of operators can be cut apart.
         for op in OPERATORS:
             ports = {dst: proxy.port for (src, dst), proxy in self.peer_proxies.items() if src == op}
-            world = bench_world(
+            world = write_world(
                 self.work / f"world-{op}.toml",
-                operators=OPERATORS,
                 ports={**ports, op: server_ports[op]},
-                vehicles_per_operator=self.s.vehicles_per_operator + 1,  # the last one sends the disk probes
+                vehicles=bench_vehicles(OPERATORS, self.s.vehicles_per_operator + 1),  # the last one sends disk probes
             )
             self.world = self.world or world
         anchor = time.time()
@@ -516,21 +436,23 @@ class Chaos:
             )
             for op in OPERATORS
         }
-        await asyncio.gather(*(server.start() for server in self.servers.values()))
+        await asyncio.gather(*(server.start_async() for server in self.servers.values()))
         await self.wait_federated(60.0)
 
     async def wait_federated(self, timeout: float) -> None:
         assert self.world is not None
         try:
             await wait_federated(self.world, {op: s.port for op, s in self.servers.items()}, timeout=timeout)
-        except BenchError as exc:
+        except HarnessError as exc:
             raise ChaosError(str(exc)) from None
 
     async def teardown(self) -> None:
         for proxy in (*self.peer_proxies.values(), *self.client_proxies.values()):
             await proxy.stop()
         # All at once, each bounded by its own stop's deadline; every one is stopped even if one fails.
-        stopped = await asyncio.gather(*(server.stop() for server in self.servers.values()), return_exceptions=True)
+        stopped = await asyncio.gather(
+            *(server.stop_async() for server in self.servers.values()), return_exceptions=True
+        )
         for outcome in stopped:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -755,8 +677,8 @@ class Chaos:
         server.kill()
         await asyncio.sleep(kill.downtime_s)
         try:
-            kill.restart_s = round(await server.start(), 2)
-        except ChaosError as exc:
+            kill.restart_s = round((await server.start_async()).startup_s, 2)
+        except HarnessError as exc:
             # A server that cannot come back from a crash is a finding, not a broken harness.
             self.violations.append(f"server {operator} could not restart after kill -9: {exc}")
             raise
@@ -823,15 +745,7 @@ class Chaos:
 
     async def inspect_all(self) -> dict[str, p.InspectResult]:
         assert self.world is not None
-        states = {}
-        for op_id, server in self.servers.items():
-            op = self.world.operator(op_id)
-            c = await open_client(HOST, server.port, role="operator", ident=op.id, secret=op.secret, timeout=20)
-            try:
-                states[op_id] = await c.inspect()
-            finally:
-                await c.close()
-        return states
+        return await inspect_operators(self.world, {op: server.port for op, server in self.servers.items()}, 20)
 
     async def settle_and_check(self, name: str) -> dict[str, Any]:
         """Wait (bounded) until nothing is held, every peer link is up and the books agree.
@@ -925,14 +839,14 @@ class Chaos:
         self.check_alive()
         for server in self.servers.values():
             if not server.alive():
-                await server.start()
+                await server.start_async()
 
         self.say("faults healed; waiting for the operators to settle, then checking every invariant")
         await self.settle_and_check("after healing")
         self.say("kill -9 of every server, restart from their stores, check again")
         for server in self.servers.values():
             server.kill()
-        await asyncio.gather(*(server.start() for server in self.servers.values()))
+        await asyncio.gather(*(server.start_async() for server in self.servers.values()))
         await self.wait_federated(30.0)
         await self.settle_and_check("after kill -9 and restart of every server")
         self.check_alive()
@@ -1066,12 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _main_task(chaos: Chaos) -> dict[str, Any]:
-    # Stopped on SIGTERM like on Ctrl-C: the finally blocks stop every server and proxy.
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+async def _run(chaos: Chaos) -> dict[str, Any]:
     try:
         return await chaos.run()
     finally:
@@ -1085,11 +994,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="evcharge-chaos."))
     chaos = Chaos(settings, work, console)
     try:
-        results = uvloop.run(_main_task(chaos))
+        # Stopped on SIGTERM like on Ctrl-C: the finally blocks stop every server and proxy.
+        results = uvloop.run(sigterm_cancels(_run(chaos)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[red]interrupted[/]; every server and proxy was stopped")
         return 130
-    except ChaosError as exc:
+    except HarnessError as exc:  # a ChaosError, or a server that would not start
         for violation in chaos.violations:
             console.print(f"[red]VIOLATION[/]: {violation}")
         console.print(f"[red]chaos run could not go on[/]: {exc}")
@@ -1103,8 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report(results, console)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(args.json, json.dumps(results, indent=2, default=str) + "\n")
+        write_json(args.json, results)
         console.print(f"results written to {args.json}")
     return 1 if results["violations"] else 0
 
