@@ -6,6 +6,7 @@ import asyncio
 import io
 from pathlib import Path
 
+import msgspec
 import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
@@ -152,3 +153,17 @@ async def test_book_after_plan_books_the_plan_shown(world: World, tmp_path: Path
             await screen.wait_for("re-planned 1x")
             keys.send_text("quit\n")
             assert await asyncio.wait_for(session, 10) == 0
+
+
+async def test_a_refused_vehicle_is_told_why_and_the_prompt_ends(world: World, tmp_path: Path) -> None:
+    async with running_server(world, tmp_path / "data", time_scale=60.0) as server:
+        screen = Screen()
+        with create_pipe_input() as keys:
+            v = msgspec.structs.replace(world.vehicle("V01"), token="not-the-token")
+            repl = VehicleRepl(
+                world, v, "127.0.0.1", server.port, console=screen.console, input=keys, output=DummyOutput()
+            )
+            async with asyncio.timeout(10):
+                code = await repl.run()  # no retry can help: it ends by itself
+        assert code == 1
+        assert "unauthorized" in screen.text and "wrong credential" in screen.text

@@ -268,6 +268,7 @@ def load_row(
     """
     latencies = [x for name in ops for x in load.parts.get(name, [])] if ops else load.latencies
     parts = {name: latency_stats(values) for name, values in load.parts.items()}
+    notes: dict[str, Any] = {"notes": dict(load.notes)} if load.notes else {}
     return row(
         scenario,
         connections,
@@ -277,7 +278,7 @@ def load_row(
         cpu=load.cpu,
         errors=dict(load.errors),
         parts=parts,
-        **({"notes": dict(load.notes)} if load.notes else {}),
+        **notes,
         **extra,
     )
 
@@ -1028,7 +1029,7 @@ class Bench:
             if time.monotonic() > deadline:
                 raise BenchError(f"{proc.name} gave no result within {timeout:g} s:\n{tail(proc.log_path)}")
             await asyncio.sleep(0.05)
-        return result
+        return dict(result)
 
 
 def ledger_growth(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -245,24 +245,24 @@ def record_violations(states: dict[str, p.InspectResult], record: Record, grace_
             found.append(f"reservation {ack.id} at {ack.operator_id} is not what was acknowledged")
         found += _state_problems(f"reservation {ack.id} at {ack.operator_id}", r, ack.id, record, states, grace_min)
     trips = {(op, t.id): t for op, s in states.items() for t in s.trips}
-    for ack in record.trips.values():
-        t = trips.get((ack.home, ack.id))
+    for trip_ack in record.trips.values():
+        t = trips.get((trip_ack.home, trip_ack.id))
         if t is None:
-            found.append(f"acknowledged trip {ack.id} is gone from its coordinator {ack.home}")
+            found.append(f"acknowledged trip {trip_ack.id} is gone from its coordinator {trip_ack.home}")
             continue
-        if tuple((s.operator_id, s.reservation_id or "") for s in t.stops) != ack.stops:
-            found.append(f"trip {ack.id} does not have the stops that were acknowledged")
-        cancelled = ack.id in record.cancel_acked
+        if tuple((s.operator_id, s.reservation_id or "") for s in t.stops) != trip_ack.stops:
+            found.append(f"trip {trip_ack.id} does not have the stops that were acknowledged")
+        cancelled = trip_ack.id in record.cancel_acked
         if cancelled and t.state != "cancelled":
-            found.append(f"cancellation of trip {ack.id} was acknowledged but the trip is {t.state}")
-        if not cancelled and ack.id not in record.cancel_unknown and t.state != "committed":
-            found.append(f"acknowledged trip {ack.id} is {t.state}, though nobody cancelled it")
-        for op, rid in ack.stops:
+            found.append(f"cancellation of trip {trip_ack.id} was acknowledged but the trip is {t.state}")
+        if not cancelled and trip_ack.id not in record.cancel_unknown and t.state != "committed":
+            found.append(f"acknowledged trip {trip_ack.id} is {t.state}, though nobody cancelled it")
+        for op, rid in trip_ack.stops:
             stop = reservations.get((op, rid))
             if stop is None:
-                found.append(f"stop {rid} of acknowledged trip {ack.id} is gone from operator {op}")
+                found.append(f"stop {rid} of acknowledged trip {trip_ack.id} is gone from operator {op}")
                 continue
-            where = f"stop {rid} at {op} of trip {ack.id} ({t.state})"
+            where = f"stop {rid} at {op} of trip {trip_ack.id} ({t.state})"
             if t.state == "cancelled" and stop.state in LIVE_STATES:
                 found.append(f"{where} is still {stop.state}")
             elif t.state == "committed" and stop.state != "booked" and not _expired_rightly(stop, states, grace_min):

@@ -254,7 +254,7 @@ class Child:
 
     def _ready(self, ready_file: Path, deadline: float, timeout: float) -> dict[str, Any] | None:
         """The ready file's content once there; None meanwhile; HarnessError if it died or took too long."""
-        info = read_json(ready_file)
+        info: dict[str, Any] | None = read_json(ready_file)
         if info is not None:
             self.port = int(info.get("port", 0))
             return info

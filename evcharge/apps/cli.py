@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evcharge: bad world file: {exc}", file=sys.stderr)
         return 2
     try:
-        return uvloop.run(args.run(world, args))
+        code: int = uvloop.run(args.run(world, args))
+        return code
     except KeyboardInterrupt:
         return 130
     except (WorldError, TlsConfigError) as exc:

@@ -109,7 +109,7 @@ class VehicleRepl:
         self._warned_low = False
         self._stop = asyncio.Event()
         self.parser = _ReplParser(prog="", add_help=False)
-        add_vehicle_commands(self.parser.add_subparsers(dest="command"))
+        add_vehicle_commands(self.parser.add_subparsers(dest="command"))  # type: ignore[arg-type]
         self.prompt_session: PromptSession[str] = PromptSession(
             completer=self._completer(), input=input, output=output, complete_while_typing=False
         )
@@ -250,7 +250,7 @@ class VehicleRepl:
         done = self._progress[r.id] = asyncio.Event()
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"))
         with Progress(*columns, console=self.console, transient=False) as bar:
-            task = bar.add_task(f"charging {r.charge_point_id}", total=100, completed=self.soc * 100, detail="")
+            task = bar.add_task(f"charging {r.charge_point_id}", total=100, completed=round(self.soc * 100), detail="")
             while self.soc < target and r.id in self.charging:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
@@ -282,8 +282,8 @@ class VehicleRepl:
             self.refused = f"{exc.code}: {exc.message}"
             self.say(f"[red]{exc.code}[/]: {exc.message}")
             self._stop.set()
-            if self.session.app.is_running:
-                self.session.app.exit(exception=EOFError())
+            if self.prompt_session.app.is_running:
+                self.prompt_session.app.exit(exception=EOFError())
 
     async def _came_up(self, client: Client) -> None:
         client.on_event.append(self._pushed)

@@ -297,7 +297,7 @@ class ChargePointLink(OcppChargePoint):
         """
         asked = [rid for rid, v in self.remote_starts.items() if v == vehicle_id]
         current = [rid for rid in asked if self._may_charge(rid, vehicle_id)]
-        return (current or asked or [None])[-1]
+        return (current or asked)[-1] if asked else None
 
     async def _command(self, request: p.Request) -> p.Reply:
         match request:
