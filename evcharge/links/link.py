@@ -167,6 +167,7 @@ class Link:
         every = self.heartbeat
         if client.welcome.idle_timeout > 0:
             every = min(every, client.welcome.idle_timeout / 3)
+        loop = asyncio.get_running_loop()  # conn.last_sent is in the loop's clock
         self._suspect.clear()
         closed = asyncio.ensure_future(client.closed.wait())
         try:
@@ -174,7 +175,7 @@ class Link:
                 suspect = asyncio.ensure_future(self._suspect.wait())
                 try:
                     while not (closed.done() or suspect.done()):
-                        quiet = client.conn.last_sent + every - time.monotonic()
+                        quiet = client.conn.last_sent + every - loop.time()
                         if quiet <= 0:
                             break
                         await asyncio.wait({closed, suspect}, timeout=quiet, return_when=asyncio.FIRST_COMPLETED)
