@@ -34,7 +34,8 @@ EXTRA_VEHICLES = 60  # T001..T060, home A: enough for races of 50
 def write_test_world(path: Path) -> Path:
     """The shipped world, its text as it is, plus the test vehicles."""
     extra = [VehicleConfig(f"T{n:03d}", "A", f"test-vehicle-{n:03d}", 60.0, 0.16) for n in range(1, EXTRA_VEHICLES + 1)]
-    write_world(path, vehicles=extra)
+    # Ports of its own: a single server must not reach peers someone else runs on the usual ones.
+    write_world(path, vehicles=extra, ports=dict(zip("ABC", free_ports(3), strict=True)))
     return path
 
 

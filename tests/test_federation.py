@@ -116,21 +116,30 @@ async def test_a_shown_plan_is_booked_as_shown_and_replanned_once_its_slots_are_
         # shown loses them, so the server re-plans (a server that ignored the id would not).
         again = await c.book_trip(NATAL_TO_FEIRA, second.id)
         assert again.attempts == 2 and not again.as_shown and not set(slots(again.trip)) & set(slots(first))
-        # A plan is booked as shown only for the vehicle it was shown to, for the same question.
-        theirs = await other.book_trip(NATAL_TO_FEIRA, second.id)
-        assert theirs.attempts == 1 and not theirs.as_shown
+        # A plan is booked only by the vehicle it was shown to, for the same question; any
+        # other id (a typo) books nothing at all.
+        with pytest.raises(NotFoundError, match=f"no plan '{second.id}' of yours"):
+            await other.book_trip(NATAL_TO_FEIRA, second.id)
         other_question = p.TripQuery(origin="Natal", destination="Feira de Santana", soc_pct=70)
-        assert not (await c.book_trip(other_question, second.id)).as_shown
+        with pytest.raises(NotFoundError, match="was for another question"):
+            await c.book_trip(other_question, second.id)
+        with pytest.raises(NotFoundError, match="no plan 'A-Pbogus' of yours"):
+            await c.book_trip(NATAL_TO_FEIRA, "A-Pbogus")
+        assert [t.id for t in await c.trips()] == [booked.trip.id, again.trip.id]
+        assert await other.trips() == []
     check_invariants(await inspect_all(servers))
 
 
-async def test_a_shown_plan_whose_time_has_passed_is_replaced_by_a_fresh_one(servers: dict[str, Server]) -> None:
+async def test_a_shown_plan_whose_time_has_passed_books_nothing(servers: dict[str, Server]) -> None:
     async with driver(servers, "V01") as c:
         plan = await c.plan_trip(NATAL_TO_FEIRA)
         # Five simulated hours later (the clocks run fast): its first slot is in the past.
         for server in servers.values():
             server.clock.anchor_sim += 5 * 3600
-        booked = await c.book_trip(NATAL_TO_FEIRA, plan.id)
+        with pytest.raises(NotFoundError, match=f"plan {plan.id} has expired"):
+            await c.book_trip(NATAL_TO_FEIRA, plan.id)
+        assert await c.trips() == []
+        booked = await c.book_trip(NATAL_TO_FEIRA)  # a fresh plan, asked for as such
         assert booked.trip.state == "committed" and not booked.as_shown and booked.attempts == 1
         assert booked.trip.stops[0].slot_start > plan.stops[0].slot_start
 
@@ -140,14 +149,15 @@ async def test_cancel_trip_releases_every_stop_even_if_a_peer_is_briefly_down(
 ) -> None:
     async with driver(servers, "V01") as c, driver(servers, "V04") as other:
         trip = (await c.book_trip(NATAL_TO_FEIRA)).trip
-        with pytest.raises(ForbiddenError):
+        with pytest.raises(NotFoundError, match=f"no trip '{trip.id}'"):  # not even disclosed
             await other.cancel_trip(trip.id)
         with pytest.raises(ConflictError, match="cancel the trip"):
             await c.cancel(next(s.reservation_id for s in trip.stops if s.operator_id == "A"))
         await servers["B"].stop()  # B is down while the trip is cancelled
-        cancelled = await c.cancel_trip(trip.id)
+        cancelled = (await c.cancel_trip(trip.id)).trip
         assert cancelled.state == "cancelled"
-        assert (await c.cancel_trip(trip.id)).state == "cancelled"  # idempotent
+        again = await c.cancel_trip(trip.id)
+        assert again.trip.state == "cancelled" and again.unchanged  # idempotent, and says so
         assert await c.trips() == [] and [t.id for t in await c.trips(include_cancelled=True)] == [trip.id]
         # B comes back; the coordinator delivers the cancellation it still owes.
         servers["B"] = Server(

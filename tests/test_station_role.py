@@ -17,7 +17,7 @@ import pytest
 from evcharge.links.client import Client, connect
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConflictError, ForbiddenError, NotFoundError, UnavailableError
+from evcharge.wire.errors import ConflictError, NotFoundError, UnavailableError
 
 from .conftest import operator, vehicle
 
@@ -74,7 +74,7 @@ async def test_authorize_names_the_reservation_a_vehicle_may_start_here_now(serv
         elsewhere = await v4.reserve("NAT-PN-2", now, 30)
         with pytest.raises(NotFoundError):
             await st.authorize("V04")  # its reservation is on another charge point
-        with pytest.raises(ForbiddenError):
+        with pytest.raises(NotFoundError):
             await st.start_charging(elsewhere.id)
         # The charge point starts the session itself: recorded, and no RemoteStart is sent
         # (this client answers none: one would fail the start).

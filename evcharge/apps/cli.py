@@ -1,7 +1,10 @@
 """The ``evcharge`` command: server, charge point simulator, vehicle commands, inspect.
 
 Exit codes: 0 success, 1 the request failed (a typed error is printed; in
-``--json`` mode as ``{"error": {"code": ..., "message": ...}}``), 2 bad usage.
+``--json`` mode as ``{"error": {"code": ..., "message": ...}}``), 2 bad usage,
+3 outcome unknown: a change was asked for, and no answer came even when asked
+again with its idempotency key until the deadline (the message names the
+command that shows what happened).
 """
 
 from __future__ import annotations
@@ -35,15 +38,19 @@ from evcharge.apps.vehicle import (
 )
 from evcharge.apps.web import command as webcmd
 from evcharge.domain.world import SHIPPED, World, WorldError, load_world
-from evcharge.links.client import Client, connect
+from evcharge.links.client import connect
+from evcharge.links.link import Link
+from evcharge.links.requests import Requests
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
 from evcharge.wire.address import host_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
-from evcharge.wire.errors import EvchargeError
+from evcharge.wire.errors import EvchargeError, OutcomeUnknownError
 from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, parse_listen
 
 log = logging.getLogger("evcharge")
+
+EXIT_OUTCOME_UNKNOWN = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,7 +486,9 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
         return await repl.run()
 
     def connector() -> Any:
-        return connect(
+        # A link, not one connection: a reply lost to a broken connection is asked for again
+        # (with the request's idempotency key) once it is back, and the truth reported.
+        link = Link(
             host,
             port,
             role="vehicle",
@@ -487,7 +496,9 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
             secret=vehicle.token,
             ssl_context=context,
             server_hostname=name,
+            what=f"operator {vehicle.home}",
         )
+        return link.running()
 
     return await _run_client(args, connector, vehicle_command)
 
@@ -508,13 +519,21 @@ async def run_inspect(world: World, args: argparse.Namespace) -> int:
 async def _run_client(
     args: argparse.Namespace,
     connector: Callable[[], Any],
-    command: Callable[[Client, argparse.Namespace, Console], Awaitable[Any]],
+    command: Callable[[Requests, argparse.Namespace, Console], Awaitable[Any]],
 ) -> int:
     # Tables need room; a pipe or a log file gets a generous width, not 80.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
         async with connector() as client:
             result = await command(client, args, console)
+    except OutcomeUnknownError as exc:
+        settle = "trips --all" if args.command in ("book", "cancel-trip") else "reservations --all"
+        hint = f"evcharge vehicle --id {args.id} {settle}" if getattr(args, "id", None) else "evcharge inspect"
+        if args.json:
+            print(render.to_json({"error": {"code": "outcome_unknown", "message": exc.message, "settle": hint}}))
+        else:
+            console.print(f"[red]outcome unknown[/]: {exc.message}. See what happened with: {hint}")
+        return EXIT_OUTCOME_UNKNOWN
     except EvchargeError as exc:
         if args.json:
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
@@ -532,7 +551,7 @@ async def _run_client(
     return 0
 
 
-async def inspect(c: Client, args: argparse.Namespace, out: Console) -> Any:
+async def inspect(c: Requests, args: argparse.Namespace, out: Console) -> Any:
     result = await c.inspect()
     if not args.json:
         out.print(render.stations_table(result.stations, result.server_time, title=f"Operator {result.operator_id}"))

@@ -42,7 +42,7 @@ from evcharge.domain.world import VehicleConfig, World
 from evcharge.links.client import Client
 from evcharge.links.link import Link
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import EvchargeError, UnavailableError
+from evcharge.wire.errors import EvchargeError, NotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,17 @@ class VehicleRepl:
                 case _:
                     args = self.parser.parse_args(words)
                     args.json, args.id = False, self.vehicle.id
-                    if command == "book" and not args.plan and self._last_plan[0] == trip_query(args):
+                    shown = command == "book" and not args.plan and self._last_plan[0] == trip_query(args)
+                    if shown:
                         args.plan = self._last_plan[1]  # the same question: book what was shown
-                    result = await vehicle_command(self._connected(), args, self.console)
+                    try:
+                        result = await vehicle_command(self._connected(), args, self.console)
+                    except NotFoundError:
+                        if not shown:
+                            raise
+                        self.say(f"plan {args.plan} can no longer be booked as shown; booking a fresh plan")
+                        args.plan = ""
+                        result = await vehicle_command(self._connected(), args, self.console)
                     if command == "plan":
                         self._last_plan = (trip_query(args), result["trip"].id)
         except EvchargeError as exc:
@@ -215,10 +223,11 @@ class VehicleRepl:
             self.say(f"[red]usage[/]: {exc} (try help)")
         return True
 
-    def _connected(self) -> Client:
+    def _connected(self) -> Link:
+        """The link, to ask over; a request whose reply is lost is asked again once it is back."""
         if self.client is None:
             raise UnavailableError("not connected to the server; reconnecting in the background")
-        return self.client
+        return self.link
 
     # --- commands of the REPL's own ------------------------------------------------------
 

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from evcharge.apps import render
 from evcharge.domain import geo
-from evcharge.links.client import Client
+from evcharge.links.requests import Requests
 from evcharge.wire import protocol as p
 
 RESERVE_MINUTES = 30  # a reservation's length unless --minutes says otherwise
@@ -151,7 +151,7 @@ def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
     return now + timedelta(minutes=args.in_minutes or 0)
 
 
-async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> Any:
+async def vehicle_command(c: Requests, args: argparse.Namespace, out: Console) -> Any:
     now = c.server_now()
     human = not args.json
     match args.command:
@@ -194,10 +194,13 @@ async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> 
                 out.print(render.reservations_table(mine, now, title=f"Reservations of {args.id}"))
             return {"reservations": mine}
         case "cancel":
-            r = await c.cancel(args.reservation)
-            if human:
+            cancelled = await c.cancel(args.reservation)
+            r = cancelled.reservation
+            if human and cancelled.unchanged:
+                out.print(f"Reservation [bold]{r.id}[/] was {r.state} already; nothing to cancel")
+            elif human:
                 out.print(f"Reservation [bold]{r.id}[/] is {r.state}; {r.charge_point_id} is free again")
-            return {"reservation": r}
+            return {"reservation": r, "unchanged": cancelled.unchanged}
         case "charge":
             r = await c.start_charging(args.reservation)
             if human:
@@ -236,8 +239,11 @@ async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> 
                     out.print("No trips.")
             return {"trips": trips}
         case "cancel-trip":
-            trip = await c.cancel_trip(args.trip)
-            if human:
+            trip_cancelled = await c.cancel_trip(args.trip)
+            trip = trip_cancelled.trip
+            if human and trip_cancelled.unchanged:
+                out.print(f"Trip [bold]{trip.id}[/] was cancelled already; nothing to cancel")
+            elif human:
                 out.print(f"Trip [bold]{trip.id}[/] is {trip.state}; its {len(trip.stops)} stops are released")
-            return {"trip": trip}
+            return {"trip": trip, "unchanged": trip_cancelled.unchanged}
     raise UsageError(f"unknown command {args.command}")

@@ -36,6 +36,9 @@ class ChargingSession:
     price_per_kwh: float
     ended: int | None = None
     kwh: float = 0.0
+    # A visiting vehicle's home operator: it is sent the charge record once the session ends.
+    home: str | None = None
+    delivered: bool = False  # the home has stored the charge record
 
     @property
     def cost(self) -> float:
@@ -54,3 +57,31 @@ class Trip:
     unacked: list[str]  # participants not yet told the latest decision
     info: bytes  # the TripInfo, as JSON
     created: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The answer to one keyed state-changing request, kept so that a retry gets it again."""
+
+    scope: str  # who asked ("vehicle:V01", "peer:B/vehicle:V07"): keys are theirs, not global
+    key: str
+    fingerprint: str  # of the request: one key names one request
+    reply: bytes  # the reply as it was sent (msgpack)
+    created: float  # real epoch seconds (kept for a while, then forgotten)
+
+
+@dataclass(slots=True)
+class ChargeRecord:
+    """A session of one of our vehicles at another operator's charger, as its owner reported it."""
+
+    reservation_id: str
+    owner: str  # the operator whose charger it was
+    vehicle_id: str
+    station_id: str
+    city: str
+    charge_point_id: str
+    started: int  # simulated epoch seconds
+    ended: int
+    kwh: float
+    price_per_kwh: float
+    cost: float

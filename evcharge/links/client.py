@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from evcharge.links.requests import Requests
 from evcharge.wire import protocol as p
 from evcharge.wire.auth import new_nonce, peer_proof, same_secret
 from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT, Connection, ConnectionClosed, Responder
@@ -44,7 +45,7 @@ RequestHandler = Callable[[p.Request], Awaitable[p.Reply]]
 EventHandler = Callable[[p.Event], None]
 
 
-class Client(Responder):
+class Client(Requests, Responder):
     def __init__(self, conn: Connection, welcome: p.Welcome, *, timeout: float) -> None:
         self.conn = conn
         self.welcome = welcome
@@ -95,54 +96,17 @@ class Client(Responder):
             await asyncio.gather(self._reader, return_exceptions=True)
         await self.conn.cancel_serving()
 
-    async def call(self, request: p.Request, expect: type[R], timeout: float | None = None) -> R:
+    async def call(
+        self, request: p.Request, expect: type[R], timeout: float | None = None, *, again_until: float | None = None
+    ) -> R:
+        """One request over this one connection (``again_until`` is for a ``Link``: a lost reply is raised here)."""
         reply = await self.conn.request(request, timeout=timeout or self.timeout)
         if not isinstance(reply, expect):
             raise BadRequestError(f"expected {expect.__name__} in reply, got {type(reply).__name__}")
         return reply
 
-    # --- any role ---------------------------------------------------------------------
-
     async def heartbeat(self) -> datetime:
         return (await self.call(p.Heartbeat(), p.HeartbeatAck)).server_time
-
-    async def list_stations(
-        self, *, city: str | None = None, near: tuple[float, float] | None = None, limit: int | None = None
-    ) -> list[p.StationInfo]:
-        lat, lon = near if near is not None else (None, None)
-        reply = await self.call(p.ListStations(city=city, lat=lat, lon=lon, limit=limit), p.StationList)
-        return reply.stations
-
-    async def find_nearest(self, lat: float, lon: float, *, min_power_kw: float = 0.0) -> p.NearestResult:
-        return await self.call(p.FindNearest(lat=lat, lon=lon, min_power_kw=min_power_kw), p.NearestResult)
-
-    async def station_status(self, station_id: str) -> p.StationInfo:
-        return (await self.call(p.GetStationStatus(station_id=station_id), p.StationStatus)).station
-
-    # --- vehicles -------------------------------------------------------------------
-
-    async def reserve(self, charge_point_id: str, start: datetime, minutes: int) -> p.ReservationInfo:
-        reply = await self.call(
-            p.Reserve(charge_point_id=charge_point_id, start=start, minutes=minutes), p.ReservationReply
-        )
-        return reply.reservation
-
-    async def reservations(self, *, include_past: bool = False) -> list[p.ReservationInfo]:
-        return (await self.call(p.ListReservations(include_past=include_past), p.ReservationList)).reservations
-
-    async def cancel(self, reservation_id: str) -> p.ReservationInfo:
-        return (await self.call(p.CancelReservation(reservation_id=reservation_id), p.ReservationReply)).reservation
-
-    async def start_charging(self, reservation_id: str) -> p.ReservationInfo:
-        reply = await self.call(p.StartCharging(reservation_id=reservation_id), p.ReservationReply)
-        return reply.reservation
-
-    async def stop_charging(self, reservation_id: str) -> p.ReservationInfo:
-        reply = await self.call(p.StopCharging(reservation_id=reservation_id), p.ReservationReply)
-        return reply.reservation
-
-    async def history(self) -> p.History:
-        return await self.call(p.GetHistory(), p.History)
 
     async def update_position(self, lat: float, lon: float) -> None:
         await self.call(p.UpdatePosition(lat=lat, lon=lon), p.Ok)
@@ -163,48 +127,8 @@ class Client(Responder):
                 log.warning("position update failed: %s", exc.message)
             await asyncio.sleep(every)
 
-    # --- trips ---------------------------------------------------------------------
-
-    async def plan_trip(self, query: p.TripQuery) -> p.TripInfo:
-        return (await self.call(p.PlanTrip(query=query), p.TripReply, timeout=max(self.timeout, 30.0))).trip
-
-    async def book_trip(self, query: p.TripQuery, plan_id: str = "") -> p.TripReply:
-        request = p.BookTrip(query=query, plan_id=plan_id)
-        return await self.call(request, p.TripReply, timeout=max(self.timeout, 60.0))
-
-    async def trips(self, *, include_cancelled: bool = False) -> list[p.TripInfo]:
-        return (await self.call(p.ListTrips(include_cancelled=include_cancelled), p.TripList)).trips
-
-    async def cancel_trip(self, trip_id: str) -> p.TripInfo:
-        return (await self.call(p.CancelTrip(trip_id=trip_id), p.TripReply, timeout=max(self.timeout, 30.0))).trip
-
-    # --- operators ------------------------------------------------------------------
-
-    async def inspect(self) -> p.InspectResult:
-        """The operator's whole state, one snapshot, fetched part by part if it is big."""
-        result = await self.call(p.Inspect(), p.InspectResult)
-        while result.more:
-            part = await self.call(p.Inspect(cursor=result.more), p.InspectResult)
-            result.stations += part.stations
-            result.reservations += part.reservations
-            result.trips += part.trips
-            result.more = part.more
-        return result
-
-    # --- charge points ----------------------------------------------------------------
-
-    async def report_status(self, status: p.ReportedStatus, info: str = "") -> None:
-        await self.call(p.StatusNotification(status=status, info=info), p.Ok)
-
     def send_meter(self, reservation_id: str, kwh: float) -> None:
         self.conn.write_nowait(p.MeterValues(reservation_id=reservation_id, kwh=kwh))
-
-    async def session_complete(self, reservation_id: str, kwh: float, reason: str = "") -> None:
-        await self.call(p.SessionComplete(reservation_id=reservation_id, kwh=kwh, reason=reason), p.Ok)
-
-    async def authorize(self, vehicle_id: str) -> p.ReservationInfo:
-        """The reservation that lets this vehicle charge here now (else the reason as an error)."""
-        return (await self.call(p.Authorize(vehicle_id=vehicle_id), p.ReservationReply)).reservation
 
 
 async def open_client(

@@ -19,17 +19,26 @@ The model is nats.py's reconnect, written once with callbacks, and redis-py's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import TypeVar
 
 from evcharge.links.client import Client, open_client
+from evcharge.links.requests import Requests
 from evcharge.wire import protocol as p
 from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT
-from evcharge.wire.errors import EvchargeError, UnavailableError
+from evcharge.wire.errors import (
+    ConnectionLostError,
+    EvchargeError,
+    OutcomeUnknownError,
+    RequestTimeoutError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +66,10 @@ class Backoff:
         self.delay = min(self.delay * 2, self.cap)
 
 
-class Link:
+ANSWER_DEADLINE = 30.0  # real seconds a request whose reply was lost is asked for again
+
+
+class Link(Requests):
     def __init__(
         self,
         host: str,
@@ -76,6 +88,7 @@ class Link:
         retry_refused: bool = False,
         name: str = "",
         what: str = "",
+        answer_within: float = ANSWER_DEADLINE,
     ) -> None:
         self.host, self.port = host, port
         self.role, self.ident, self.secret = role, ident, secret
@@ -92,6 +105,8 @@ class Link:
         self.last_error = "not connected yet"
         self.last_seen: float | None = None  # wall-clock time of the last reply
         self.connects = 0  # times the link came up
+        self.answer_within = answer_within
+        self._tried = asyncio.Event()  # set once a first attempt to connect ended, either way
         self._suspect = asyncio.Event()
         self._is_up = asyncio.Event()  # set while self.client is
 
@@ -113,6 +128,36 @@ class Link:
         assert self.client is not None  # set and cleared together with _is_up
         return self.client
 
+    def server_now(self) -> datetime:
+        client = self.client
+        if client is None:
+            raise UnavailableError(f"{self.what} is unreachable ({self.last_error})")
+        return client.server_now()
+
+    def answer_deadline(self, timeout: float | None = None) -> float | None:
+        return asyncio.get_running_loop().time() + max(self.answer_within, timeout or 0.0)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Link]:
+        """The link kept up while in the block, once its first attempt to connect succeeded.
+
+        For a one-shot command: a server that cannot be reached, or refuses us, is said at once.
+        """
+        task = asyncio.get_running_loop().create_task(self.run())
+        tried = asyncio.ensure_future(self._tried.wait())
+        try:
+            await asyncio.wait({task, tried}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()  # refused: raised here
+            if not self.up:
+                raise UnavailableError(f"{self.what} is unreachable ({self.last_error})")
+            yield self
+        finally:
+            tried.cancel()
+            task.cancel()
+            await asyncio.gather(task, tried, return_exceptions=True)
+            await self.close()
+
     async def run(self) -> None:
         """Stay connected until cancelled, or until refused (that error is raised)."""
         while True:
@@ -129,6 +174,7 @@ class Link:
                 )
             except EvchargeError as exc:
                 self._failed(exc)
+                self._tried.set()
                 if exc.code in REFUSALS and not self.retry_refused:
                     raise
                 await self.backoff.sleep()
@@ -142,6 +188,7 @@ class Link:
         self.connects += 1
         self.client = client
         self._is_up.set()
+        self._tried.set()
         self.last_seen = time.time()
         self.last_error = ""
         log.info("%s up", self.name)
@@ -206,8 +253,18 @@ class Link:
         if self.on_down is not None:
             self.on_down(reason)
 
-    async def call(self, request: p.Request, expect: type[R], timeout: float | None = None) -> R:
-        """One request over the link; ``UnavailableError`` when it is down or does not answer."""
+    async def call(
+        self, request: p.Request, expect: type[R], timeout: float | None = None, *, again_until: float | None = None
+    ) -> R:
+        """One request over the link; ``UnavailableError`` when it is down or does not answer.
+
+        With ``again_until`` (a time of the loop's clock) the request is one that may be sent
+        again (it carries an idempotency key, or only reads): it waits for the link to come up,
+        and a reply lost to a broken connection or a timeout is asked for again, until then.
+        ``OutcomeUnknownError`` once it was sent and no answer came by the deadline.
+        """
+        if again_until is not None:
+            return await self._call_until_answered(request, expect, timeout, again_until)
         client = self.client
         if client is None:
             raise UnavailableError(f"{self.what} is unreachable ({self.last_error})")
@@ -221,6 +278,39 @@ class Link:
             raise
         self.last_seen = time.time()
         return reply
+
+    async def _call_until_answered(
+        self, request: p.Request, expect: type[R], timeout: float | None, deadline: float
+    ) -> R:
+        loop = asyncio.get_running_loop()
+        sent = False
+        while True:
+            left = deadline - loop.time()
+            client = self.client
+            if client is None and not sent:  # nothing sent, nothing done: say so at once
+                raise UnavailableError(f"{self.what} is unreachable ({self.last_error})")
+            if client is None:
+                try:
+                    client = await self.wait_up(max(0.0, left))
+                except UnavailableError:
+                    raise OutcomeUnknownError(
+                        f"{self.what} did not answer ({self.last_error}); whether it was done is not known yet"
+                    ) from None
+            try:
+                reply = await client.call(request, expect, timeout=max(0.05, min(timeout or self.timeout, left)))
+            except (ConnectionLostError, RequestTimeoutError) as exc:
+                sent = True
+                if isinstance(exc, RequestTimeoutError) and client is self.client:
+                    self._suspect.set()
+                if loop.time() >= deadline:
+                    raise OutcomeUnknownError(
+                        f"{self.what} did not answer ({exc.message}); whether it was done is not known yet"
+                    ) from None
+                log.info("%s: %s lost (%s); asking again", self.name, type(request).__name__, exc.message)
+                await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))  # the link notices a loss meanwhile
+                continue
+            self.last_seen = time.time()
+            return reply
 
     async def close(self) -> None:
         client = self.client

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from evcharge.domain.clock import to_datetime
@@ -21,9 +21,9 @@ from evcharge.domain.model import ChargingSession, Reservation
 from evcharge.operator.pushes import Connected, Online
 from evcharge.operator.reservations import Reservations
 from evcharge.operator.state import Actor, Books, Change
-from evcharge.operator.store import put_reservation, put_session
+from evcharge.operator.store import Op, put_reservation, put_session
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConflictError, EvchargeError, ForbiddenError, UnavailableError
+from evcharge.wire.errors import ConflictError, EvchargeError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class Charging:
         self._ending: set[str] = set()  # reservations whose session is being ended
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
+        me = books.operator_id
+        self._visitor_home = {v.id: v.home for v in books.world.vehicles if v.home != me}
+        self.session_ended: list[Callable[[ChargingSession], None]] = []  # once stored
 
     @property
     def _operator(self) -> Actor:
@@ -44,7 +47,9 @@ class Charging:
 
     # --- starting ----------------------------------------------------------------------
 
-    async def start(self, actor: Actor, reservation_id: str) -> Reservation:
+    async def start(
+        self, actor: Actor, reservation_id: str, remember: Callable[[Reservation], Op] | None = None
+    ) -> Reservation:
         """A vehicle asks: its charge point is told to start, then the session is recorded."""
         async with self.books.lock.reader_lock:
             r, cp = self.reservations.check_can_start(actor, reservation_id)
@@ -55,7 +60,7 @@ class Charging:
             try:
                 until = to_datetime(r.end)
                 await charge_point.command(p.RemoteStart(reservation_id=r.id, vehicle_id=r.vehicle_id, until=until))
-                return await self._begin(actor, reservation_id)
+                return await self._begin(actor, reservation_id, remember)
             except EvchargeError:
                 # The charge point may have started (a lost or late answer) while we record
                 # nothing: make sure it stops again -- unless a session is recorded after all
@@ -69,7 +74,9 @@ class Charging:
         with _once(self._starting, reservation_id, "started"):
             return await self._begin(actor, reservation_id)
 
-    async def _begin(self, actor: Actor, reservation_id: str) -> Reservation:
+    async def _begin(
+        self, actor: Actor, reservation_id: str, remember: Callable[[Reservation], Op] | None = None
+    ) -> Reservation:
         books = self.books
 
         def mutate() -> Change[Reservation]:
@@ -82,11 +89,12 @@ class Charging:
                 charge_point_id=cp.config.id,
                 started=int(books.clock.now()),
                 price_per_kwh=cp.config.price_per_kwh,
+                home=self._visitor_home.get(r.vehicle_id),
             )
             books.sessions[r.id] = session
             return Change(r, [put_reservation(r), put_session(session)], [(r, "charging")])
 
-        result = await books.apply(actor, f"start charging {reservation_id}", mutate)
+        result = await books.apply(actor, f"start charging {reservation_id}", mutate, remember)
         books.charge_point_changed(result.charge_point_id)
         return result
 
@@ -110,15 +118,23 @@ class Charging:
 
     # --- ending ---------------------------------------------------------------------------
 
-    async def stop(self, actor: Actor, reservation_id: str) -> Reservation:
+    async def stop(
+        self, actor: Actor, reservation_id: str, remember: Callable[[Reservation], Op] | None = None
+    ) -> Reservation:
         """A vehicle asks to stop charging."""
         async with self.books.lock.reader_lock:
             r = self.books.owned(actor, reservation_id)
             if r.state != "charging":
                 raise ConflictError(f"reservation {reservation_id} is {r.state}, not charging")
-        return await self._end(r.id, actor, "stopped by vehicle")
+        return await self._end(r.id, actor, "stopped by vehicle", remember)
 
-    async def _end(self, reservation_id: str, actor: Actor | None, reason: str) -> Reservation:
+    async def _end(
+        self,
+        reservation_id: str,
+        actor: Actor | None,
+        reason: str,
+        remember: Callable[[Reservation], Op] | None = None,
+    ) -> Reservation:
         """Stop the charge point if it is there, then record the final reading."""
         with _once(self._ending, reservation_id, "stopped"):
             r = self.books.reservations[reservation_id]
@@ -131,18 +147,21 @@ class Charging:
                         kwh = report.kwh
                 except EvchargeError as exc:
                     log.warning("stopping %s on %s: %s; using the last meter value", reservation_id, charge_point, exc)
-            return await self.complete(actor or self._operator, reservation_id, kwh, reason)
+            return await self.complete(actor or self._operator, reservation_id, kwh, reason, remember)
 
-    async def complete(self, actor: Actor, reservation_id: str, kwh: float | None, reason: str) -> Reservation:
+    async def complete(
+        self,
+        actor: Actor,
+        reservation_id: str,
+        kwh: float | None,
+        reason: str,
+        remember: Callable[[Reservation], Op] | None = None,
+    ) -> Reservation:
         """End a charging session with the final meter reading (None: the last one seen)."""
         books = self.books
 
         def mutate() -> Change[Reservation]:
-            r = books.reservation(reservation_id)
-            if actor.role == "station" and r.charge_point_id != actor.ident:
-                raise ForbiddenError(f"reservation {reservation_id} is not on charge point {actor.ident}")
-            if actor.role == "vehicle" and r.vehicle_id != actor.ident:
-                raise ForbiddenError(f"reservation {reservation_id} belongs to another vehicle")
+            r = books.owned(actor, reservation_id)
             if r.state != "charging":
                 return Change(r)  # already completed: reporting twice is harmless
             session = books.sessions[r.id]
@@ -152,8 +171,12 @@ class Charging:
             books.leave_live(r, "completed")
             return Change(r, [put_reservation(r), put_session(session)], [(r, reason)])
 
-        result = await books.apply(actor, f"complete charging {reservation_id} ({reason})", mutate)
+        result = await books.apply(actor, f"complete charging {reservation_id} ({reason})", mutate, remember)
         books.charge_point_changed(result.charge_point_id)
+        session = books.sessions.get(result.id)
+        if session is not None and session.ended is not None:
+            for listener in self.session_ended:
+                listener(session)
         return result
 
     def charge_point_went_away(self, cp_id: str) -> None:

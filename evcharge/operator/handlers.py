@@ -15,13 +15,16 @@ import secrets
 from collections.abc import Callable
 
 from evcharge.domain.clock import to_seconds
+from evcharge.domain.model import Reservation
 from evcharge.operator.crash_points import crash_point
+from evcharge.operator.reservations import Cancelled
 from evcharge.operator.services import Services
 from evcharge.operator.state import Actor
+from evcharge.operator.trips.coordinator import Booked, TripCancelled
 from evcharge.operator.views import planned_trip_info
 from evcharge.wire import protocol as p
 from evcharge.wire.connection import MAX_IN_FLIGHT, Connection, Responder
-from evcharge.wire.errors import BadRequestError, ConnectionLostError, ForbiddenError, UnavailableError
+from evcharge.wire.errors import BadRequestError, ConnectionLostError, ForbiddenError, NotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +98,69 @@ class RoleHandler(Responder):
         raise ForbiddenError(f"{type(request).__name__} is not a request a {self.role} may send")
 
 
+async def act_for_vehicle(s: Services, me: Actor, request: p.RoamedRequest) -> p.Reply:
+    """A vehicle's request about this operator's own chargers: its own, or forwarded by its home (``me.via``).
+
+    Every change is done once per idempotency key (``outcomes``).
+    """
+    views = s.views
+
+    def reservation_reply(r: Reservation) -> p.Reply:
+        return p.ReservationReply(reservation=views.reservation_info(r))
+
+    match request:
+        case p.Reserve(charge_point_id=cp_id, start=start, minutes=minutes):
+            return await s.outcomes.once(
+                me,
+                request,
+                lambda keep: s.reservations.reserve(me, me.ident, cp_id, to_seconds(start), minutes, keep),
+                reservation_reply,
+            )
+        case p.CancelReservation(reservation_id=rid):
+
+            def cancelled(c: Cancelled) -> p.Reply:
+                return p.ReservationReply(reservation=views.reservation_info(c.reservation), unchanged=c.already)
+
+            return await s.outcomes.once(me, request, lambda keep: s.reservations.cancel(me, rid, keep), cancelled)
+        case p.StartCharging(reservation_id=rid):
+            return await s.outcomes.once(me, request, lambda keep: s.charging.start(me, rid, keep), reservation_reply)
+        case p.StopCharging(reservation_id=rid):
+            return await s.outcomes.once(me, request, lambda keep: s.charging.stop(me, rid, keep), reservation_reply)
+        case p.ListReservations(include_past=include_past):
+            return p.ReservationList(reservations=await views.reservations_of(me.ident, include_past))
+    raise ForbiddenError(f"{type(request).__name__} is not a request a vehicle may send")
+
+
 class VehicleHandler(RoleHandler):
     role = "vehicle"
 
     async def handle(self, request: p.Request) -> p.Reply:
         s, me = self.services, self.actor
+        federation = s.federation
         match request:
-            case p.Reserve(charge_point_id=cp_id, start=start, minutes=minutes):
-                r = await s.reservations.reserve(me, self.ident, cp_id, to_seconds(start), minutes)
-                return p.ReservationReply(reservation=s.views.reservation_info(r))
+            case p.Reserve() | p.CancelReservation() | p.StartCharging() | p.StopCharging():
+                owner = federation.roaming.owner(request) if federation else None
+                if owner is None:
+                    return await act_for_vehicle(s, me, request)
+                assert federation is not None
+                return await federation.roaming.forward(owner, self.ident, request, p.ReservationReply)
             case p.ListReservations(include_past=include_past):
-                return p.ReservationList(reservations=await s.views.reservations_of(self.ident, include_past))
-            case p.CancelReservation(reservation_id=rid):
-                r = await s.reservations.cancel(me, rid)
-                return p.ReservationReply(reservation=s.views.reservation_info(r))
-            case p.StartCharging(reservation_id=rid):
-                r = await s.charging.start(me, rid)
-                return p.ReservationReply(reservation=s.views.reservation_info(r))
-            case p.StopCharging(reservation_id=rid):
-                r = await s.charging.stop(me, rid)
-                return p.ReservationReply(reservation=s.views.reservation_info(r))
+                mine = await s.views.reservations_of(self.ident, include_past)
+                if federation is not None:
+                    mine += await federation.roaming.reservations_elsewhere(self.ident, include_past)
+                mine.sort(key=lambda r: (r.start, r.operator_id))
+                return p.ReservationList(reservations=mine)
             case p.GetHistory():
-                return await s.views.history_of(self.ident)
+                elsewhere = federation.records.sessions_elsewhere(self.ident) if federation else []
+                return await s.views.history_of(self.ident, elsewhere)
+            case p.ListStations(city=city, lat=lat, lon=lon, limit=limit) if federation is not None:
+                near = (lat, lon) if lat is not None and lon is not None else None
+                return p.StationList(stations=await federation.directory.list_stations(city, near, limit))
+            case p.FindNearest(lat=lat, lon=lon, min_power_kw=min_kw) if federation is not None:
+                return await federation.directory.nearest_available(lat, lon, min_kw)
+            case p.GetStationStatus(station_id=station_id) if federation is not None:
+                station = await federation.directory.station_status(station_id)
+                return p.StationStatus(station=station, server_time=s.books.clock.now_dt())
             case p.UpdatePosition(lat=lat, lon=lon):
                 s.books.positions[self.ident] = (lat, lon)
                 return p.Ok()
@@ -127,14 +171,26 @@ class VehicleHandler(RoleHandler):
                 return p.TripReply(trip=planned_trip_info(plan_id, self.ident, s.operator.id, query, plan))
             case p.BookTrip(query=query, plan_id=plan_id):
                 coordinator = s.federation_or_refuse().coordinator
-                trip, attempts, as_shown = await coordinator.book(s.world.vehicle(self.ident), query, plan_id)
-                return p.TripReply(trip=trip, attempts=attempts, as_shown=as_shown)
+                vehicle = s.world.vehicle(self.ident)
+
+                def booked(b: Booked) -> p.Reply:
+                    return p.TripReply(trip=b.trip, attempts=b.attempts, as_shown=b.as_shown)
+
+                return await s.outcomes.once(
+                    me, request, lambda keep: coordinator.book(vehicle, query, plan_id, keep), booked
+                )
             case p.ListTrips(include_cancelled=include_cancelled):
                 coordinator = s.federation_or_refuse().coordinator
                 return p.TripList(trips=coordinator.trips_of(self.ident, include_cancelled))
             case p.CancelTrip(trip_id=trip_id):
-                trip = await s.federation_or_refuse().coordinator.cancel_trip(self.ident, trip_id)
-                return p.TripReply(trip=trip)
+                coordinator = s.federation_or_refuse().coordinator
+
+                def trip_cancelled(c: TripCancelled) -> p.Reply:
+                    return p.TripReply(trip=c.trip, unchanged=c.already)
+
+                return await s.outcomes.once(
+                    me, request, lambda keep: coordinator.cancel_trip(self.ident, trip_id, keep), trip_cancelled
+                )
         return await super().handle(request)
 
 
@@ -217,13 +273,15 @@ class OperatorToolHandler(RoleHandler):
                 part.more = cursor if self._inspect_parts else ""
                 return part
             case p.CancelReservation(reservation_id=rid):
-                r = await s.reservations.cancel(self.actor, rid)
-                return p.ReservationReply(reservation=s.views.reservation_info(r))
+                c = await s.reservations.cancel(self.actor, rid)
+                return p.ReservationReply(reservation=s.views.reservation_info(c.reservation), unchanged=c.already)
+            case p.GetSettlement():
+                return s.federation_or_refuse().records.settlement()
         return await super().handle(request)
 
 
 class PeerHandler(RoleHandler):
-    """Another operator: its catalog and availability requests, and its trip bookings."""
+    """Another operator: its catalog and availability requests, its trip bookings, its vehicles' requests."""
 
     role = "peer"
 
@@ -231,8 +289,15 @@ class PeerHandler(RoleHandler):
         s, coordinator = self.services, self.ident
         match request:
             case p.GetCatalog():
-                stations = await s.views.list_stations(None, None, None)
-                return p.Catalog(operator_id=s.operator.id, stations=stations)
+                return p.Catalog(operator_id=s.operator.id, stations=await s.views.catalog())
+            case p.Roam(vehicle_id=vehicle_id, request=asked):
+                # An operator speaks for its own vehicles only; another's is not disclosed.
+                if not any(v.id == vehicle_id and v.home == coordinator for v in s.world.vehicles):
+                    raise NotFoundError(f"no vehicle {vehicle_id!r} of operator {coordinator}")
+                return await act_for_vehicle(s, Actor("vehicle", vehicle_id, via=coordinator), asked)
+            case p.DeliverChargeRecord(record=record):
+                await s.federation_or_refuse().records.receive(coordinator, record)
+                return p.Ok()
             case p.GetAvailability(start=start, end=end):
                 busy = await s.views.busy_between(to_seconds(start), to_seconds(end))
                 return p.Availability(charge_points=busy)

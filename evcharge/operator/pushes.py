@@ -2,12 +2,15 @@
 
 ``Online`` is told of every durable change by the books (it is one of their
 listeners) and of trips by the coordinator, and pushes each event to those it
-concerns: the vehicle, the charge point (a gateway turns reservations into its
-charge point's own), and every operator tool (monitor, dashboard, inspect).
+concerns: the vehicle (a visiting vehicle through its home operator), the
+charge point (a gateway turns reservations into its charge point's own), every
+operator tool (monitor, dashboard, inspect), and -- a moment later, one push per
+changed station however many changes there were -- the other operators.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -17,6 +20,8 @@ from evcharge.wire import protocol as p
 from evcharge.wire.connection import Connection
 
 log = logging.getLogger(__name__)
+
+STATION_NEWS_DELAY = 0.2  # real seconds a station's changes are gathered into one push to the peers
 
 
 class Connected(Protocol):
@@ -40,6 +45,11 @@ class Online:
         self.charge_points: dict[str, Connected] = {}  # one connection per charge point: the newest
         self.vehicles: dict[str, set[Connected]] = {}  # a vehicle may be connected several times
         self.operator_tools: set[Connected] = set()  # monitors and inspectors get every push
+        self.peers: dict[str, set[Connected]] = {}  # other operators' links to us
+        books = views.books
+        self._home_of = {v.id: v.home for v in books.world.vehicles if v.home != books.operator_id}
+        self._changed_stations: set[str] = set()
+        self._news_due: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self.everyone)
@@ -58,6 +68,8 @@ class Online:
                 self.vehicles.setdefault(client.ident, set()).add(client)
             case "operator":
                 self.operator_tools.add(client)
+            case "peer":
+                self.peers.setdefault(client.ident, set()).add(client)
 
     def remove(self, client: Connected) -> bool:
         """Forget a closed connection; True if it was its charge point's current one."""
@@ -69,6 +81,8 @@ class Online:
                 return True
             case "operator":
                 self.operator_tools.discard(client)
+            case "peer":
+                self.peers.get(client.ident, set()).discard(client)
             case "vehicle":
                 mine = self.vehicles.get(client.ident)
                 if mine is not None:
@@ -87,6 +101,12 @@ class Online:
     # --- pushes -------------------------------------------------------------------------
 
     def to_vehicle(self, vehicle_id: str, event: p.Event) -> None:
+        home = self._home_of.get(vehicle_id)
+        if home is not None:  # a visiting vehicle hears it from its home operator
+            if isinstance(event, p.ReservationChanged | p.ChargingProgress):
+                for client in self.peers.get(home, ()):
+                    client.push(p.ForVehicle(vehicle_id=vehicle_id, event=event))
+            return
         for client in self.vehicles.get(vehicle_id, ()):
             client.push(event)
 
@@ -101,12 +121,43 @@ class Online:
         if charge_point is not None:  # a gateway turns these into its charge point's reservations
             charge_point.push(event)
         self.to_operator_tools(event)
+        self._station_news(reservation.charge_point_id)
 
     def charge_point_changed(self, cp_id: str) -> None:
         books = self.views.books
         cp = books.charge_points[cp_id]
         status = self.views.status_of(cp, books.clock.now())
         self.to_operator_tools(p.ChargePointChanged(station_id=cp.station.id, charge_point_id=cp_id, status=status))
+        self._station_news(cp_id)
+
+    def close(self) -> None:
+        if self._news_due is not None:
+            self._news_due.cancel()
+            self._news_due = None
+
+    def _station_news(self, cp_id: str) -> None:
+        """Tell the other operators, soon, how this charge point's station is now."""
+        cp = self.views.books.charge_points.get(cp_id)
+        if cp is None or not any(self.peers.values()):
+            return
+        self._changed_stations.add(cp.station.id)
+        if self._news_due is None:
+            self._news_due = asyncio.get_running_loop().call_later(STATION_NEWS_DELAY, self._send_station_news)
+
+    def _send_station_news(self) -> None:
+        self._news_due = None
+        books = self.views.books
+        now = books.clock.now()
+        # Built in one callback: nothing changes the books meanwhile.
+        events = [
+            p.StationChanged(station=self.views.station_info(books.stations[sid], now, with_busy=True))
+            for sid in sorted(self._changed_stations)
+        ]
+        self._changed_stations.clear()
+        for clients in self.peers.values():
+            for client in clients:
+                for event in events:
+                    client.push(event)
 
     def trip_changed(self, trip: p.TripInfo, reason: str) -> None:
         event = p.TripChanged(trip=trip, reason=reason)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import heapq
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from evcharge.domain.clock import to_datetime
 from evcharge.domain.model import Reservation
 from evcharge.operator.state import MIN, Actor, Books, Change, ChargePointState
-from evcharge.operator.store import put_reservation
+from evcharge.operator.store import Op, put_reservation
 from evcharge.wire.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
 
 
@@ -25,12 +27,26 @@ def _minute(seconds: int) -> str:
         return f"{seconds} s from 1970"
 
 
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    reservation: Reservation
+    already: bool  # it had ended before: nothing was done now
+
+
 class Reservations:
     def __init__(self, books: Books) -> None:
         self.books = books
         self.rules = books.rules
 
-    async def reserve(self, actor: Actor, vehicle_id: str, cp_id: str, start: int, minutes: int) -> Reservation:
+    async def reserve(
+        self,
+        actor: Actor,
+        vehicle_id: str,
+        cp_id: str,
+        start: int,
+        minutes: int,
+        remember: Callable[[Reservation], Op] | None = None,
+    ) -> Reservation:
         books, rules = self.books, self.rules
         if not 1 <= minutes <= rules.max_reservation_min:
             raise BadRequestError(f"duration must be 1..{rules.max_reservation_min} minutes, not {minutes}")
@@ -63,15 +79,17 @@ class Reservations:
             books.index(r)
             return Change(r, [put_reservation(r)], [(r, "booked")])
 
-        return await books.apply(actor, f"reserve {cp_id} {minutes} min for {vehicle_id}", mutate)
+        return await books.apply(actor, f"reserve {cp_id} {minutes} min for {vehicle_id}", mutate, remember)
 
-    async def cancel(self, actor: Actor, reservation_id: str) -> Reservation:
+    async def cancel(
+        self, actor: Actor, reservation_id: str, remember: Callable[[Cancelled], Op] | None = None
+    ) -> Cancelled:
         books = self.books
 
-        def mutate() -> Change[Reservation]:
+        def mutate() -> Change[Cancelled]:
             r = books.owned(actor, reservation_id)
             if r.state in ("cancelled", "expired", "completed", "aborted"):
-                return Change(r)  # cancelling twice is not an error: the slot is free
+                return Change(Cancelled(r, already=True))  # cancelling twice is no error: nothing to do
             if r.state == "charging":
                 raise ConflictError(f"reservation {reservation_id} is charging; stop charging first")
             if r.state == "held":
@@ -79,9 +97,9 @@ class Reservations:
             if r.trip_id is not None:  # only the trip's coordinator releases its stops, all together
                 raise ConflictError(f"reservation {reservation_id} is a stop of trip {r.trip_id}; cancel the trip")
             books.leave_live(r, "cancelled")
-            return Change(r, [put_reservation(r)], [(r, "cancelled")])
+            return Change(Cancelled(r, already=False), [put_reservation(r)], [(r, "cancelled")])
 
-        return await books.apply(actor, f"cancel {reservation_id}", mutate)
+        return await books.apply(actor, f"cancel {reservation_id}", mutate, remember)
 
     def check_can_start(self, actor: Actor, reservation_id: str) -> tuple[Reservation, ChargePointState]:
         """Raise unless charging may begin on this reservation now."""

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from evcharge.operator.handlers import (
     RoleHandler,
     VehicleHandler,
 )
+from evcharge.operator.outcomes import Outcomes
 from evcharge.operator.pushes import Online
 from evcharge.operator.reservations import Reservations
 from evcharge.operator.services import Services
@@ -126,9 +128,10 @@ class Server:
         self.reservations = Reservations(self.books)
         self.charging = Charging(self.books, self.reservations, self.online)
         self.participant = Participant(self.books)
+        self.outcomes = Outcomes(self.books)
         self.federation: Federation | None = None
         if len(world.operators) > 1:
-            self.federation = Federation(world, self.views, self.participant, self.online, self.peer_ssl)
+            self.federation = Federation(world, self.views, self.participant, self.charging, self.online, self.peer_ssl)
         self.services = Services(
             world=world,
             operator=self.operator,
@@ -137,6 +140,7 @@ class Server:
             reservations=self.reservations,
             charging=self.charging,
             participant=self.participant,
+            outcomes=self.outcomes,
             online=self.online,
             federation=self.federation,
             push_buffer_limit=push_buffer_limit,
@@ -237,6 +241,7 @@ class Server:
         await asyncio.gather(*(c.conn.close() for c in clients), return_exceptions=True)
         await asyncio.gather(*self._handshakes, return_exceptions=True)
         await self.charging.close()
+        self.online.close()
         for listener in self._listeners:
             await listener.wait_closed()
         await self.books.stop()
@@ -394,6 +399,7 @@ class Server:
             try:
                 await self.reservations.expire_no_shows()
                 self.charging.end_overdue()
+                await self.outcomes.forget_old(time.time())
             except EvchargeError as exc:
                 log.warning("sweep: %s", exc)
             except Exception:

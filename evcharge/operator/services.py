@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from evcharge.domain.world import OperatorConfig, World
 from evcharge.operator.charging import Charging
+from evcharge.operator.outcomes import Outcomes
 from evcharge.operator.pushes import Online
 from evcharge.operator.reservations import Reservations
 from evcharge.operator.state import Books
@@ -29,6 +30,7 @@ class Services:
     reservations: Reservations
     charging: Charging
     participant: Participant
+    outcomes: Outcomes
     online: Online
     federation: Federation | None
     push_buffer_limit: int

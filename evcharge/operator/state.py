@@ -26,10 +26,10 @@ import aiorwlock
 
 from evcharge.domain.clock import SimClock
 from evcharge.domain.ledger import Ledger
-from evcharge.domain.model import ChargingSession, Reservation, Trip
+from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
 from evcharge.domain.world import ChargePointConfig, Rules, StationConfig, World
 from evcharge.operator.store import Op, Store, StoredState, StoreError
-from evcharge.wire.errors import ForbiddenError, NotFoundError, UnavailableError
+from evcharge.wire.errors import NotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,10 @@ class Actor:
 
     role: str
     ident: str
+    via: str = ""  # the home operator speaking for a visiting vehicle
 
     def __str__(self) -> str:
-        return f"{self.role} {self.ident}"
+        return f"{self.role} {self.ident}" + (f" via operator {self.via}" if self.via else "")
 
 
 @dataclass(slots=True)
@@ -115,6 +116,10 @@ class Books:
         # The trips this operator coordinates; a row is the two-phase commit's decision record.
         self.trips: dict[str, Trip] = {}
         self.trips_by_txn: dict[str, Trip] = {}
+        # Answers to keyed requests, by (scope, key); see outcomes.py.
+        self.outcomes: dict[tuple[str, str], Outcome] = {}
+        # Our vehicles' sessions at other operators' chargers, by reservation id.
+        self.records: dict[str, ChargeRecord] = {}
         self._reload: _Reload | None = None
         store.on_failure = self._ensure_reload
 
@@ -139,6 +144,8 @@ class Books:
         self.trips_by_txn = {}
         for trip in state.trips:
             self.remember_trip(trip)
+        self.outcomes = {(o.scope, o.key): o for o in state.outcomes}
+        self.records = {r.reservation_id: r for r in state.records}
 
     def index(self, r: Reservation) -> None:
         self.reservations[r.id] = r
@@ -183,11 +190,14 @@ class Books:
 
     def owned(self, actor: Actor, reservation_id: str) -> Reservation:
         """The reservation, if ``actor`` may see and change it."""
-        r = self.reservation(reservation_id)
-        if actor.role == "vehicle" and r.vehicle_id != actor.ident:
-            raise ForbiddenError(f"reservation {reservation_id} belongs to another vehicle")
-        if actor.role == "station" and r.charge_point_id != actor.ident:
-            raise ForbiddenError(f"reservation {reservation_id} is not on charge point {actor.ident}")
+        r = self.reservations.get(reservation_id)
+        # Someone else's reservation is answered as if it did not exist: not even that is disclosed.
+        if (
+            r is None
+            or (actor.role == "vehicle" and r.vehicle_id != actor.ident)
+            or (actor.role == "station" and r.charge_point_id != actor.ident)
+        ):
+            raise NotFoundError(f"no reservation {reservation_id!r}")
         return r
 
     def charge_point(self, cp_id: str) -> ChargePointState:
@@ -198,13 +208,25 @@ class Books:
 
     # --- the one way to change state -----------------------------------------------
 
-    async def apply(self, actor: Actor | str, what: str, mutate: Callable[[], Change[T]]) -> T:
-        """Run ``mutate`` under the writer lock, store what it wrote, then announce it."""
+    async def apply(
+        self,
+        actor: Actor | str,
+        what: str,
+        mutate: Callable[[], Change[T]],
+        remember: Callable[[T], Op] | None = None,
+    ) -> T:
+        """Run ``mutate`` under the writer lock, store what it wrote, then announce it.
+
+        ``remember`` turns the result into one more write of the same transaction: the
+        answer kept under a keyed request's key (outcomes.py), durable with the change.
+        """
         if self.store.failed:
             self._ensure_reload()
             raise UnavailableError("the operator's store cannot be written; changes are refused for now")
         async with self.lock.writer_lock:
             change = mutate()
+            if remember is not None:
+                change.ops.append(remember(change.result))
         try:
             # Even a change that writes nothing waits for what is queued before it: a
             # repeated request must not be acknowledged before the first one is durable.

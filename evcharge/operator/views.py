@@ -116,6 +116,13 @@ class Views:
                 raise NotFoundError(f"no station {station_id!r} at operator {books.operator_id}")
             return self.station_info(station, books.clock.now(), with_busy=True)
 
+    async def catalog(self) -> list[p.StationInfo]:
+        """Every station with live status and busy slots: what the other operators keep of ours."""
+        books = self.books
+        async with books.lock.reader_lock:
+            now = books.clock.now()
+            return [self.station_info(s, now, with_busy=True) for s in books.stations.values()]
+
     async def busy_between(self, start: int, end: int) -> list[p.CpBusy]:
         async with self.books.lock.reader_lock:
             return [
@@ -161,10 +168,11 @@ class Views:
                 found = [books.reservations[rid] for _, _, rid in cp.ledger.intervals()]
             return [self.reservation_info(r) for r in found]
 
-    async def history_of(self, vehicle_id: str) -> p.History:
+    async def history_of(self, vehicle_id: str, elsewhere: Iterable[p.SessionInfo] = ()) -> p.History:
+        """A vehicle's finished sessions: here, and ``elsewhere`` (the charge records of other operators)."""
         books = self.books
         async with books.lock.reader_lock:
-            sessions = []
+            sessions = list(elsewhere)
             for r in books.by_vehicle.get(vehicle_id, []):
                 s = books.sessions.get(r.id)
                 if s is None or s.ended is None:

@@ -79,7 +79,13 @@ class ConnectionLostError(UnavailableError):
 
 
 class RequestTimeoutError(EvchargeError):
+    """No answer in time: the request may or may not have been done (ask again with its key)."""
+
     code = "timeout"
+
+
+class OutcomeUnknownError(RequestTimeoutError):
+    """A keyed request was sent but no answer came before the deadline, even when asked again."""
 
 
 class TooLargeError(EvchargeError):

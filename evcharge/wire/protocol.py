@@ -46,10 +46,14 @@ UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
 Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 Kwh = Annotated[float, msgspec.Meta(ge=0, le=100_000)]  # a meter reading (no NaN, no infinity)
-ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "unavailable", "offline"]
+# `unknown`: another operator's charge point whose live status we have not heard yet.
+ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "unavailable", "offline", "unknown"]
 # What a charge point may say about itself; the server derives the rest. `unavailable` is out of
 # service on purpose (maintenance, OCPP's Unavailable), `faulted` is broken: neither can be used.
 ReportedStatus = Literal["available", "faulted", "unavailable"]
+# A client's name for one intent of a state-changing request: the server keeps the outcome
+# under it, so a request sent again after a lost reply is answered, not done twice.
+IdempotencyKey = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class Message(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
@@ -97,6 +101,9 @@ class StationInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     lon: float
     charge_points: list[ChargePointInfo] = []
     distance_km: float | None = None
+    # Another operator's station whose owner cannot be reached now: its status as last heard
+    # at this time (None: live). A station never heard of has charge points "unknown".
+    as_of: datetime | None = None
 
 
 class ReservationInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -112,6 +119,7 @@ class ReservationInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     kwh: float = 0.0
     cost: float = 0.0
     hold_deadline: float | None = None  # held only: wall-clock epoch seconds by which the trip decides
+    as_of: datetime | None = None  # at another operator that cannot be reached now: as last heard then
 
 
 class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -246,6 +254,7 @@ class Reserve(Request, kw_only=True):
     charge_point_id: str
     start: UtcTime
     minutes: int
+    key: IdempotencyKey = ""
 
 
 class ListReservations(Request, kw_only=True):
@@ -258,18 +267,22 @@ class ReservationList(Reply, kw_only=True):
 
 class CancelReservation(Request, kw_only=True):
     reservation_id: str
+    key: IdempotencyKey = ""
 
 
 class StartCharging(Request, kw_only=True):
     reservation_id: str
+    key: IdempotencyKey = ""
 
 
 class StopCharging(Request, kw_only=True):
     reservation_id: str
+    key: IdempotencyKey = ""
 
 
 class ReservationReply(Reply, kw_only=True):
     reservation: ReservationInfo
+    unchanged: bool = False  # it was so already (a reservation cancelled twice): nothing was done now
 
 
 class GetHistory(Request, kw_only=True):
@@ -409,12 +422,14 @@ class BookTrip(Request, kw_only=True):
     # The id of a plan this server showed the vehicle (TripInfo.id of a PlanTrip answer) for
     # the same query: that plan is booked as shown, unless its slots were taken meanwhile.
     plan_id: str = ""
+    key: IdempotencyKey = ""
 
 
 class TripReply(Reply, kw_only=True):
     trip: TripInfo
     attempts: int = 1  # plans tried (more than one: re-planned around conflicts)
     as_shown: bool = False  # the trip is the plan BookTrip.plan_id named, booked as it was shown
+    unchanged: bool = False  # it was so already (a trip cancelled twice): nothing was done now
 
 
 class ListTrips(Request, kw_only=True):
@@ -427,6 +442,7 @@ class TripList(Reply, kw_only=True):
 
 class CancelTrip(Request, kw_only=True):
     trip_id: str
+    key: IdempotencyKey = ""
 
 
 # --- federation (operator <-> operator) ----------------------------------------
@@ -521,6 +537,46 @@ class ReleaseTrip(Request, kw_only=True):
     trip_id: str
 
 
+# --- roaming (a home operator speaking for its vehicles at other operators) ------
+#
+# A vehicle talks only to its home operator. What it asks about another operator's
+# charger the home forwards as ``Roam`` over its peer link; the owner checks its own
+# rules and that the vehicle is the asking operator's, and answers as it would answer
+# the vehicle. Owners push their stations' live status and their news for visiting
+# vehicles back over the same connection, and deliver each finished session's charge
+# record to the vehicle's home (stored there once, however often it is delivered).
+
+RoamedRequest = Reserve | CancelReservation | StartCharging | StopCharging | ListReservations
+
+
+class Roam(Request, kw_only=True):
+    vehicle_id: str
+    request: RoamedRequest
+
+
+class ChargeRecordInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A session of a vehicle at an operator other than its home (an OCPI CDR, in spirit)."""
+
+    vehicle_id: str
+    home_operator_id: str
+    session: SessionInfo  # its operator_id is the charger's owner
+    delivered: bool = False  # (the owner's view) the home has stored it
+
+
+class DeliverChargeRecord(Request, kw_only=True):
+    record: ChargeRecordInfo
+
+
+class GetSettlement(Request, kw_only=True):
+    """The operator's own tools: what it charged other operators' vehicles, and what its vehicles were charged."""
+
+
+class Settlement(Reply, kw_only=True):
+    operator_id: str
+    charged: list[ChargeRecordInfo]  # visiting vehicles at our chargers
+    received: list[ChargeRecordInfo]  # our vehicles at other operators' chargers
+
+
 # --- pushes to vehicles and operators ------------------------------------------
 
 
@@ -548,6 +604,19 @@ class ChargePointChanged(Event, kw_only=True):
     station_id: str
     charge_point_id: str
     status: ChargePointStatus
+
+
+class StationChanged(Event, kw_only=True):
+    """An owner's station as it is now (status, busy slots), pushed to the other operators."""
+
+    station: StationInfo
+
+
+class ForVehicle(Event, kw_only=True):
+    """An owner's news for a visiting vehicle, pushed to its home operator, which passes it on."""
+
+    vehicle_id: str
+    event: ReservationChanged | ChargingProgress
 
 
 AnyMessage = (
@@ -605,6 +674,12 @@ AnyMessage = (
     | QueryDecision
     | Decision
     | ReleaseTrip
+    | Roam
+    | DeliverChargeRecord
+    | GetSettlement
+    | Settlement
+    | StationChanged
+    | ForVehicle
 )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evcharge.domain.model import ChargingSession, Reservation, Trip
+from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,33 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX trips_by_vehicle ON trips(vehicle_id);
     """,
+    # 3: roaming: outcomes of keyed requests, and charge records between operators
+    """
+    CREATE TABLE outcomes (
+        scope TEXT NOT NULL,             -- who asked: keys are per client
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,       -- of the request the key was first used for
+        reply BLOB NOT NULL,             -- the reply as sent (msgpack)
+        created REAL NOT NULL,           -- real epoch seconds
+        PRIMARY KEY (scope, key)
+    );
+    ALTER TABLE charging_sessions ADD COLUMN home TEXT;                       -- a visiting vehicle's operator
+    ALTER TABLE charging_sessions ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0;  -- its record reached home
+    CREATE TABLE charge_records (        -- our vehicles' sessions at other operators' chargers
+        reservation_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        vehicle_id TEXT NOT NULL,
+        station_id TEXT NOT NULL,
+        city TEXT NOT NULL,
+        charge_point_id TEXT NOT NULL,
+        started INTEGER NOT NULL,
+        ended INTEGER NOT NULL,
+        kwh REAL NOT NULL,
+        price_per_kwh REAL NOT NULL,
+        cost REAL NOT NULL
+    );
+    CREATE INDEX charge_records_by_vehicle ON charge_records(vehicle_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -96,6 +123,8 @@ class StoredState:
     reservations: list[Reservation] = field(default_factory=list)
     sessions: list[ChargingSession] = field(default_factory=list)
     trips: list[Trip] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+    records: list[ChargeRecord] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
 
 
@@ -137,10 +166,11 @@ def read_state(conn: sqlite3.Connection) -> StoredState:
     ):
         state.reservations.append(Reservation(*row))
     for row in conn.execute(
-        "SELECT reservation_id, vehicle_id, charge_point_id, started, price_per_kwh, ended, kwh "
+        "SELECT reservation_id, vehicle_id, charge_point_id, started, price_per_kwh, ended, kwh, home, delivered "
         "FROM charging_sessions ORDER BY started"
     ):
-        state.sessions.append(ChargingSession(*row))
+        rid, vehicle, cp_id, started, price, ended, kwh, home, delivered = row
+        state.sessions.append(ChargingSession(rid, vehicle, cp_id, started, price, ended, kwh, home, bool(delivered)))
     for row in conn.execute(
         "SELECT id, vehicle_id, state, txn_id, participants, unacked, info, created FROM trips ORDER BY created"
     ):
@@ -148,6 +178,13 @@ def read_state(conn: sqlite3.Connection) -> StoredState:
         state.trips.append(
             Trip(tid, vehicle, trip_state, txn, json.loads(participants), json.loads(unacked), info.encode(), created)
         )
+    for row in conn.execute("SELECT scope, key, fingerprint, reply, created FROM outcomes"):
+        state.outcomes.append(Outcome(*row))
+    for row in conn.execute(
+        "SELECT reservation_id, owner, vehicle_id, station_id, city, charge_point_id, started, ended, kwh, "
+        "price_per_kwh, cost FROM charge_records ORDER BY started"
+    ):
+        state.records.append(ChargeRecord(*row))
     state.meta = dict(conn.execute("SELECT key, value FROM meta"))
     return state
 
@@ -192,8 +229,51 @@ def put_trip(t: Trip) -> Op:
 def put_session(s: ChargingSession) -> Op:
     return (
         "INSERT OR REPLACE INTO charging_sessions (reservation_id, vehicle_id, charge_point_id, started, "
-        "ended, kwh, price_per_kwh, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (s.reservation_id, s.vehicle_id, s.charge_point_id, s.started, s.ended, s.kwh, s.price_per_kwh, s.cost),
+        "ended, kwh, price_per_kwh, cost, home, delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            s.reservation_id,
+            s.vehicle_id,
+            s.charge_point_id,
+            s.started,
+            s.ended,
+            s.kwh,
+            s.price_per_kwh,
+            s.cost,
+            s.home,
+            int(s.delivered),
+        ),
+    )
+
+
+def put_outcome(o: Outcome) -> Op:
+    return (
+        "INSERT OR REPLACE INTO outcomes (scope, key, fingerprint, reply, created) VALUES (?, ?, ?, ?, ?)",
+        (o.scope, o.key, o.fingerprint, o.reply, o.created),
+    )
+
+
+def forget_outcomes(before: float) -> Op:
+    return ("DELETE FROM outcomes WHERE created < ?", (before,))
+
+
+def put_record(r: ChargeRecord) -> Op:
+    """A charge record received from its owner; the same one again changes nothing."""
+    return (
+        "INSERT OR IGNORE INTO charge_records (reservation_id, owner, vehicle_id, station_id, city, "
+        "charge_point_id, started, ended, kwh, price_per_kwh, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            r.reservation_id,
+            r.owner,
+            r.vehicle_id,
+            r.station_id,
+            r.city,
+            r.charge_point_id,
+            r.started,
+            r.ended,
+            r.kwh,
+            r.price_per_kwh,
+            r.cost,
+        ),
     )
 
 

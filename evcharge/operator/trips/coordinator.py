@@ -39,13 +39,13 @@ from evcharge.domain.world import VehicleConfig
 from evcharge.operator.crash_points import crash_point
 from evcharge.operator.pushes import Online
 from evcharge.operator.state import Actor, Books, Change
-from evcharge.operator.store import StoreError, put_trip
+from evcharge.operator.store import Op, StoreError, put_trip
 from evcharge.operator.trips.participant import Participant
 from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
 from evcharge.operator.trips.planning import Planning
 from evcharge.operator.views import planned_trip_info, trip_info, trip_json
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConflictError, EvchargeError, ForbiddenError, NotFoundError, UnavailableError
+from evcharge.wire.errors import ConflictError, EvchargeError, NotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,19 @@ class _Txn:
 
     state: str  # preparing | committing | committed | aborted
     deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class Booked:
+    trip: p.TripInfo
+    attempts: int  # plans tried (more than one: re-planned around lost slots)
+    as_shown: bool  # the plan shown as the booking's plan id, booked as it was
+
+
+@dataclass(frozen=True, slots=True)
+class TripCancelled:
+    trip: p.TripInfo
+    already: bool  # it was cancelled before: nothing was done now
 
 
 @dataclass(slots=True)
@@ -92,8 +105,17 @@ class Coordinator:
 
     # --- booking ------------------------------------------------------------------------
 
-    async def book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str = "") -> tuple[p.TripInfo, int, bool]:
-        """The trip booked, the plans tried, and whether it is the plan shown as ``plan_id``."""
+    async def book(
+        self,
+        vehicle: VehicleConfig,
+        query: p.TripQuery,
+        plan_id: str = "",
+        remember: Callable[[Booked], Op] | None = None,
+    ) -> Booked:
+        """Book a trip: the plan shown as ``plan_id`` if its slots are still free, else a fresh plan.
+
+        ``remember`` (outcomes.py) is stored in the transaction of the COMMIT record.
+        """
         trip_id = f"{self.me}-T{secrets.token_hex(5)}"
         conflicts = ""
         shown = self.planning.shown_plan(vehicle.id, query, plan_id) if plan_id else None
@@ -105,8 +127,14 @@ class Coordinator:
             else:
                 plan = await self.planning.plan(vehicle, query, claim=trip_id)
             shown = None  # a plan that lost its slots is re-planned, not retried
+
+            def booked(info: p.TripInfo, attempt: int = attempt, as_shown: bool = as_shown) -> Booked:
+                return Booked(info, attempt, as_shown)
+
             try:
-                outcome = await self._two_phase(trip_id, f"{trip_id}.{attempt}", vehicle.id, query, plan)
+                outcome = await self._two_phase(
+                    trip_id, f"{trip_id}.{attempt}", vehicle.id, query, plan, booked, remember
+                )
             except BaseException:
                 self.planning.unclaim(trip_id)
                 raise
@@ -114,7 +142,7 @@ class Coordinator:
                 # Plans whose availability was read before these holds were placed still
                 # need the claim for a moment.
                 self.planning.unclaim(trip_id, later=True)
-                return outcome.trip, attempt, as_shown
+                return booked(outcome.trip)
             self.planning.unclaim(trip_id)
             conflicts = outcome.conflicts
             log.info("trip %s attempt %d lost a race (%s); re-planning", trip_id, attempt, conflicts)
@@ -124,7 +152,14 @@ class Coordinator:
         raise ConflictError(f"no trip: every plan lost its slots to other bookings ({MAX_ATTEMPTS} tries; {conflicts})")
 
     async def _two_phase(
-        self, trip_id: str, txn_id: str, vehicle_id: str, query: p.TripQuery, plan: planner.Plan
+        self,
+        trip_id: str,
+        txn_id: str,
+        vehicle_id: str,
+        query: p.TripQuery,
+        plan: planner.Plan,
+        booked: Callable[[p.TripInfo], Booked],
+        remember: Callable[[Booked], Op] | None,
     ) -> _Outcome:
         by_owner: dict[str, list[int]] = {}
         for i, stop in enumerate(plan.stops):
@@ -146,7 +181,8 @@ class Coordinator:
             yes = {o: v for o, v in zip(owners, votes, strict=True) if isinstance(v, p.Vote) and v.yes}
             if not failed and not noes and txn.state == "preparing" and time.time() < deadline:
                 txn.state = "committing"
-                trip = await self._commit(trip_id, txn_id, vehicle_id, query, plan, by_owner, yes)
+                also = (lambda info: (remember(booked(info)),)) if remember is not None else None
+                trip = await self._commit(trip_id, txn_id, vehicle_id, query, plan, by_owner, yes, also)
                 txn.state = "committed"
                 return _Outcome(trip=trip)
             txn.state = "aborted"
@@ -203,6 +239,7 @@ class Coordinator:
         plan: planner.Plan,
         by_owner: dict[str, list[int]],
         votes: dict[str, p.Vote],
+        also: Callable[[p.TripInfo], tuple[Op, ...]] | None,
     ) -> p.TripInfo:
         reservation_of: dict[int, str] = {}
         for owner, indexes in by_owner.items():
@@ -219,7 +256,8 @@ class Coordinator:
             created=int(self.books.clock.now()),
         )
         try:
-            await self._store_decision(trip)  # the COMMIT record: durable before anyone hears of it
+            # The COMMIT record: durable before anyone hears of it.
+            await self._store_decision(trip, also(info) if also is not None else ())
         except (StoreError, UnavailableError):
             await self._tell_abort(txn_id, trip_id, list(by_owner))
             raise UnavailableError("the trip could not be stored; it was not booked") from None
@@ -235,19 +273,22 @@ class Coordinator:
         await self.deliver(trip, wait=DECIDE_TIMEOUT)
         return info
 
-    async def _store_decision(self, trip: Trip) -> None:
-        """Store a trip's row (its decision); our own stops take the decision in the same transaction."""
-        row = (put_trip(trip),)
+    async def _store_decision(self, trip: Trip, also: tuple[Op, ...] = ()) -> None:
+        """Store a trip's row (its decision); our own stops take the decision in the same transaction.
+
+        ``also`` is written in that transaction too (the outcome kept under the request's key).
+        """
+        row = (put_trip(trip), *also)
         if self.me not in trip.participants:
-            await self._store_row(trip)
+            await self._store_row(trip, also)
         elif trip.state == "committed":
             await self.participant.resolve(self.me, trip.txn_id, trip.id, commit=True, also_store=row)
         else:
             await self.participant.release_trip(self.me, trip.id, also_store=row)
 
-    async def _store_row(self, trip: Trip) -> None:
-        row = put_trip(trip)
-        await self.books.apply(Actor("coordinator", self.me), f"store trip {trip.id}", lambda: Change(None, [row]))
+    async def _store_row(self, trip: Trip, also: tuple[Op, ...] = ()) -> None:
+        ops = [put_trip(trip), *also]
+        await self.books.apply(Actor("coordinator", self.me), f"store trip {trip.id}", lambda: Change(None, ops))
 
     # --- telling the participants -----------------------------------------------------------
 
@@ -372,27 +413,33 @@ class Coordinator:
             if t.vehicle_id == vehicle_id and (include_cancelled or t.state != "cancelled")
         ]
 
-    async def cancel_trip(self, vehicle_id: str, trip_id: str) -> p.TripInfo:
+    async def cancel_trip(
+        self, vehicle_id: str, trip_id: str, remember: Callable[[TripCancelled], Op] | None = None
+    ) -> TripCancelled:
+        """Cancel a trip; ``remember`` is stored with the cancellation."""
         trip = self.books.trips.get(trip_id)
-        if trip is None:
+        if trip is None or trip.vehicle_id != vehicle_id:  # someone else's trip is not disclosed
             raise NotFoundError(f"no trip {trip_id!r}")
-        if trip.vehicle_id != vehicle_id:
-            raise ForbiddenError(f"trip {trip_id} belongs to another vehicle")
         self.planning.unclaim(trip_id)  # its slots are free again for the next plans
-        if trip.state != "cancelled":
+        if trip.state == "cancelled":
+            return TripCancelled(trip_info(trip), already=True)
 
-            def cancelled(current: Trip) -> Trip | None:
-                if current.state == "cancelled":
-                    return None
-                # Our own stops are released in the transaction that stores the cancellation.
-                unacked = [owner for owner in current.participants if owner != self.me]
-                return replace(current, state="cancelled", unacked=unacked)
+        def write(updated: Trip) -> Awaitable[None]:
+            also = (remember(TripCancelled(trip_info(updated), already=False)),) if remember is not None else ()
+            return self._store_decision(updated, also)
 
-            try:
-                trip = await self._update_trip(trip_id, cancelled, write=self._store_decision)
-            except (StoreError, UnavailableError):
-                raise UnavailableError("the cancellation could not be stored; the trip stands") from None
-            log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
-            self.online.trip_changed(trip_info(trip), "cancelled")
-            await self.deliver(trip, wait=DECIDE_TIMEOUT)
-        return trip_info(self.books.trips[trip_id])
+        def cancelled(current: Trip) -> Trip | None:
+            if current.state == "cancelled":
+                return None
+            # Our own stops are released in the transaction that stores the cancellation.
+            unacked = [owner for owner in current.participants if owner != self.me]
+            return replace(current, state="cancelled", unacked=unacked)
+
+        try:
+            trip = await self._update_trip(trip_id, cancelled, write=write)
+        except (StoreError, UnavailableError):
+            raise UnavailableError("the cancellation could not be stored; the trip stands") from None
+        log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
+        self.online.trip_changed(trip_info(trip), "cancelled")
+        await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        return TripCancelled(trip_info(self.books.trips[trip_id]), already=False)

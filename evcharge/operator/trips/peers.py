@@ -1,9 +1,11 @@
 """The other operators: a link to each, their catalogs, and their availability.
 
-Each peer's catalog (its stations and charge points) is fetched whenever its
-link comes up; catalogs are static, so the charge options a plan chooses from
-are built again only when one arrives. Availability is asked fresh from every
-owner for each plan.
+Each peer's catalog (its stations and charge points, with live status) is
+fetched whenever its link comes up, and kept current by the ``StationChanged``
+pushes that follow (``directory``). The charge points themselves are static,
+so the charge options a plan chooses from are built again only when a catalog
+arrives. Availability is asked fresh from every owner for each plan. An
+owner's news for one of our vehicles (``ForVehicle``) is passed on to it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from evcharge.domain.world import OperatorConfig, World
 from evcharge.links.client import Client
 from evcharge.links.link import Backoff, Link
 from evcharge.operator.pushes import Online
+from evcharge.operator.roaming.directory import Directory
 from evcharge.operator.views import Views
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import UnavailableError
@@ -89,6 +92,9 @@ class Peers:
             if op.id != me.id
         }
         self.catalogs: dict[str, list[p.StationInfo]] = {}
+        self.directory = Directory(world, views, self.is_live)
+        self.came_up: list[Callable[[str], None]] = []  # told an operator's id once its link is up
+        self._our_vehicles = {v.id for v in world.vehicles if v.home == me.id}
         self._options: list[planner.ChargeOption] | None = None  # cache of charge_options()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -112,14 +118,36 @@ class Peers:
     def infos(self) -> list[p.PeerInfo]:
         return [link.info() for link in self.links.values()]
 
+    def is_live(self, operator_id: str) -> bool:
+        """Our link to it is up and its catalog is in: what we know of its stations is current."""
+        link = self.links.get(operator_id)
+        return link is not None and link.up and operator_id in self.catalogs
+
     async def _link_up(self, link: PeerLink, client: Client) -> None:
+        operator_id = link.peer.id
+        # Pushes from here on: any that overtake the catalog are in it anyway.
+        client.on_event.append(lambda event: self._pushed(operator_id, event))
         catalog = await client.call(p.GetCatalog(), p.Catalog, timeout=PEER_TIMEOUT)
-        self.catalogs[link.peer.id] = catalog.stations
+        self.catalogs[operator_id] = catalog.stations
+        self.directory.catalog(operator_id, catalog.stations)
         self._options = None
-        log.info("catalog of %s: %d stations", link.peer.id, len(catalog.stations))
+        log.info("catalog of %s: %d stations", operator_id, len(catalog.stations))
+        for listener in self.came_up:
+            listener(operator_id)
 
     def _link_changed(self, link: PeerLink) -> None:
+        if not link.up:
+            self.directory.link_down(link.peer.id)
         self.online.to_operator_tools(p.PeerChanged(peer=link.info()))
+
+    def _pushed(self, operator_id: str, event: p.Event) -> None:
+        match event:
+            case p.StationChanged(station=station):
+                self.directory.station_changed(operator_id, station)
+            case p.ForVehicle(vehicle_id=vehicle_id, event=news) if vehicle_id in self._our_vehicles:
+                self.online.to_vehicle(vehicle_id, news)
+            case _:
+                log.warning("operator %s pushed %s; ignored", operator_id, type(event).__name__)
 
     # --- what plans choose from ---------------------------------------------------------
 

@@ -120,14 +120,19 @@ class Planning:
             mine.popitem(last=False)
         return plan_id
 
-    def shown_plan(self, vehicle_id: str, query: p.TripQuery, plan_id: str) -> planner.Plan | None:
-        """The plan shown to this vehicle for this question, if it can still be booked as shown."""
+    def shown_plan(self, vehicle_id: str, query: p.TripQuery, plan_id: str) -> planner.Plan:
+        """The plan shown to this vehicle for this question; ``not_found`` if it cannot be booked as shown."""
         mine = self._shown.get(vehicle_id, OrderedDict())
         shown = mine.get(plan_id)
-        if shown is None or shown.query != query:
-            return None
+        if shown is None:
+            raise NotFoundError(
+                f"no plan {plan_id!r} of yours (plans are kept {PLAN_TTL / 60:.0f} minutes, "
+                f"the last {MAX_PLANS_SHOWN}): plan again"
+            )
+        if shown.query != query:
+            raise NotFoundError(f"plan {plan_id} was for another question (from, to, charge or departure): plan again")
         first = shown.plan.stops[0].slot_start if shown.plan.stops else shown.plan.depart + 3600
         if shown.expires < time.monotonic() or first <= self.books.clock.now():
             del mine[plan_id]  # its time has passed (the simulated clock may run fast)
-            return None
+            raise NotFoundError(f"plan {plan_id} has expired (its first stop is no longer ahead): plan again")
         return shown.plan

@@ -1,0 +1,142 @@
+"""No outcome guessed: the answers to keyed state-changing requests, kept under their keys.
+
+A client names each intent (reserve this, cancel that, book this trip) with a
+key of its own choosing. The first delivery acts, and its reply is stored
+under (who asked, key) in the same transaction as the change it made
+(``Books.apply``'s ``remember``), so the answer is durable exactly when the
+change is. A delivery of the same key again -- a retry after a lost reply,
+before or after a crash of either side -- acts no more: it waits for the
+first one if that is still running, then gets the stored reply.
+
+Refusals are kept too (a conflict, a reservation that is not there): the
+request was answered, and a retry hears the same. ``unavailable`` and
+``timeout`` are not kept: nothing happened, or nobody knows yet, so the
+retry tries again. A key reused for a different request is refused.
+Outcomes are forgotten ``KEEP_OUTCOMES`` seconds after they were made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import msgspec
+
+from evcharge.domain.model import Outcome
+from evcharge.operator.state import Actor, Books, Change
+from evcharge.operator.store import Op, StoreError, forget_outcomes, put_outcome
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import BadRequestError, EvchargeError, UnavailableError, error_from_reply
+
+T = TypeVar("T")
+
+KEEP_OUTCOMES = 7 * 86400.0  # real seconds: far beyond any client's retries
+NOT_KEPT = frozenset({"unavailable", "timeout", "internal"})  # nothing happened, or not known yet
+
+_encoder = msgspec.msgpack.Encoder()
+_replies = msgspec.msgpack.Decoder(p.AnyMessage)
+
+Remember = Callable[[T], Op]
+
+
+def scope_of(actor: Actor) -> str:
+    """Whose keys these are: a visiting vehicle's keys are its own, as at home."""
+    return f"{actor.role}:{actor.ident}"
+
+
+def fingerprint(request: p.Request) -> str:
+    """The request without its id and key: the same intent sent again has the same one."""
+    bare = msgspec.structs.replace(request, id=0, key="")
+    return hashlib.sha256(_encoder.encode(bare)).hexdigest()[:32]
+
+
+class Outcomes:
+    def __init__(self, books: Books) -> None:
+        self.books = books
+        self._running: dict[tuple[str, str], asyncio.Event] = {}  # first deliveries not answered yet
+
+    async def once(
+        self,
+        actor: Actor,
+        request: p.Request,
+        act: Callable[[Remember[T] | None], Awaitable[T]],
+        render: Callable[[T], p.Reply],
+    ) -> p.Reply:
+        """Act on ``request`` once per key: ``act`` is given what to pass to ``Books.apply`` as ``remember``."""
+        key: str = getattr(request, "key", "")
+        if not key:
+            return render(await act(None))
+        slot = (scope_of(actor), key)
+        while (running := self._running.get(slot)) is not None:
+            await running.wait()  # the first delivery is still at work: its answer is this one's
+        request_print = fingerprint(request)
+        kept = self.books.outcomes.get(slot)
+        if kept is not None:
+            return await self._again(kept, request_print, key)
+        done = self._running[slot] = asyncio.Event()
+        answer: list[p.Reply] = []
+
+        def remember(result: T) -> Op:
+            reply = render(result)
+            answer.append(reply)
+            return self._keep(slot, request_print, reply)
+
+        try:
+            result = await act(remember)
+            return answer[0] if answer else render(result)
+        except EvchargeError as exc:
+            if exc.code in NOT_KEPT:
+                self.books.outcomes.pop(slot, None)  # remembered for a change that was not stored
+            else:
+                await self._keep_refusal(actor, slot, request_print, exc.to_reply(0))
+            raise
+        finally:
+            del self._running[slot]
+            done.set()
+
+    async def _again(self, kept: Outcome, request_print: str, key: str) -> p.Reply:
+        if kept.fingerprint != request_print:
+            raise BadRequestError(f"key {key!r} was used for a different request; use a new key for a new request")
+        # What the first delivery wrote may still be on its way to the disk: answer after it.
+        try:
+            await self.books.store.commit([])
+        except StoreError:
+            raise UnavailableError("the operator's store cannot be written; ask again in a moment") from None
+        reply = _replies.decode(kept.reply)
+        assert isinstance(reply, p.Reply)
+        if isinstance(reply, p.Error):
+            raise error_from_reply(reply)
+        return reply
+
+    def _keep(self, slot: tuple[str, str], request_print: str, reply: p.Reply) -> Op:
+        """Remember ``reply`` in memory now and return its write (call under the writer lock)."""
+        reply = msgspec.structs.replace(reply, id=0)
+        outcome = Outcome(slot[0], slot[1], request_print, _encoder.encode(reply), time.time())
+        self.books.outcomes[slot] = outcome
+        return put_outcome(outcome)
+
+    async def _keep_refusal(self, actor: Actor, slot: tuple[str, str], request_print: str, error: p.Error) -> None:
+        def mutate() -> Change[None]:
+            return Change(None, [self._keep(slot, request_print, error)])
+
+        try:
+            await self.books.apply(actor, f"keep the refusal of key {slot[1]}", mutate)
+        except EvchargeError:
+            pass  # not kept: a retry is answered afresh, which is as true
+
+    async def forget_old(self, now: float) -> None:
+        """Drop outcomes older than ``KEEP_OUTCOMES``: their clients have long stopped asking."""
+        before = now - KEEP_OUTCOMES
+        books = self.books
+        if not any(o.created < before for o in books.outcomes.values()):
+            return
+
+        def mutate() -> Change[None]:
+            for slot in [s for s, o in books.outcomes.items() if o.created < before]:
+                del books.outcomes[slot]
+            return Change(None, [forget_outcomes(before)])
+
+        await books.apply(Actor("operator", books.operator_id), "forget old outcomes", mutate)

@@ -1,0 +1,1 @@
+"""The home operator speaking for its vehicles at other operators: find, reserve, charge, pay."""
