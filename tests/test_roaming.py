@@ -244,5 +244,5 @@ async def test_cancelling_at_another_operator_twice_says_it_was_cancelled_alread
         assert await c.reservations() == []
         assert [x.id for x in await c.reservations(include_past=True)] == [r.id]
         await servers["B"].stop()
-        with pytest.raises(UnavailableError, match="operator B cannot be reached now.*nothing was done"):
+        with pytest.raises(UnavailableError, match=r"operator B cannot be reached now.*nothing was done"):
             await c.reserve("REC-BV-2", c.server_now() + timedelta(hours=1), 30)

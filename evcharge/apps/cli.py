@@ -39,7 +39,7 @@ from evcharge.apps.vehicle import (
 from evcharge.apps.web import command as webcmd
 from evcharge.domain.world import SHIPPED, World, WorldError, load_world
 from evcharge.links.client import connect
-from evcharge.links.link import Link
+from evcharge.links.link import ANSWER_DEADLINE, Link
 from evcharge.links.requests import Requests
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
@@ -231,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", type=host_port_argument, help="HOST:PORT of the home operator (default: the world file's)"
     )
     vehicle.add_argument("--json", action="store_true", help="machine-readable output")
+    vehicle.add_argument(
+        "--answer-within",
+        type=float,
+        default=ANSWER_DEADLINE,
+        metavar="SECONDS",
+        help="a change whose reply is lost (the connection broke, the server restarted) is asked for again "
+        "with its idempotency key for this long before the outcome is called unknown, exit 3 "
+        "(default: %(default)s)",
+    )
     vehicle.add_argument(
         "--soc",
         dest="start_soc",
@@ -497,6 +506,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
             ssl_context=context,
             server_hostname=name,
             what=f"operator {vehicle.home}",
+            answer_within=args.answer_within,
         )
         return link.running()
 

@@ -26,6 +26,7 @@ from typing import TypeVar
 import msgspec
 
 from evcharge.domain.model import Outcome
+from evcharge.operator.crash_points import crash_point
 from evcharge.operator.state import Actor, Books, Change
 from evcharge.operator.store import Op, StoreError, forget_outcomes, put_outcome
 from evcharge.wire import protocol as p
@@ -86,6 +87,7 @@ class Outcomes:
 
         try:
             result = await act(remember)
+            crash_point("change-stored")
             return answer[0] if answer else render(result)
         except EvchargeError as exc:
             if exc.code in NOT_KEPT:
