@@ -171,7 +171,8 @@ async def test_pending_handshakes_count_against_the_connection_limit(world: Worl
 
 def padded_request(request_id: int) -> bytes:
     # Unknown fields are ignored; the padding makes pipelined requests outgrow the socket buffers.
-    body = msgspec.msgpack.encode({"type": "ListStations", "id": request_id, "pad": "x" * 1000})
+    # Six stations a reply (of every operator's): replies big enough to fill the socket buffers.
+    body = msgspec.msgpack.encode({"type": "ListStations", "id": request_id, "limit": 6, "pad": "x" * 1000})
     return struct.pack(">I", len(body)) + body
 
 

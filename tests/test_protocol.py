@@ -66,6 +66,7 @@ STATION_2 = p.StationInfo(
     lat=40.7536,
     lon=-74.0012,
     charge_points=[CP_2],
+    as_of=at(-5),
 )
 RESERVATION = p.ReservationInfo(
     id="A-r-000042",
@@ -90,6 +91,7 @@ RESERVATION_2 = p.ReservationInfo(
     end=at(330),
     state="held",
     hold_deadline=1_800_000_005.25,
+    as_of=at(-5),
 )
 SESSION = p.SessionInfo(
     reservation_id="A-r-000040",
@@ -196,13 +198,13 @@ SAMPLES: list[Message] = [
     p.NearestResult(id=10, station=STATION, charge_point_id="A-BOS-1/2", distance_km=3.75),
     p.GetStationStatus(id=11, station_id="A-BOS-1"),
     p.StationStatus(id=11, station=STATION, server_time=T0),
-    p.Reserve(id=12, charge_point_id="A-BOS-1/2", start=at(60), minutes=30),
+    p.Reserve(id=12, charge_point_id="A-BOS-1/2", start=at(60), minutes=30, key="k-reserve-1"),
     p.ListReservations(id=13, include_past=True),
     p.ReservationList(id=13, reservations=[RESERVATION, RESERVATION_2]),
-    p.CancelReservation(id=14, reservation_id="A-r-000042"),
-    p.StartCharging(id=15, reservation_id="A-r-000042"),
-    p.StopCharging(id=16, reservation_id="A-r-000042"),
-    p.ReservationReply(id=12, reservation=RESERVATION),
+    p.CancelReservation(id=14, reservation_id="A-r-000042", key="k-cancel-1"),
+    p.StartCharging(id=15, reservation_id="A-r-000042", key="k-start-1"),
+    p.StopCharging(id=16, reservation_id="A-r-000042", key="k-stop-1"),
+    p.ReservationReply(id=12, reservation=RESERVATION, unchanged=True),
     p.GetHistory(id=17),
     p.History(id=17, sessions=[SESSION, SESSION], total_kwh=62.5, total_cost=30.625),
     p.UpdatePosition(id=18, lat=41.82, lon=-71.41),
@@ -234,11 +236,13 @@ SAMPLES: list[Message] = [
     p.PeerChanged(peer=PEER),
     p.TripChanged(trip=TRIP, reason="booked"),
     p.PlanTrip(id=25, query=QUERY),
-    p.BookTrip(id=26, query=p.TripQuery(origin="Boston", destination="Hartford"), plan_id="A-P0a1b2c3d4e"),
-    p.TripReply(id=26, trip=TRIP, attempts=3, as_shown=True),
+    p.BookTrip(
+        id=26, query=p.TripQuery(origin="Boston", destination="Hartford"), plan_id="A-P0a1b2c3d4e", key="k-book-1"
+    ),
+    p.TripReply(id=26, trip=TRIP, attempts=3, as_shown=True, unchanged=True),
     p.ListTrips(id=27, include_cancelled=True),
     p.TripList(id=27, trips=[TRIP, TRIP_2]),
-    p.CancelTrip(id=28, trip_id="A-t-000009"),
+    p.CancelTrip(id=28, trip_id="A-t-000009", key="k-cancel-trip-1"),
     p.PeerChallenge(id=2, nonce="6f1c0a9e3b5d", proof="9a8b7c6d5e4f"),
     p.PeerProof(id=3, proof="0f1e2d3c4b5a"),
     p.GetCatalog(id=29),
@@ -274,6 +278,17 @@ SAMPLES: list[Message] = [
     p.QueryDecision(id=33, txn_id="A-x-000004"),
     p.Decision(id=33, txn_id="A-x-000004", outcome="pending"),
     p.ReleaseTrip(id=34, trip_id="A-t-000009"),
+    p.Roam(id=35, vehicle_id="V007", request=p.Reserve(charge_point_id="B-HFD-2/1", start=at(60), minutes=30)),
+    p.DeliverChargeRecord(id=36, record=p.ChargeRecordInfo(vehicle_id="V007", home_operator_id="A", session=SESSION)),
+    p.GetSettlement(id=37),
+    p.Settlement(
+        id=37,
+        operator_id="B",
+        charged=[p.ChargeRecordInfo(vehicle_id="V007", home_operator_id="A", session=SESSION, delivered=True)],
+        received=[],
+    ),
+    p.StationChanged(station=STATION_2),
+    p.ForVehicle(vehicle_id="V007", event=p.ChargingProgress(reservation_id="B-r-000003", kwh=3.5, cost=1.75)),
 ]
 
 

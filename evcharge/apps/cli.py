@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    # Not a default of --log-level itself: argparse shares that option among the subcommands.
+    args.log_level = args.log_level or getattr(args, "default_log_level", "warning")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -91,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("EVCHARGE_WORLD", SHIPPED),
         help=f"world file (TOML) or a shipped world's name (default: $EVCHARGE_WORLD, else {SHIPPED})",
     )
-    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    common.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info for the long-running processes (server, station, gateway), warning for the rest",
+    )
     client_tls = client_tls_parser()
     sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
 
@@ -181,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="epoch seconds where simulated and real time meet; give every federated server the same one",
     )
-    server.set_defaults(run=run_server, log_level="info")
+    server.set_defaults(run=run_server, default_log_level="info")
 
     simulator = sub.add_parser(
         "station",
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument(
         "--fault-rate", type=float, default=0.0, help="chance per second of a simulated fault (default: %(default)s)"
     )
-    simulator.set_defaults(run=run_simulator, log_level="info")
+    simulator.set_defaults(run=run_simulator, default_log_level="info")
 
     gateway = sub.add_parser(
         "ocpp-gateway",
@@ -215,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
     gateway.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
-    gateway.set_defaults(run=run_ocpp_gateway, log_level="info")
+    gateway.set_defaults(run=run_ocpp_gateway, default_log_level="info")
 
     vehicle = sub.add_parser(
         "vehicle",
@@ -279,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not count holds of bookings in progress (holds well past their deadline still count)",
     )
     check.set_defaults(run=run_check)
+
+    settle = sub.add_parser(
+        "settlement",
+        parents=[common, client_tls],
+        help="what an operator charged other operators' vehicles, and what its own were charged (with its secret)",
+        description="Per other operator and month: sessions and R$ charged to its vehicles at our chargers, and "
+        "charged to our vehicles at its chargers. `evcharge check` verifies that both sides agree.",
+    )
+    settle.add_argument("--operator", required=True)
+    settle.add_argument("--server", type=host_port_argument, help="HOST:PORT (default: the world file's)")
+    settle.add_argument("--json", action="store_true")
+    settle.set_defaults(run=run_settlement)
 
     webcmd.add_parser(sub, [common, client_tls])
 
@@ -444,9 +462,10 @@ async def run_monitor(world: World, args: argparse.Namespace) -> int:
 
 
 async def run_check(world: World, args: argparse.Namespace) -> int:
-    from evcharge.apps.invariants import summary, violations
+    from evcharge.apps.invariants import in_transit, settlement_violations, summary, violations
 
     states = {}
+    settlements = {}
     for op in world.operators:
         context, name = client_tls(args, op)
         try:
@@ -460,14 +479,37 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
                 server_hostname=name,
             ) as c:
                 states[op.id] = await c.inspect()
+                if len(world.operators) > 1:
+                    settlements[op.id] = await c.settlement()
         except EvchargeError as exc:
             print(f"operator {op.id}: {exc.code}: {exc.message}")
             return 1
-    broken = violations(states, allow_holds=args.allow_holds, now=time.time())
+    broken = violations(states, allow_holds=args.allow_holds, now=time.time()) + settlement_violations(settlements)
     for problem in broken:
         print(f"VIOLATION: {problem}")
-    print(f"{summary(states)}: {'invariants hold' if not broken else f'{len(broken)} violations'}")
+    transit = in_transit(settlements)
+    records = f", {transit} charge records on their way home" if transit else ""
+    print(f"{summary(states)}{records}: {'invariants hold' if not broken else f'{len(broken)} violations'}")
     return 1 if broken else 0
+
+
+async def run_settlement(world: World, args: argparse.Namespace) -> int:
+    op = world.operator(args.operator)
+    host, port = _address(world, op.id, args.server)
+    context, name = client_tls(args, op)
+
+    def connector() -> Any:
+        return connect(
+            host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
+        )
+
+    async def settlement(c: Requests, args: argparse.Namespace, out: Console) -> Any:
+        result = await c.settlement()
+        if not args.json:
+            out.print(render.settlement_table(result))
+        return result
+
+    return await _run_client(args, connector, settlement)
 
 
 # --- vehicles and inspect -------------------------------------------------------------------
@@ -493,6 +535,9 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
             server_hostname=name,
         )
         return await repl.run()
+
+    if args.log_level != "debug":  # a one-shot command prints its answer, not its connection's life
+        logging.getLogger("evcharge.links").setLevel(logging.WARNING)
 
     def connector() -> Any:
         # A link, not one connection: a reply lost to a broken connection is asked for again

@@ -92,3 +92,38 @@ def summary(states: dict[str, p.InspectResult]) -> str:
     live = sum(1 for s in states.values() for r in s.reservations if r.state in LIVE_STATES)
     trips = sum(1 for s in states.values() for t in s.trips if t.state == "committed")
     return f"{len(states)} operators, {live} live reservations, {trips} committed trips"
+
+
+def settlement_violations(settlements: dict[str, p.Settlement]) -> list[str]:
+    """Both sides of every charge record agree: what an owner charged a home's vehicle is what the home holds.
+
+    A record the owner has not delivered yet is in transit, not a violation.
+    """
+    found = []
+    held = {
+        (op_id, r.session.reservation_id): r for op_id, s in settlements.items() for r in s.received
+    }  # by (home, reservation)
+    for owner, s in sorted(settlements.items()):
+        for record in s.charged:
+            home, rid = record.home_operator_id, record.session.reservation_id
+            if not record.delivered or home not in settlements:
+                continue
+            theirs = held.get((home, rid))
+            if theirs is None:
+                found.append(f"charge record {rid} of {owner} is delivered, but {home} does not have it")
+            elif (theirs.session.kwh, theirs.session.cost) != (record.session.kwh, record.session.cost):
+                found.append(
+                    f"charge record {rid}: {owner} charged {record.session.kwh} kWh, R$ {record.session.cost}; "
+                    f"{home} holds {theirs.session.kwh} kWh, R$ {theirs.session.cost}"
+                )
+    charged = {(s.operator_id, r.session.reservation_id) for s in settlements.values() for r in s.charged}
+    for (home, rid), record in sorted(held.items()):
+        owner = record.session.operator_id
+        if owner in settlements and (owner, rid) not in charged:
+            found.append(f"{home} holds charge record {rid} of {owner}, which {owner} never charged")
+    return found
+
+
+def in_transit(settlements: dict[str, p.Settlement]) -> int:
+    """Charge records their owners have not delivered to the vehicles' homes yet."""
+    return sum(1 for s in settlements.values() for r in s.charged if not r.delivered)

@@ -18,6 +18,7 @@ STATUS_STYLE = {
     "faulted": "red",
     "unavailable": "magenta",
     "offline": "bright_black",
+    "unknown": "bright_black",
 }
 STATE_STYLE = {
     "held": "yellow",
@@ -46,7 +47,7 @@ def when(moment: datetime | None, now: datetime) -> str:
 
 
 def free_in(info: p.ChargePointInfo, now: datetime) -> str:
-    if info.status in ("offline", "faulted", "unavailable"):
+    if info.status in ("offline", "faulted", "unavailable", "unknown"):
         return "-"
     if info.free_at is None:
         return "free now"
@@ -55,6 +56,11 @@ def free_in(info: p.ChargePointInfo, now: datetime) -> str:
 
 def status_text(status: str) -> str:
     return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def as_of(moment: datetime | None) -> str:
+    """Said of what another operator told us, while it cannot be reached: how old it is."""
+    return "" if moment is None else f" [bright_black](as of {moment:%H:%M}Z)[/]"
 
 
 def stations_table(stations: list[p.StationInfo], now: datetime, title: str = "Stations") -> Table:
@@ -73,7 +79,7 @@ def stations_table(stations: list[p.StationInfo], now: datetime, title: str = "S
                 f"{cp.power_kw:g}",
                 cp.connector,
                 f"{cp.price_per_kwh:.2f}",
-                status_text(cp.status),
+                status_text(cp.status) + as_of(station.as_of),
                 free_in(cp, now),
             ]
             if station.distance_km is not None:
@@ -92,16 +98,17 @@ def station_status(station: p.StationInfo, now: datetime, console: Console) -> N
 
 def reservations_table(reservations: list[p.ReservationInfo], now: datetime, title: str = "Reservations") -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("id", "charge point", "vehicle", "start", "end", "state", "trip", "kWh", "R$"):
+    for column in ("id", "operator", "charge point", "vehicle", "start", "end", "state", "trip", "kWh", "R$"):
         table.add_column(column)
     for r in reservations:
         table.add_row(
             r.id,
+            r.operator_id,
             r.charge_point_id,
             r.vehicle_id,
             when(r.start, now),
             f"{r.end:%H:%M}Z",
-            f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]",
+            f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]" + as_of(r.as_of),
             r.trip_id or "",
             f"{r.kwh:.2f}" if r.kwh else "",
             f"{r.cost:.2f}" if r.cost else "",
@@ -129,6 +136,45 @@ def history_table(history: p.History) -> Table:
             f"{s.kwh:.2f}",
             f"{s.price_per_kwh:.2f}",
             f"{s.cost:.2f}",
+        )
+    return table
+
+
+def costs_table(history: p.History) -> Table:
+    """What the vehicle paid, by operator and month (one bill, whoever owned the chargers)."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for s in history.sessions:
+        entry = totals.setdefault((s.operator_id, f"{s.started:%Y-%m}"), [0.0, 0.0, 0.0])
+        entry[0] += s.kwh
+        entry[1] += s.cost
+        entry[2] += 1
+    table = Table(title="Costs by operator and month", title_justify="left")
+    for column in ("operator", "month", "sessions", "kWh", "R$"):
+        table.add_column(column, justify="right" if column in ("sessions", "kWh", "R$") else "left")
+    for (operator, month), (kwh, cost, count) in sorted(totals.items()):
+        table.add_row(operator, month, str(int(count)), f"{kwh:.2f}", f"{cost:.2f}")
+    table.add_row("all", "", str(len(history.sessions)), f"{history.total_kwh:.2f}", f"{history.total_cost:.2f}")
+    return table
+
+
+def settlement_table(settlement: p.Settlement) -> Table:
+    """Per other operator and month: what we charged its vehicles, and what ours were charged there."""
+    rows: dict[tuple[str, str], list[float]] = {}
+    for record in settlement.charged:
+        row = rows.setdefault((record.home_operator_id, f"{record.session.started:%Y-%m}"), [0, 0.0, 0, 0.0, 0])
+        row[0] += 1
+        row[1] += record.session.cost
+        row[4] += 0 if record.delivered else 1
+    for record in settlement.received:
+        row = rows.setdefault((record.session.operator_id, f"{record.session.started:%Y-%m}"), [0, 0.0, 0, 0.0, 0])
+        row[2] += 1
+        row[3] += record.session.cost
+    table = Table(title=f"Settlement of operator {settlement.operator_id}", title_justify="left")
+    for column in ("with operator", "month", "we charged", "R$", "we were charged", "R$", "not yet delivered"):
+        table.add_column(column, justify="left" if column in ("with operator", "month") else "right")
+    for (other, month), (n_out, r_out, n_in, r_in, pending) in sorted(rows.items()):
+        table.add_row(
+            other, month, str(n_out), f"{r_out:.2f}", str(n_in), f"{r_in:.2f}", str(pending) if pending else ""
         )
     return table
 

@@ -1,7 +1,7 @@
 """The interactive vehicle: a prompt that keeps living while you type.
 
 Commands are the same as ``evcharge vehicle COMMAND`` (parsed by the same
-argparse definitions), plus ``charge`` with a live progress bar, ``costs``,
+argparse definitions), plus ``charge`` with a live progress bar,
 ``soc``, ``help`` and ``quit``. Meanwhile the vehicle drives (its battery
 drains in simulated time and it warns when low, offering the nearest
 charger), reports its position, and prints what the server pushes. A lost
@@ -17,7 +17,6 @@ import logging
 import shlex
 import ssl
 import time
-from collections import defaultdict
 from typing import Any
 
 from prompt_toolkit import PromptSession
@@ -27,7 +26,6 @@ from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
-from rich.table import Table
 
 from evcharge.apps.vehicle import (
     POSITION_EVERY,
@@ -197,8 +195,6 @@ class VehicleRepl:
                     self.say(HELP)
                 case "soc":
                     self.say(f"Battery {self.soc:.0%} of {self.vehicle.battery_kwh:g} kWh")
-                case "costs":
-                    await self._costs()
                 case "charge":
                     await self._charge(words[1:])
                 case _:
@@ -230,22 +226,6 @@ class VehicleRepl:
         return self.link
 
     # --- commands of the REPL's own ------------------------------------------------------
-
-    async def _costs(self) -> None:
-        history = await self._connected().history()
-        totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-        for s in history.sessions:
-            entry = totals[(s.operator_id, f"{s.started:%Y-%m}")]
-            entry[0] += s.kwh
-            entry[1] += s.cost
-            entry[2] += 1
-        table = Table(title="Costs by operator and month", title_justify="left")
-        for column in ("operator", "month", "sessions", "kWh", "R$"):
-            table.add_column(column, justify="right" if column in ("sessions", "kWh", "R$") else "left")
-        for (operator, month), (kwh, cost, count) in sorted(totals.items()):
-            table.add_row(operator, month, str(int(count)), f"{kwh:.2f}", f"{cost:.2f}")
-        table.add_row("all", "", str(len(history.sessions)), f"{history.total_kwh:.2f}", f"{history.total_cost:.2f}")
-        self.console.print(table)
 
     async def _charge(self, words: list[str]) -> None:
         parser = _ReplParser(prog="charge", add_help=False)

@@ -37,15 +37,17 @@ class UsageError(Exception):
 
 VEHICLE_COMMANDS = f"""\
 commands:
-  stations [--city C] [--near CITY|LAT,LON] [--limit N]   list the home operator's stations
-  nearest --near=CITY|LAT,LON [--min-kw KW]                nearest charge point available now
-  status STATION                                           a station's charge points, "free in N min"
-  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve a charge point (default: now, {RESERVE_MINUTES} min)
+  stations [--city C] [--near CITY|LAT,LON] [--limit N]   every operator's stations, each naming its operator
+  nearest --near=CITY|LAT,LON [--min-kw KW]                nearest charge point available now, at any operator
+  status STATION                                           a station's charge points, "free in N min" (any operator)
+  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve any operator's charge point, through your home
+                                                           operator (default: now, {RESERVE_MINUTES} min)
   reservations [--all]                                     your reservations (--all: past ones too)
   cancel RESERVATION                                       cancel one of your reservations
   charge RESERVATION                                       start charging on a reservation
   release RESERVATION                                      stop charging and free the charge point
-  history                                                  your charging sessions with kWh and cost
+  history                                                  your charging sessions, at every operator, with kWh and cost
+  costs                                                    what you paid, by operator and month
   plan --from CITY --to CITY [--soc PCT] [--depart ISO]    plan an intercity trip over every operator's chargers
   book --from CITY --to CITY [...] [--plan ID]             book every stop atomically (all or none): the plan
                                                            shown, or a fresh one if its slots were taken
@@ -81,6 +83,7 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
     for name, text in (("cancel", "cancel a reservation"), ("charge", "start charging"), ("release", "stop charging")):
         vcmd.add_parser(name, help=text).add_argument("reservation")
     vcmd.add_parser("history", help="charging history with kWh and cost")
+    vcmd.add_parser("costs", help="what you paid, by operator and month")
     for name, text in (("plan", "plan a trip"), ("book", "book a trip atomically")):
         cmd = vcmd.add_parser(name, help=text)
         cmd.add_argument("--from", dest="origin", required=True, help="origin city")
@@ -215,6 +218,11 @@ async def vehicle_command(c: Requests, args: argparse.Namespace, out: Console) -
             history = await c.history()
             if human:
                 out.print(render.history_table(history))
+            return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
+        case "costs":
+            history = await c.history()
+            if human:
+                out.print(render.costs_table(history))
             return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
         case "plan":
             trip = await c.plan_trip(trip_query(args))

@@ -51,7 +51,8 @@ def scope_of(actor: Actor) -> str:
 def fingerprint(request: p.Request) -> str:
     """The request without its id and key: the same intent sent again has the same one."""
     bare = msgspec.structs.replace(request, id=0, key="")
-    return hashlib.sha256(_encoder.encode(bare)).hexdigest()[:32]
+    # JSON keeps each time as sent, with its offset (a "year 1 at +05:00" has no UTC in msgpack).
+    return hashlib.sha256(msgspec.json.encode(bare)).hexdigest()[:32]
 
 
 class Outcomes:

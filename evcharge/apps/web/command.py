@@ -31,7 +31,7 @@ def add_parser(
     cmd.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
-    cmd.set_defaults(run=_run_web, log_level="info")
+    cmd.set_defaults(run=_run_web, default_log_level="info")
 
 
 async def _run_web(world: World, args: argparse.Namespace) -> int:
