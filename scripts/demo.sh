@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # evcharge demo: sets up .venv, starts three operators (A, B, C) with their charge points,
 # walks a vehicle through nearest -> reserve -> conflict -> charge -> release -> history,
-# then books a trip Natal -> Feira de Santana atomically across all three, and races two more.
+# then charges it at another company's charger through its home operator (one bill),
+# books a trip Natal -> Feira de Santana atomically across all three, and races two more.
 # Everything it starts is stopped on exit or Ctrl-C.  --quick: shorter pauses (for tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    -h | --help) sed -n '2,4p' "$0" | cut -c3-; exit 0 ;;
+    -h | --help) sed -n '2,5p' "$0" | cut -c3-; exit 0 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -64,8 +65,26 @@ say "V01 releases the charger"
 v01 release "$RID"
 pause 1
 
-say "V01's history and costs"
+say "V01 drives to Feira de Santana: operator C's chargers, found and reserved through its home operator A"
+v01 nearest --near "Feira de Santana" --min-kw 100
+FRID="$(v01 --json reserve FEC-1-2 --minutes 30 | json_field "['reservation']['id']")"
+v01 status FEC-1
+pause 2
+
+say "V01 charges at C's FEC-1-2: A forwards, C's charger meters, C's price applies"
+v01 charge "$FRID"
+pause 3 1.5
+v01 release "$FRID"
+pause 1
+
+say "One history and one bill, whoever owned the chargers (C's charge record reached A)"
+for _ in $(seq 1 50); do
+  [ "$(v01 --json history | json_field "['sessions'].__len__()")" -ge 2 ] && break
+  sleep 0.2
+done
 v01 history
+v01 costs
+evcharge settlement --operator C
 
 say "Now the trip: V01 plans Natal -> Feira de Santana over every operator's chargers"
 v01 plan --from Natal --to "Feira de Santana" --soc 80

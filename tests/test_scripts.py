@@ -24,6 +24,11 @@ def test_demo_quick_runs_the_whole_story_and_cleans_up() -> None:
     for expected in ("Nearest: Natal Ponta Negra", "conflict: charge point NAT-PN-1 is taken", "Released NAT-PN-1"):
         assert expected in out, out[-3000:]
     assert "Charging history" in out
+    # A's driver at C's charger, through A: reserved, charged, and on one bill with A's session.
+    assert "Nearest: Feira de Santana BR-116" in out and "Released FEC-1-2" in out
+    bill = out.split("Costs by operator and month")[1]
+    assert "│ A " in bill and "│ C " in bill, bill[:2000]
+    assert "Settlement of operator C" in out
     # The trip: stops at all three operators, then two vehicles racing for the same route.
     for op in "ABC":
         assert f"operator {op}: " in out and "booked" in out.split(f"operator {op}: ")[1].split("\n")[0]
