@@ -246,3 +246,24 @@ async def test_cancelling_at_another_operator_twice_says_it_was_cancelled_alread
         await servers["B"].stop()
         with pytest.raises(UnavailableError, match=r"operator B cannot be reached now.*nothing was done"):
             await c.reserve("REC-BV-2", c.server_now() + timedelta(hours=1), 30)
+
+
+async def test_a_driver_is_reminded_of_a_reservation_at_another_operator(servers: dict[str, Server]) -> None:
+    soon = servers["A"].world.rules.reserved_soon_min
+    async with driver(servers, "V01") as c:
+        pushed: list[p.Event] = []
+        c.on_event.append(pushed.append)
+        # Starts just past the reminder window: in a few real seconds (60x) the reminder is due.
+        r = await c.reserve("AJU-1-1", c.server_now() + timedelta(minutes=soon + 3), 30)
+
+        def reminders() -> list[str]:
+            return [
+                e.reason
+                for e in pushed
+                if isinstance(e, p.ReservationChanged) and e.reservation.id == r.id and e.reason.startswith("reminder")
+            ]
+
+        (reminder,) = await eventually(reminders)
+        assert reminder.startswith("reminder: starts in ")
+        await asyncio.sleep(1.0)
+        assert len(reminders()) == 1  # once

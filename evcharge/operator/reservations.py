@@ -156,6 +156,24 @@ class Reservations:
             raise refusal
         raise NotFoundError(f"vehicle {vehicle_id} has no reservation on charge point {actor.ident}")
 
+    def remind(self) -> list[Reservation]:
+        """Tell drivers whose booked slot starts within ``reserved_soon_min`` (once each; memory only)."""
+        books = self.books
+        now = books.clock.now()
+        soon = self.rules.reserved_soon_min * MIN
+        due = []
+        while books.reminder_due and books.reminder_due[0][0] <= now:
+            _, rid = heapq.heappop(books.reminder_due)
+            r = books.reservations.get(rid)
+            # Not one booked within the window: its driver has just heard of it.
+            if r is not None and r.state == "booked" and now < r.start and r.created <= r.start - soon:
+                due.append(r)
+        for r in due:
+            minutes = max(1, round((r.start - now) / MIN))
+            for listener in books.listeners:
+                listener.reservation_changed(r, f"reminder: starts in {minutes} min")
+        return due
+
     async def expire_no_shows(self) -> list[Reservation]:
         """Booked reservations whose grace period passed without charging."""
         books = self.books

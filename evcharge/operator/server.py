@@ -398,6 +398,7 @@ class Server:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 await self.reservations.expire_no_shows()
+                self.reservations.remind()
                 self.charging.end_overdue()
                 await self.outcomes.forget_old(time.time())
             except EvchargeError as exc:

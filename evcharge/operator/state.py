@@ -110,6 +110,7 @@ class Books:
         self.by_trip: dict[str, list[Reservation]] = {}  # trip stops here (also holds, by txn)
         # (when it falls due, reservation id) heaps; entries of reservations that moved on are skipped.
         self.no_show_due: list[tuple[float, str]] = []  # booked: simulated seconds
+        self.reminder_due: list[tuple[float, str]] = []  # booked, the driver not yet reminded: simulated seconds
         self.hold_due: list[tuple[float, str]] = []  # held: real seconds
         self.sessions: dict[str, ChargingSession] = {}
         self.positions: dict[str, tuple[float, float]] = {}
@@ -134,6 +135,7 @@ class Books:
         self.by_vehicle = {}
         self.by_trip = {}
         self.no_show_due = []
+        self.reminder_due = []
         self.hold_due = []
         for r in state.reservations:
             if r.charge_point_id not in self.charge_points:
@@ -164,6 +166,7 @@ class Books:
         if r.state == "booked":
             due = min(r.start + self.rules.no_show_grace_min * MIN, r.end)
             heapq.heappush(self.no_show_due, (due, r.id))
+            heapq.heappush(self.reminder_due, (r.start - self.rules.reserved_soon_min * MIN, r.id))
         elif r.state == "held":
             heapq.heappush(self.hold_due, (r.hold_deadline or 0.0, r.id))
 
