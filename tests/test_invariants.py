@@ -127,3 +127,38 @@ async def test_inspect_tells_each_holds_deadline(server: Server) -> None:
     async with operator(server) as c:
         [booked] = (await c.inspect()).reservations
     assert booked.state == "booked" and booked.hold_deadline is None
+
+
+def record(rid: str, owner: str, cost: float, delivered: bool = True) -> p.ChargeRecordInfo:
+    session = p.SessionInfo(
+        reservation_id=rid,
+        operator_id=owner,
+        station_id="S",
+        city="Recife",
+        charge_point_id="CP",
+        started=T0,
+        ended=T0 + timedelta(minutes=30),
+        kwh=10.0,
+        price_per_kwh=cost / 10,
+        cost=cost,
+    )
+    return p.ChargeRecordInfo(vehicle_id="V01", home_operator_id="A", session=session, delivered=delivered)
+
+
+def test_the_checker_sees_charge_records_the_two_sides_disagree_on() -> None:
+    from evcharge.apps.invariants import in_transit, settlement_violations
+
+    def books(charged: list[p.ChargeRecordInfo], received: list[p.ChargeRecordInfo]) -> dict[str, p.Settlement]:
+        return {
+            "B": p.Settlement(operator_id="B", charged=charged, received=[]),
+            "A": p.Settlement(operator_id="A", charged=[], received=received),
+        }
+
+    agree = books([record("B-1", "B", 24.9), record("B-2", "B", 5.0, delivered=False)], [record("B-1", "B", 24.9)])
+    assert settlement_violations(agree) == [] and in_transit(agree) == 1
+    lost = settlement_violations(books([record("B-1", "B", 24.9)], []))
+    assert lost == ["charge record B-1 of B is delivered, but A does not have it"]
+    differ = settlement_violations(books([record("B-1", "B", 24.9)], [record("B-1", "B", 20.0)]))
+    assert differ == ["charge record B-1: B charged 10.0 kWh, R$ 24.9; A holds 10.0 kWh, R$ 20.0"]
+    invented = settlement_violations(books([], [record("B-9", "B", 1.0)]))
+    assert invented == ["A holds charge record B-9 of B, which B never charged"]

@@ -150,3 +150,74 @@ async def test_outcome_unknown_only_past_the_deadline_and_says_how_to_settle_it(
     rc, listed, err = await finished(proc)
     assert rc == 0, err
     assert [x["charge_point_id"] for x in listed["reservations"]] == ["NAT-PN-1"]
+
+
+def records_in_store(server: ServerProcess) -> list[tuple[str, str, float]]:
+    with sqlite3.connect(server.data_dir / f"{server.operator}.sqlite3") as db:
+        return list(db.execute("SELECT reservation_id, owner, cost FROM charge_records"))
+
+
+def sessions_in_store(server: ServerProcess) -> list[tuple[str, str | None, int | None, int]]:
+    with sqlite3.connect(server.data_dir / f"{server.operator}.sqlite3") as db:
+        return list(db.execute("SELECT reservation_id, home, ended, delivered FROM charging_sessions"))
+
+
+async def until(check, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.1)
+
+
+async def test_a_charge_record_survives_kill_9_of_home_and_owner_and_arrives_once(
+    spawn_server, federated_world_path: Path
+) -> None:
+    world = load_world(str(federated_world_path))
+    procs = start_operators(spawn_server, federated_world_path, {})
+    await linked(world, procs)
+    station = await asyncio.create_subprocess_exec(
+        *evcharge_command("station", "--world", str(federated_world_path), "--operator", "C", "--id", "FEC-1-2"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        rc, out, err = await finished(
+            await cli(federated_world_path, "--id", "V01", "--json", "reserve", "FEC-1-2", "--minutes", "3")
+        )
+        assert rc == 0, err
+        rid = out["reservation"]["id"]
+        for _ in range(100):  # until the charge point is online at C
+            rc, _, err = await finished(await cli(federated_world_path, "--id", "V01", "--json", "charge", rid))
+            if rc == 0:
+                break
+            await asyncio.sleep(0.2)
+        assert rc == 0, err
+        # The home dies while its vehicle charges; the slot ends at C (3 minutes = 3 s at 60x),
+        # whose charge point reports the session: C keeps the record and cannot deliver it.
+        procs["A"].kill()
+        await until(
+            lambda: [(r, h, e is not None, d) for r, h, e, d in sessions_in_store(procs["C"])] == [(rid, "A", True, 0)]
+        )
+        procs["C"].kill()  # the owner dies with the record undelivered
+        await procs["C"].start_async()
+        await procs["A"].start_async()
+        await until(lambda: [r for r, _, _ in records_in_store(procs["A"])] == [rid])
+        await until(lambda: [d for _, _, _, d in sessions_in_store(procs["C"])] == [1])
+        procs["A"].kill()  # and once more: what the home stored stays, once
+        await procs["A"].start_async()
+        await linked(world, procs)
+        rc, history, err = await finished(await cli(federated_world_path, "--id", "V01", "--json", "history"))
+        assert rc == 0, err
+        assert [(s["reservation_id"], s["operator_id"]) for s in history["sessions"]] == [(rid, "C")]
+        check = await asyncio.create_subprocess_exec(
+            *evcharge_command("check", "--world", str(federated_world_path)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO,
+        )
+        rc, said, err = await finished(check)
+        assert rc == 0, (said, err)
+        assert "invariants hold" in said
+    finally:
+        station.kill()
+        await station.wait()
