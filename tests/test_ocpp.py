@@ -31,7 +31,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from evcharge.apps.ocpp import mapping as m
-from evcharge.apps.ocpp.gateway import SUBPROTOCOL, Gateway
+from evcharge.apps.ocpp.gateway import Gateway
+from evcharge.apps.ocpp.throttle import LoginThrottle
+from evcharge.apps.ocpp.v16 import SUBPROTOCOL
 from evcharge.domain.world import Rules, VehicleConfig, World, load_world
 from evcharge.links.client import Client
 from evcharge.operator.server import Server
@@ -121,6 +123,8 @@ async def charge_point(
 async def running_gateway(
     server: Server, port: int = 0, server_port: int | None = None, **options: Any
 ) -> AsyncIterator[Gateway]:
+    # Failed logins answered at once, unless a test is about how long they take.
+    options.setdefault("throttle", LoginThrottle(first_delay=0.0))
     gateway = Gateway(
         server.world,
         server.operator.id,
@@ -471,7 +475,7 @@ async def test_bad_credentials_unknown_ids_and_malformed_frames_are_refused_alon
         assert await refused_with("NAT-PN-2", password="") == 401
         assert await refused_with("NO-SUCH-CP") == 404
         assert await refused_with("REC-BV-1") == 404  # another operator's charge point
-        assert await refused_with("NAT-PN-2", subprotocol="ocpp2.0.1") == 400
+        assert await refused_with("NAT-PN-2", subprotocol="ocpp1.5") == 400
         with pytest.raises(InvalidStatus) as no_auth:
             async with connect(f"ws://127.0.0.1:{gw.port}/NAT-PN-2", subprotocols=[SUBPROTOCOL], open_timeout=5):
                 pass
@@ -492,23 +496,30 @@ async def test_bad_credentials_unknown_ids_and_malformed_frames_are_refused_alon
                 await raw.send(frame)
                 return json.loads(await asyncio.wait_for(raw.recv(), 10))
 
-            assert (await answer("this is not json"))[:3] == [4, "-1", "FormatViolation"]
+            # OCPP-J 1.6's error table (§4.2.3, with its errata's spelling), frame by frame.
+            assert (await answer("this is not json"))[:3] == [4, "-1", "FormationViolation"]
+            assert (await answer("[" * 5000 + "]" * 5000))[:3] == [4, "-1", "FormationViolation"]  # too deep
             assert (await answer('{"an": "object"}'))[:3] == [4, "-1", "ProtocolError"]
             assert (await answer('[2, "m1", "BootNotification", "not an object"]'))[:3] == [4, "m1", "ProtocolError"]
-            assert (await answer('[2, "m2", ["Heart", "beat"], {}]'))[:2] == [4, "m2"]
+            assert (await answer('[2, "m2", ["Heart", "beat"], {}]'))[:3] == [4, "m2", "ProtocolError"]
             assert (await answer('[9, "m3", "Heartbeat", {}]'))[:3] == [4, "m3", "PropertyConstraintViolation"]
             missing = await answer('[2, "m4", "BootNotification", {"chargePointVendor": "Acme"}]')
             assert missing[:3] == [4, "m4", "ProtocolError"]
-            extra = await answer('[2, "m5", "Heartbeat", {"unexpected": 1}]')
-            assert extra[:2] == [4, "m5"] and extra[2] in ("FormatViolation", "FormationViolation")
+            assert (await answer('[2, "m5", "Heartbeat", {"unexpected": 1}]'))[:3] == [4, "m5", "FormationViolation"]
+            flying = '[2, "m6", "StatusNotification", {"connectorId": 1, "errorCode": "NoError", "status": "Flying"}]'
+            assert (await answer(flying))[:3] == [4, "m6", "FormationViolation"]
             wrong_type = await answer(
-                '[2, "m6", "StatusNotification", {"connectorId": "one", "errorCode": "NoError", "status": "Available"}]'
+                '[2, "m7", "StatusNotification", {"connectorId": "one", "errorCode": "NoError", "status": "Available"}]'
             )
-            assert wrong_type[:3] == [4, "m6", "TypeConstraintViolation"]
-            assert (await answer('[2, "m7", "LaunchRockets", {}]'))[:3] == [4, "m7", "NotSupported"]
+            assert wrong_type[:3] == [4, "m7", "TypeConstraintViolation"]
+            unknown = await answer('[2, "ua-1", "NoSuchAction", {}]')
+            assert unknown[:4] == [4, "ua-1", "NotImplemented", "Requested Action is not known by receiver"]
+            reset = await answer('[2, "m8", "Reset", {"type": "Hard"}]')  # a 1.6 action, not one a charge point sends
+            assert reset[:3] == [4, "m8", "NotSupported"]
+            assert reset[3] == "Requested Action is recognized but not supported by the receiver"
             await raw.send('[3, "nobody-asked", {}]')  # an answer to nothing: dropped
-            ok = await answer('[2, "m8", "Heartbeat", {}]')
-            assert ok[:2] == [3, "m8"] and "currentTime" in ok[2]
+            ok = await answer('[2, "m9", "Heartbeat", {}]')
+            assert ok[:2] == [3, "m9"] and "currentTime" in ok[2]
             # One too large for the gateway closes only that connection (1009, message too big).
             await raw.send("[" + " " * (300 * 1024) + "]")
             with pytest.raises(ConnectionClosed) as closed:
