@@ -38,6 +38,7 @@ from evcharge.domain.world import SHIPPED, World, WorldError, load_world
 from evcharge.links.client import Client, connect
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
+from evcharge.wire import redact
 from evcharge.wire.address import host_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
 from evcharge.wire.errors import EvchargeError
@@ -57,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    redactor = redact.install()  # every process we ship logs through here: no secret in any line
     try:
         world = load_world(args.world)
     except WorldError as exc:
         print(f"evcharge: bad world file: {exc}", file=sys.stderr)
         return 2
+    redactor.add(pairs=world.credentials())
     try:
         code: int = uvloop.run(args.run(world, args))
         return code
