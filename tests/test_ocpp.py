@@ -7,15 +7,9 @@ The charge point here is a client we did not write (``ocpp.v16.ChargePoint`` on
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +26,6 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from evcharge.apps.ocpp import mapping as m
 from evcharge.apps.ocpp.gateway import Gateway
-from evcharge.apps.ocpp.throttle import LoginThrottle
 from evcharge.apps.ocpp.v16 import SUBPROTOCOL
 from evcharge.domain.world import Rules, VehicleConfig, World, load_world
 from evcharge.links.client import Client
@@ -40,7 +33,8 @@ from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
 from evcharge.wire.tls import Listen, client_context
 
-from .conftest import REPO, Pki, free_ports, operator, running_server, vehicle
+from .conftest import Pki, free_ports, operator, running_server, vehicle
+from .ocpp_harness import basic, now_text, running_gateway, secret_of, status, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -89,15 +83,6 @@ class ChargePoint(OcppChargePoint):
         return call_result.RemoteStopTransaction(status=self._got("RemoteStopTransaction", payload))
 
 
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def secret_of(world: World, cp_id: str) -> str:
-    known = {cp.id: cp.secret for s in world.stations for cp in s.charge_points}
-    return known.get(cp_id, "some-secret")
-
-
 @asynccontextmanager
 async def charge_point(
     port: int, world: World, cp_id: str, *, password: str | None = None, subprotocol: str = "ocpp1.6"
@@ -119,48 +104,11 @@ async def charge_point(
             await asyncio.gather(reading, return_exceptions=True)
 
 
-@asynccontextmanager
-async def running_gateway(
-    server: Server, port: int = 0, server_port: int | None = None, **options: Any
-) -> AsyncIterator[Gateway]:
-    # Failed logins answered at once, unless a test is about how long they take.
-    options.setdefault("throttle", LoginThrottle(first_delay=0.0))
-    gateway = Gateway(
-        server.world,
-        server.operator.id,
-        host="127.0.0.1",
-        port=port,
-        server_host="127.0.0.1",
-        server_port=server_port or server.port,
-        **options,
-    )
-    await gateway.start()
-    try:
-        yield gateway
-    finally:
-        await gateway.stop()
-
-
-def now_text() -> str:
-    return m.ocpp_time(datetime.now(UTC))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 async def boot(cp: ChargePoint, server: Server) -> call_result.BootNotification:
     booted = await cp.call(call.BootNotification(charge_point_model="Wallbox 150", charge_point_vendor="Acme"))
     await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Available"))
     await until(lambda: server.books.charge_points[cp.id].online)
     return booted
-
-
-def status(server: Server, cp_id: str) -> str:
-    cp = server.books.charge_points[cp_id]
-    return server.views.status_of(cp, server.clock.now())
 
 
 async def fresh_status(server: Server, cp: ChargePoint) -> str:
@@ -669,77 +617,6 @@ async def test_a_remote_start_the_server_ended_while_linked_does_not_take_the_ne
         assert await fresh_status(server, cp) == "available"
         await the_next_session_is_its_own(cp, server, v, started_by)
         assert cp.got_none("RemoteStopTransaction")
-
-
-class GatewayProcess:
-    """``evcharge ocpp-gateway`` as a child process, through the command line."""
-
-    def __init__(self, world_path: Path, server_port: int, port: int, tmp_path: Path, extra: tuple[str, ...]) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "evcharge",
-            "ocpp-gateway",
-            "--world",
-            str(world_path),
-            "--operator",
-            "A",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--server",
-            f"127.0.0.1:{server_port}",
-            "--log-level",
-            "info",
-            *extra,
-        ]
-        self.tmp_path = tmp_path
-        self.log_path = tmp_path / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def _launch(self) -> Path:
-        ready = self.tmp_path / f"gateway.{time.monotonic_ns()}.ready"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*self.args, "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ
-            )
-        return ready
-
-    async def start(self, timeout: float = 20.0) -> None:
-        ready = self._launch()
-        assert self.proc is not None
-        async with asyncio.timeout(timeout):
-            while not ready.exists():
-                assert self.proc.poll() is None, self.log_path.read_text()
-                await asyncio.sleep(0.05)
-
-    async def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            while self.proc.poll() is None:
-                await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def gateway_process(world_path: Path, tmp_path: Path) -> Iterator[Any]:
-    started: list[GatewayProcess] = []
-
-    def make(server_port: int, port: int, *extra: str, world: Path | None = None) -> GatewayProcess:
-        process = GatewayProcess(world or world_path, server_port, port, tmp_path, extra)
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.kill()
 
 
 async def test_the_gateway_process_restarts_and_charge_points_come_back(

@@ -47,7 +47,9 @@ class ChargePoint201(ChargePointLink):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.unbound: set[str] = set()  # transactions of the station with no session (yet)
+        # Transactions of the station with no session (yet) -> their last register reading:
+        # the session's start once a driver is authorized (no energy flows before).
+        self.unbound: dict[str, float | None] = {}
 
     # --- what we send -----------------------------------------------------------------
 
@@ -180,32 +182,36 @@ class ChargePoint201(ChargePointLink):
             verdict = "not here"
         else:
             if tx is None and event_type != "Ended":
-                verdict, r = await self._bind(tx_id, transaction_info, id_token, register) or (verdict, r)
+                start_wh = register if register is not None else self.unbound.get(tx_id)
+                verdict, r = await self._bind(tx_id, transaction_info, id_token, start_wh) or (verdict, r)
                 if tx_id in self.transactions:
-                    self.unbound.discard(tx_id)
+                    self.unbound.pop(tx_id, None)
             elif tx is not None and id_token is not None:
                 verdict, r = self._holder_verdict(tx, id_token), self.reservations.get(tx.reservation_id)
             if event_type == "Ended":
-                self.unbound.discard(tx_id)
+                self.unbound.pop(tx_id, None)
                 ended = await self._ended(tx_id, register, transaction_info.get("stopped_reason") or trigger_reason)
                 if ended is not None:
                     answer.total_cost = self.cost(ended.kwh)
             elif (tx := self._transaction(tx_id)) is None:
-                self._unbound(tx_id, transaction_info)
+                self._unbound(tx_id, transaction_info, register)
             elif register is not None:
                 self._metered(tx, register)
         if id_token is not None:
             answer.id_token_info = self._id_token_info(verdict, r)
         return answer
 
-    def _unbound(self, tx_id: str, info: Mapping[str, Any]) -> None:
+    def _unbound(self, tx_id: str, info: Mapping[str, Any], register: float | None) -> None:
         """A transaction with no session: waiting for its driver, or delivering energy nobody pays for."""
         if info.get("charging_state") == "Charging":
-            self.unbound.discard(tx_id)
+            self.unbound.pop(tx_id, None)
             if self.synced:
                 self._stop_orphan(tx_id)
-        elif tx_id not in self.unbound and len(self.unbound) < MAX_ORPHANS:
-            self.unbound.add(tx_id)
+        elif tx_id in self.unbound:
+            if register is not None:
+                self.unbound[tx_id] = register
+        elif len(self.unbound) < MAX_ORPHANS:
+            self.unbound[tx_id] = register
             log.info("%s: transaction %s waits for the idToken of a vehicle with a reservation here", self, tx_id)
 
     @on(Action.meter_values)
