@@ -447,6 +447,8 @@ async def test_bad_credentials_unknown_ids_and_malformed_frames_are_refused_alon
             # OCPP-J 1.6's error table (§4.2.3, with its errata's spelling), frame by frame.
             assert (await answer("this is not json"))[:3] == [4, "-1", "FormationViolation"]
             assert (await answer("[" * 5000 + "]" * 5000))[:3] == [4, "-1", "FormationViolation"]  # too deep
+            deep = '[2, "d1", "DataTransfer", {"vendorId": "x", "data": ' + "[" * 500 + "]" * 500 + "}]"
+            assert (await answer(deep))[:3] == [4, "d1", "FormationViolation"]
             assert (await answer('{"an": "object"}'))[:3] == [4, "-1", "ProtocolError"]
             assert (await answer('[2, "m1", "BootNotification", "not an object"]'))[:3] == [4, "m1", "ProtocolError"]
             assert (await answer('[2, "m2", ["Heart", "beat"], {}]'))[:3] == [4, "m2", "ProtocolError"]

@@ -31,6 +31,9 @@ V16 = "1.6"
 V201 = "2.0.1"
 MAX_UNIQUE_ID = 36  # both versions: a message id is at most 36 characters
 MAX_CAUSE = 200  # characters of the cause told back in errorDetails
+# OCPP's deepest messages (charging profiles) nest about 8 levels; far deeper ones would only
+# exhaust the recursion of the schema check and the key conversion.
+MAX_DEPTH = 32
 
 
 class Fault(Enum):
@@ -144,6 +147,8 @@ def unpack(raw: str | bytes) -> Call | CallResult | CallError:
     if not isinstance(frame, list) or not frame:
         raise RpcFault(Fault.NOT_RPC, "an OCPP-J message is a JSON array")
     unique_id = frame[1][:MAX_UNIQUE_ID] if len(frame) > 1 and isinstance(frame[1], str) else "-1"
+    if _deeper_than(frame, MAX_DEPTH):
+        raise RpcFault(Fault.SYNTAX, f"nested deeper than {MAX_DEPTH} levels", unique_id)
     kind = frame[0]
     if type(kind) is not int:
         raise RpcFault(Fault.NOT_RPC, "its first element, the message type, is not a number", unique_id)
@@ -164,6 +169,22 @@ def unpack(raw: str | bytes) -> Call | CallResult | CallError:
     if len(frame) not in (4, 5) or not all(isinstance(part, str) for part in frame[2:4]):
         raise RpcFault(Fault.NOT_RPC, "a CallError is [4, id, code, description, details]", unique_id)
     return CallError(*frame[1:])
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels (no recursion: any depth is safe)."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            if isinstance(item, list | dict)
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, list | dict)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def check_payload(version: str, call: Call) -> None:
