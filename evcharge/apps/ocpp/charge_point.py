@@ -313,7 +313,7 @@ class ChargePointLink(OcppEndpoint):
         name = type(request).__name__
         try:
             async with asyncio.timeout(deadline_s):
-                return await self.call(request, suppress=False)
+                return await self.ask(request)
         except TimeoutError:
             raise RequestTimeoutError(f"charge point {self.id} did not answer {name}") from None
         except OCPPError as exc:
@@ -416,7 +416,7 @@ class ChargePointLink(OcppEndpoint):
         """ReserveNow; False if it should be tried again later."""
         number = m.ocpp_id(r.id)
         try:
-            result = await self.call(self.reserve_now_request(r, number, m.ocpp_time(expiry)), suppress=False)
+            result = await self.ask(self.reserve_now_request(r, number, m.ocpp_time(expiry)))
         except OCPPError as exc:
             if is_not_taken(exc):
                 log.warning("%s: does not take reservations (%s); not asking again", self, exc.code)
@@ -444,7 +444,7 @@ class ChargePointLink(OcppEndpoint):
 
     async def _cancel_at_cp(self, reservation_id: str, number: int) -> None:
         try:
-            result = await self.call(self.cancel_reservation_request(number), suppress=False)
+            result = await self.ask(self.cancel_reservation_request(number))
         except (TimeoutError, OCPPError) as exc:
             # Its own expiry date ends it anyway.
             log.warning("%s: CancelReservation %s failed: %s", self, reservation_id, exc)
@@ -477,7 +477,7 @@ class ChargePointLink(OcppEndpoint):
 
         async def stop() -> None:
             try:
-                await self.call(self.remote_stop_request(tx_id), suppress=False)
+                await self.ask(self.remote_stop_request(tx_id))
             except (TimeoutError, OCPPError, ConnectionClosed) as exc:
                 log.warning("%s: stopping transaction %s: %s", self, tx_id, exc)
 

@@ -21,7 +21,7 @@ from typing import Any
 from jsonschema.exceptions import ValidationError as SchemaError
 from ocpp.charge_point import ChargePoint as OcppChargePoint
 from ocpp.charge_point import camel_to_snake_case, remove_nones, serialize_as_dict, snake_to_camel_case
-from ocpp.exceptions import OCPPError
+from ocpp.exceptions import GenericError, OCPPError, UnknownCallErrorCodeError
 from ocpp.messages import Call, CallError, CallResult, MessageType, get_validator, validate_payload
 from websockets.exceptions import ConnectionClosed
 
@@ -257,6 +257,14 @@ class OcppEndpoint(OcppChargePoint):
         result = msg.create_call_result(snake_to_camel_case(remove_nones(serialize_as_dict(response))))
         await validate_payload(result, self.version)  # an answer of ours that breaks its schema is our bug
         await self._send(result.to_json())
+
+    async def ask(self, request: Any) -> Any:
+        """Call the charge point: its answer, or an OCPPError for its CallError -- any code, even one
+        the library has no class for (2.0.1's RpcFrameworkError, a vendor's own)."""
+        try:
+            return await self.call(request, suppress=False)
+        except UnknownCallErrorCodeError as exc:
+            raise GenericError(description=str(exc)) from None
 
 
 def is_not_taken(exc: OCPPError) -> bool:
