@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ocpp.exceptions import OCPPError
 from websockets.asyncio.server import ServerConnection
@@ -25,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from evcharge.apps.ocpp import mapping as m
 from evcharge.apps.ocpp.rpc import OcppEndpoint, is_not_taken
 from evcharge.domain.model import LIVE_STATES
-from evcharge.domain.world import ChargePointConfig
+from evcharge.domain.world import ChargePointConfig, World
 from evcharge.links.client import Client
 from evcharge.links.link import Link
 from evcharge.wire import protocol as p
@@ -39,9 +40,6 @@ from evcharge.wire.errors import (
     UnavailableError,
 )
 
-if TYPE_CHECKING:
-    from evcharge.apps.ocpp.gateway import Gateway
-
 log = logging.getLogger(__name__)
 
 # Deadlines (real seconds). The server waits 10 s for a charge point's answer to a command,
@@ -52,6 +50,21 @@ RESERVE_RETRY = 5.0  # a ReserveNow the charge point could not take (Occupied...
 MAX_ORPHANS = 64  # transactions without a session that one connection stops
 
 TxId = int | str  # an OCPP transaction id: 1.6's are numbers (we give them), 2.0.1's strings (the charge point's)
+
+
+class Gateway(Protocol):
+    """What a charge point's link needs of the gateway it came through (``gateway.Gateway``)."""
+
+    world: World
+    tags: m.IdTags
+    heartbeat_s: float
+    server_host: str
+    server_port: int
+    ssl_context: ssl.SSLContext | None
+    server_hostname: str | None
+
+    @property
+    def server_address(self) -> str: ...
 
 
 @dataclass(slots=True)

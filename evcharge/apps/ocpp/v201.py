@@ -107,7 +107,8 @@ class ChargePoint201(ChargePointLink):
         if vehicle is None:
             return "unknown", None
         verdict, r = await self._authorize(tag)
-        if verdict == "charging" and r is not None and self.adoptable(tx_id) == r:
+        unseen = self.adoptable(tx_id)
+        if verdict == "charging" and r is not None and unseen is not None and unseen.id == r.id:
             self._begin(tx_id, r.id, vehicle, register)  # its session, sent anew after a reconnect
             return "accepted", r
         if verdict != "accepted" or r is None:
