@@ -27,6 +27,8 @@ from evcharge.operator.server import Server
 from evcharge.wire.tls import TlsFiles
 from tools.harness import ROOT, ServerProcess, evcharge_command, free_ports, write_world
 
+from .ocpp_harness import GatewayProcess
+
 REPO = ROOT
 EXTRA_VEHICLES = 60  # T001..T060, home A: enough for races of 50
 
@@ -112,6 +114,21 @@ def spawn_server(world_path: Path, tmp_path: Path) -> Iterator[Any]:
     yield spawn
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+def gateway_process(world_path: Path, tmp_path: Path) -> Iterator[Any]:
+    """``make(server_port, port, *options)``: an ``evcharge ocpp-gateway`` process, killed at teardown."""
+    started: list[GatewayProcess] = []
+
+    def make(server_port: int, port: int, *extra: str, world: Path | None = None) -> GatewayProcess:
+        process = GatewayProcess(world or world_path, server_port, port, tmp_path, extra)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.kill()
 
 
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

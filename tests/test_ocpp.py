@@ -7,15 +7,9 @@ The charge point here is a client we did not write (``ocpp.v16.ChargePoint`` on
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,14 +25,16 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from evcharge.apps.ocpp import mapping as m
-from evcharge.apps.ocpp.gateway import SUBPROTOCOL, Gateway
+from evcharge.apps.ocpp.gateway import Gateway
+from evcharge.apps.ocpp.v16 import SUBPROTOCOL
 from evcharge.domain.world import Rules, VehicleConfig, World, load_world
 from evcharge.links.client import Client
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
 from evcharge.wire.tls import Listen, client_context
 
-from .conftest import REPO, Pki, free_ports, operator, running_server, vehicle
+from .conftest import Pki, free_ports, operator, running_server, vehicle
+from .ocpp_harness import basic, now_text, running_gateway, secret_of, status, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -87,15 +83,6 @@ class ChargePoint(OcppChargePoint):
         return call_result.RemoteStopTransaction(status=self._got("RemoteStopTransaction", payload))
 
 
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def secret_of(world: World, cp_id: str) -> str:
-    known = {cp.id: cp.secret for s in world.stations for cp in s.charge_points}
-    return known.get(cp_id, "some-secret")
-
-
 @asynccontextmanager
 async def charge_point(
     port: int, world: World, cp_id: str, *, password: str | None = None, subprotocol: str = "ocpp1.6"
@@ -117,46 +104,11 @@ async def charge_point(
             await asyncio.gather(reading, return_exceptions=True)
 
 
-@asynccontextmanager
-async def running_gateway(
-    server: Server, port: int = 0, server_port: int | None = None, **options: Any
-) -> AsyncIterator[Gateway]:
-    gateway = Gateway(
-        server.world,
-        server.operator.id,
-        host="127.0.0.1",
-        port=port,
-        server_host="127.0.0.1",
-        server_port=server_port or server.port,
-        **options,
-    )
-    await gateway.start()
-    try:
-        yield gateway
-    finally:
-        await gateway.stop()
-
-
-def now_text() -> str:
-    return m.ocpp_time(datetime.now(UTC))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 async def boot(cp: ChargePoint, server: Server) -> call_result.BootNotification:
     booted = await cp.call(call.BootNotification(charge_point_model="Wallbox 150", charge_point_vendor="Acme"))
     await cp.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Available"))
     await until(lambda: server.books.charge_points[cp.id].online)
     return booted
-
-
-def status(server: Server, cp_id: str) -> str:
-    cp = server.books.charge_points[cp_id]
-    return server.views.status_of(cp, server.clock.now())
 
 
 async def fresh_status(server: Server, cp: ChargePoint) -> str:
@@ -471,7 +423,7 @@ async def test_bad_credentials_unknown_ids_and_malformed_frames_are_refused_alon
         assert await refused_with("NAT-PN-2", password="") == 401
         assert await refused_with("NO-SUCH-CP") == 404
         assert await refused_with("REC-BV-1") == 404  # another operator's charge point
-        assert await refused_with("NAT-PN-2", subprotocol="ocpp2.0.1") == 400
+        assert await refused_with("NAT-PN-2", subprotocol="ocpp1.5") == 400
         with pytest.raises(InvalidStatus) as no_auth:
             async with connect(f"ws://127.0.0.1:{gw.port}/NAT-PN-2", subprotocols=[SUBPROTOCOL], open_timeout=5):
                 pass
@@ -492,23 +444,32 @@ async def test_bad_credentials_unknown_ids_and_malformed_frames_are_refused_alon
                 await raw.send(frame)
                 return json.loads(await asyncio.wait_for(raw.recv(), 10))
 
-            assert (await answer("this is not json"))[:3] == [4, "-1", "FormatViolation"]
+            # OCPP-J 1.6's error table (§4.2.3, with its errata's spelling), frame by frame.
+            assert (await answer("this is not json"))[:3] == [4, "-1", "FormationViolation"]
+            assert (await answer("[" * 5000 + "]" * 5000))[:3] == [4, "-1", "FormationViolation"]  # too deep
+            deep = '[2, "d1", "DataTransfer", {"vendorId": "x", "data": ' + "[" * 500 + "]" * 500 + "}]"
+            assert (await answer(deep))[:3] == [4, "d1", "FormationViolation"]
             assert (await answer('{"an": "object"}'))[:3] == [4, "-1", "ProtocolError"]
             assert (await answer('[2, "m1", "BootNotification", "not an object"]'))[:3] == [4, "m1", "ProtocolError"]
-            assert (await answer('[2, "m2", ["Heart", "beat"], {}]'))[:2] == [4, "m2"]
+            assert (await answer('[2, "m2", ["Heart", "beat"], {}]'))[:3] == [4, "m2", "ProtocolError"]
             assert (await answer('[9, "m3", "Heartbeat", {}]'))[:3] == [4, "m3", "PropertyConstraintViolation"]
             missing = await answer('[2, "m4", "BootNotification", {"chargePointVendor": "Acme"}]')
             assert missing[:3] == [4, "m4", "ProtocolError"]
-            extra = await answer('[2, "m5", "Heartbeat", {"unexpected": 1}]')
-            assert extra[:2] == [4, "m5"] and extra[2] in ("FormatViolation", "FormationViolation")
+            assert (await answer('[2, "m5", "Heartbeat", {"unexpected": 1}]'))[:3] == [4, "m5", "FormationViolation"]
+            flying = '[2, "m6", "StatusNotification", {"connectorId": 1, "errorCode": "NoError", "status": "Flying"}]'
+            assert (await answer(flying))[:3] == [4, "m6", "FormationViolation"]
             wrong_type = await answer(
-                '[2, "m6", "StatusNotification", {"connectorId": "one", "errorCode": "NoError", "status": "Available"}]'
+                '[2, "m7", "StatusNotification", {"connectorId": "one", "errorCode": "NoError", "status": "Available"}]'
             )
-            assert wrong_type[:3] == [4, "m6", "TypeConstraintViolation"]
-            assert (await answer('[2, "m7", "LaunchRockets", {}]'))[:3] == [4, "m7", "NotSupported"]
+            assert wrong_type[:3] == [4, "m7", "TypeConstraintViolation"]
+            unknown = await answer('[2, "ua-1", "NoSuchAction", {}]')
+            assert unknown[:4] == [4, "ua-1", "NotImplemented", "Requested Action is not known by receiver"]
+            reset = await answer('[2, "m8", "Reset", {"type": "Hard"}]')  # a 1.6 action, not one a charge point sends
+            assert reset[:3] == [4, "m8", "NotSupported"]
+            assert reset[3] == "Requested Action is recognized but not supported by the receiver"
             await raw.send('[3, "nobody-asked", {}]')  # an answer to nothing: dropped
-            ok = await answer('[2, "m8", "Heartbeat", {}]')
-            assert ok[:2] == [3, "m8"] and "currentTime" in ok[2]
+            ok = await answer('[2, "m9", "Heartbeat", {}]')
+            assert ok[:2] == [3, "m9"] and "currentTime" in ok[2]
             # One too large for the gateway closes only that connection (1009, message too big).
             await raw.send("[" + " " * (300 * 1024) + "]")
             with pytest.raises(ConnectionClosed) as closed:
@@ -658,77 +619,6 @@ async def test_a_remote_start_the_server_ended_while_linked_does_not_take_the_ne
         assert await fresh_status(server, cp) == "available"
         await the_next_session_is_its_own(cp, server, v, started_by)
         assert cp.got_none("RemoteStopTransaction")
-
-
-class GatewayProcess:
-    """``evcharge ocpp-gateway`` as a child process, through the command line."""
-
-    def __init__(self, world_path: Path, server_port: int, port: int, tmp_path: Path, extra: tuple[str, ...]) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "evcharge",
-            "ocpp-gateway",
-            "--world",
-            str(world_path),
-            "--operator",
-            "A",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--server",
-            f"127.0.0.1:{server_port}",
-            "--log-level",
-            "info",
-            *extra,
-        ]
-        self.tmp_path = tmp_path
-        self.log_path = tmp_path / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def _launch(self) -> Path:
-        ready = self.tmp_path / f"gateway.{time.monotonic_ns()}.ready"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*self.args, "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ
-            )
-        return ready
-
-    async def start(self, timeout: float = 20.0) -> None:
-        ready = self._launch()
-        assert self.proc is not None
-        async with asyncio.timeout(timeout):
-            while not ready.exists():
-                assert self.proc.poll() is None, self.log_path.read_text()
-                await asyncio.sleep(0.05)
-
-    async def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            while self.proc.poll() is None:
-                await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def gateway_process(world_path: Path, tmp_path: Path) -> Iterator[Any]:
-    started: list[GatewayProcess] = []
-
-    def make(server_port: int, port: int, *extra: str, world: Path | None = None) -> GatewayProcess:
-        process = GatewayProcess(world or world_path, server_port, port, tmp_path, extra)
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.kill()
 
 
 async def test_the_gateway_process_restarts_and_charge_points_come_back(

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from evcharge.apps import render
 from evcharge.apps.ocpp import DEFAULT_PORT as OCPP_PORT
-from evcharge.apps.tls_options import client_tls, client_tls_parser
+from evcharge.apps.tls_options import client_tls, client_tls_parser, gateway_tls, gateway_tls_parser
 from evcharge.apps.vehicle import (
     POSITION_EVERY,
     START_SOC,
@@ -43,6 +43,7 @@ from evcharge.links.link import ANSWER_DEADLINE, Link
 from evcharge.links.requests import Requests
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
+from evcharge.wire import redact
 from evcharge.wire.address import host_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
 from evcharge.wire.errors import EvchargeError, OutcomeUnknownError
@@ -66,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    redactor = redact.install()  # every process we ship logs through here: no secret in any line
     try:
         world = load_world(args.world)
     except WorldError as exc:
         print(f"evcharge: bad world file: {exc}", file=sys.stderr)
         return 2
+    redactor.add(pairs=world.credentials())
     try:
         code: int = uvloop.run(args.run(world, args))
         return code
@@ -207,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = sub.add_parser(
         "ocpp-gateway",
-        parents=[common, client_tls],
-        help="let real OCPP 1.6J charge points join an operator",
-        description="Accept OCPP 1.6J charge points on ws://HOST:PORT/<charge point id> (subprotocol ocpp1.6, "
-        "HTTP Basic auth with the charge point's secret) and speak for them to the operator's server.",
+        parents=[common, gateway_tls_parser()],
+        help="let real OCPP 1.6J and 2.0.1 charge points join an operator",
+        description="Accept OCPP charge points on ws://HOST:PORT/<charge point id> (wss:// with --tls-cert), "
+        "subprotocol ocpp2.0.1 or ocpp1.6, HTTP Basic auth with the charge point's secret (failed logins are "
+        "answered ever later), and speak for them to the operator's server.",
     )
     gateway.add_argument("--operator", required=True, help="operator id from the world file")
     gateway.add_argument("--host", help="listen address (default: the world file's host of the operator)")
@@ -423,7 +427,7 @@ async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
     if args.log_level != "debug":
         logging.getLogger("ocpp").setLevel(logging.WARNING)  # it logs every frame at info
     server_host, server_port = _address(world, args.operator, args.server)
-    context, name = client_tls(args, world.operator(args.operator))
+    listener, context, name = gateway_tls(args, world.operator(args.operator))
     gateway = Gateway(
         world,
         args.operator,
@@ -433,6 +437,7 @@ async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
         server_port=server_port,
         ssl_context=context,
         server_hostname=name,
+        listener_ssl=listener,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

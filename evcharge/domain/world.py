@@ -105,6 +105,12 @@ class World(msgspec.Struct, forbid_unknown_fields=True):
                 return vehicle
         raise WorldError(f"{self.source}: no vehicle {vehicle_id!r}")
 
+    def credentials(self) -> list[tuple[str, str]]:
+        """(identity, secret) of every operator, charge point and vehicle: what a log must never show."""
+        found = [(op.id, op.secret) for op in self.operators]
+        found += [(cp.id, cp.secret) for s in self.stations for cp in s.charge_points]
+        return found + [(v.id, v.token) for v in self.vehicles]
+
     def stations_of(self, operator_id: str) -> list[StationConfig]:
         return [s for s in self.stations if s.operator == operator_id]
 

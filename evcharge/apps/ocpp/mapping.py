@@ -1,7 +1,7 @@
-"""How OCPP 1.6 and evcharge's model meet: statuses, id tags, ids, meter readings, times.
+"""How OCPP 1.6 and 2.0.1 meet evcharge's model: statuses, id tags, ids, meter readings, times.
 
-Pure functions and tables, no I/O; the gateway (``ocpp_gateway``) does the talking. The
-README's "OCPP" section shows the same mapping as a table.
+Pure functions and tables, no I/O; the gateway's version classes (``v16``, ``v201``) do the
+talking. The README's "OCPP" section shows the same mapping as tables.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from evcharge.domain.world import Rules, VehicleConfig
 from evcharge.wire import protocol as p
 
-# OCPP's idToken is a CiString20: at most 20 characters, compared without regard to case.
+# OCPP 1.6's idTag is a CiString20: at most 20 characters, compared without regard to case
+# (2.0.1's idToken takes 36; the same tag serves both).
 ID_TAG_MAX = 20
 
 # What an OCPP connector status says about the charge point being usable. Only Faulted and
@@ -30,6 +31,7 @@ OCPP_STATUS: dict[str, p.ReportedStatus] = {
     "SuspendedEVSE": "available",  # in a transaction, the charger gives no energy for now
     "Finishing": "available",  # transaction over, cable still in
     "Reserved": "available",  # the server shows `reserved` from its ledger
+    "Occupied": "available",  # 2.0.1: a cable in or a transaction; the server shows its session as `charging`
     "Unavailable": "unavailable",  # out of service on purpose
     "Faulted": "faulted",
 }
@@ -37,9 +39,10 @@ _SEVERITY: dict[str, int] = {"available": 0, "unavailable": 1, "faulted": 2}
 
 
 def reported_status(connectors: Mapping[int, tuple[str, str]]) -> tuple[p.ReportedStatus, str] | None:
-    """Our status from the last OCPP status of connector 0 (the whole charge point) and 1.
+    """Our status from the last OCPP status of each connector that is ours.
 
-    The worse of the two wins: a charge point whose controller is Faulted is faulted whatever
+    In 1.6 those are connector 0 (the whole charge point) and 1; in 2.0.1 the connectors of
+    EVSE 1. The worst wins: a charge point whose controller is Faulted is faulted whatever
     its connector says. None until the charge point has said anything.
     """
     if not connectors:
@@ -82,6 +85,56 @@ class IdTags:
         return self._vehicles.get(tag.casefold())
 
 
+# --- authorization ------------------------------------------------------------------------
+
+# What the server says about a tag at this charge point now, before either version names it.
+Verdict = Literal["accepted", "charging", "unknown", "not here", "not now", "refused", "unchecked"]
+
+# 1.6 has few words for it; 2.0.1 tells a driver why (no reservation here, its slot is not now).
+AUTHORIZATION_16: dict[Verdict, str] = {
+    "accepted": "Accepted",
+    "charging": "ConcurrentTx",
+    "unknown": "Invalid",
+    "not here": "Blocked",
+    "not now": "Blocked",
+    "refused": "Blocked",
+    "unchecked": "Invalid",  # the server cannot be asked: nobody charges unchecked
+}
+AUTHORIZATION_201: dict[Verdict, str] = {
+    "accepted": "Accepted",
+    "charging": "ConcurrentTx",
+    "unknown": "Unknown",
+    "not here": "NotAtThisLocation",
+    "not now": "NotAtThisTime",
+    "refused": "Blocked",
+    "unchecked": "Invalid",
+}
+
+
+def refusal_verdict(error_code: str) -> Verdict:
+    """The verdict for the server's refusal of an Authorize (its error code)."""
+    if error_code == "not_found":
+        return "not here"  # no reservation of this vehicle on this charge point
+    if error_code == "conflict":
+        return "not now"  # its slot has not begun, has ended, or someone is still charging
+    return "refused"
+
+
+# The idToken type of the tokens we send (RequestStartTransaction, ReserveNow): one the CSMS made.
+ID_TOKEN_TYPE = "Central"
+
+
+def token_tag(id_token: Mapping[str, Any] | None) -> str | None:
+    """The tag a 2.0.1 idToken carries; None for NoAuthorization (no token at all) or an empty one.
+
+    Every other type (an RFID card, a key code, a contract id, a MAC address, ours) is looked
+    up by its value: a vehicle's tag is whatever way the driver presents it.
+    """
+    if not id_token or id_token.get("type") == "NoAuthorization":
+        return None
+    return str(id_token.get("id_token") or "") or None
+
+
 def ocpp_id(reservation_id: str) -> int:
     """The OCPP integer (reservationId, transactionId) that stands for one of our reservations.
 
@@ -122,6 +175,35 @@ def energy_register_wh(meter_values: Iterable[Mapping[str, Any]]) -> float | Non
             if unit == "kWh":
                 value *= 1000.0
             elif unit != "Wh":
+                continue
+            found = value
+    return found
+
+
+def energy_register_wh_201(meter_values: Iterable[Mapping[str, Any]]) -> float | None:
+    """The same from a 2.0.1 ``meterValue`` list: values are numbers, units carry a power of ten.
+
+    Readings of the EV's own meter (``location`` EV) are not the charge point's register.
+    """
+    found: float | None = None
+    for entry in meter_values:
+        for sample in entry.get("sampled_value") or ():
+            if sample.get("measurand", ENERGY_REGISTER) != ENERGY_REGISTER or sample.get("phase"):
+                continue
+            if sample.get("location", "Outlet") == "EV":
+                continue
+            unit = sample.get("unit_of_measure") or {}
+            multiplier = unit.get("multiplier", 0)
+            value = sample.get("value")
+            if not isinstance(value, int | float) or not isinstance(multiplier, int) or not -9 <= multiplier <= 9:
+                continue
+            value = float(value) * 10.0**multiplier
+            if not math.isfinite(value) or value < 0:
+                continue
+            name = unit.get("unit", "Wh")
+            if name == "kWh":
+                value *= 1000.0
+            elif name != "Wh":
                 continue
             found = value
     return found
