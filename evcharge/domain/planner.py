@@ -450,8 +450,7 @@ class _Search:
         range_km = max(0.0, (soc - req.min_arrival_soc) / self.per_km)
         left = km_to_dest[stuck]
         roads = self.origin_roads if stuck == origin else self.network.roads[stuck]
-        ahead = [(km, place) for place, km, _ in roads if self.to_dest[place] < left]
-        gap, nearest = min(ahead, default=(left, -1))
+        gap = min((km for place, km, _ in roads if self.to_dest[place] < left), default=left)
         what = "next charger"
         if gap >= left:
             gap, what = left, "destination"
