@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -407,3 +408,77 @@ def test_nonsense_inputs_are_refused(vehicle: VehicleSpec, soc: float) -> None:
     request = TripRequest(city("Natal"), city("Recife"), soc_start=soc, depart=T0)
     with pytest.raises(ValueError):
         plan_trip(request, vehicle, northeast_options(), ledger_next_free(FREE))
+
+
+# -- plans a driver would accept (issue 16) --------------------------------------------------------------------
+
+
+def driver_request(origin: str, destination: str, depart: int = T0, **rules: float) -> TripRequest:
+    """A trip under the northeast world's rules (overhead, least useful charge), as its servers plan it."""
+    world_rules = load_world("northeast").rules
+    return TripRequest(
+        city(origin),
+        city(destination),
+        soc_start=0.8,
+        depart=depart,
+        stop_overhead_s=world_rules.stop_overhead_min * 60,
+        min_stop_soc=world_rules.min_stop_charge_pct / 100,
+        **rules,
+    )
+
+
+def test_no_stop_for_a_sip() -> None:
+    """Natal -> Feira de Santana used to end with a 3-minute stop at Estância for 2.8 kWh (64 -> 68 %)."""
+    car = VehicleSpec(battery_kwh=82, consumption_kwh_per_km=0.19)
+    request = driver_request("Natal", "Feira de Santana")
+    plan = plan_trip(request, car, northeast_options(), ledger_next_free(FREE))
+    assert_valid(plan, request, car, FREE)
+    assert all(s.soc_out - s.soc_in >= 0.10 - EPS for s in plan.stops), [(s.soc_in, s.soc_out) for s in plan.stops]
+    assert all(s.slot_start >= s.arrival + 300 for s in plan.stops)
+
+
+def test_a_race_gives_sane_plans() -> None:
+    """Thirty vehicles plan Natal -> Feira de Santana one after the other, each around the slots of those before
+    (as a race's losers are re-planned): no stop charges less than the least useful charge, and nobody stops twice
+    running in one city (V09 and V12 once stopped at REC-CEN-1, then at REC-BV-4)."""
+    world = load_world("northeast")
+    options = northeast_options()
+    ledgers: dict[str, Ledger] = {}
+    for vehicle in world.vehicles:
+        car = VehicleSpec(vehicle.battery_kwh, vehicle.consumption_kwh_per_km)
+        request = driver_request("Natal", "Feira de Santana")
+        plan = plan_trip(request, car, options, ledger_next_free(ledgers))
+        assert_valid(plan, request, car, ledgers)
+        cities = [s.option.city for s in plan.stops]
+        assert all(a != b for a, b in itertools.pairwise(cities)), f"{vehicle.id}: {cities}"
+        assert all(s.soc_out - s.soc_in >= 0.10 - EPS for s in plan.stops), vehicle.id
+        assert len(plan.stops) <= 7, f"{vehicle.id}: {cities}"  # the 50 kWh cars need 7 on this chain of cities
+        for s in plan.stops:
+            ledgers.setdefault(s.option.charge_point_id, Ledger()).add(s.slot_start, s.slot_end, vehicle.id)
+
+
+def test_the_overhead_saves_a_stop() -> None:
+    """A sip at a fast charger shortens the charge at a slow one: worth it, until every stop costs its overhead."""
+    # Along the equator (one degree = 139 road km): a 150 kW charger 20 km on, a 50 kW one half way to the
+    # destination 300 km away, which a full charge (262 km) does not reach.
+    request = TripRequest(Place("O", 0.0, 0.0), Place("D", 0.0, 2.158), soc_start=0.8, depart=T0)
+    fast = ChargeOption("A", "F", "F", "Efe", 0.0, 0.144, "F-1", 150, 2.0)
+    slow = ChargeOption("B", "S", "S", "Esse", 0.0, 1.079, "S-1", 50, 2.0)
+    no_overhead = plan_trip(request, CAR, [fast, slow], ledger_next_free(FREE))
+    assert [s.option for s in no_overhead.stops] == [fast, slow]
+    overhead = dataclasses.replace(request, stop_overhead_s=300)
+    with_overhead = plan_trip(overhead, CAR, [fast, slow], ledger_next_free(FREE))
+    assert [s.option for s in with_overhead.stops] == [slow]
+    # Counted the same way (five minutes a stop), the plan with the overhead is the earlier one.
+    assert with_overhead.arrival < no_overhead.arrival + 300 * len(no_overhead.stops)
+    assert_valid(with_overhead, overhead, CAR, FREE)
+
+
+def test_prefer_cheap_trades_time_for_money() -> None:
+    request = driver_request("Natal", "Maceió")
+    options = northeast_options()
+    fast = plan_trip(request, CAR, options, ledger_next_free(FREE))
+    cheap = plan_trip(dataclasses.replace(request, value_of_hour=20.0), CAR, options, ledger_next_free(FREE))
+    assert cheap.total_cost < fast.total_cost and cheap.arrival > fast.arrival
+    # Worth it at R$ 20 an hour: what it saves pays more than the time it takes.
+    assert (fast.total_cost - cheap.total_cost) / 20.0 * 3600 >= cheap.arrival - fast.arrival
