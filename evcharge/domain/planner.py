@@ -287,17 +287,24 @@ class _Search:
         self.worth = [min(top, need) for need in self.need]  # below this at a place, a stop there charges at all
         self.far = [need > top for need in self.need]  # one charge there does not finish the trip
         self.drive_left = [_drive_seconds(km) for km in self.to_dest]
-        # The bound: seconds of charging per unit of SoC at the fastest power this vehicle gets anywhere,
-        # and the most one stop can add.
-        fastest = min(net.max_power_kw, vehicle.max_charge_kw)
-        self.charge_s_per_soc = vehicle.battery_kwh * 3600.0 / fastest if fastest > 0 else 0.0
-        self.per_stop = top - floor
-        # Departures from a far place all leave with max_charge_soc: their bound is the place's.
-        self.departure_left = [self._left(p, top) if self.far[p] else 0 for p in range(len(self.need))]
+        self.per_stop = top - floor  # the most one stop can add
         self.power = [min(o.power_kw, vehicle.max_charge_kw) for o in net.options]
         # The objective's weights: fast, time alone (money breaks ties); cheap, cents per hour of time.
         cents_per_hour = round(request.value_of_hour * 100)
         self.time_weight, self.cent_weight = (cents_per_hour, 3600) if cents_per_hour > 0 else (1, 0)
+        # The bound's price of a unit of SoC charged: the least, over the charge points, of its charging
+        # time (at its full power) and its money, weighed as the objective weighs them; less what rounding each
+        # stop's cost may take off (half a cent a stop; an optimal plan uses each charge point at most once).
+        self.per_soc = min(
+            (
+                vehicle.battery_kwh * (3600.0 / power * self.time_weight + o.price_per_kwh * 100 * self.cent_weight)
+                for o, power in zip(net.options, self.power, strict=True)
+            ),
+            default=0.0,
+        )
+        self.rounding = len(net.options) / 2 * self.cent_weight
+        # Departures from a far place all leave with max_charge_soc: their bound is the place's.
+        self.departure_left = [self._left(p, top) if self.far[p] else 0 for p in range(len(self.need))]
         self.seq = itertools.count()
         self.heap: list[_Entry] = []
         places = len(self.need)
@@ -305,13 +312,17 @@ class _Search:
         self.departures: list[list[tuple[int, int, int]]] = [[] for _ in range(places)]  # (time, cents, stops)
 
     def _left(self, place: int, soc: float, stopping: bool = False) -> int:
-        """A lower bound of the seconds from ``place`` with ``soc`` to the destination (consistent: see the module)."""
+        """A lower bound of the objective from ``place`` with ``soc`` to the destination (see the module).
+
+        ``stopping``: a label that stops there (an arrival) takes at least one stop's overhead and charge.
+        """
         missing = self.need[place] - soc - _SOC_EPS
         if missing <= 0 and not stopping:
-            return self.drive_left[place]
+            return self.drive_left[place] * self.time_weight
         stops = max(1, math.ceil(missing / self.per_stop)) if self.per_stop > 0 else 1
         charge = max(missing, self.request.min_stop_soc - _SOC_EPS, 0.0)
-        return self.drive_left[place] + stops * self.request.stop_overhead_s + int(charge * self.charge_s_per_soc)
+        seconds = self.drive_left[place] + stops * self.request.stop_overhead_s
+        return seconds * self.time_weight + max(0, int(charge * self.per_soc - self.rounding))
 
     def run(self) -> Plan:
         req = self.request
@@ -347,7 +358,7 @@ class _Search:
                 if far:
                     end = stop.slot_end
                     if not _dominated(departures[place], end, after, stops + 1):
-                        key = (end + self.departure_left[place]) * self.time_weight + after * self.cent_weight
+                        key = end * self.time_weight + after * self.cent_weight + self.departure_left[place]
                         label = (key, after, stops + 1, next(seq), _DEPARTURE, place, end, target, km_total, 0.0)
                         heapq.heappush(heap, (*label, _Trail(stop, trail)))
                 else:
@@ -388,7 +399,7 @@ class _Search:
             arrival = depart + seconds
             if far[place] and _dominated4(arrivals[place], arrival, -soc_in, cents, stops):
                 continue
-            key = (arrival + self._left(place, soc_in, stopping=True)) * time_weight + money
+            key = arrival * time_weight + money + self._left(place, soc_in, stopping=True)
             heapq.heappush(
                 heap, (key, cents, stops, next(seq), _ARRIVAL, place, arrival, soc_in, km_total + km, km, trail)
             )
