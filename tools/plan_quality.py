@@ -32,6 +32,7 @@ from evcharge.domain.world import World, load_world
 DEPART = 1_767_268_800  # 2026-01-01 12:00 UTC
 START_SOC = 0.80
 OBJECTIVES = ("old", "driver", "cheap")
+BIG_CITY = 100_000  # people: the cities the bench plans between
 
 
 @dataclass(frozen=True)
