@@ -67,8 +67,7 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     for name in ("status", "reserve", "trip_planning", "trips"):
         assert scenarios[name]["ratio_to_ceiling"] > 0, name
     assert set(scenarios["trips"]["rss_mb"]) == {"A", "B", "C"}
-    for world in ("northeast", "brazil-northeast"):
-        assert scenarios[f"planning_{world}"]["no_route"] == 0, world
+    assert scenarios["planning_brazil-northeast"]["no_route"] == 0  # the demo world has gaps; this one none
     assert scenarios["planning_brazil-northeast"]["charge_points"] > 900
     assert set(scenarios["planning_servers"]["rss_mb"]) == set("ABCDE")
     assert scenarios["planning_servers"]["ratio_to_ceiling"] > 0

@@ -123,12 +123,16 @@ def quality(world: World, trips: list[Trip]) -> dict[str, dict[str, Any]]:
         }
     pairs = [(o, n) for o, n in zip(plans["old"], plans["driver"], strict=True) if o is not None and n is not None]
     late = [n.arrival - o.arrival - overhead_s * len(o.stops) for o, n in pairs]
+    sips = [any(s.soc_out - s.soc_in < least - 1e-9 for s in o.stops) for o, _ in pairs]
     out["driver"] |= {
         "fewer_stops_than_old": sum(len(n.stops) < len(o.stops) for o, n in pairs),
         "more_stops_than_old": sum(len(n.stops) > len(o.stops) for o, n in pairs),
         # Later than the old plan with its overhead counted: the least useful charge costs time.
         "later_than_old_with_overhead": sum(x > 0 for x in late),
+        "minutes_later_than_old_median": round(statistics.median([x for x in late if x > 0] or [0]) / 60, 1),
         "minutes_later_than_old_max": round(max(late, default=0) / 60, 1),
+        # ... which only a plan that stops for less than the least useful charge is (none other is faster).
+        "later_than_old_without_a_sip": sum(x > 0 and not sip for x, sip in zip(late, sips, strict=True)),
     }
     return out
 
@@ -170,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nThe driver's plan has fewer stops than the old in {d['fewer_stops_than_old']} trips, more in "
         f"{d['more_stops_than_old']}; it arrives later than the old plan with its overhead counted in "
-        f"{d['later_than_old_with_overhead']} (at most {d['minutes_later_than_old_max']:g} minutes)."
+        f"{d['later_than_old_with_overhead']} (by {d['minutes_later_than_old_median']:g} minutes median, "
+        f"{d['minutes_later_than_old_max']:g} at most), of which {d['later_than_old_without_a_sip']} where the "
+        "old plan had no stop under the least useful charge."
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
