@@ -5,13 +5,20 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from evcharge.domain import geo, planner
 from evcharge.domain.world import World, load_world, resolve_world_path
+from evcharge.links.client import connect
+from evcharge.wire import protocol as p
+from evcharge.wire.errors import BadRequestError
 from tools import make_world
+from tools.harness import free_ports, write_world
+
+from .conftest import running_federation
 
 BIG = make_world.BIG_CITY
 CAR = make_world.CHECK_CAR  # a 50 kWh car
@@ -98,3 +105,23 @@ def test_a_world_s_cities_are_found_by_name(world: World) -> None:
     assert load_world("northeast").gazetteer().find("joao pessoa") == ("João Pessoa", geo.CITIES["João Pessoa"])
     with pytest.raises(KeyError, match=r"unknown city 'Atlantis'; known: Natal, Mossoró"):
         geo.find_city("Atlantis")
+
+
+@pytest.mark.timeout(120)
+async def test_five_operators_plan_between_any_two_cities_under_the_rules(tmp_path: Path) -> None:
+    """The large world's servers, federated: trips between its own cities, the world's rules in every stop."""
+    operators = [op.id for op in load_world("brazil-northeast").operators]
+    path = tmp_path / "world.toml"
+    world = write_world(path, "brazil-northeast", ports=dict(zip(operators, free_ports(5), strict=True)))
+    async with running_federation(world, tmp_path / "data", operators=tuple(operators)) as servers:
+        v = world.vehicle("V01")  # 40 kWh, at home with A
+        async with connect("127.0.0.1", servers[v.home].port, role="vehicle", ident=v.id, secret=v.token) as c:
+            fast = await c.plan_trip(p.TripQuery(origin="Caico", destination="Juazeiro do Norte"))
+            cheap = await c.plan_trip(p.TripQuery(origin="Caicó", destination="Juazeiro do Norte", prefer="cheap"))
+            with pytest.raises(BadRequestError, match=r"Santa Rita \(PB\) or Santa Rita \(MA\)"):
+                await c.plan_trip(p.TripQuery(origin="Santa Rita", destination="Recife"))
+    assert fast.origin == "Caico" and fast.stops and cheap.stops
+    assert cheap.total_cost < fast.total_cost and cheap.arrival >= fast.arrival
+    for stop in fast.stops + cheap.stops:
+        assert stop.soc_out - stop.soc_in >= world.rules.min_stop_charge_pct - 0.1  # percent, rounded to 0.1
+        assert stop.slot_start >= stop.arrival + timedelta(minutes=world.rules.stop_overhead_min)

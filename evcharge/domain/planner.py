@@ -46,11 +46,12 @@ The search
 An exact label-setting search (A*) over the places of every operator's charge
 points. A label is a vehicle at a place: (time, SoC, cost, stops). Labels
 leave the heap by (objective so far + a lower bound of what is still to come,
-cost, stops). The bound is consistent (no label's key is below its parent's),
-so the first label to reach the destination is optimal: the drive still ahead,
-plus, for the energy still missing, its charging time at the fastest power
-any charge point gives this vehicle and one overhead for every stop it takes
-at least (a stop adds at most ``max_charge_soc - min_arrival_soc``).
+cost, stops). The bound never exceeds what the rest of any plan costs, so the
+first label to reach the destination is optimal: the drive still ahead, one
+overhead for every stop the missing energy takes at least (a stop adds at most
+``max_charge_soc - min_arrival_soc``), and that energy priced at the least any
+charge point asks for it, its charging time at full power and its money
+weighed as the objective weighs them (less half a cent a stop for rounding).
 
 Where one charge to ``max_charge_soc`` cannot finish the trip (a *far* place,
 ``need > max_charge_soc``), every stop's target is ``max_charge_soc``: a label
@@ -197,7 +198,6 @@ class Network:
                 self.km[a][b] = self.km[b][a] = geo.road_km(*self.positions[a], *self.positions[b])
         # Every other place from each place, nearest first: (place, km, driving seconds).
         self.roads = [_roads_from(self.km[a], skip=a) for a in range(n)]
-        self.max_power_kw = max((o.power_kw for o in self.options), default=0.0)
 
     def km_from(self, lat: float, lon: float) -> list[float]:
         return [geo.road_km(lat, lon, a, b) for a, b in self.positions]
@@ -227,7 +227,7 @@ class _Trail:
 _ARRIVAL, _DEPARTURE, _DESTINATION = 0, 1, 2
 
 # A label in the heap: (key, cents, stops, tie-breaker, what, place, time, soc, km so far, km of the last leg, trail).
-# The key is the objective with the bound of what is still to come: (time + bound) x time weight + cents x cent weight.
+# The key: time x time weight + cents x cent weight (the objective so far) + the bound of what is still to come.
 _Entry = tuple[int, int, int, int, int, int, int, float, float, float, _Trail | None]
 
 
@@ -331,9 +331,10 @@ class _Search:
                 f"no route from {req.origin.name} to {req.destination.name}: cannot get beyond {req.origin.name} "
                 f"(state of charge {req.soc_start:.0%} at departure is below the minimum {req.min_arrival_soc:.0%})"
             )
+        # Driving straight there, where the charge allows it, is the best plan: nothing else to search.
         if req.soc_start - self.origin_km_to_dest * self.per_km >= req.min_arrival_soc - _SOC_EPS:
             self._push_destination(req.depart, req.soc_start, 0, 0, 0.0, self.origin_km_to_dest, None)
-        else:  # driving straight there is the best plan whenever it is possible
+        else:
             self._relax(self.origin_roads, req.depart, req.soc_start, 0, 0, 0.0, None)
         heap, seq, arrivals, departures = self.heap, self.seq, self.arrivals, self.departures
         while heap:
