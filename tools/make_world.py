@@ -8,13 +8,15 @@ their real coordinates and populations, from GeoNames' ``cities15000`` as the
 never need it: the TOML this writes is committed). Two cities of one name in two
 states are told apart as "Santa Rita (PB)" and "Santa Rita (MA)".
 
-Stations (about 300, 1,000 charge points) go where people are:
+Stations (300, about 1,100 charge points) go where people are, and along the roads:
 
 1. a station in every city of at least ``BASE_POPULATION`` people;
-2. then, while two of the cities of at least ``BIG_CITY`` people are not connected by
-   legs a ``CHECK_CAR`` can drive on one charge (``LEG_KM`` of road), a highway hub in the
-   city nearest the middle of the shortest gap between the parts;
-3. the rest by population (D'Hondt over the cities, so that Salvador gets many and a town
+2. a highway hub in the biggest city of every stretch farther than ``COVER_KM`` from any
+   station (a real network has no gaps of 300 km between chargers);
+3. then, while two of the cities of at least ``BIG_CITY`` people are still not connected by
+   legs a ``CHECK_CAR`` can drive on one charge (``LEG_KM`` of road), a hub one leg on from
+   the shortest gap between the parts (with the shipped seed, step 2 leaves none);
+4. the rest by population (D'Hondt over the cities, so that Salvador gets many and a town
    one at most), up to ``STATIONS``.
 
 Each station gets the charge points of its kind (city AC, city DC, highway hub: 22 kW AC
@@ -159,7 +161,7 @@ def cover(cities: list[City], sites: list[City]) -> list[City]:
 
 
 def bridge_gaps(cities: list[City], sites: list[City]) -> list[City]:
-    """Hubs that join every big city's part of the network to the others (step 2)."""
+    """Hubs that join every big city's part of the network to the others (step 3)."""
     hubs: list[City] = []
     while True:
         everything = sites + hubs
@@ -180,7 +182,7 @@ def bridge_gaps(cities: list[City], sites: list[City]) -> list[City]:
 
 
 def by_population(cities: list[City], count: int, already: dict[str, int]) -> list[City]:
-    """``count`` more stations over the cities, D'Hondt by population (step 3)."""
+    """``count`` more stations over the cities, D'Hondt by population (step 4)."""
     heap = [(-c.population / (already.get(c.name, 0) + 1), c.name, c) for c in cities]
     heapq.heapify(heap)
     chosen = []
