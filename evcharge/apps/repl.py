@@ -83,6 +83,7 @@ class VehicleRepl:
         server_hostname: str | None = None,
     ) -> None:
         self.world = world
+        self.cities = world.gazetteer()  # for "near CITY" and trips
         self.vehicle = vehicle
         self.link = Link(
             host,
@@ -121,7 +122,7 @@ class VehicleRepl:
     def _completer(self) -> NestedCompleter:
         stations = {s.id: None for s in self.world.stations if s.operator == self.vehicle.home}
         cps = {cp.id: None for s in self.world.stations if s.operator == self.vehicle.home for cp in s.charge_points}
-        cities = {city: None for city in self.world.gazetteer().cities}
+        cities = {city: None for city in self.cities.cities}
         prefer = {"fast": None, "cheap": None}
         trip = {"--from": cities, "--to": cities, "--soc": None, "--depart": None, "--prefer": prefer}
         return NestedCompleter.from_nested_dict(
@@ -207,7 +208,7 @@ class VehicleRepl:
                     args.json, args.id = False, self.vehicle.id
                     if command == "book" and not args.plan and self._last_plan[0] == trip_query(args):
                         args.plan = self._last_plan[1]  # the same question: book what was shown
-                    result = await vehicle_command(self._connected(), args, self.console, self.world.gazetteer())
+                    result = await vehicle_command(self._connected(), args, self.console, self.cities)
                     if command == "plan":
                         self._last_plan = (trip_query(args), result["trip"].id)
         except EvchargeError as exc:

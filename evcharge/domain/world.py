@@ -2,9 +2,9 @@
 
 Operators (who runs a server where), their stations and charge points, the
 vehicles with their home operator, the cities trips go between, and the rules
-every operator applies (reservations, and the costs a trip plan weighs). ``load_world`` checks it completely and
-reports the first problem as ``file: key: problem`` (TOML syntax errors carry
-their line and column).
+every operator applies (reservations, and what a trip plan weighs).
+``load_world`` checks it completely and reports the first problem as
+``file: key: problem`` (TOML syntax errors carry their line and column).
 """
 
 from __future__ import annotations
