@@ -15,7 +15,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.timeout(300)
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "contention", "scale")
+SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "contention", "scale")
 ROW_FIELDS = ("scenario", "connections", "operations", "ops_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "rss_mb")
 
 
@@ -49,7 +49,9 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     assert results["python"]["version"].startswith("3.")
 
     scenarios = results["scenarios"]
-    assert set(scenarios) == {*SCENARIOS, "trip_planning"}  # trips has two rows: planning, then booking
+    # trips has two rows, planning then booking; planning three, in process on two worlds then through servers
+    planning = {"planning_northeast", "planning_brazil-northeast", "planning_servers"}
+    assert set(scenarios) == {*SCENARIOS, "trip_planning"} - {"planning"} | planning
     for name in scenarios:
         entry = scenarios[name]
         for key in ROW_FIELDS:
@@ -65,6 +67,10 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     for name in ("status", "reserve", "trip_planning", "trips"):
         assert scenarios[name]["ratio_to_ceiling"] > 0, name
     assert set(scenarios["trips"]["rss_mb"]) == {"A", "B", "C"}
+    assert scenarios["planning_brazil-northeast"]["no_route"] == 0  # the demo world has gaps; this one none
+    assert scenarios["planning_brazil-northeast"]["charge_points"] > 900
+    assert set(scenarios["planning_servers"]["rss_mb"]) == set("ABCDE")
+    assert scenarios["planning_servers"]["ratio_to_ceiling"] > 0
 
     contention = scenarios["contention"]
     assert contention["vehicles"] == contention["operations"] == contention["winners"] + contention["losers"]

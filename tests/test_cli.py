@@ -184,6 +184,7 @@ def test_option_defaults_are_those_of_what_they_configure() -> None:
         soc_pct=plan.soc,
         min_arrival_soc_pct=plan.min_arrival_soc,
         max_charge_soc_pct=plan.max_charge_soc,
+        prefer=plan.prefer,
     )
     assert asked == p.TripQuery(origin="Natal", destination="Recife")
     nearest = parser.parse_args(["vehicle", "--id", "V01", "nearest", "--near", "Natal"])

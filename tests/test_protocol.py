@@ -175,6 +175,7 @@ QUERY = p.TripQuery(
     depart=at(30),
     min_arrival_soc_pct=15.0,
     max_charge_soc_pct=90.0,
+    prefer="cheap",
 )
 
 # One instance of every message class, with every defaulted field set to something

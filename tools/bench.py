@@ -14,7 +14,7 @@ closed-loop scenario, whose throughput is reported as a ratio to that window
 (the machine is shared and noisy). Nothing here asserts a speed: the numbers go
 to a table and a JSON file.
 
-Scenarios: ceiling, status, reserve, trips, contention, scale (see
+Scenarios: ceiling, status, reserve, trips, planning, contention, scale (see
 docs/performance.md for what each measures and how).
 """
 
@@ -56,6 +56,7 @@ from evcharge.links.client import Client, open_client
 from evcharge.operator.trips.planning import MAX_PLANS_SHOWN
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import ConnectionLostError, EvchargeError
+from tools import plan_quality
 from tools.harness import (
     HOST,
     ROOT,
@@ -78,7 +79,8 @@ from tools.harness import (
     write_world,
 )
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "contention", "scale")
+SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "contention", "scale")
+LARGE_WORLD = "brazil-northeast"  # the planning scenario's: real size
 SCALE_PREFIX = "SC"  # generated stations of the scale world
 GRID_S = 120  # reservation grid: preloaded reservations take [cell, cell+60), the benchmark's [cell+60, cell+120)
 GRID_DAYS = 26
@@ -831,6 +833,112 @@ class Bench:
         self.add("trip_planning", plan_row)
         self.add("trips", main, main, cancel)
 
+    # --- 5. planning at real size ---------------------------------------------------------
+
+    async def planning(self) -> None:
+        """Plans in this process on the demo world and on the large one, then plans/s through the large one's servers.
+
+        In process: the search alone (``plan_trip`` over a prepared ``Network``, every charger free), for random
+        trips of the world's vehicles between its cities (on the large world, cities of >= 100k people), under the
+        world's rules. Through the servers: every operator of the large world federated, vehicles at home at each,
+        each loop asking ``plan_trip`` for a random trip between big cities (availability from every peer, the
+        search, the reply).
+        """
+        s = self.settings
+        count = 30 if s.quick else 300
+        for name in ("northeast", LARGE_WORLD):
+            t0 = time.perf_counter()
+            world = load_world(name)
+            t1 = time.perf_counter()
+            network = plan_quality.network_of(world)
+            t2 = time.perf_counter()
+            trips = plan_quality.random_trips(world, count, seed=5, min_population=plan_quality.BIG_CITY)
+            self.say(f"planning: {count} plans in process on {name} ({len(network.options)} charge points)")
+            timed = [plan_quality.plan(world, network, trip, "driver") for trip in trips]
+            latencies = [seconds for _, seconds in timed]
+            r = row(
+                f"planning in process: {name}",
+                1,
+                len(latencies),
+                sum(latencies),
+                latencies,
+                closed_loop=False,
+                rss={"bench": rss_mb(os.getpid())},
+                charge_points=len(network.options),
+                world_load_s=round(t1 - t0, 3),
+                network_prepare_s=round(t2 - t1, 3),
+                no_route=sum(found is None for found, _ in timed),
+                stops_per_plan=round(sum(len(f.stops) for f, _ in timed if f) / max(1, len(timed)), 2),
+            )
+            self.add(f"planning_{name}", r)
+        operators = [op.id for op in load_world(LARGE_WORLD).operators]
+        base = self.fresh("planning")
+        ports = dict(zip(operators, free_ports(len(operators)), strict=True))
+        per_op = math.ceil(s.connections / len(operators))
+        world = write_world(base / "world.toml", LARGE_WORLD, ports=ports, vehicles=bench_vehicles(operators, per_op))
+        anchor = time.time()
+        servers: dict[str, ServerProcess] = {}
+        clients: list[Client] = []
+        try:
+            for op_id in operators:
+                servers[op_id], _ = await self.start_server(
+                    base / "world.toml", op_id, base / "data", world_port=True, clock_anchor=anchor
+                )
+            await self.wait_peers_up(world, servers)
+            ids = [
+                bench_vehicle_id(operators[n % len(operators)], n // len(operators) + 1) for n in range(s.connections)
+            ]
+            clients = await self.vehicle_clients(world, servers, ids)
+            big = [c.name for c in world.cities if c.population >= plan_quality.BIG_CITY]
+            rng = random.Random(6)
+            now = clients[0].server_now()
+            self.say(
+                f"planning: plans through {len(operators)} federated servers of {LARGE_WORLD}, {s.connections} conns"
+            )
+
+            async def op(i: int, _notes: Counter[str]) -> None:
+                origin, destination = rng.sample(big, 2)
+                depart = now + timedelta(minutes=rng.randrange(60, 20 * 24 * 60))
+                await clients[i].plan_trip(p.TripQuery(origin=origin, destination=destination, depart=depart))
+
+            pids = {op_id: child.pid for op_id, child in servers.items()}
+            ceiling = await self.ceiling_window()
+            load = await closed_loop(s.connections, op, s.trip_duration, max(s.warmup, 0.5), pids)
+            rss = self.rss_of(servers)
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+            self.stop_servers(servers)
+        r = load_row(f"trip planning: {LARGE_WORLD}", s.connections, load, rss=rss)
+        self.pair(r, ceiling)
+        self.add("planning_servers", r)
+
+    async def wait_peers_up(self, world: World, servers: dict[str, ServerProcess], timeout: float = 60.0) -> None:
+        """Until every operator has its links to all others up and their catalogs (a plan uses every one's)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = await self.inspect_all(world, servers)
+            if all(peer.up for state in states.values() for peer in state.peers):
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"the operators of {LARGE_WORLD} did not link up within {timeout:g} s")
+            await asyncio.sleep(0.2)
+        # A link is up just before its catalog is asked for: plan once at each operator, as far as the world goes,
+        # until no operator's chargers are "not known yet".
+        for op_id, server in servers.items():
+            v = world.vehicle(bench_vehicle_id(op_id, 1))
+            c = await open_client(HOST, server.port, role="vehicle", ident=v.id, secret=v.token)
+            try:
+                while True:
+                    try:
+                        await c.plan_trip(p.TripQuery(origin="São Luís", destination="Teixeira de Freitas"))
+                        break
+                    except EvchargeError as exc:
+                        if exc.code != "unavailable" or time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+            finally:
+                await c.close()
+
     @staticmethod
     def _part(load: LoadResult, name: str) -> tuple[int, float, list[float]]:
         values = load.parts.get(name, [])
@@ -1083,6 +1191,9 @@ def evaluate_targets(results: dict[str, Any], settings: Settings) -> list[dict[s
         t = results["trips"]
         add("trip bookings per second", t["ops_per_s"], ">= 3000", t["ops_per_s"] >= 3000)
         add("trip booking p99 (ms)", t["p99_ms"], "< 25", t["p99_ms"] < 25)
+    if f"planning_{LARGE_WORLD}" in results:
+        pl = results[f"planning_{LARGE_WORLD}"]
+        add(f"plan p50 in process, {LARGE_WORLD} (ms)", pl["p50_ms"], "<= 10", pl["p50_ms"] <= 10)
     if "contention" in results:
         c = results["contention"]
         add("contention: winners per slot", c["winners_per_slot"], "== 1", c["winners_per_slot"] == 1)
@@ -1234,6 +1345,7 @@ async def run_bench(settings: Settings, scenarios: list[str], work: Path, consol
         "status": bench.status,
         "reserve": bench.reserve,
         "trips": bench.trips,
+        "planning": bench.planning,
         "contention": bench.contention,
         "scale": bench.scale,
     }

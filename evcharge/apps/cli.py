@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -527,7 +528,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
     if args.command is None:
         from evcharge.apps.repl import VehicleRepl
 
-        position = parse_position(args.position) if args.position else None
+        position = parse_position(args.position, world.gazetteer()) if args.position else None
         repl = VehicleRepl(
             world,
             vehicle,
@@ -560,7 +561,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
         )
         return link.running()
 
-    return await _run_client(args, connector, vehicle_command)
+    return await _run_client(args, connector, functools.partial(vehicle_command, cities=world.gazetteer()))
 
 
 async def run_inspect(world: World, args: argparse.Namespace) -> int:

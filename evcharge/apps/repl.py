@@ -81,6 +81,7 @@ class VehicleRepl:
         server_hostname: str | None = None,
     ) -> None:
         self.world = world
+        self.cities = world.gazetteer()  # for "near CITY" and trips
         self.vehicle = vehicle
         self.link = Link(
             host,
@@ -119,8 +120,9 @@ class VehicleRepl:
     def _completer(self) -> NestedCompleter:
         stations = {s.id: None for s in self.world.stations if s.operator == self.vehicle.home}
         cps = {cp.id: None for s in self.world.stations if s.operator == self.vehicle.home for cp in s.charge_points}
-        cities = {city: None for city in geo.CITIES}
-        trip = {"--from": cities, "--to": cities, "--soc": None, "--depart": None}
+        cities = {city: None for city in self.cities.cities}
+        prefer = {"fast": None, "cheap": None}
+        trip = {"--from": cities, "--to": cities, "--soc": None, "--depart": None, "--prefer": prefer}
         return NestedCompleter.from_nested_dict(
             {
                 "stations": {"--city": cities, "--near": cities, "--limit": None},
@@ -204,13 +206,13 @@ class VehicleRepl:
                     if shown:
                         args.plan = self._last_plan[1]  # the same question: book what was shown
                     try:
-                        result = await vehicle_command(self._connected(), args, self.console)
+                        result = await vehicle_command(self._connected(), args, self.console, self.cities)
                     except NotFoundError:
                         if not shown:
                             raise
                         self.say(f"plan {args.plan} can no longer be booked as shown; booking a fresh plan")
                         args.plan = ""
-                        result = await vehicle_command(self._connected(), args, self.console)
+                        result = await vehicle_command(self._connected(), args, self.console, self.cities)
                     if command == "plan":
                         self._last_plan = (trip_query(args), result["trip"].id)
         except EvchargeError as exc:

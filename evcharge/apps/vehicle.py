@@ -8,6 +8,7 @@ take the same options and print the same.
 from __future__ import annotations
 
 import argparse
+import typing
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,6 +50,7 @@ commands:
   history                                                  your charging sessions, at every operator, with kWh and cost
   costs                                                    what you paid, by operator and month
   plan --from CITY --to CITY [--soc PCT] [--depart ISO]    plan an intercity trip over every operator's chargers
+       [--prefer fast|cheap]                               (cheap: money weighed against time)
   book --from CITY --to CITY [...] [--plan ID]             book every stop atomically (all or none): the plan
                                                            shown, or a fresh one if its slots were taken
   trips [--all]                                            your booked trips (--all: cancelled ones too)
@@ -107,13 +109,20 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
             default=_default(p.TripQuery, "max_charge_soc_pct"),
             help="never charge above this %% (default: %(default)s)",
         )
+        cmd.add_argument(
+            "--prefer",
+            choices=typing.get_args(p.Preference),
+            default=_default(p.TripQuery, "prefer"),
+            help="fast: arrive earliest; cheap: weigh money against time at the world's value of an hour "
+            "(default: %(default)s)",
+        )
     cmd.add_argument("--plan", default="", help="book this plan (its id from `plan`, same question) as it was shown")
     cmd = vcmd.add_parser("trips", help="your trips")
     cmd.add_argument("--all", action="store_true", help="include cancelled ones")
     vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
 
 
-def parse_position(text: str) -> tuple[float, float]:
+def parse_position(text: str, cities: geo.Gazetteer = geo.NORTHEAST) -> tuple[float, float]:
     if "," in text:
         lat, lon = text.split(",", 1)
         try:
@@ -121,7 +130,7 @@ def parse_position(text: str) -> tuple[float, float]:
         except ValueError:
             pass
     try:
-        return geo.find_city(text)[1]
+        return cities.find(text)[1]
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
 
@@ -141,6 +150,7 @@ def trip_query(args: argparse.Namespace) -> p.TripQuery:
         depart=depart,
         min_arrival_soc_pct=args.min_arrival_soc,
         max_charge_soc_pct=args.max_charge_soc,
+        prefer=args.prefer,
     )
 
 
@@ -154,18 +164,21 @@ def _start_time(args: argparse.Namespace, now: datetime) -> datetime:
     return now + timedelta(minutes=args.in_minutes or 0)
 
 
-async def vehicle_command(c: Requests, args: argparse.Namespace, out: Console) -> Any:
+async def vehicle_command(
+    c: Requests, args: argparse.Namespace, out: Console, cities: geo.Gazetteer = geo.NORTHEAST
+) -> Any:
+    """Run one command; ``cities`` (the world's) resolve a "near CITY"."""
     now = c.server_now()
     human = not args.json
     match args.command:
         case "stations":
-            near = parse_position(args.near) if args.near else None
+            near = parse_position(args.near, cities) if args.near else None
             stations = await c.list_stations(city=args.city, near=near, limit=args.limit)
             if human:
                 out.print(render.stations_table(stations, now))
             return {"stations": stations}
         case "nearest":
-            lat, lon = parse_position(args.near)
+            lat, lon = parse_position(args.near, cities)
             found = await c.find_nearest(lat, lon, min_power_kw=args.min_kw)
             if human:
                 cp = next(cp for cp in found.station.charge_points if cp.id == found.charge_point_id)

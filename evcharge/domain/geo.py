@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 import unicodedata
+from collections.abc import Mapping
 
 EARTH_RADIUS_KM = 6371.0088
 
@@ -29,7 +32,8 @@ def road_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 MAX_CITY_NAME = 100  # characters; longer names are not looked up at all
 
-# City centres (latitude, longitude) of Brazil's Northeast, for "near CITY".
+# City centres (latitude, longitude) of Brazil's Northeast, for "near CITY" and trips in a world that
+# names no cities of its own (the shipped `northeast`).
 CITIES: dict[str, tuple[float, float]] = {
     "Natal": (-5.7945, -35.2110),
     "Mossoró": (-5.1878, -37.3441),
@@ -51,18 +55,55 @@ CITIES: dict[str, tuple[float, float]] = {
 }
 
 
-def find_city(name: str) -> tuple[str, tuple[float, float]]:
-    """A city by name, ignoring case and accents ("joao pessoa" finds João Pessoa)."""
-    if len(name) > MAX_CITY_NAME:
-        # Folding is costly and can grow a string many times over ("ﷺ" is 18 letters in NFKD):
-        # a frame-sized name would hold the event loop for seconds. No city is named like that.
-        raise KeyError(f"unknown city {name[:MAX_CITY_NAME]!r}… ({len(name)} characters)")
-    wanted = _fold(name)
-    for city, position in CITIES.items():
-        if _fold(city) == wanted:
-            return city, position
-    raise KeyError(f"unknown city {name!r}; known: {', '.join(CITIES)}")
+class Gazetteer:
+    """Cities by name, found ignoring case and accents ("joao pessoa" finds João Pessoa).
+
+    A world may name cities alike in two states as "Santa Rita (PB)" and "Santa Rita (MA)":
+    "Santa Rita" alone then asks which one is meant.
+    """
+
+    SUGGESTIONS = 5  # close names offered for an unknown one
+
+    def __init__(self, cities: Mapping[str, tuple[float, float]]) -> None:
+        self.cities = dict(cities)
+        self._by_name = {_fold(city): city for city in self.cities}
+        self._by_base: dict[str, list[str]] = {}
+        for city in self.cities:
+            base = _STATE_SUFFIX.sub("", city)
+            if base != city:
+                self._by_base.setdefault(_fold(base), []).append(city)
+
+    def find(self, name: str) -> tuple[str, tuple[float, float]]:
+        """The city and its position; ``KeyError`` naming the closest names if there is none such."""
+        if len(name) > MAX_CITY_NAME:
+            # Folding is costly and can grow a string many times over ("ﷺ" is 18 letters in NFKD):
+            # a frame-sized name would hold the event loop for seconds. No city is named like that.
+            raise KeyError(f"unknown city {name[:MAX_CITY_NAME]!r}… ({len(name)} characters)")
+        wanted = _fold(name)
+        city = self._by_name.get(wanted)
+        if city is not None:
+            return city, self.cities[city]
+        alike = self._by_base.get(wanted, [])
+        if len(alike) == 1:
+            return alike[0], self.cities[alike[0]]
+        if alike:
+            raise KeyError(f"there is more than one {name!r}: say which, {' or '.join(alike)}")
+        if len(self.cities) <= 20:
+            raise KeyError(f"unknown city {name!r}; known: {', '.join(self.cities)}")
+        close = difflib.get_close_matches(wanted, self._by_name, n=self.SUGGESTIONS, cutoff=0.7)
+        hint = f"; did you mean {', '.join(self._by_name[c] for c in close)}?" if close else ""
+        raise KeyError(f"unknown city {name!r}{hint}")
 
 
 def _fold(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
+
+
+_STATE_SUFFIX = re.compile(r" \([A-Z]{2}\)$")
+
+NORTHEAST = Gazetteer(CITIES)
+
+
+def find_city(name: str) -> tuple[str, tuple[float, float]]:
+    """A city of ``CITIES`` by name (see ``Gazetteer.find``)."""
+    return NORTHEAST.find(name)

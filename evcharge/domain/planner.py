@@ -3,7 +3,8 @@
 Pure computation: no I/O, no clock, no asyncio. Free slots come in through a
 ``next_free`` callable (``ledger_next_free`` builds one from ledgers), so the
 same planner serves a server that plans over its own ledgers and its peers'
-availability.
+availability. The charge points come prepared as a ``Network`` (places and the
+road between every two of them), built once and used for many plans.
 
 The model
 ---------
@@ -15,40 +16,54 @@ by energy / battery. A leg is feasible only if the SoC on arrival is at least
 ``min_arrival_soc`` (at a stop as at the destination; a 1e-9 tolerance absorbs
 float noise).
 
-*Charging* at a stop goes from ``soc_in`` up to
-``target = min(max_charge_soc, SoC needed to drive from there to the
-destination and arrive with min_arrival_soc)``. The target depends only on
-where the stop is: the vehicle takes what it needs to finish, or as much as it
-may. If ``soc_in >= target`` the stop is pointless and not allowed. Power =
-min(charge point power, vehicle ``max_charge_kw``), halved for the part above
-``TAPER_SOC``; energy in = (target - soc_in) x battery (no losses). The slot lasts
-the charge time rounded up to whole minutes (``SLOT_ROUNDING_S``, at least one);
-it starts at ``next_free(cp, arrival rounded up to the whole minute, duration)``
-(if that is not on a whole minute, the planner asks again from the next whole
-minute); the vehicle waits for it if needed and leaves at the slot's end.
-Cost = energy x price per kWh, rounded to cents (totals add the cents).
+*Stopping* costs ``stop_overhead_s`` besides the charge (leaving the road,
+parking, plugging in): the charging slot starts at the earliest that long after
+the arrival, at the next whole minute.
 
-*Objective*: the earliest arrival at the destination; among equally early
-plans the cheapest, then the one with fewest stops. A direct drive is a plan.
+*Charging* at a stop goes from ``soc_in`` up to
+``target = min(max_charge_soc, max(need, soc_in + min_stop_soc))``, where
+``need`` is the SoC that drives from there to the destination and arrives with
+``min_arrival_soc``: the vehicle takes what it needs to finish, never less than
+the minimum useful charge and never more than it may. A stop must charge at
+least ``min_stop_soc`` and something at all (``soc_in < min(max_charge_soc,
+need)``); any other stop is not allowed. Power = min(charge point power,
+vehicle ``max_charge_kw``), halved for the part above ``TAPER_SOC``; energy in =
+(target - soc_in) x battery (no losses). The slot lasts the charge time rounded
+up to whole minutes (``SLOT_ROUNDING_S``, at least one); it starts at
+``next_free(cp, that earliest start, duration)`` (if that is not on a whole
+minute, the planner asks again from the next whole minute); the vehicle waits
+for it if needed and leaves at the slot's end. Cost = energy x price per kWh,
+rounded to cents (totals add the cents).
+
+*Objective*: the earliest arrival at the destination (every stop's overhead is
+in it). With ``value_of_hour`` > 0 (money per hour of the driver's time, what
+``--prefer cheap`` sets) money weighs too: the least arrival + cost /
+value_of_hour hours. Ties go to the cheapest, then to the fewest stops. A
+direct drive is a plan.
 
 The search
 ----------
-An exact label-setting search (A* by time) over the charge points of all
-operators. A label is an arrival at a place: (time, SoC, cost, stops). Labels
-leave the heap in (time + the drive still ahead, cost, stops) order, which
-never decreases along a route (the drive ahead is a lower bound that obeys the
-triangle inequality), so the first label to reach the destination is optimal;
-the bound keeps the search off detours (4-18x fewer labels across the
-Northeast than plain Dijkstra). At a stop a
-later arrival with more charge can charge for less and leave earlier (or get a
-slot that an earlier, emptier arrival would not), so each place keeps a Pareto
-set: a label no earlier, no more charged, no cheaper and with no fewer stops
-than one kept there is pruned; likewise for departures from a stop (whose SoC is
-always that stop's target). The pruning is exact when ``next_free`` is
-monotone — never earlier for a later start or a longer duration — as
-``Ledger.next_free`` is: a dominating label can follow any continuation of the
-dominated one (skipping a stop it would not need, since roads obey the
-triangle inequality) and arrive no later, no poorer.
+An exact label-setting search (A*) over the places of every operator's charge
+points. A label is a vehicle at a place: (time, SoC, cost, stops). Labels
+leave the heap by (objective so far + a lower bound of what is still to come,
+cost, stops). The bound never exceeds what the rest of any plan costs, so the
+first label to reach the destination is optimal: the drive still ahead, one
+overhead for every stop the missing energy takes at least (a stop adds at most
+``max_charge_soc - min_arrival_soc``), and that energy priced at the least any
+charge point asks for it, its charging time at full power and its money
+weighed as the objective weighs them (less half a cent a stop for rounding).
+
+Where one charge to ``max_charge_soc`` cannot finish the trip (a *far* place,
+``need > max_charge_soc``), every stop's target is ``max_charge_soc``: a label
+there that is no earlier, no more charged, no cheaper and with no fewer stops
+than one kept is pruned (the kept one charges less, to the same target), and
+so is a departure no earlier, no cheaper and with no more stops than one kept
+(all leave with the same SoC). At the other places one charge finishes the
+trip and the vehicle leaves with at least ``need``: driving straight on is its
+best continuation (roads obey the triangle inequality), so each charge point
+there gives a label at the destination at once. The pruning is exact when
+``next_free`` is monotone (never earlier for a later start or a longer
+duration), as ``Ledger.next_free`` is.
 """
 
 from __future__ import annotations
@@ -56,7 +71,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from evcharge.domain import geo
@@ -67,7 +82,7 @@ AVERAGE_SPEED_KMH = 80.0
 TAPER_SOC = 0.80  # above this state of charge, charging power halves
 SLOT_ROUNDING_S = 60  # slots start and last whole minutes
 
-_SOC_EPS = 1e-9  # SoC tolerance for "arrives with at least min_arrival_soc"
+_SOC_EPS = 1e-9  # SoC tolerance for "arrives with at least min_arrival_soc" (and for "charges at least")
 _MINUTE_EPS = 1e-9  # a charge time this close above a whole minute counts as that minute
 
 
@@ -108,6 +123,9 @@ class TripRequest:
     depart: int  # epoch seconds
     min_arrival_soc: float = 0.10  # never arrive anywhere (stop or destination) below this
     max_charge_soc: float = 0.80  # never charge above this
+    stop_overhead_s: int = 0  # what each stop costs besides charging (leaving the road, parking, plugging in)
+    min_stop_soc: float = 0.0  # every stop charges at least this much (0..1 of the battery)
+    value_of_hour: float = 0.0  # money an hour of the driver's time is worth; 0: time only, money breaks ties
 
 
 # (charge_point_id, earliest_start, duration_s) -> slot start >= earliest_start
@@ -152,10 +170,47 @@ def ledger_next_free(ledgers: Mapping[str, Ledger]) -> NextFree:
     return next_free
 
 
-def plan_trip(request: TripRequest, vehicle: VehicleSpec, options: Sequence[ChargeOption], next_free: NextFree) -> Plan:
-    """The earliest-arriving plan (then cheapest, then fewest stops); ``NoRouteError`` if there is none."""
-    _check(request, vehicle, options)
-    return _Search(request, vehicle, options, next_free).run()
+class Network:
+    """Every charge point a plan may use, by place, with the road between every two places.
+
+    Built once for a set of charge options (a server builds it again only when a
+    catalog arrives): the distances are what a plan would otherwise spend most
+    of its time on.
+    """
+
+    def __init__(self, options: Sequence[ChargeOption]) -> None:
+        for option in options:
+            _check_option(option)
+        self.options = tuple(options)
+        index: dict[tuple[float, float], int] = {}
+        self.positions: list[tuple[float, float]] = []
+        self.at_place: list[list[int]] = []  # option indices at each place
+        for i, o in enumerate(self.options):
+            place = index.setdefault((o.lat, o.lon), len(self.positions))
+            if place == len(self.positions):
+                self.positions.append((o.lat, o.lon))
+                self.at_place.append([])
+            self.at_place[place].append(i)
+        n = len(self.positions)
+        self.km = [[0.0] * n for _ in range(n)]
+        for a in range(n):
+            for b in range(a + 1, n):
+                self.km[a][b] = self.km[b][a] = geo.road_km(*self.positions[a], *self.positions[b])
+        # Every other place from each place, nearest first: (place, km, driving seconds).
+        self.roads = [_roads_from(self.km[a], skip=a) for a in range(n)]
+
+    def km_from(self, lat: float, lon: float) -> list[float]:
+        return [geo.road_km(lat, lon, a, b) for a, b in self.positions]
+
+
+def plan_trip(
+    request: TripRequest, vehicle: VehicleSpec, network: Network | Sequence[ChargeOption], next_free: NextFree
+) -> Plan:
+    """The best plan under the objective (see the module's docstring); ``NoRouteError`` if there is none."""
+    _check(request, vehicle)
+    if not isinstance(network, Network):
+        network = Network(network)
+    return _Search(request, vehicle, network, next_free).run()
 
 
 # -- the search -------------------------------------------------------------------------------------------------------
@@ -169,9 +224,11 @@ class _Trail:
     previous: _Trail | None
 
 
-# A label in the heap: (time + the least time still to drive, cents, stops, tie-breaker, node, time, soc,
-# km so far, km of the last leg, trail).
-_Entry = tuple[int, int, int, int, int, int, float, float, float, _Trail | None]
+_ARRIVAL, _DEPARTURE, _DESTINATION = 0, 1, 2
+
+# A label in the heap: (key, cents, stops, tie-breaker, what, place, time, soc, km so far, km of the last leg, trail).
+# The key: time x time weight + cents x cent weight (the objective so far) + the bound of what is still to come.
+_Entry = tuple[int, int, int, int, int, int, int, float, float, float, _Trail | None]
 
 
 def _ceil_minute(t: int) -> int:
@@ -182,6 +239,12 @@ def _drive_seconds(km: float) -> int:
     return math.ceil(km * 3600.0 / AVERAGE_SPEED_KMH)
 
 
+def _roads_from(km: Sequence[float], skip: int = -1) -> list[tuple[int, float, int]]:
+    roads = [(b, d, _drive_seconds(d)) for b, d in enumerate(km) if b != skip]
+    roads.sort(key=lambda road: road[1])
+    return roads
+
+
 def _charge_slot_seconds(soc_in: float, soc_out: float, battery_kwh: float, power_kw: float) -> int:
     below = max(0.0, min(soc_out, TAPER_SOC) - min(soc_in, TAPER_SOC))
     above = max(0.0, max(soc_out, TAPER_SOC) - max(soc_in, TAPER_SOC))
@@ -190,11 +253,10 @@ def _charge_slot_seconds(soc_in: float, soc_out: float, battery_kwh: float, powe
     return max(1, minutes) * SLOT_ROUNDING_S
 
 
-def _dominated(kept: list[tuple[float, float, float]], a: float, b: float, c: float) -> bool:
+def _dominated(kept: list[tuple[int, int, int]], a: int, b: int, c: int) -> bool:
     """Whether some kept label is at least as good in every criterion (all smaller-is-better).
 
-    Written out for three criteria: this is the planner's innermost loop. Arrival
-    labels leave the heap in time order, so time needs no comparison there.
+    Written out per number of criteria: this and ``_dominated4`` are the planner's innermost loops.
     """
     for x, y, z in kept:  # noqa: SIM110 (a plain loop is twice as fast as any() over a generator here)
         if x <= a and y <= b and z <= c:
@@ -202,53 +264,65 @@ def _dominated(kept: list[tuple[float, float, float]], a: float, b: float, c: fl
     return False
 
 
+def _dominated4(kept: list[tuple[int, float, int, int]], a: int, b: float, c: int, d: int) -> bool:
+    for w, x, y, z in kept:  # noqa: SIM110 (as in _dominated)
+        if w <= a and x <= b and y <= c and z <= d:
+            return True
+    return False
+
+
 class _Search:
-    def __init__(
-        self, request: TripRequest, vehicle: VehicleSpec, options: Sequence[ChargeOption], next_free: NextFree
-    ) -> None:
+    def __init__(self, request: TripRequest, vehicle: VehicleSpec, network: Network, next_free: NextFree) -> None:
         self.request = request
         self.vehicle = vehicle
-        self.options = list(options)
+        self.network = net = network
         self.next_free = next_free
-        n = len(self.options)
-        self.dest = n  # node index of the destination; options are 0..n-1; the origin is n + 1
-        self.origin = n + 1
-        # Places by position: charge points of one station share a row of the distance matrix.
-        positions: list[tuple[float, float]] = []
-        index: dict[tuple[float, float], int] = {}
-        self.loc: list[int] = []
-        places = [(o.lat, o.lon) for o in self.options]
-        places += [(request.destination.lat, request.destination.lon), (request.origin.lat, request.origin.lon)]
-        for pos in places:
-            if pos not in index:
-                index[pos] = len(positions)
-                positions.append(pos)
-            self.loc.append(index[pos])
-        self.km = [[geo.road_km(a[0], a[1], b[0], b[1]) for b in positions] for a in positions]
         self.per_km = vehicle.consumption_kwh_per_km / vehicle.battery_kwh  # SoC per road km
-        to_dest = [self.dist(i, self.dest) for i in range(n)]
-        # The least time left from each place: the drive alone. Roads obey the triangle
-        # inequality (and rounding up keeps it), so ordering the heap by time + this bound
-        # (A*) keeps every label's key no smaller than its parent's and the first label to
-        # reach the destination is still the best; labels of one place still leave in time order.
-        self.least_left = [_drive_seconds(km) for km in to_dest] + [0, 0]
-        self.target = [min(request.max_charge_soc, request.min_arrival_soc + km * self.per_km) for km in to_dest]
-        self.power = [min(o.power_kw, vehicle.max_charge_kw) for o in self.options]
-        # Every leg out of every place (options, destination, origin) once: (to, km, SoC used, seconds).
-        self.legs = [
-            [
-                (other, km, km * self.per_km, _drive_seconds(km))
-                for other in range(n + 1)
-                if other != node
-                for km in (self.dist(node, other),)
-            ]
-            for node in range(n + 2)
-        ]
-        # Best SoC the vehicle could leave each reached place with (for the NoRouteError message).
-        self.reached: dict[int, float] = {}
+        dest, origin = request.destination, request.origin
+        self.to_dest = net.km_from(dest.lat, dest.lon)
+        self.origin_km_to_dest = geo.road_km(origin.lat, origin.lon, dest.lat, dest.lon)
+        self.origin_roads = _roads_from(net.km_from(origin.lat, origin.lon))
+        floor, top = request.min_arrival_soc, request.max_charge_soc
+        self.need = [floor + km * self.per_km for km in self.to_dest]
+        self.worth = [min(top, need) for need in self.need]  # below this at a place, a stop there charges at all
+        self.far = [need > top for need in self.need]  # one charge there does not finish the trip
+        self.drive_left = [_drive_seconds(km) for km in self.to_dest]
+        self.per_stop = top - floor  # the most one stop can add
+        self.power = [min(o.power_kw, vehicle.max_charge_kw) for o in net.options]
+        # The objective's weights: fast, time alone (money breaks ties); cheap, cents per hour of time.
+        cents_per_hour = round(request.value_of_hour * 100)
+        self.time_weight, self.cent_weight = (cents_per_hour, 3600) if cents_per_hour > 0 else (1, 0)
+        # The bound's price of a unit of SoC charged: the least, over the charge points, of its charging
+        # time (at its full power) and its money, weighed as the objective weighs them; less what rounding each
+        # stop's cost may take off (half a cent a stop; an optimal plan uses each charge point at most once).
+        self.per_soc = min(
+            (
+                vehicle.battery_kwh * (3600.0 / power * self.time_weight + o.price_per_kwh * 100 * self.cent_weight)
+                for o, power in zip(net.options, self.power, strict=True)
+            ),
+            default=0.0,
+        )
+        self.rounding = len(net.options) / 2 * self.cent_weight
+        # Departures from a far place all leave with max_charge_soc: their bound is the place's.
+        self.departure_left = [self._left(p, top) if self.far[p] else 0 for p in range(len(self.need))]
+        self.seq = itertools.count()
+        self.heap: list[_Entry] = []
+        places = len(self.need)
+        self.arrivals: list[list[tuple[int, float, int, int]]] = [[] for _ in range(places)]  # (time, -soc, ¢, stops)
+        self.departures: list[list[tuple[int, int, int]]] = [[] for _ in range(places)]  # (time, cents, stops)
 
-    def dist(self, a: int, b: int) -> float:
-        return self.km[self.loc[a]][self.loc[b]]
+    def _left(self, place: int, soc: float, stopping: bool = False) -> int:
+        """A lower bound of the objective from ``place`` with ``soc`` to the destination (see the module).
+
+        ``stopping``: a label that stops there (an arrival) takes at least one stop's overhead and charge.
+        """
+        missing = self.need[place] - soc - _SOC_EPS
+        if missing <= 0 and not stopping:
+            return self.drive_left[place] * self.time_weight
+        stops = max(1, math.ceil(missing / self.per_stop)) if self.per_stop > 0 else 1
+        charge = max(missing, self.request.min_stop_soc - _SOC_EPS, 0.0)
+        seconds = self.drive_left[place] + stops * self.request.stop_overhead_s
+        return seconds * self.time_weight + max(0, int(charge * self.per_soc - self.rounding))
 
     def run(self) -> Plan:
         req = self.request
@@ -257,42 +331,53 @@ class _Search:
                 f"no route from {req.origin.name} to {req.destination.name}: cannot get beyond {req.origin.name} "
                 f"(state of charge {req.soc_start:.0%} at departure is below the minimum {req.min_arrival_soc:.0%})"
             )
-        seq = itertools.count()
-        heap: list[_Entry] = []
-        self.reached[self.origin] = req.soc_start
-        self._relax(heap, seq, self.origin, req.depart, req.soc_start, 0, 0, 0.0, None)
-        arrivals: list[list[tuple[float, float, float]]] = [[] for _ in self.options]  # (-soc, cents, stops)
-        departures: list[list[tuple[float, float, float]]] = [[] for _ in self.options]  # (time, cents, stops)
+        # Driving straight there, where the charge allows it, is the best plan: nothing else to search.
+        if req.soc_start - self.origin_km_to_dest * self.per_km >= req.min_arrival_soc - _SOC_EPS:
+            self._push_destination(req.depart, req.soc_start, 0, 0, 0.0, self.origin_km_to_dest, None)
+        else:
+            self._relax(self.origin_roads, req.depart, req.soc_start, 0, 0, 0.0, None)
+        heap, seq, arrivals, departures = self.heap, self.seq, self.arrivals, self.departures
         while heap:
-            _, cents, stops, _, node, time, soc, km_total, leg_km, trail = heapq.heappop(heap)
-            if node == self.dest:
+            _, cents, stops, _, what, place, time, soc, km_total, leg_km, trail = heapq.heappop(heap)
+            if what == _DESTINATION:
                 return self._plan(time, soc, km_total, cents, trail)
-            if _dominated(arrivals[node], -soc, cents, stops):
+            if what == _DEPARTURE:
+                if _dominated(departures[place], time, cents, stops):
+                    continue
+                departures[place].append((time, cents, stops))
+                self._relax(self.network.roads[place], time, soc, cents, stops, km_total, trail)
                 continue
-            arrivals[node].append((-soc, cents, stops))
-            stop = self._charge(node, time, soc, leg_km)
-            stop_cents = round(stop.cost * 100)
-            if _dominated(departures[node], stop.slot_end, cents + stop_cents, stops + 1):
-                continue
-            departures[node].append((stop.slot_end, cents + stop_cents, stops + 1))
-            self._relax(
-                heap,
-                seq,
-                node,
-                stop.slot_end,
-                stop.soc_out,
-                cents + stop_cents,
-                stops + 1,
-                km_total,
-                _Trail(stop, trail),
-            )
+            far = self.far[place]
+            if far:
+                if _dominated4(arrivals[place], time, -soc, cents, stops):
+                    continue
+                arrivals[place].append((time, -soc, cents, stops))
+            target = min(req.max_charge_soc, max(self.need[place], soc + req.min_stop_soc))
+            for option in self.network.at_place[place]:
+                stop = self._charge(option, time, soc, target, leg_km)
+                after = cents + round(stop.cost * 100)
+                if far:
+                    end = stop.slot_end
+                    if not _dominated(departures[place], end, after, stops + 1):
+                        key = end * self.time_weight + after * self.cent_weight + self.departure_left[place]
+                        label = (key, after, stops + 1, next(seq), _DEPARTURE, place, end, target, km_total, 0.0)
+                        heapq.heappush(heap, (*label, _Trail(stop, trail)))
+                else:
+                    km = self.to_dest[place]
+                    self._push_destination(stop.slot_end, target, after, stops + 1, km_total, km, _Trail(stop, trail))
         raise NoRouteError(self._why())
+
+    def _push_destination(
+        self, depart: int, soc: float, cents: int, stops: int, km_total: float, km: float, trail: _Trail | None
+    ) -> None:
+        arrival = depart + _drive_seconds(km)
+        key = arrival * self.time_weight + cents * self.cent_weight
+        label = (key, cents, stops, next(self.seq), _DESTINATION, -1, arrival, soc - km * self.per_km, km_total + km)
+        heapq.heappush(self.heap, (*label, km, trail))
 
     def _relax(
         self,
-        heap: list[_Entry],
-        seq: Iterator[int],
-        node: int,
+        roads: list[tuple[int, float, int]],
         depart: int,
         soc: float,
         cents: int,
@@ -300,26 +385,30 @@ class _Search:
         km_total: float,
         trail: _Trail | None,
     ) -> None:
-        """Push an arrival label at every place reachable from ``node``, left at ``depart`` with ``soc``."""
-        floor = self.request.min_arrival_soc - _SOC_EPS
-        dest, target, reached, least_left = self.dest, self.target, self.reached, self.least_left
-        for other, km, drop, seconds in self.legs[node]:
-            soc_in = soc - drop
-            if soc_in < floor:
-                continue
-            if other != dest:
-                reached[other] = max(reached.get(other, 0.0), soc_in, target[other])
-                if soc_in >= target[other]:
-                    continue  # pointless stop
+        """Push an arrival label at every place where a stop is allowed, left at ``depart`` with ``soc``."""
+        req = self.request
+        per_km, worth, far, arrivals = self.per_km, self.worth, self.far, self.arrivals
+        heap, seq, time_weight, money = self.heap, self.seq, self.time_weight, cents * self.cent_weight
+        reach = (soc - req.min_arrival_soc + _SOC_EPS) / per_km  # km
+        fullest = req.max_charge_soc - req.min_stop_soc + _SOC_EPS  # above this, no stop charges enough
+        for place, km, seconds in roads:
+            if km > reach:
+                break  # the roads are nearest first
+            soc_in = soc - km * per_km
+            if soc_in >= worth[place] or soc_in > fullest:
+                continue  # a stop there would charge nothing, or less than the least useful charge
             arrival = depart + seconds
-            key = arrival + least_left[other]
-            heapq.heappush(heap, (key, cents, stops, next(seq), other, arrival, soc_in, km_total + km, km, trail))
+            if far[place] and _dominated4(arrivals[place], arrival, -soc_in, cents, stops):
+                continue
+            key = arrival * time_weight + money + self._left(place, soc_in, stopping=True)
+            heapq.heappush(
+                heap, (key, cents, stops, next(seq), _ARRIVAL, place, arrival, soc_in, km_total + km, km, trail)
+            )
 
-    def _charge(self, node: int, arrival: int, soc_in: float, leg_km: float) -> PlannedStop:
-        option = self.options[node]
-        soc_out = self.target[node]
-        duration = _charge_slot_seconds(soc_in, soc_out, self.vehicle.battery_kwh, self.power[node])
-        start = self._slot_start(option.charge_point_id, arrival, duration)
+    def _charge(self, option_index: int, arrival: int, soc_in: float, soc_out: float, leg_km: float) -> PlannedStop:
+        option = self.network.options[option_index]
+        duration = _charge_slot_seconds(soc_in, soc_out, self.vehicle.battery_kwh, self.power[option_index])
+        start = self._slot_start(option.charge_point_id, arrival + self.request.stop_overhead_s, duration)
         kwh = (soc_out - soc_in) * self.vehicle.battery_kwh
         return PlannedStop(
             option=option,
@@ -333,8 +422,8 @@ class _Search:
             cost=round(kwh * option.price_per_kwh * 100) / 100,
         )
 
-    def _slot_start(self, charge_point_id: str, arrival: int, duration: int) -> int:
-        earliest = _ceil_minute(arrival)
+    def _slot_start(self, charge_point_id: str, ready: int, duration: int) -> int:
+        earliest = _ceil_minute(ready)
         while True:
             start = self.next_free(charge_point_id, earliest, duration)
             if start < earliest:
@@ -359,48 +448,82 @@ class _Search:
             total_cost=cents / 100,
         )
 
-    def _name(self, node: int) -> str:
-        if node == self.origin:
-            return self.request.origin.name
-        option = self.options[node]
-        return option.city or option.station_name
+    # -- why there is no route ----------------------------------------------------------------------------------------
 
     def _why(self) -> str:
+        """Name the reached place nearest the destination, the gap ahead of it and the range there."""
         req = self.request
+        origin = len(self.need)  # the origin's "place" in what follows
+        best = self._best_departures()
+        km_to_dest = [*self.to_dest, self.origin_km_to_dest]
         # The reached place nearest the destination (ties: the one leaving with more charge).
-        stuck = min(self.reached, key=lambda n: (self.dist(n, self.dest), -self.reached[n]))
-        soc = self.reached[stuck]
+        stuck = min(best, key=lambda n: (km_to_dest[n], -best[n]))
+        soc = best[stuck]
         range_km = max(0.0, (soc - req.min_arrival_soc) / self.per_km)
-        left = self.dist(stuck, self.dest)
-        ahead = [n for n in range(len(self.options)) if self.dist(n, self.dest) < left]
-        nearest = min(ahead, key=lambda n: self.dist(stuck, n), default=self.dest)
-        gap = self.dist(stuck, nearest)
+        left = km_to_dest[stuck]
+        roads = self.origin_roads if stuck == origin else self.network.roads[stuck]
+        gap = min((km for place, km, _ in roads if self.to_dest[place] < left), default=left)
+        what = "next charger"
         if gap >= left:
-            nearest, gap = self.dest, left
-        what = "destination" if nearest == self.dest else "next charger"
+            gap, what = left, "destination"
+        name = req.origin.name if stuck == origin else self._name(stuck)
         return (
-            f"no route from {req.origin.name} to {req.destination.name}: cannot get beyond {self._name(stuck)} "
+            f"no route from {req.origin.name} to {req.destination.name}: cannot get beyond {name} "
             f"({what} {math.ceil(gap)} km away, range {math.floor(range_km)} km at {soc:.0%})"
         )
 
+    def _best_departures(self) -> dict[int, float]:
+        """The most charge the vehicle can leave each place it reaches with, times and slots aside."""
+        req = self.request
+        origin = len(self.need)
+        best = {origin: req.soc_start}
+        todo = [origin]
+        floor, least = req.min_arrival_soc - _SOC_EPS, req.min_stop_soc - _SOC_EPS
+        while todo:
+            here = todo.pop()
+            roads = self.origin_roads if here == origin else self.network.roads[here]
+            for place, km, _ in roads:
+                soc_in = best[here] - km * self.per_km
+                if soc_in < floor:
+                    break
+                target = min(req.max_charge_soc, max(self.need[place], soc_in + req.min_stop_soc))
+                leave = target if soc_in < self.worth[place] and target - soc_in >= least else soc_in
+                if leave > best.get(place, -1.0):
+                    best[place] = leave
+                    todo.append(place)
+        return best
 
-def _check(request: TripRequest, vehicle: VehicleSpec, options: Sequence[ChargeOption]) -> None:
-    def finite(value: float) -> bool:
-        return isinstance(value, int | float) and math.isfinite(value)
+    def _name(self, place: int) -> str:
+        option = self.network.options[self.network.at_place[place][0]]
+        return option.city or option.station_name
 
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check(request: TripRequest, vehicle: VehicleSpec) -> None:
     for name in ("battery_kwh", "consumption_kwh_per_km", "max_charge_kw"):
         value = getattr(vehicle, name)
-        if not finite(value) or value <= 0:
+        if not _finite(value) or value <= 0:
             raise ValueError(f"vehicle {name} must be a positive number, not {value!r}")
-    for name in ("soc_start", "min_arrival_soc", "max_charge_soc"):
+    for name in ("soc_start", "min_arrival_soc", "max_charge_soc", "min_stop_soc"):
         value = getattr(request, name)
-        if not finite(value) or not 0 <= value <= 1:
+        if not _finite(value) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, not {value!r}")
+    if not isinstance(request.stop_overhead_s, int) or request.stop_overhead_s < 0:
+        raise ValueError(f"stop_overhead_s must be a whole number of seconds >= 0, not {request.stop_overhead_s!r}")
+    if not _finite(request.value_of_hour) or request.value_of_hour < 0:
+        raise ValueError(f"value_of_hour must be a number >= 0, not {request.value_of_hour!r}")
     for place in (request.origin, request.destination):
-        if not (finite(place.lat) and finite(place.lon) and -90 <= place.lat <= 90 and -180 <= place.lon <= 180):
+        if not (_finite(place.lat) and _finite(place.lon) and -90 <= place.lat <= 90 and -180 <= place.lon <= 180):
             raise ValueError(f"{place.name}: bad position ({place.lat!r}, {place.lon!r})")
-    for option in options:
-        if not finite(option.power_kw) or option.power_kw <= 0:
-            raise ValueError(f"charge point {option.charge_point_id}: power must be positive, not {option.power_kw!r}")
-        if not finite(option.price_per_kwh) or option.price_per_kwh < 0:
-            raise ValueError(f"charge point {option.charge_point_id}: bad price {option.price_per_kwh!r}")
+
+
+def _check_option(option: ChargeOption) -> None:
+    if not _finite(option.power_kw) or option.power_kw <= 0:
+        raise ValueError(f"charge point {option.charge_point_id}: power must be positive, not {option.power_kw!r}")
+    if not _finite(option.price_per_kwh) or option.price_per_kwh < 0:
+        raise ValueError(f"charge point {option.charge_point_id}: bad price {option.price_per_kwh!r}")
+    if not (_finite(option.lat) and _finite(option.lon)):
+        raise ValueError(f"charge point {option.charge_point_id}: bad position ({option.lat!r}, {option.lon!r})")

@@ -1,9 +1,10 @@
 """The world file: one TOML document describing a whole deployment.
 
-Operators (who runs a server where), their stations and charge points, and
-the vehicles with their home operator. ``load_world`` checks it completely and
-reports the first problem as ``file: key: problem`` (TOML syntax errors carry
-their line and column).
+Operators (who runs a server where), their stations and charge points, the
+vehicles with their home operator, the cities trips go between, and the rules
+every operator applies (reservations, and what a trip plan weighs).
+``load_world`` checks it completely and reports the first problem as
+``file: key: problem`` (TOML syntax errors carry their line and column).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
+
+from evcharge.domain import geo
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 Secret = Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
@@ -71,6 +74,16 @@ class VehicleConfig(msgspec.Struct, forbid_unknown_fields=True):
     consumption_kwh_per_km: Positive
 
 
+class CityConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A city trips may start or end in (and "near CITY" may name)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=geo.MAX_CITY_NAME)]
+    lat: Latitude
+    lon: Longitude
+    state: str = ""
+    population: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
 class Rules(msgspec.Struct, forbid_unknown_fields=True):
     """Operating rules shared by every operator: `_min` in simulated minutes, `_s` in real seconds."""
 
@@ -83,12 +96,20 @@ class Rules(msgspec.Struct, forbid_unknown_fields=True):
     # How far ahead a reservation may start.
     max_advance_days: Annotated[int, msgspec.Meta(ge=1)] = 30
     heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # What each stop of a planned trip costs besides charging: leaving the road, parking, plugging in.
+    stop_overhead_min: Annotated[int, msgspec.Meta(ge=0, le=120)] = 5
+    # A planned stop charges at least this much (percentage points of the battery): no stop for a sip.
+    min_stop_charge_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 10.0
+    # Money an hour of the driver's time is worth when they prefer cheap plans (`--prefer cheap`).
+    cheap_hour_value: Annotated[float, msgspec.Meta(gt=0)] = 20.0
 
 
 class World(msgspec.Struct, forbid_unknown_fields=True):
     operators: Annotated[list[OperatorConfig], msgspec.Meta(min_length=1)]
     stations: list[StationConfig] = []
     vehicles: list[VehicleConfig] = []
+    # The cities trips go between; a world without any uses the Northeast's of `geo.CITIES`.
+    cities: list[CityConfig] = []
     rules: Rules = msgspec.field(default_factory=Rules)
     source: str = ""
 
@@ -113,6 +134,11 @@ class World(msgspec.Struct, forbid_unknown_fields=True):
 
     def stations_of(self, operator_id: str) -> list[StationConfig]:
         return [s for s in self.stations if s.operator == operator_id]
+
+    def gazetteer(self) -> geo.Gazetteer:
+        if not self.cities:
+            return geo.NORTHEAST
+        return geo.Gazetteer({c.name: (c.lat, c.lon) for c in self.cities})
 
     def charge_point(self, cp_id: str) -> tuple[StationConfig, ChargePointConfig]:
         for station in self.stations:
@@ -185,6 +211,7 @@ def _check_references(world: World) -> None:
         ],
     )
     unique("vehicle", [(f"vehicles[{i}].id", v.id) for i, v in enumerate(world.vehicles)])
+    unique("city", [(f"cities[{i}].name", c.name) for i, c in enumerate(world.cities)])
     operator_ids = {op.id for op in world.operators}
     for i, station in enumerate(world.stations):
         if station.operator not in operator_ids:

@@ -404,6 +404,9 @@ class SessionReport(Reply, kw_only=True):
 # --- trips (vehicle -> home operator) ------------------------------------------
 
 
+Preference = Literal["fast", "cheap"]
+
+
 class TripQuery(msgspec.Struct, kw_only=True, omit_defaults=True):
     origin: str
     destination: str
@@ -411,6 +414,9 @@ class TripQuery(msgspec.Struct, kw_only=True, omit_defaults=True):
     depart: UtcTime | None = None  # default: now
     min_arrival_soc_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 10.0
     max_charge_soc_pct: Annotated[float, msgspec.Meta(ge=1, le=100)] = 80.0
+    # "fast": the earliest arrival (money breaks ties); "cheap": time and money weighed at the
+    # world's value of an hour (rules.cheap_hour_value).
+    prefer: Preference = "fast"
 
 
 class PlanTrip(Request, kw_only=True):

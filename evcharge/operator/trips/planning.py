@@ -14,7 +14,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from evcharge.domain import geo, planner
+from evcharge.domain import planner
 from evcharge.domain.clock import to_seconds
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.world import VehicleConfig
@@ -44,6 +44,9 @@ class Planning:
         self.peers = peers
         self._shown: dict[str, OrderedDict[str, _ShownPlan]] = {}  # vehicle -> plan id -> plan, oldest first
         self._claims: dict[str, list[tuple[str, int, int]]] = {}  # trip id -> slots it is booking
+        self._cities = books.world.gazetteer()
+        self._network: planner.Network | None = None  # of the charge options below, built again when they change
+        self._network_of: list[planner.ChargeOption] | None = None
         self._planning = asyncio.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{operator_id}")
 
@@ -53,8 +56,8 @@ class Planning:
     async def plan(self, vehicle: VehicleConfig, query: p.TripQuery, claim: str = "") -> planner.Plan:
         """The best plan now; with ``claim`` (a booking's trip id), its slots are claimed for it."""
         try:
-            origin_name, origin = geo.find_city(query.origin)
-            dest_name, dest = geo.find_city(query.destination)
+            origin_name, origin = self._cities.find(query.origin)
+            dest_name, dest = self._cities.find(query.destination)
         except KeyError as exc:
             raise BadRequestError(str(exc.args[0])) from None
         now = int(self.books.clock.now())
@@ -68,12 +71,15 @@ class Planning:
             depart=depart,
             min_arrival_soc=query.min_arrival_soc_pct / 100,
             max_charge_soc=query.max_charge_soc_pct / 100,
+            stop_overhead_s=self.rules.stop_overhead_min * 60,
+            min_stop_soc=self.rules.min_stop_charge_pct / 100,
+            value_of_hour=self.rules.cheap_hour_value if query.prefer == "cheap" else 0.0,
         )
         spec = planner.VehicleSpec(vehicle.battery_kwh, vehicle.consumption_kwh_per_km)
         # Whose chargers this plan goes without, as of now: a catalog arriving while we wait
-        # below is not in `options`.
+        # below is not in `network`.
         unknown = self.peers.not_known_yet()
-        options = self.peers.charge_options()
+        network = await self._network_now()
         ledgers = await self.peers.availability(depart, depart + AVAILABILITY_WINDOW_S)
         # One plan at a time (held across the search only, never across I/O), so that each
         # sees the claims of those before it. A long search would stall every connection
@@ -87,7 +93,7 @@ class Planning:
                         ledger.add(start, end, "claimed")
             try:
                 plan = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, planner.plan_trip, request, spec, options, planner.ledger_next_free(ledgers)
+                    self._thread, planner.plan_trip, request, spec, network, planner.ledger_next_free(ledgers)
                 )
             except planner.NoRouteError as exc:
                 if unknown:
@@ -99,6 +105,17 @@ class Planning:
             if claim:
                 self.claim(claim, plan)
             return plan
+
+    async def _network_now(self) -> planner.Network:
+        """Every known charge point as the planner takes them; prepared again only when a catalog came in.
+
+        Preparing measures the road between every two stations: beside the loop, like a search.
+        """
+        options = self.peers.charge_options()
+        if self._network is None or options is not self._network_of:
+            network = await asyncio.get_running_loop().run_in_executor(self._thread, planner.Network, options)
+            self._network, self._network_of = network, options
+        return self._network
 
     def claim(self, trip_id: str, plan: planner.Plan) -> None:
         self._claims[trip_id] = [(s.option.charge_point_id, s.slot_start, s.slot_end) for s in plan.stops]
