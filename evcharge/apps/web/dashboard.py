@@ -340,8 +340,9 @@ async def run_web(world: World, args: argparse.Namespace) -> int:
         try:
             runner = await serve(dashboard, args.host, args.port)
         except OSError as exc:
+            # Like any setup that cannot work as typed: exit 2 (see `evcharge --help`).
             print(f"evcharge web: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+            return 2
         dashboard.start()
         for address in runner.addresses:
             log.info(
