@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from typing import Any
 
@@ -204,7 +205,7 @@ def soc_chart(info: p.TripInfo, soc_start: float, *, width: int = CHART_COLUMNS,
     stop_columns = {min(width - 1, round(km / total * (width - 1))) for km, _, charging in points if charging}
 
     def soc_at(km: float) -> float:
-        for (k0, s0, _), (k1, s1, _) in zip(points, points[1:], strict=False):
+        for (k0, s0, _), (k1, s1, _) in itertools.pairwise(points):
             if k0 <= km <= k1 and k1 > k0:
                 return s0 + (s1 - s0) * (km - k0) / (k1 - k0)
         return points[-1][1]
