@@ -83,11 +83,11 @@ def _number(text: str) -> float:
 def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The vehicle's commands: for `evcharge vehicle ... COMMAND` and the interactive REPL alike."""
     cmd = vcmd.add_parser("stations", help="list the home operator's stations and their charge points")
-    cmd.add_argument("--city", help="only the stations in this city")
-    cmd.add_argument("--near", help="CITY or LAT,LON: sort by distance from there")
+    cmd.add_argument("--city", nargs="+", help="only the stations in this city")
+    cmd.add_argument("--near", nargs="+", help="CITY or LAT,LON: sort by distance from there")
     cmd.add_argument("--limit", type=at_least(1, int), help="at most this many stations")
     cmd = vcmd.add_parser("nearest", help="the nearest charge point available now")
-    cmd.add_argument("--near", required=True, help="CITY or LAT,LON (--near=-5.8,-35.2 for coordinates)")
+    cmd.add_argument("--near", nargs="+", required=True, help="CITY or LAT,LON (--near=-5.8,-35.2 for coordinates)")
     cmd.add_argument(
         "--min-kw",
         type=at_least(0),
@@ -123,8 +123,8 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
         ("book", "book every stop of a trip atomically (all or none): the plan shown, or a fresh one"),
     ):
         cmd = vcmd.add_parser(name, help=text)
-        cmd.add_argument("--from", dest="origin", required=True, help="origin city")
-        cmd.add_argument("--to", dest="destination", required=True, help="destination city")
+        cmd.add_argument("--from", dest="origin", nargs="+", required=True, help="origin city")
+        cmd.add_argument("--to", dest="destination", nargs="+", required=True, help="destination city")
         cmd.add_argument(
             "--soc",
             type=percent,
@@ -179,7 +179,11 @@ def check_command(args: argparse.Namespace, world: World) -> None:
     """What can be checked before asking anyone: cities and ids, as the world spells them.
 
     A mistake here is a ``UsageError`` (exit 2), whatever the command, before a connection is made.
+    Places may be typed without quotes ("--to Feira de Santana": their options take several words).
     """
+    for name in ("origin", "destination", "near", "city"):
+        if isinstance(getattr(args, name, None), list):
+            setattr(args, name, " ".join(getattr(args, name)))
     for name in ("origin", "destination"):
         if getattr(args, name, None) is not None:
             setattr(args, name, city_name(getattr(args, name)))
