@@ -49,9 +49,13 @@ def when(moment: datetime | None, now: datetime) -> str:
 def free_in(info: p.ChargePointInfo, now: datetime) -> str:
     if info.status in ("offline", "faulted", "unavailable"):
         return "-"
-    if info.free_at is None:
-        return "free now"
-    return f"free in {max(0, round((info.free_at - now).total_seconds() / 60))} min"
+    if info.free_at is not None:
+        return f"free in {max(0, round((info.free_at - now).total_seconds() / 60))} min"
+    if info.status == "reserved":
+        # Free now, but not for long: "free now" beside "reserved" read as a contradiction.
+        ahead = [i.start for i in info.busy if i.start > now]
+        return f"free until {min(ahead):%H:%M}Z" if ahead else "taken soon"
+    return "free now"
 
 
 def status_text(status: str) -> str:
