@@ -259,7 +259,9 @@
       const where = worldStation[s.station_id] || cityAt[s.city];
       if (!where) return;
       const [x, y] = xy(where.lat, where.lon);
-      out += `<g class="stop"><circle cx="${x}" cy="${y}" r="16"/><text x="${x}" y="${Number(y) + 6}">${i + 1}</text>
+      const up = (Number(y) - 34).toFixed(1);  // the number above the place, not over its charge points' dots
+      out += `<g class="stop"><line x1="${x}" y1="${y}" x2="${x}" y2="${up}"/><circle cx="${x}" cy="${up}" r="15"/>
+        <text x="${x}" y="${(Number(up) + 6).toFixed(1)}">${i + 1}</text>
         <title>${i + 1}. ${esc(s.city)} · ${esc(s.station_name)} ${esc(s.charge_point_id)} (${
         esc(s.operator_id)}) ${at(s.slot_start, null)}&ndash;${hm(ms(s.slot_end))}</title></g>`;
     });
@@ -267,20 +269,23 @@
   }
 
   // --- the timeline: each charge point's day (reservations, charging, free gaps) ---------------------------------
-  const LABEL = 150, DAY_WIDTH = 1000, ROW = 26, TOP = 22;
+  // A day around now: from 6 hours before it (on the hour) to 18 after, so that just after midnight the
+  // evening is still there, and just before it the night ahead.
+  const LABEL = 150, DAY_WIDTH = 1000, ROW = 26, TOP = 22, HOUR = 3600000;
   function renderTimeline(ref) {
     const t = ref === null ? Date.now() : ref;
-    const dayStart = Date.parse(day(t) + "T00:00:00Z"), dayEnd = dayStart + 86400000;
+    const dayStart = Math.floor(t / HOUR) * HOUR - 6 * HOUR, dayEnd = dayStart + 24 * HOUR;
     const x = (when) => (LABEL + (Math.min(Math.max(when, dayStart), dayEnd) - dayStart) / 86400000 * DAY_WIDTH)
       .toFixed(1);
     const cps = state.stations.flatMap((s) => (s.charge_points || []).map((cp) => ({ cp, station: s })));
     const height = TOP + cps.length * ROW + 4;
     let svg = `<svg id="timeline-svg" viewBox="0 0 ${LABEL + DAY_WIDTH + 24} ${height}" role="img"
       aria-label="the day of each charge point">`;
-    for (let h = 0; h <= 24; h += 3) {
-      const hx = x(dayStart + h * 3600000);
+    for (let tick = Math.ceil(dayStart / (3 * HOUR)) * 3 * HOUR; tick <= dayEnd; tick += 3 * HOUR) {
+      const hx = x(tick);
+      const label = new Date(tick).getUTCHours() === 0 ? day(tick).slice(5) : hm(tick);  // a new day: its date
       svg += `<line class="hour" x1="${hx}" x2="${hx}" y1="${TOP - 4}" y2="${height}"/>
-        <text class="hour" x="${hx}" y="${TOP - 8}">${pad(h)}:00</text>`;
+        <text class="hour" x="${hx}" y="${TOP - 8}">${label}</text>`;
     }
     const byCp = {};
     for (const r of state.reservations) (byCp[r.charge_point_id] = byCp[r.charge_point_id] || []).push(r);
@@ -306,7 +311,8 @@
     const legend = ["booked", "held", "charging", "completed", "expired"]
       .map((s) => `<span><i style="background: var(--${s})"></i>${s}</span>`).join("") +
       `<span><i class="free"></i>free</span><span><i class="out"></i>out of service</span>`;
-    $("timeline").innerHTML = `<h2>Today at the charge points <span class="sub">${day(t)} UTC, simulated</span></h2>
+    $("timeline").innerHTML = `<h2>The day at the charge points <span class="sub">${at(new Date(dayStart)
+      .toISOString(), null)}&ndash;${at(new Date(dayEnd).toISOString(), null)} UTC, simulated</span></h2>
       <div class="card timeline">${cps.length ? svg : `<div class="empty">No state yet.</div>`}
       <div class="legend">${legend}</div></div>`;
   }
