@@ -187,3 +187,19 @@ async def test_the_server_says_what_is_wrong_with_a_request_in_user_words(
         # The connection goes on, and nothing changed.
         await peer.send(p.Heartbeat(id=9))
         assert isinstance(await asyncio.wait_for(peer.receive(), 10), p.HeartbeatAck)
+
+
+@pytest.mark.parametrize(
+    ("command", "secret"),
+    [(("monitor", "--operator", "A"), "operator-a-secret"), (("station", "--operator", "A"), "cp-nat-pn-1-secret")],
+)
+def test_a_wrong_secret_is_final_said_once_and_exit_1(
+    spawn_server, world_path: Path, tmp_path: Path, command: tuple[str, ...], secret: str
+) -> None:
+    server: ServerProcess = spawn_server("A")
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(world_path.read_text(encoding="utf-8").replace(secret, "not-the-secret"), encoding="utf-8")
+    done = run_cli(command[0], "--world", str(wrong), *command[1:], "--server", server.address, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "unauthorized:" in done.stderr.strip().splitlines()[-1] and "wrong credential" in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("unauthorized:") == 1
