@@ -66,6 +66,13 @@ def explain(message: str, body: bytes | memoryview, classes: dict[str, type[msgs
 
     ``classes`` maps a message's ``type`` to its class, to find the field's limits.
     """
+    try:
+        return _explain(message, body, classes)
+    except Exception:  # a shape not foreseen here must not cost the answer: say it plainly instead
+        return f"invalid request: {message}"
+
+
+def _explain(message: str, body: bytes | memoryview, classes: dict[str, type[msgspec.Struct]]) -> str:
     found = _AT.match(message)
     assert found is not None  # the pattern matches any text
     what, path = found["what"], found["path"] or "$"
