@@ -203,3 +203,19 @@ def test_a_wrong_secret_is_final_said_once_and_exit_1(
     assert done.returncode == 1, done.stderr
     assert "unauthorized:" in done.stderr.strip().splitlines()[-1] and "wrong credential" in done.stderr
     assert "Traceback" not in done.stderr and done.stderr.count("unauthorized:") == 1
+
+
+def test_a_plan_draws_the_battery_along_the_route_and_one_without_stops_says_so(spawn_server, world_path: Path) -> None:
+    server: ServerProcess = spawn_server("A")
+    argv = ("vehicle", "--world", str(world_path), "--id", "V01", "--server", server.address, "plan")
+    done = run_cli(*argv, "--from", "Natal", "--to", "Recife", "--soc", "30")  # A's chargers alone suffice
+    assert done.returncode == 0, done.stderr
+    chart = done.stdout[done.stdout.index("100% │") :]
+    assert "  0% │" in chart and "┴" in chart  # a stop marked on the road
+    cities = chart.splitlines()[9].split()  # under the 8 rows and the road: where the trip goes
+    assert cities[0] == "Natal" and cities[-1] == "Recife" and len(cities) >= 3, chart
+    assert "Book it as shown" in done.stdout
+    done = run_cli(*argv, "--from", "Natal", "--to", "João Pessoa", "--soc", "90")
+    assert done.returncode == 0, done.stderr
+    assert "no charging stop needed" in done.stdout
+    assert "Book it as shown" not in done.stdout and "│ #" not in done.stdout  # no empty table, nothing to book

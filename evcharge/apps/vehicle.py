@@ -300,8 +300,9 @@ async def vehicle_command(c: Client, args: argparse.Namespace, out: Console) -> 
             trip = await c.plan_trip(trip_query(args))
             if human:
                 render.trip(trip, out, title=f"Plan {trip.id}")
-                out.print(render.soc_chart(trip, args.soc))
-                out.print(f"Book it as shown: [bold]book[/] with the same question and [bold]--plan {trip.id}[/].")
+                if trip.stops:  # with none there is nothing to book
+                    out.print(render.soc_chart(trip, args.soc))
+                    out.print(f"Book it as shown: [bold]book[/] with the same question and [bold]--plan {trip.id}[/].")
             return {"trip": trip}
         case "book":
             booked = await c.book_trip(trip_query(args), args.plan)
