@@ -1,16 +1,15 @@
 """The ``evcharge`` command: server, charge point simulator, vehicle commands, inspect.
 
-Exit codes: 0 success, 1 the request failed (a typed error is printed; in
-``--json`` mode as ``{"error": {"code": ..., "message": ...}}``), 2 bad usage,
-3 outcome unknown: a change was asked for, and no answer came even when asked
-again with its idempotency key until the deadline (the message names the
-command that shows what happened).
+Exit codes follow one rule, ``EXIT_CODES`` (also in ``evcharge --help``): 0 done,
+1 the server said no or the operation failed, 2 the command cannot run as typed,
+3 outcome unknown (no answer, even asked again with the change's idempotency key).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import functools
 import json
 import logging
@@ -31,10 +30,12 @@ from evcharge.apps.tls_options import client_tls, client_tls_parser, gateway_tls
 from evcharge.apps.vehicle import (
     POSITION_EVERY,
     START_SOC,
-    VEHICLE_COMMANDS,
+    VEHICLE_EXAMPLES,
     UsageError,
     add_vehicle_commands,
+    check_command,
     parse_position,
+    percent,
     vehicle_command,
 )
 from evcharge.apps.web import command as webcmd
@@ -43,9 +44,16 @@ from evcharge.links.client import connect
 from evcharge.links.link import ANSWER_DEADLINE, Link
 from evcharge.links.requests import Requests
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
-from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
+from evcharge.operator.server import (
+    FRAME_TIMEOUT,
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_CONNECTIONS,
+    ClockMismatch,
+    Server,
+)
 from evcharge.wire import redact
-from evcharge.wire.address import host_port_argument
+from evcharge.wire.address import host_port_argument, listen_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
 from evcharge.wire.errors import EvchargeError, OutcomeUnknownError
 from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, parse_listen
@@ -53,6 +61,17 @@ from evcharge.wire.tls import Listen, TlsConfigError, TlsFiles, parse_listen
 log = logging.getLogger("evcharge")
 
 EXIT_OUTCOME_UNKNOWN = 3
+EXIT_CODES = """\
+exit codes (every command):
+  0    done
+  1    the server said no, or the operation failed: one line names the error's code and why
+       (with --json: {"error": {"code": ..., "message": ...}}); also a server that cannot be reached
+  2    the command cannot run as typed: bad usage or option value, an unknown id or city, a bad world
+       or TLS file, a data directory kept for another clock, a listen address already in use
+  3    outcome unknown: a change was asked for and no answer came, even when asked again with its
+       idempotency key, within --answer-within; the message names the command that shows what happened
+  130  interrupted (Ctrl-C)
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return 130
-    except (WorldError, TlsConfigError) as exc:
-        print(f"evcharge: {exc}", file=sys.stderr)
+    except (WorldError, TlsConfigError, UsageError) as exc:
+        print(f"evcharge {args.command_name}: {exc}", file=sys.stderr)
         return 2
 
 
@@ -90,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evcharge",
         description="Book EV charging across companies. Each operator runs a server; "
         "charge points, vehicles and operator tools connect to it.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -103,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: info for the long-running processes (server, station, gateway), warning for the rest",
     )
     client_tls = client_tls_parser()
-    sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="subcommands", metavar="COMMAND", dest="command_name")
 
     server = sub.add_parser(
         "server",
@@ -121,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated seconds per real second, e.g. 60 (default: %(default)s)",
     )
     server.add_argument("--host", help="listen address (default: the world file's)")
-    server.add_argument("--port", type=int, help="listen port, 0 for any free one (default: the world file's)")
+    server.add_argument(
+        "--port", type=listen_port_argument, help="listen port, 0 for any free one (default: the world file's)"
+    )
     server.add_argument(
         "--listen",
         action="append",
@@ -202,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument("--operator", required=True)
     simulator.add_argument("--id", action="append", dest="ids", help="only this charge point (repeatable)")
     simulator.add_argument(
+        "--except",
+        action="append",
+        dest="skip",
+        metavar="ID",
+        help="all but this charge point (repeatable): one that a real charge point or another simulator "
+        "(say through the OCPP gateway) already speaks for",
+    )
+    simulator.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
     simulator.add_argument(
@@ -220,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--operator", required=True, help="operator id from the world file")
     gateway.add_argument("--host", help="listen address (default: the world file's host of the operator)")
     gateway.add_argument(
-        "--port", type=int, default=OCPP_PORT, help="listen port, 0 for any free one (default: %(default)s)"
+        "--port",
+        type=listen_port_argument,
+        default=OCPP_PORT,
+        help="listen port, 0 for any free one (default: %(default)s)",
     )
     gateway.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
@@ -234,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="act as a vehicle: interactively, or one command (find, reserve, charge, trips...)",
         description="Act as a vehicle connected to its home operator. Without a COMMAND, an interactive "
         "prompt opens (commands with completion, live pushes, battery monitor); with one, it runs and exits.",
-        epilog=VEHICLE_COMMANDS,
+        epilog=VEHICLE_EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     vehicle.add_argument("--id", required=True, help="vehicle id from the world file")
@@ -254,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     vehicle.add_argument(
         "--soc",
         dest="start_soc",
-        type=float,
+        type=percent,
         default=START_SOC * 100,
         help="interactive: SoC at start, %% (default: %(default)s)",
     )
@@ -363,7 +397,12 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except (OSError, ClockMismatch) as exc:
+        await server.stop()
+        print(f"evcharge server: {_start_failure(exc, args.operator)}", file=sys.stderr)
+        return 2
     if args.ready_file:
         listeners = [
             {
@@ -381,6 +420,15 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
     finally:
         await server.stop()
     return 0
+
+
+def _start_failure(exc: OSError | ClockMismatch, operator_id: str) -> str:
+    """Why a server could not start, in one line."""
+    if isinstance(exc, ClockMismatch):
+        return str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen: the address is already in use (is one for operator {operator_id} running already?)"
+    return f"cannot start: {exc.strerror or exc}"
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -401,6 +449,7 @@ async def run_simulator(world: World, args: argparse.Namespace) -> int:
             host=host,
             port=port,
             only=args.ids,
+            skip=args.skip,
             fault_rate=args.fault_rate,
             ssl_context=context,
             server_hostname=name,
@@ -410,7 +459,7 @@ async def run_simulator(world: World, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
     try:
-        await task
+        replaced = await task
     except asyncio.CancelledError:
         return 0
     except ValueError as exc:
@@ -419,7 +468,12 @@ async def run_simulator(world: World, args: argparse.Namespace) -> int:
     except EvchargeError as exc:
         print(f"evcharge station: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
-    return 0
+    print(
+        "evcharge station: nothing left to simulate, every charge point was taken over: "
+        + next(iter(replaced.values())),
+        file=sys.stderr,
+    )
+    return 1
 
 
 async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
@@ -444,7 +498,11 @@ async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except OSError as exc:
+        print(f"evcharge ocpp-gateway: {_start_failure(exc, args.operator)}", file=sys.stderr)
+        return 2
     if args.ready_file:
         _write_atomically(args.ready_file, json.dumps({"host": gateway.host, "port": gateway.port, "pid": os.getpid()}))
     try:
@@ -523,6 +581,7 @@ async def run_settlement(world: World, args: argparse.Namespace) -> int:
 
 async def run_vehicle(world: World, args: argparse.Namespace) -> int:
     vehicle = world.vehicle(args.id)
+    check_command(args, world)
     host, port = _address(world, vehicle.home, args.server)
     context, name = client_tls(args, world.operator(vehicle.home))
     if args.command is None:
@@ -605,7 +664,7 @@ async def _run_client(
             console.print(f"[red]{exc.code}[/]: {exc.message}")
         return 1
     except UsageError as exc:
-        print(f"evcharge: {exc}", file=sys.stderr)
+        print(f"evcharge {args.command_name}: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(render.to_json(result))

@@ -1,15 +1,22 @@
 """The live monitor: an operator's stations, reservations, trips and peers (rich Live).
 
 It redraws when the server pushes a change (through ``OperatorFeed``), and
-once a second so "free in N min" keeps counting down.
+once a second so "free in N min" keeps counting down. Times of bookings are
+the server's simulated time, said so in the header; "last seen" of a peer link
+is real time, as "N s ago". ``q`` (or Ctrl-C) quits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sys
-from datetime import datetime
+import termios
+import tty
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 from rich.console import Group, RenderableType
 from rich.live import Live
@@ -32,14 +39,15 @@ def monitor_view(
         return Text(f"waiting for the server... {error}".rstrip())
     head = Text.assemble(
         (f"Operator {snapshot.operator_id}", "bold"),
-        f"  {now:%Y-%m-%d %H:%M}Z  ",
+        f"  simulated time {now:%Y-%m-%d %H:%M}Z  ",
         ("connected" if connected else "DISCONNECTED (reconnecting)", "green" if connected else "bold red"),
         f"  {rate:.1f} req/s  ",
         ", ".join(f"{n} {role}" for role, n in sorted(snapshot.connections.items())),
+        ("   q quits", "bright_black"),
     )
     parts: list[RenderableType] = [head, _stations(snapshot, now), _reservations(snapshot, now)]
     if snapshot.trips:
-        parts.append(_trips(snapshot))
+        parts.append(_trips(snapshot, now))
     if snapshot.peers:
         parts.append(_peers(snapshot))
     return Group(*parts)
@@ -69,14 +77,15 @@ def _reservations(snapshot: p.InspectResult, now: datetime) -> Table:
     return table
 
 
-def _trips(snapshot: p.InspectResult) -> Table:
+def _trips(snapshot: p.InspectResult, now: datetime) -> Table:
     table = Table(title="Trips coordinated here", title_justify="left")
     for column in ("trip", "vehicle", "state", "stops"):
         table.add_column(column)
     for trip in snapshot.trips[-RESERVATION_ROWS:]:
         stops = " → ".join(f"{s.city} ({s.operator_id}) {s.slot_start:%H:%M}" for s in trip.stops) or "direct"
-        style = "green" if trip.state == "committed" else "bright_black"
-        table.add_row(trip.id, trip.vehicle_id, Text(trip.state, style=style), stops)
+        state = render.trip_state(trip, now)
+        style = "green" if state == "committed" else "blue" if state == "completed" else "bright_black"
+        table.add_row(trip.id, trip.vehicle_id, Text(state, style=style), stops)
     return table
 
 
@@ -84,15 +93,58 @@ def _peers(snapshot: p.InspectResult) -> Table:
     table = Table(title="Peer links", title_justify="left")
     for column in ("operator", "address", "link", "last seen", "last error"):
         table.add_column(column)
+    real_now = datetime.now(UTC)  # a link's last answer is wall-clock time, not the simulated one
     for peer in snapshot.peers:
         table.add_row(
             peer.operator_id,
             peer.address,
             Text("up", style="green") if peer.up else Text("down", style="red"),
-            f"{peer.last_seen:%H:%M:%S}" if peer.last_seen else "-",
+            _ago(peer.last_seen, real_now) if peer.last_seen else "-",
             peer.last_error,
         )
     return table
+
+
+def _ago(moment: datetime, now: datetime) -> str:
+    seconds = max(0, round((now - moment).total_seconds()))
+    return f"{seconds} s ago" if seconds < 120 else f"{seconds // 60} min ago"
+
+
+@contextlib.contextmanager
+def _keys(stop: asyncio.Event) -> Iterator[None]:
+    """While inside: ``q`` typed at the terminal sets ``stop`` (keys are read one by one, not echoed)."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    loop = asyncio.get_running_loop()
+
+    def typed() -> None:
+        with contextlib.suppress(OSError):
+            if os.read(fd, 64).lower().startswith(b"q"):
+                stop.set()
+
+    tty.setcbreak(fd)
+    loop.add_reader(fd, typed)
+    try:
+        yield
+    finally:
+        loop.remove_reader(fd)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def _until_change_or(stop: asyncio.Event, feed: OperatorFeed, seen: int) -> int:
+    """The feed's version once it moves (or after a second, for the clock), or at once when asked to stop."""
+    change = asyncio.ensure_future(feed.wait_change(seen, timeout=1.0))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({change, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        change.cancel()
+        await asyncio.gather(change, stopping, return_exceptions=True)
+    return feed.version
 
 
 async def run_monitor(feed: OperatorFeed) -> int:
@@ -108,10 +160,10 @@ async def run_monitor(feed: OperatorFeed) -> int:
         )
 
     try:
-        with Live(view(), auto_refresh=False, screen=False) as live:
+        with _keys(stop), Live(view(), auto_refresh=False, screen=False) as live:
             seen = -1
             while not stop.is_set() and not follower.done():
-                seen = await feed.wait_change(seen, timeout=1.0)
+                seen = await _until_change_or(stop, feed, seen)
                 live.update(view(), refresh=True)
     finally:
         follower.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 from typing import Any
 
@@ -49,9 +50,13 @@ def when(moment: datetime | None, now: datetime) -> str:
 def free_in(info: p.ChargePointInfo, now: datetime) -> str:
     if info.status in ("offline", "faulted", "unavailable", "unknown"):
         return "-"
-    if info.free_at is None:
-        return "free now"
-    return f"free in {max(0, round((info.free_at - now).total_seconds() / 60))} min"
+    if info.free_at is not None:
+        return f"free in {max(0, round((info.free_at - now).total_seconds() / 60))} min"
+    if info.status == "reserved":
+        # Free now, but not for long: "free now" beside "reserved" read as a contradiction.
+        ahead = [i.start for i in info.busy if i.start > now]
+        return f"free until {min(ahead):%H:%M}Z" if ahead else "taken soon"
+    return "free now"
 
 
 def status_text(status: str) -> str:
@@ -207,4 +212,96 @@ def trip(info: p.TripInfo, console: Console, title: str) -> None:
             stop.reservation_id or "",
         )
     console.print(f"{info.origin} → {info.destination}, departing {info.depart:%Y-%m-%d %H:%M}Z")
+    if not info.stops:
+        console.print(
+            f"[bold]{title}[/]: no charging stop needed, {info.distance_km:.0f} km straight there, arriving "
+            f"{info.arrival:%m-%d %H:%M}Z with {info.soc_at_arrival:.0f}%"
+        )
+        return
     console.print(table)
+
+
+def trip_state(info: p.TripInfo, now: datetime) -> str:
+    """What a trip is now: a committed trip whose every stop has ended (or, without stops, that arrived) is done."""
+    if info.state == "committed" and (info.stops[-1].slot_end if info.stops else info.arrival) <= now:
+        return "completed"
+    return info.state
+
+
+CHART_ROWS = 8  # rows of the SoC chart, 0-100 %
+CHART_COLUMNS = 64
+_EIGHTHS = " ▁▂▃▄▅▆▇█"
+
+
+def soc_profile(info: p.TripInfo, soc_start: float) -> list[tuple[float, float, bool]]:
+    """The battery along the route: (km from the origin, SoC %, charging here) at each turn."""
+    points = [(0.0, soc_start, False)]
+    km = 0.0
+    for stop in info.stops:
+        km += stop.drive_km
+        points += [(km, stop.soc_in, False), (km, stop.soc_out, True)]
+    points.append((info.distance_km, info.soc_at_arrival, False))
+    return points
+
+
+def soc_chart(info: p.TripInfo, soc_start: float, *, width: int = CHART_COLUMNS, rows: int = CHART_ROWS) -> str:
+    """The state of charge along a trip as a small terminal chart (rich markup): one column per stretch of road.
+
+    Columns are filled up to the SoC there; a charging stop is a green column, a stretch below 20 % red.
+    Under the chart, each stop's city where it is on the road.
+    """
+    points = soc_profile(info, soc_start)
+    total = max(info.distance_km, 1e-9)
+    stop_columns = {min(width - 1, round(km / total * (width - 1))) for km, _, charging in points if charging}
+
+    def soc_at(km: float) -> float:
+        for (k0, s0, _), (k1, s1, _) in itertools.pairwise(points):
+            if k0 <= km <= k1 and k1 > k0:
+                return s0 + (s1 - s0) * (km - k0) / (k1 - k0)
+        return points[-1][1]
+
+    values = []
+    for column in range(width):
+        km = column / (width - 1) * total
+        here = [s for k, s, charging in points if charging and min(width - 1, round(k / total * (width - 1))) == column]
+        values.append((max(here), "green") if here else (soc_at(km), "red" if soc_at(km) < 20 else "yellow"))
+    lines = []
+    for row in range(rows - 1, -1, -1):
+        label = {rows - 1: "100%", 0: "  0%"}.get(row, "    ")
+        cells = []
+        for value, style in values:
+            eighths = round(max(0.0, min(100.0, value)) / 100 * rows * 8) - row * 8
+            cells.append(f"[{style}]{_EIGHTHS[max(0, min(8, eighths))]}[/]")
+        lines.append(f"{label} │{''.join(cells)}")
+    axis = ["─"] * width
+    for column in stop_columns:
+        axis[column] = "┴"
+    lines.append(f"     └{''.join(axis)}")
+    lines.append("      " + _labels(info, stop_columns_in_order(info, width), width))
+    return "\n".join(lines)
+
+
+def stop_columns_in_order(info: p.TripInfo, width: int) -> list[tuple[int, str]]:
+    """(column, city) for the origin, each stop and the destination."""
+    total = max(info.distance_km, 1e-9)
+    marks = [(0, info.origin)]
+    km = 0.0
+    for stop in info.stops:
+        km += stop.drive_km
+        marks.append((min(width - 1, round(km / total * (width - 1))), stop.city))
+    marks.append((width - 1, info.destination))
+    return marks
+
+
+def _labels(info: p.TripInfo, marks: list[tuple[int, str]], width: int) -> str:
+    """City names under their columns, each where it fits (the last is right-aligned to the end)."""
+    line = [" "] * (width + 24)
+    taken = -1
+    for i, (column, city) in enumerate(marks):
+        start = column - len(city) + 1 if i == len(marks) - 1 else column
+        start = max(start, taken + 2 if taken >= 0 else 0)
+        if start + len(city) > len(line):
+            continue
+        line[start : start + len(city)] = city
+        taken = start + len(city)
+    return "".join(line).rstrip()

@@ -1,11 +1,14 @@
 """The interactive vehicle: a prompt that keeps living while you type.
 
 Commands are the same as ``evcharge vehicle COMMAND`` (parsed by the same
-argparse definitions), plus ``charge`` with a live progress bar,
-``soc``, ``help`` and ``quit``. Meanwhile the vehicle drives (its battery
-drains in simulated time and it warns when low, offering the nearest
-charger), reports its position, and prints what the server pushes. A lost
-connection is said once and re-established with backoff; the prompt stays.
+argparse definitions), plus ``charge`` with a live progress bar, ``drive``,
+``soc``, ``help`` and ``quit``. Meanwhile the vehicle lives: told
+to ``drive --to`` a place, it moves there in simulated time and its battery
+drains on the way (standing still it drains nothing), it warns when low and
+offers the nearest charger, reports its position, and prints what the server
+pushes. The prompt shows the battery and the link as they are now, redrawn
+every second. A lost connection is said once and re-established with backoff;
+the prompt stays.
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ import time
 from typing import Any
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import NestedCompleter
 from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
+from evcharge.apps.completion import VehicleCompleter
 from evcharge.apps.vehicle import (
     POSITION_EVERY,
     START_SOC,
     UsageError,
     add_vehicle_commands,
+    check_command,
+    city_name,
+    parse_position,
+    percent,
     trip_query,
     vehicle_command,
 )
@@ -47,6 +54,9 @@ log = logging.getLogger(__name__)
 DRIVING_SPEED_KMH = 80.0
 LOW_SOC = 0.20
 BATTERY_TICK = 1.0  # real seconds between battery updates
+PROMPT_REFRESH = 1.0  # real seconds: the prompt's battery and link are redrawn this often
+# The prompt's own commands, beside the one-shot ones (`charge` has a live bar here).
+OWN_COMMANDS = ("charge", "drive", "soc", "help", "quit")
 
 HELP = """\
 [bold]Commands[/] (TAB completes; the same options as `evcharge vehicle COMMAND --help`):
@@ -55,6 +65,7 @@ HELP = """\
   plan --from A --to B [--soc PCT]    book --from A --to B [--soc PCT]   trips [--all]   cancel-trip TRIP
                                       (book after plan, same question: books the plan shown, if still free)
   charge RESERVATION [--to PCT]       live progress until the battery reaches PCT (default 80), then releases
+  drive --to CITY|LAT,LON             drive there (the battery drains on the way); drive --stop to stand still
   release RESERVATION                 history   costs (totals by operator and month)   soc   help   quit"""
 
 
@@ -101,14 +112,31 @@ class VehicleRepl:
         self.console = console or Console(highlight=False)
         self.soc = start_soc
         self.position = position or self._home_position()
+        self.heading: tuple[str, tuple[float, float]] | None = None  # where it is driving to, if it is
         self.position_every = position_every
         self.charging: dict[str, tuple[float, float]] = {}  # reservation -> (soc at start, kWh so far)
         self._last_plan: tuple[p.TripQuery | None, str] = (None, "")  # the last question planned, its plan id
         self._progress: dict[str, asyncio.Event] = {}
         self._warned_low = False
         self._stop = asyncio.Event()
+        self.reservations: dict[str, str] = {}  # this vehicle's reservations as last seen: id -> state
+        self.trips: dict[str, str] = {}  # and its trips: id -> state
         self.parser = _ReplParser(prog="", add_help=False)
-        add_vehicle_commands(self.parser.add_subparsers(dest="command"))  # type: ignore[arg-type]
+        commands = self.parser.add_subparsers(dest="command")
+        add_vehicle_commands(commands)  # type: ignore[arg-type]
+        self._charge_parser = _ReplParser(prog="charge", add_help=False)
+        self._charge_parser.add_argument("reservation")
+        self._charge_parser.add_argument("--to", type=percent, default=80.0)
+        self._drive_parser = _ReplParser(prog="drive", add_help=False)
+        whither = self._drive_parser.add_mutually_exclusive_group(required=True)
+        whither.add_argument("--to", dest="near", nargs="+", help="CITY or LAT,LON")
+        whither.add_argument("--stop", action="store_true")
+        self.commands: dict[str, argparse.ArgumentParser | None] = {
+            **commands.choices,
+            **dict.fromkeys(OWN_COMMANDS),
+            "charge": self._charge_parser,
+            "drive": self._drive_parser,
+        }
         self.prompt_session: PromptSession[str] = PromptSession(
             completer=self._completer(), input=input, output=output, complete_while_typing=False
         )
@@ -117,32 +145,18 @@ class VehicleRepl:
         first = next((s for s in self.world.stations if s.operator == self.vehicle.home), None)
         return (first.lat, first.lon) if first else geo.CITIES["Natal"]
 
-    def _completer(self) -> NestedCompleter:
-        stations = {s.id: None for s in self.world.stations if s.operator == self.vehicle.home}
-        cps = {cp.id: None for s in self.world.stations if s.operator == self.vehicle.home for cp in s.charge_points}
-        cities = {city: None for city in self.cities.cities}
-        prefer = {"fast": None, "cheap": None}
-        trip = {"--from": cities, "--to": cities, "--soc": None, "--depart": None, "--prefer": prefer}
-        return NestedCompleter.from_nested_dict(
+    def _completer(self) -> VehicleCompleter:
+        everyone = self.world.stations  # a driver reserves at any operator, through its home
+        live = ("held", "booked", "charging")
+        return VehicleCompleter(
+            self.commands,
             {
-                "stations": {"--city": cities, "--near": cities, "--limit": None},
-                "nearest": {"--near": cities, "--min-kw": None},
-                "status": stations,
-                "reserve": cps,
-                "reservations": {"--all": None},
-                "cancel": None,
-                "charge": None,
-                "release": None,
-                "history": None,
-                "costs": None,
-                "plan": trip,
-                "book": trip,
-                "trips": {"--all": None},
-                "cancel-trip": None,
-                "soc": None,
-                "help": None,
-                "quit": None,
-            }
+                "stations": lambda: [s.id for s in everyone],
+                "charge_points": lambda: [cp.id for s in everyone for cp in s.charge_points],
+                "cities": lambda: list(self.cities.cities),
+                "reservations": lambda: [r for r, state in self.reservations.items() if state in live],
+                "trips": lambda: [t for t, state in self.trips.items() if state == "committed"],
+            },
         )
 
     def say(self, text: str) -> None:
@@ -160,7 +174,7 @@ class VehicleRepl:
             with patch_stdout(raw=True):
                 while not self._stop.is_set():
                     try:
-                        line = await self.prompt_session.prompt_async(self._prompt)
+                        line = await self.prompt_session.prompt_async(self._prompt, refresh_interval=PROMPT_REFRESH)
                     except (EOFError, KeyboardInterrupt):
                         break
                     if not await self.execute(line):
@@ -177,14 +191,19 @@ class VehicleRepl:
 
     def _prompt(self) -> str:
         link = "" if self.client is not None else " (offline)"
-        return f"{self.vehicle.id} {self.soc:.0%}{link}> "
+        driving = f" → {self.heading[0]}" if self.heading else ""
+        return f"{self.vehicle.id} {self.soc:.0%}{driving}{link}> "
+
+    def _redraw_prompt(self) -> None:
+        if self.prompt_session.app.is_running:
+            self.prompt_session.app.invalidate()
 
     async def execute(self, line: str) -> bool:
         """Run one command line; False when the user wants to quit."""
         try:
             words = shlex.split(line)
-        except ValueError as exc:
-            self.say(f"[red]bad_request[/]: {exc}")
+        except ValueError:
+            self.say("[red]usage[/]: a quotation mark is not closed (try help)")  # a typo here, not the server's
             return True
         if not words:
             return True
@@ -198,10 +217,17 @@ class VehicleRepl:
                 case "soc":
                     self.say(f"Battery {self.soc:.0%} of {self.vehicle.battery_kwh:g} kWh")
                 case "charge":
-                    await self._charge(words[1:])
+                    await self._charge(self._charge_parser.parse_args(words[1:]))
+                case "drive":
+                    args = self._drive_parser.parse_args(words[1:])
+                    check_command(args, self.world)
+                    self._drive(args)
+                case _ if command not in self.commands:
+                    raise UsageError(f"unknown command {command!r}; commands: {', '.join(sorted(self.commands))}")
                 case _:
                     args = self.parser.parse_args(words)
                     args.json, args.id = False, self.vehicle.id
+                    check_command(args, self.world)
                     shown = command == "book" and not args.plan and self._last_plan[0] == trip_query(args)
                     if shown:
                         args.plan = self._last_plan[1]  # the same question: book what was shown
@@ -213,6 +239,7 @@ class VehicleRepl:
                         self.say(f"plan {args.plan} can no longer be booked as shown; booking a fresh plan")
                         args.plan = ""
                         result = await vehicle_command(self._connected(), args, self.console, self.cities)
+                    self._learn(result)
                     if command == "plan":
                         self._last_plan = (trip_query(args), result["trip"].id)
         except EvchargeError as exc:
@@ -229,19 +256,24 @@ class VehicleRepl:
 
     # --- commands of the REPL's own ------------------------------------------------------
 
-    async def _charge(self, words: list[str]) -> None:
-        parser = _ReplParser(prog="charge", add_help=False)
-        parser.add_argument("reservation")
-        parser.add_argument("--to", type=float, default=80.0)
-        args = parser.parse_args(words)
-        target = min(1.0, args.to / 100)
+    async def _charge(self, args: argparse.Namespace) -> None:
+        target = args.to / 100
+        if self.soc >= target:
+            raise UsageError(f"the battery is at {self.soc:.0%} already: charge to more than that (--to PCT)")
         client = self._connected()
         r = await client.start_charging(args.reservation)
-        self.charging[r.id] = (self.soc, 0.0)
+        if self.heading is not None:
+            self.say(f"Stopped driving to {self.heading[0]} to charge.")
+            self.heading = None
+        start = self.soc
+        self.charging[r.id] = (start, 0.0)
         done = self._progress[r.id] = asyncio.Event()
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"))
         with Progress(*columns, console=self.console, transient=False) as bar:
-            task = bar.add_task(f"charging {r.charge_point_id}", total=100, completed=round(self.soc * 100), detail="")
+            # The bar is the way from where the battery was to the target, not the battery out of 100 %.
+            task = bar.add_task(
+                f"charging {r.charge_point_id} {start:.0%} → {target:.0%}", total=target - start, detail=""
+            )
             while self.soc < target and r.id in self.charging:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
@@ -249,7 +281,8 @@ class VehicleRepl:
                 done.clear()
                 kwh = self.charging.get(r.id, (0.0, 0.0))[1]
                 cost = kwh * self._price(r.charge_point_id)
-                bar.update(task, completed=self.soc * 100, detail=f"{kwh:.2f} kWh  SoC {self.soc:.0%}  R$ {cost:.2f}")
+                detail = f"{kwh:.2f} kWh  SoC {self.soc:.0%}  R$ {cost:.2f}"
+                bar.update(task, completed=min(self.soc, target) - start, detail=detail)
         self._progress.pop(r.id, None)
         if r.id in self.charging:
             released = await client.stop_charging(r.id)
@@ -258,6 +291,35 @@ class VehicleRepl:
 
     def _price(self, cp_id: str) -> float:
         return self.world.charge_point(cp_id)[1].price_per_kwh
+
+    def _drive(self, args: argparse.Namespace) -> None:
+        if args.stop:
+            if self.heading is None:
+                self.say("Standing still already.")
+            else:
+                self.say(f"Stopped on the way to {self.heading[0]}.")
+                self.heading = None
+            return
+        if self.charging:
+            raise UsageError("charging: release the charge point first")
+        target = parse_position(args.near)
+        name = args.near if "," in args.near else city_name(args.near)
+        km = geo.road_km(*self.position, *target)
+        self.heading = (name, target)
+        self.say(f"Driving to {name}: {km:.0f} km at {DRIVING_SPEED_KMH:g} km/h (simulated time).")
+
+    def _learn(self, result: object) -> None:
+        """Keep the ids of this vehicle's reservations and trips that a command showed (for TAB)."""
+        if not isinstance(result, dict):
+            return
+        for r in result.get("reservations", []) + ([result["reservation"]] if "reservation" in result else []):
+            self.reservations[r.id] = r.state
+        for trip in result.get("trips", []) + ([result["trip"]] if "trip" in result else []):
+            if trip.state != "planned":
+                self.trips[trip.id] = trip.state
+            for stop in trip.stops if trip.state == "committed" else ():
+                if stop.reservation_id:
+                    self.reservations.setdefault(stop.reservation_id, "booked")
 
     # --- living in the background -----------------------------------------------------------
 
@@ -282,11 +344,17 @@ class VehicleRepl:
         if self._lost:
             self.say("[green]Reconnected.[/]")
         self._was_up, self._lost = True, False
+        self._redraw_prompt()  # "(offline)" goes now, not at the next key
+        # What TAB offers: this vehicle's reservations and trips as they are now (a nicety: never a reason to drop).
+        with contextlib.suppress(EvchargeError):
+            self._learn({"reservations": await client.reservations(include_past=False)})
+            self._learn({"trips": await client.trips(include_cancelled=False)})
 
     def _went_down(self, reason: str) -> None:
         if self._was_up and not self._lost:
             self.say("[yellow]Connection to the server lost; reconnecting...[/]")
             self._lost = True
+        self._redraw_prompt()
 
     def _pushed(self, event: p.Event) -> None:
         match event:
@@ -297,9 +365,11 @@ class VehicleRepl:
                 if rid in self._progress:
                     self._progress[rid].set()
             case p.TripChanged(trip=trip, reason=reason):
+                self._learn({"trip": trip})
                 route = " -> ".join(f"{s.city} ({s.operator_id})" for s in trip.stops) or "no stops"
                 self.say(f"[cyan]*[/] trip {trip.id} {trip.origin} -> {trip.destination}: {reason}; {route}")
             case p.ReservationChanged(reservation=r, reason=reason):
+                self.reservations[r.id] = r.state
                 if r.state != "charging":
                     self.charging.pop(r.id, None)
                     if r.id in self._progress:
@@ -308,7 +378,7 @@ class VehicleRepl:
                 self.say(f"[cyan]*[/] reservation {r.id} on {r.charge_point_id}: {r.state}{why}")
 
     async def _battery(self) -> None:
-        """Drain the battery while driving (simulated time); warn once when low."""
+        """Drive on towards the place it heads for (simulated time), draining the battery; warn once when low."""
         last = time.monotonic()
         while True:
             await asyncio.sleep(BATTERY_TICK)
@@ -316,14 +386,33 @@ class VehicleRepl:
             scale = self.client.time_scale if self.client is not None else 1.0
             hours = (now - last) * scale / 3600
             last = now
-            if not self.charging:
-                used = DRIVING_SPEED_KMH * hours * self.vehicle.consumption_kwh_per_km
-                self.soc = max(0.0, self.soc - used / self.vehicle.battery_kwh)
+            if self.heading is not None:
+                self._drive_on(DRIVING_SPEED_KMH * hours)
             if self.soc >= LOW_SOC:
                 self._warned_low = False
             elif not self._warned_low:
                 self._warned_low = True
                 await self._warn_low()
+
+    def _drive_on(self, km: float) -> None:
+        """Move up to ``km`` of road towards the place headed for; stop there, or where the battery is empty."""
+        assert self.heading is not None
+        name, (lat, lon) = self.heading
+        left = geo.road_km(*self.position, lat, lon)
+        range_km = self.soc * self.vehicle.battery_kwh / self.vehicle.consumption_kwh_per_km
+        step = min(km, left, range_km)
+        share = step / left if left > 0 else 1.0
+        self.position = (
+            self.position[0] + (lat - self.position[0]) * share,
+            self.position[1] + (lon - self.position[1]) * share,
+        )
+        self.soc = max(0.0, self.soc - step * self.vehicle.consumption_kwh_per_km / self.vehicle.battery_kwh)
+        if step >= left:
+            self.heading = None
+            self.say(f"[green]Arrived in {name}[/] with {self.soc:.0%}.")
+        elif step >= range_km:
+            self.heading = None
+            self.say(f"[bold red]Battery empty[/]: stopped {left - step:.0f} km before {name}.")
 
     async def _warn_low(self) -> None:
         self.say(f"[bold red]Battery low: {self.soc:.0%}.[/]")

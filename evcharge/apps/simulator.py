@@ -3,7 +3,9 @@
 A charge point connects with its secret, reports itself available, heartbeats,
 obeys RemoteStart/RemoteStop, and while charging sends meter values at its
 power (scaled by the server's time scale). It reconnects with backoff when the
-server goes away.
+server goes away. One that the server replaced by a newer connection of the same
+charge point (another simulator, or the OCPP gateway for a real one) says so and
+stops, instead of taking it back and being replaced again, forever.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ChargePointSim:
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             heartbeat=heartbeat_s,
+            replaced_is_final=True,
             on_up=self._came_up,
             on_down=self._went_down,
             name=f"charge point {cp.id}",
@@ -57,14 +60,21 @@ class ChargePointSim:
         self.kwh = 0.0
         self._meter: asyncio.Task[None] | None = None
         self.sessions_completed = 0
+        self.replaced = ""  # why the server took this charge point from us, if it did
 
     @property
     def client(self) -> Client | None:
         return self.link.client
 
     async def run(self) -> None:
-        """Stay connected until cancelled (or refused: that error is raised)."""
-        await self.link.run()
+        """Stay connected until cancelled or replaced (or refused: that error is raised)."""
+        try:
+            await self.link.run()
+        except ConflictError as exc:
+            self.replaced = exc.message
+            log.warning(
+                "%s: no longer simulated: %s (leave it out with --except %s)", self.cp.id, exc.message, self.cp.id
+            )
 
     async def _came_up(self, client: Client) -> None:
         client.on_request = self._handle
@@ -135,17 +145,23 @@ async def run_stations(
     host: str | None = None,
     port: int | None = None,
     only: list[str] | None = None,
+    skip: list[str] | None = None,
     fault_rate: float = 0.0,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
-) -> None:
-    """Run every charge point of an operator (or just ``only``) until cancelled."""
+) -> dict[str, str]:
+    """Run every charge point of an operator (or just ``only``, less ``skip``) until cancelled.
+
+    Returns when every one was replaced by another connection: their ids and why.
+    """
     op = world.operator(operator_id)
-    cps = [cp for s in world.stations_of(operator_id) for cp in s.charge_points if not only or cp.id in only]
-    if only:
-        missing = set(only) - {cp.id for cp in cps}
-        if missing:
-            raise ValueError(f"operator {operator_id} has no charge point {', '.join(sorted(missing))}")
+    every = [cp for s in world.stations_of(operator_id) for cp in s.charge_points]
+    missing = (set(only or ()) | set(skip or ())) - {cp.id for cp in every}
+    if missing:
+        raise ValueError(f"operator {operator_id} has no charge point {', '.join(sorted(missing))}")
+    cps = [cp for cp in every if (not only or cp.id in only) and cp.id not in (skip or ())]
+    if not cps:
+        raise ValueError("no charge point left to simulate")
     sims = [
         ChargePointSim(
             cp,
@@ -162,6 +178,7 @@ async def run_stations(
     tasks = [asyncio.ensure_future(sim.run()) for sim in sims]
     try:
         await asyncio.gather(*tasks)  # until cancelled, or a charge point is refused (its error is raised)
+        return {sim.cp.id: sim.replaced for sim in sims}
     finally:
         for task in tasks:
             task.cancel()

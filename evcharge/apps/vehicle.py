@@ -17,6 +17,7 @@ from rich.console import Console
 
 from evcharge.apps import render
 from evcharge.domain import geo
+from evcharge.domain.world import World
 from evcharge.links.requests import Requests
 from evcharge.wire import protocol as p
 
@@ -36,76 +37,119 @@ class UsageError(Exception):
     """A command line that cannot be run as typed (a bad time, an unknown city...)."""
 
 
-VEHICLE_COMMANDS = f"""\
-commands:
-  stations [--city C] [--near CITY|LAT,LON] [--limit N]   every operator's stations, each naming its operator
-  nearest --near=CITY|LAT,LON [--min-kw KW]                nearest charge point available now, at any operator
-  status STATION                                           a station's charge points, "free in N min" (any operator)
-  reserve CP [--start ISO | --in MIN] [--minutes N]        reserve any operator's charge point, through your home
-                                                           operator (default: now, {RESERVE_MINUTES} min)
-  reservations [--all]                                     your reservations (--all: past ones too)
-  cancel RESERVATION                                       cancel one of your reservations
-  charge RESERVATION                                       start charging on a reservation
-  release RESERVATION                                      stop charging and free the charge point
-  history                                                  your charging sessions, at every operator, with kWh and cost
-  costs                                                    what you paid, by operator and month
-  plan --from CITY --to CITY [--soc PCT] [--depart ISO]    plan an intercity trip over every operator's chargers
-       [--prefer fast|cheap]                               (cheap: money weighed against time)
-  book --from CITY --to CITY [...] [--plan ID]             book every stop atomically (all or none): the plan
-                                                           shown, or a fresh one if its slots were taken
-  trips [--all]                                            your booked trips (--all: cancelled ones too)
-  cancel-trip TRIP                                         release every stop of a trip, at every operator
+VEHICLE_EXAMPLES = """\
+examples:
+  evcharge vehicle --id V01 nearest --near Natal --min-kw 100
+  evcharge vehicle --id V01 reserve NAT-PN-1 --in 10 --minutes 30
+  evcharge vehicle --id V01 reserve FEC-1-2 --minutes 45    (operator C's: through your home operator)
+  evcharge vehicle --id V01 plan --from Natal --to "Feira de Santana" --soc 80
+  evcharge vehicle --id V01                       (the interactive prompt)
+
+`evcharge vehicle --id V01 COMMAND --help` explains a command's options.
+Ids and cities may be typed in any case ("nat-pn-1", "joao pessoa").
 """
+
+
+def percent(text: str) -> float:
+    """A percentage option (0-100), checked before anything is sent."""
+    value = _number(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a percentage is between 0 and 100")
+    return value
+
+
+def at_least(low: float, kind: type[int] | type[float] = float) -> Any:
+    """An option's argparse ``type=`` for a number of at least ``low``."""
+
+    def parse(text: str) -> float:
+        value = _number(text)
+        if kind is int and value != int(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {low:g}")
+        return kind(value)
+
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
 
 
 def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The vehicle's commands: for `evcharge vehicle ... COMMAND` and the interactive REPL alike."""
-    cmd = vcmd.add_parser("stations", help="list stations")
-    cmd.add_argument("--city")
-    cmd.add_argument("--near", help="CITY or LAT,LON: sort by distance")
-    cmd.add_argument("--limit", type=int)
-    cmd = vcmd.add_parser("nearest", help="nearest available charge point")
-    cmd.add_argument("--near", required=True, help="CITY or LAT,LON")
+    cmd = vcmd.add_parser("stations", help="every operator's stations and charge points, each naming its operator")
+    cmd.add_argument("--city", nargs="+", help="only the stations in this city")
+    cmd.add_argument("--near", nargs="+", help="CITY or LAT,LON: sort by distance from there")
+    cmd.add_argument("--limit", type=at_least(1, int), help="at most this many stations")
+    cmd = vcmd.add_parser("nearest", help="the nearest charge point available now, at any operator")
+    cmd.add_argument("--near", nargs="+", required=True, help="CITY or LAT,LON (--near=-5.8,-35.2 for coordinates)")
     cmd.add_argument(
         "--min-kw",
-        type=float,
+        type=at_least(0),
         default=_default(p.FindNearest, "min_power_kw"),
         help="only charge points of at least this power (default: %(default)s)",
     )
-    cmd = vcmd.add_parser("status", help="a station's live status")
-    cmd.add_argument("station")
-    cmd = vcmd.add_parser("reserve", help="reserve a charge point")
-    cmd.add_argument("charge_point")
+    cmd = vcmd.add_parser(
+        "status", help='a station\'s charge points (any operator): live status, "free in N min", taken slots'
+    )
+    cmd.add_argument("station", help="station id, e.g. NAT-PN")
+    cmd = vcmd.add_parser(
+        "reserve",
+        help=f"reserve any operator's charge point, through your home operator "
+        f"(default: from now, {RESERVE_MINUTES} min)",
+    )
+    cmd.add_argument("charge_point", help="charge point id, e.g. NAT-PN-1 (`stations` lists them)")
     when = cmd.add_mutually_exclusive_group()
-    when.add_argument("--start", help="ISO time (UTC if no offset)")
-    when.add_argument("--in", dest="in_minutes", type=float, help="minutes from now (server time)")
-    cmd.add_argument("--minutes", type=int, default=RESERVE_MINUTES, help="how long (default: %(default)s)")
+    when.add_argument("--start", help="start at this ISO time, UTC if no offset (default: now)")
+    when.add_argument(
+        "--in", dest="in_minutes", type=at_least(0), help="start this many minutes from now (server time)"
+    )
+    cmd.add_argument(
+        "--minutes",
+        type=at_least(1, int),
+        default=RESERVE_MINUTES,
+        help="how long, in minutes (default: %(default)s)",
+    )
     cmd = vcmd.add_parser("reservations", help="your reservations")
     cmd.add_argument("--all", action="store_true", help="include finished ones")
-    for name, text in (("cancel", "cancel a reservation"), ("charge", "start charging"), ("release", "stop charging")):
-        vcmd.add_parser(name, help=text).add_argument("reservation")
-    vcmd.add_parser("history", help="charging history with kWh and cost")
+    for name, text in (
+        ("cancel", "cancel one of your reservations"),
+        ("charge", "start charging on a reservation, in its slot"),
+        ("release", "stop charging and free the charge point"),
+    ):
+        vcmd.add_parser(name, help=text).add_argument("reservation", help="reservation id, e.g. A-1a2b3c4d5e")
+    vcmd.add_parser("history", help="your charging sessions at every operator, with kWh and cost")
     vcmd.add_parser("costs", help="what you paid, by operator and month")
-    for name, text in (("plan", "plan a trip"), ("book", "book a trip atomically")):
+    for name, text in (
+        ("plan", "plan an intercity trip over every operator's chargers and free slots"),
+        ("book", "book every stop of a trip atomically (all or none): the plan shown, or a fresh one"),
+    ):
         cmd = vcmd.add_parser(name, help=text)
-        cmd.add_argument("--from", dest="origin", required=True, help="origin city")
-        cmd.add_argument("--to", dest="destination", required=True, help="destination city")
+        cmd.add_argument("--from", dest="origin", nargs="+", required=True, help="origin city")
+        cmd.add_argument("--to", dest="destination", nargs="+", required=True, help="destination city")
         cmd.add_argument(
             "--soc",
-            type=float,
+            type=percent,
             default=_default(p.TripQuery, "soc_pct"),
             help="state of charge at departure, %% (default: %(default)s)",
         )
         cmd.add_argument("--depart", help="ISO departure time (default: now, server time)")
         cmd.add_argument(
             "--min-arrival-soc",
-            type=float,
+            type=percent,
             default=_default(p.TripQuery, "min_arrival_soc_pct"),
             help="never arrive below this %% (default: %(default)s)",
         )
         cmd.add_argument(
             "--max-charge-soc",
-            type=float,
+            type=percent,
             default=_default(p.TripQuery, "max_charge_soc_pct"),
             help="never charge above this %% (default: %(default)s)",
         )
@@ -117,22 +161,62 @@ def add_vehicle_commands(vcmd: argparse._SubParsersAction[argparse.ArgumentParse
             "(default: %(default)s)",
         )
     cmd.add_argument("--plan", default="", help="book this plan (its id from `plan`, same question) as it was shown")
-    cmd = vcmd.add_parser("trips", help="your trips")
+    cmd = vcmd.add_parser("trips", help="your booked trips")
     cmd.add_argument("--all", action="store_true", help="include cancelled ones")
-    vcmd.add_parser("cancel-trip", help="cancel a trip").add_argument("trip")
+    cancel_trip = vcmd.add_parser("cancel-trip", help="release every stop of a trip, at every operator")
+    cancel_trip.add_argument("trip", help="trip id, e.g. A-T1a2b3c4d5e")
 
 
 def parse_position(text: str, cities: geo.Gazetteer = geo.NORTHEAST) -> tuple[float, float]:
     if "," in text:
-        lat, lon = text.split(",", 1)
+        lat_text, lon_text = text.split(",", 1)
         try:
-            return float(lat), float(lon)
+            lat, lon = float(lat_text), float(lon_text)
         except ValueError:
             pass
+        else:
+            if not -90 <= lat <= 90:
+                raise UsageError(f"{text!r}: latitude must be between -90 and 90, not {lat:g}")
+            if not -180 <= lon <= 180:
+                raise UsageError(f"{text!r}: longitude must be between -180 and 180, not {lon:g}")
+            return lat, lon
+    return cities.find(city_name(text, cities))[1]
+
+
+def city_name(text: str, cities: geo.Gazetteer = geo.NORTHEAST) -> str:
+    """A city as the world spells it ("joao pessoa" is João Pessoa); ``UsageError`` if unknown."""
     try:
-        return cities.find(text)[1]
+        return cities.find(text)[0]
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
+
+
+def check_command(args: argparse.Namespace, world: World) -> None:
+    """What can be checked before asking anyone: cities and ids, as the world spells them.
+
+    A mistake here is a ``UsageError`` (exit 2), whatever the command, before a connection is made.
+    Places may be typed without quotes ("--to Feira de Santana": their options take several words).
+    """
+    for name in ("origin", "destination", "near", "city"):
+        if isinstance(getattr(args, name, None), list):
+            setattr(args, name, " ".join(getattr(args, name)))
+    cities = world.gazetteer()
+    for name in ("origin", "destination"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, city_name(getattr(args, name), cities))
+    if getattr(args, "origin", None) is not None and args.origin == args.destination:
+        raise UsageError(f"--from and --to are both {args.origin}: there is no trip to plan")
+    if getattr(args, "near", None) is not None:
+        parse_position(args.near, cities)
+    for name, known in (
+        ("charge_point", [cp.id for s in world.stations for cp in s.charge_points]),
+        ("station", [s.id for s in world.stations]),
+    ):
+        typed = getattr(args, name, None)
+        if typed is not None and typed not in known:
+            same = [k for k in known if k.casefold() == typed.casefold()]
+            if len(same) == 1:
+                setattr(args, name, same[0])
 
 
 def trip_query(args: argparse.Namespace) -> p.TripQuery:
@@ -206,8 +290,10 @@ async def vehicle_command(
             return {"reservation": r}
         case "reservations":
             mine = await c.reservations(include_past=args.all)
-            if human:
+            if human and mine:
                 out.print(render.reservations_table(mine, now, title=f"Reservations of {args.id}"))
+            elif human:
+                out.print("No reservations." if args.all else "No reservations ahead (--all shows past ones).")
             return {"reservations": mine}
         case "cancel":
             cancelled = await c.cancel(args.reservation)
@@ -229,8 +315,10 @@ async def vehicle_command(
             return {"reservation": r}
         case "history":
             history = await c.history()
-            if human:
+            if human and history.sessions:
                 out.print(render.history_table(history))
+            elif human:
+                out.print("No charging sessions yet.")
             return {"sessions": history.sessions, "total_kwh": history.total_kwh, "total_cost": history.total_cost}
         case "costs":
             history = await c.history()
@@ -241,7 +329,9 @@ async def vehicle_command(
             trip = await c.plan_trip(trip_query(args))
             if human:
                 render.trip(trip, out, title=f"Plan {trip.id}")
-                out.print(f"Book it as shown with the same question and [bold]--plan {trip.id}[/].")
+                if trip.stops:  # with none there is nothing to book
+                    out.print(render.soc_chart(trip, args.soc))
+                    out.print(f"Book it as shown: [bold]book[/] with the same question and [bold]--plan {trip.id}[/].")
             return {"trip": trip}
         case "book":
             booked = await c.book_trip(trip_query(args), args.plan)
@@ -255,9 +345,9 @@ async def vehicle_command(
             trips = await c.trips(include_cancelled=args.all)
             if human:
                 for trip in trips:
-                    render.trip(trip, out, title=f"Trip {trip.id} [{trip.state}]")
+                    render.trip(trip, out, title=f"Trip {trip.id} [{render.trip_state(trip, now)}]")
                 if not trips:
-                    out.print("No trips.")
+                    out.print("No trips." if args.all else "No trips (--all shows cancelled ones too).")
             return {"trips": trips}
         case "cancel-trip":
             trip_cancelled = await c.cancel_trip(args.trip)

@@ -9,6 +9,7 @@ every operator applies (reservations, and what a trip plan weighs).
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -118,13 +119,16 @@ class World(msgspec.Struct, forbid_unknown_fields=True):
             if op.id == operator_id:
                 return op
         known = ", ".join(op.id for op in self.operators)
-        raise WorldError(f"{self.source}: no operator {operator_id!r} (known: {known})")
+        raise WorldError(
+            f"{self.source}: no operator {operator_id!r}{_hint(operator_id, [op.id for op in self.operators])} "
+            f"(known: {known})"
+        )
 
     def vehicle(self, vehicle_id: str) -> VehicleConfig:
         for vehicle in self.vehicles:
             if vehicle.id == vehicle_id:
                 return vehicle
-        raise WorldError(f"{self.source}: no vehicle {vehicle_id!r}")
+        raise WorldError(f"{self.source}: no vehicle {vehicle_id!r}{_hint(vehicle_id, [v.id for v in self.vehicles])}")
 
     def credentials(self) -> list[tuple[str, str]]:
         """(identity, secret) of every operator, charge point and vehicle: what a log must never show."""
@@ -145,7 +149,16 @@ class World(msgspec.Struct, forbid_unknown_fields=True):
             for cp in station.charge_points:
                 if cp.id == cp_id:
                     return station, cp
-        raise WorldError(f"{self.source}: no charge point {cp_id!r}")
+        every = [cp.id for station in self.stations for cp in station.charge_points]
+        raise WorldError(f"{self.source}: no charge point {cp_id!r}{_hint(cp_id, every)}")
+
+
+def _hint(wanted: str, known: list[str]) -> str:
+    """ "; did you mean V01?" for an id typed in another case or nearly right; "" if nothing is close."""
+    folded = wanted.casefold()
+    same = [k for k in known if k.casefold() == folded]
+    close = same or difflib.get_close_matches(wanted, known, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 class WorldError(Exception):

@@ -3,7 +3,9 @@
 ``OperatorFeed`` keeps a ``Link`` to the operator's server with the operator's
 secret, keeps the latest ``InspectResult`` and fetches a new one when the
 server pushes a change: a burst of pushes within ``settle`` seconds costs one
-``Inspect``, and at most one is in flight. There is no polling; the only timed
+``Inspect``, and at most one is in flight. ``ChargingProgress`` (kWh and cost of a
+session as it charges, twice a second per session) costs none: it is written
+into the snapshot, and a burst of them moves ``version`` once. There is no polling; the only timed
 fetch is at the next moment a charge point turns ``reserved`` by the clock
 alone (its next reservation begins within the world's ``reserved_soon_min``),
 which no server pushes. Readers wait for ``version`` to move instead of polling.
@@ -73,6 +75,8 @@ class OperatorFeed:
         self._moved = asyncio.Event()  # set (and replaced) when the version moves
         self._rate: tuple[float, int] | None = None  # (when, requests served) of the previous snapshot
         self._boundary: asyncio.TimerHandle | None = None
+        self._progress_bump: asyncio.TimerHandle | None = None  # one version move per settled burst of progress
+        self._reservations: dict[str, p.ReservationInfo] = {}  # the snapshot's, by id
 
     @property
     def client(self) -> Client | None:
@@ -100,9 +104,24 @@ class OperatorFeed:
         elapsed = (time.monotonic() - self.fetched_at) * self.time_scale
         return self.snapshot.server_time + timedelta(seconds=elapsed)
 
-    def pushed(self, _event: p.Event) -> None:
+    def pushed(self, event: p.Event) -> None:
         """The server pushed a change: fetch the state (once the burst settles)."""
-        self._dirty.set()
+        if isinstance(event, p.ChargingProgress):
+            self._progressed(event)
+        else:
+            self._dirty.set()
+
+    def _progressed(self, event: p.ChargingProgress) -> None:
+        r = self._reservations.get(event.reservation_id)
+        if r is None:
+            return  # not in the snapshot yet: the fetch its start caused brings it
+        r.kwh, r.cost = event.kwh, event.cost
+        if self._progress_bump is None:
+            self._progress_bump = asyncio.get_running_loop().call_later(self.settle, self._bump_progress)
+
+    def _bump_progress(self) -> None:
+        self._progress_bump = None
+        self._bump()
 
     async def wait_change(self, seen: int, timeout: float) -> int:
         """The new version once it moves past ``seen`` (or the same after ``timeout``)."""
@@ -119,7 +138,7 @@ class OperatorFeed:
             await self.link.run()
         finally:
             follower.cancel()
-            self._cancel_boundary()
+            self._cancel_timers()
             await asyncio.gather(follower, return_exceptions=True)
             await self.link.close()
 
@@ -131,7 +150,7 @@ class OperatorFeed:
 
     def _went_down(self, _reason: str) -> None:
         self._fresh = False
-        self._cancel_boundary()
+        self._cancel_timers()
         self._bump()
 
     async def _follow(self) -> None:
@@ -159,12 +178,13 @@ class OperatorFeed:
             self.request_rate = (snapshot.requests_served - self._rate[1]) / (now - self._rate[0])
         self._rate = (now, snapshot.requests_served)
         self.snapshot, self.fetched_at, self._fresh = snapshot, now, True
+        self._reservations = {r.id: r for r in snapshot.reservations}
         self._schedule_boundary(snapshot)
         self._bump()
 
     def _schedule_boundary(self, snapshot: p.InspectResult) -> None:
         """Fetch again when a charge point turns ``reserved`` by the clock alone."""
-        self._cancel_boundary()
+        self._cancel_timers()
         if self.reserved_soon_min is None:
             return
         soon = timedelta(minutes=self.reserved_soon_min)
@@ -176,10 +196,13 @@ class OperatorFeed:
             delay = (min(ahead) - now).total_seconds() / max(self.time_scale, 1e-9) + BOUNDARY_MARGIN
             self._boundary = asyncio.get_running_loop().call_later(delay, self._dirty.set)
 
-    def _cancel_boundary(self) -> None:
+    def _cancel_timers(self) -> None:
         if self._boundary is not None:
             self._boundary.cancel()
             self._boundary = None
+        if self._progress_bump is not None:
+            self._progress_bump.cancel()
+            self._progress_bump = None
 
     def _bump(self) -> None:
         self.version += 1

@@ -11,6 +11,10 @@ a link went down, and each new reason an attempt to connect failed. A refusal
 of who we are (``unauthorized``, ``forbidden``, ``unsupported_version``) ends
 ``run()`` with that error: retrying cannot fix it, and someone has to look --
 unless ``retry_refused`` (a peer operator may fix its side while we wait).
+A server that closes the link saying why (it was replaced by a newer
+connection of the same charge point: ``conflict``) is heard, and with
+``replaced_is_final`` that ends ``run()`` too, so two clients speaking for one
+charge point do not take it from each other forever.
 
 The model is nats.py's reconnect, written once with callbacks, and redis-py's
 ``Backoff`` object.
@@ -38,6 +42,7 @@ from evcharge.wire.errors import (
     OutcomeUnknownError,
     RequestTimeoutError,
     UnavailableError,
+    error_from_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,7 @@ class Link(Requests):
         on_up: Callable[[Client], Awaitable[None]] | None = None,
         on_down: Callable[[str], None] | None = None,
         retry_refused: bool = False,
+        replaced_is_final: bool = False,
         name: str = "",
         what: str = "",
         answer_within: float = ANSWER_DEADLINE,
@@ -99,6 +105,7 @@ class Link(Requests):
         self.on_up = on_up
         self.on_down = on_down
         self.retry_refused = retry_refused
+        self.replaced_is_final = replaced_is_final
         self.name = name or f"{role} {ident} -> {host}:{port}"  # for the log
         self.what = what or f"{host}:{port}"  # for users: who did not answer
         self.client: Client | None = None  # set while the link is up
@@ -180,6 +187,9 @@ class Link(Requests):
                 await self.backoff.sleep()
                 continue
             self._down(await self._keep(client))
+            farewell = client.conn.farewell
+            if farewell is not None and farewell.code == "conflict" and self.replaced_is_final:
+                raise error_from_reply(farewell)
             await self.backoff.sleep()  # a link that fails at once is not re-made in a tight loop
 
     async def _keep(self, client: Client) -> str:
@@ -207,6 +217,8 @@ class Link(Requests):
             self.client = None
             self._is_up.clear()
             await client.close()
+        if client.conn.farewell is not None:
+            reason = client.conn.farewell.message  # the server said why it closed
         return reason
 
     async def _keep_alive(self, client: Client) -> None:

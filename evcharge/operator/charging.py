@@ -108,6 +108,7 @@ class Charging:
         session.kwh = max(session.kwh, round(kwh, 4))
         event = p.ChargingProgress(reservation_id=reservation_id, kwh=session.kwh, cost=session.cost)
         self.online.to_vehicle(session.vehicle_id, event)
+        self.online.to_operator_tools(event)  # the monitor and dashboard show kWh and cost as they grow
 
     async def charge_point_reported(self, actor: Actor, status: p.ReportedStatus, info: str) -> None:
         self.books.set_reported(actor.ident, status)

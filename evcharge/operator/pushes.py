@@ -11,6 +11,7 @@ changed station however many changes there were -- the other operators.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from evcharge.domain.model import Reservation
 from evcharge.operator.views import Views
 from evcharge.wire import protocol as p
 from evcharge.wire.connection import Connection
+from evcharge.wire.errors import ConflictError, ConnectionLostError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Online:
         self._home_of = {v.id: v.home for v in books.world.vehicles if v.home != books.operator_id}
         self._changed_stations: set[str] = set()
         self._news_due: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # replaced connections being closed
 
     def __len__(self) -> int:
         return len(self.everyone)
@@ -60,8 +63,7 @@ class Online:
             case "station":
                 old = self.charge_points.get(client.ident)
                 if old is not None:
-                    log.info("%s replaces an older connection of the same charge point", client)
-                    old.drop()
+                    self._replace(old, client)
                 self.charge_points[client.ident] = client
                 self.views.books.set_online(client.ident, True)
             case "vehicle":
@@ -70,6 +72,19 @@ class Online:
                 self.operator_tools.add(client)
             case "peer":
                 self.peers.setdefault(client.ident, set()).add(client)
+
+    def _replace(self, old: Connected, new: Connected) -> None:
+        """One connection per charge point: the newest wins, and the older one is told why it is closed."""
+        why = (
+            f"charge point {new.ident} connected again from {new.conn.peername}, so this connection "
+            f"(from {old.conn.peername}) is closed: is another simulator or gateway speaking for it?"
+        )
+        log.warning("%s replaces the connection from %s of the same charge point", new, old.conn.peername)
+        with contextlib.suppress(ConnectionLostError):
+            old.conn.write_nowait(ConflictError(why).to_reply(0))
+        closing = asyncio.get_running_loop().create_task(old.conn.close())  # bounded by the close grace
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def remove(self, client: Connected) -> bool:
         """Forget a closed connection; True if it was its charge point's current one."""

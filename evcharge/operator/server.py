@@ -70,6 +70,11 @@ MAX_CONNECTIONS = 20_000
 FRAME_TIMEOUT = 30.0  # real seconds for a begun frame to arrive whole, after the handshake
 SWEEP_INTERVAL = 0.5  # real seconds between no-show / overdue checks
 SHUTDOWN_GRACE = 5.0
+CLOCK_TOLERANCE = 2.0  # simulated seconds within which a given clock anchor continues the stored clock
+
+
+class ClockMismatch(Exception):
+    """A ``--clock-anchor`` that would move the simulated time its store's bookings were made in."""
 
 
 class Server:
@@ -205,17 +210,27 @@ class Server:
 
     def _continue_clock(self, meta: dict[str, str]) -> SimClock:
         """Simulated time carries on from where the store left it (or from a shared anchor)."""
-        if self._clock_anchor is not None:
-            # Federated servers share an anchor so they agree on simulated time.
-            return SimClock(self._time_scale, anchor_sim=self._clock_anchor, anchor_real=self._clock_anchor)
-        if "clock_anchor_sim" not in meta:
-            return SimClock(self._time_scale)
-        stored = SimClock(
-            float(meta["time_scale"]),
-            anchor_sim=float(meta["clock_anchor_sim"]),
-            anchor_real=float(meta["clock_anchor_real"]),
-        )
-        return stored.rescaled(self._time_scale)
+        stored = None
+        if "clock_anchor_sim" in meta:
+            stored = SimClock(
+                float(meta["time_scale"]),
+                anchor_sim=float(meta["clock_anchor_sim"]),
+                anchor_real=float(meta["clock_anchor_real"]),
+            )
+        if self._clock_anchor is None:
+            return SimClock(self._time_scale) if stored is None else stored.rescaled(self._time_scale)
+        # Federated servers share an anchor so they agree on simulated time.
+        anchored = SimClock(self._time_scale, anchor_sim=self._clock_anchor, anchor_real=self._clock_anchor)
+        if stored is not None and abs(anchored.now() - stored.now()) > CLOCK_TOLERANCE:
+            # A new anchor would move every booking of the store to another moment ("expired ... in 51 min").
+            raise ClockMismatch(
+                f"{self.store.path} keeps simulated time at {stored.now_dt():%Y-%m-%d %H:%M}Z "
+                f"(x{stored.time_scale:g}), "
+                f"but --clock-anchor {self._clock_anchor:.0f} --time-scale {self._time_scale:g} would make it "
+                f"{anchored.now_dt():%Y-%m-%d %H:%M}Z: give the anchor and time scale it was started with, "
+                "or no --clock-anchor (its clock carries on), or another --data-dir"
+            )
+        return anchored
 
     async def stop(self) -> None:
         """Stop accepting, finish requests in flight, close links, commit what is queued."""

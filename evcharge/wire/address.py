@@ -46,3 +46,10 @@ def host_port_argument(text: str) -> tuple[str, int]:
         return parse_host_port(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def listen_port_argument(text: str) -> int:
+    """A port to listen on, as an argparse ``type=``: 0-65535, 0 meaning any free port."""
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is a number 0-65535 (0: any free port)")
+    return int(text)

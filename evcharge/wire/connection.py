@@ -97,6 +97,8 @@ class Connection:
         self.write_timeout = WRITE_TIMEOUT
         self.last_sent = asyncio.get_running_loop().time()  # when we last wrote a frame (monotonic)
         self._serving: set[asyncio.Task[None]] = set()  # requests of the peer's being handled
+        # The last error the peer sent unasked (id 0): if it then closes, why (say, replaced by a newer connection).
+        self.farewell: Error | None = None
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -145,6 +147,9 @@ class Connection:
 
     def resolve(self, reply: Reply) -> None:
         """Hand a reply to the request waiting for it (late replies are dropped)."""
+        if reply.id == 0 and isinstance(reply, Error):
+            self.farewell = reply
+            return
         future = self._pending.get(reply.id)
         if future is not None and not future.done():
             future.set_result(reply)
@@ -290,7 +295,7 @@ class Connection:
             await self.close()
 
     async def _answer_undecodable(self, exc: UndecodableMessage) -> None:
-        error = BadRequestError(f"undecodable message: {exc.reason}")
+        error = BadRequestError(exc.reason if exc.in_user_words else f"undecodable message: {exc.reason}")
         if exc.request_id and self.fail_request(exc.request_id, error):
             return  # it was the reply to one of our own requests
         log.info("%s: bad message: %s", self.peername, exc.reason)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import struct
 from datetime import datetime
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, get_args
 
 import msgspec
+
+from evcharge.wire.wording import explain
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # 1 MiB: the default cap, checked before the body is read
@@ -706,13 +708,16 @@ class UndecodableMessage(Exception):
     is the id found in the body, if any, so the error can be answered.
     """
 
-    def __init__(self, reason: str, request_id: int) -> None:
+    def __init__(self, reason: str, request_id: int, *, in_user_words: bool = False) -> None:
         # msgspec quotes the offending value, which may be most of a 1 MiB frame.
         if len(reason) > 500:
             reason = reason[:500] + "…"
         super().__init__(reason)
         self.reason = reason
         self.request_id = request_id
+        # A message of the right kind whose values do not fit (say a latitude of 999): ``reason`` says
+        # it as users would (wire/wording.py); otherwise the frame was no message at all.
+        self.in_user_words = in_user_words
 
 
 class _IdProbe(msgspec.Struct):
@@ -729,6 +734,9 @@ def encode_frame(message: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+_classes: dict[str, type[msgspec.Struct]] = {cls.__name__: cls for cls in get_args(AnyMessage)}
+
+
 def decode_body(body: bytes | memoryview) -> Message:
     try:
         return _decoder.decode(body)
@@ -737,6 +745,8 @@ def decode_body(body: bytes | memoryview) -> Message:
             request_id = _id_probe.decode(body).id
         except msgspec.DecodeError:
             request_id = 0
+        if isinstance(exc, msgspec.ValidationError):
+            raise UndecodableMessage(explain(str(exc), body, _classes), request_id, in_user_words=True) from None
         raise UndecodableMessage(str(exc), request_id) from None
 
 

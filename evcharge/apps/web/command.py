@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from evcharge.domain.world import World
-from evcharge.wire.address import host_port_argument
+from evcharge.wire.address import host_port_argument, listen_port_argument
 
 
 def add_parser(
@@ -27,7 +27,12 @@ def add_parser(
     )
     cmd.add_argument("--operator", required=True, help="operator id from the world file")
     cmd.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default: %(default)s)")
-    cmd.add_argument("--port", type=int, default=8080, help="port the dashboard listens on (default: %(default)s)")
+    cmd.add_argument(
+        "--port",
+        type=listen_port_argument,
+        default=8080,
+        help="port the dashboard listens on, 0 for any free one (default: %(default)s)",
+    )
     cmd.add_argument(
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )

@@ -13,7 +13,10 @@ Browsers get:
 
 * ``GET /``: one self-contained HTML page (inline CSS and JS, nothing external),
   made from ``static/index.html``, ``static/dashboard.css`` and
-  ``static/dashboard.js`` (package data) with the current state filled in;
+  ``static/dashboard.js`` (package data) with the current state filled in, and
+  what the map is drawn from (``geography.map_data``: stations, cities, coast);
+  the page draws a map of the stations by live status with a trip's route, and
+  a timeline of the day per charge point, as SVG;
 * ``GET /api/state``: the snapshot as JSON;
 * ``GET /api/events``: Server-Sent Events, the whole state as a ``state`` event
   on connect and after every change, and a keep-alive comment every 15 s.
@@ -39,6 +42,7 @@ import msgspec
 from aiohttp import web
 
 from evcharge.apps.tls_options import client_tls
+from evcharge.apps.web.geography import map_data
 from evcharge.domain.world import World
 from evcharge.links.feed import OperatorFeed
 from evcharge.links.link import Backoff
@@ -88,6 +92,8 @@ class Dashboard:
             reserved_soon_min=world.rules.reserved_soon_min,
             backoff=Backoff(cap=backoff_max),
         )
+        # What the map is drawn from: the world's, so it never changes while we run.
+        self.map_json = _json.encode(map_data(world)).replace(b"<", b"\\u003c").decode()
         self.version = 0  # bumped on every change published to browsers
         self.refusal = ""  # why the server refused us for good, if it did
         self._task: asyncio.Task[None] | None = None
@@ -286,7 +292,7 @@ async def _page(request: web.Request) -> web.Response:
     # JSON inside <script>: "<" only occurs in strings, where \u003c means the same.
     state = dashboard.state_json().replace(b"<", b"\\u003c").decode()
     title = html.escape(f"{op.name} ({op.id}) · evcharge")
-    text = PAGE.replace("__TITLE__", title, 1).replace("__STATE__", state, 1)
+    text = PAGE.replace("__TITLE__", title, 1).replace("__MAP__", dashboard.map_json, 1).replace("__STATE__", state, 1)
     return web.Response(text=text, content_type="text/html", headers=PAGE_HEADERS)
 
 
@@ -340,8 +346,9 @@ async def run_web(world: World, args: argparse.Namespace) -> int:
         try:
             runner = await serve(dashboard, args.host, args.port)
         except OSError as exc:
+            # Like any setup that cannot work as typed: exit 2 (see `evcharge --help`).
             print(f"evcharge web: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+            return 2
         dashboard.start()
         for address in runner.addresses:
             log.info(
