@@ -8,6 +8,7 @@ a failure), answered ``internal``, or sent nothing at all.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -126,3 +127,56 @@ async def test_trip_from_a_frame_sized_city_name_does_not_hold_up_the_server(ser
         assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 9, error
         assert "unknown city" in error.message
         assert watch.longest < 1.0, f"the event loop was held for {watch.longest:.2f} s"
+
+
+def nested(kind: str, depth: int) -> bytes:
+    """``depth`` levels of msgpack nesting: arrays, maps (in their values or their keys), or both by turns."""
+    match kind:
+        case "array":
+            return b"\x91" * depth + b"\x01"
+        case "map":
+            return b"\x81\xa1k" * depth + b"\x01"
+        case "map-key":
+            return b"\x81" * depth + b"\x01" + b"\x01" * depth
+        case "mixed":
+            return b"\x91\x81\xa1k" * (depth // 2) + b"\x01"
+    raise AssertionError(kind)
+
+
+NESTING = ["array", "map", "map-key", "mixed"]
+
+
+def heartbeat_with(field: bytes, value: bytes, request_id: int) -> bytes:
+    """A Heartbeat map whose extra field ``field`` holds ``value`` (raw msgpack)."""
+    return b"\x83\xa4type\xa9Heartbeat\xa2id" + msgspec.msgpack.encode(request_id) + field + value
+
+
+@pytest.mark.parametrize("kind", NESTING)
+async def test_deeply_nested_frames_get_bad_request_and_no_traceback(
+    server: Server, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thousand nested arrays (a 1 KB frame) raised RecursionError out of the decoder: the
+    connection dropped and a traceback was logged, per frame."""
+    caplog.set_level(logging.DEBUG)
+    deep = nested(kind, 1000)
+    assert len(deep) < 4 * 1024
+    async with raw(server) as peer:
+        await peer.hello(server, "vehicle", "V01")
+        for n in range(20):  # many frames: each answered, none kills the connection
+            await peer.send_body(heartbeat_with(b"\xa1x", deep, 100 + n))
+            error = await peer.receive()
+            assert isinstance(error, p.Error) and error.code == "bad_request", error
+            assert "nested too deeply" in error.message
+        await peer.send_body(deep)  # the whole body nested
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request", error
+        await peer.send(p.Heartbeat(id=5))
+        ack = await peer.receive()
+        assert isinstance(ack, p.HeartbeatAck) and ack.id == 5, "the connection should have stayed open"
+    async with raw(server) as peer:  # as the first frame: refused like any bad Hello
+        await peer.send_body(heartbeat_with(b"\xa1x", deep, 6))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request", error
+        assert await peer.closed_by_server(timeout=5.0)
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]

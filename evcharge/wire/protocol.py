@@ -648,15 +648,21 @@ def encode_frame(message: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+# msgspec decodes nested arrays and maps recursively, within the interpreter's recursion
+# limit; a body nested deeper than that (a 1 KB frame holds a thousand levels) is refused.
+_TOO_DEEP = "nested too deeply"
+
+
 def decode_body(body: bytes | memoryview) -> Message:
     try:
         return _decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
+        reason = _TOO_DEEP if isinstance(exc, RecursionError) else str(exc)
         try:
             request_id = _id_probe.decode(body).id
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             request_id = 0
-        raise UndecodableMessage(str(exc), request_id) from None
+        raise UndecodableMessage(reason, request_id) from None
 
 
 class FrameBuffer:
