@@ -307,7 +307,16 @@ ROLE_REQUESTS: dict[str | None, list[str]] = {
     ],
     "station": ["Heartbeat", "StatusNotification", "SessionComplete", "MeterValues", "SessionReport", "Error", "Ok"],
     "operator": ["Heartbeat", "Inspect", "CancelReservation", "ListStations", "FindNearest", "GetStationStatus"],
-    "peer": ["Heartbeat", "GetCatalog", "GetAvailability", "Prepare", "Decide", "QueryDecision", "ReleaseTrip"],
+    "peer": [
+        "Heartbeat",
+        "GetCatalog",
+        "GetAvailability",
+        "Prepare",
+        "Decide",
+        "QueryDecision",
+        "ReleaseTrip",
+        "StopWithdrawn",
+    ],
 }
 
 

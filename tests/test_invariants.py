@@ -127,3 +127,18 @@ async def test_inspect_tells_each_holds_deadline(server: Server) -> None:
     async with operator(server) as c:
         [booked] = (await c.inspect()).reservations
     assert booked.state == "booked" and booked.hold_deadline is None
+
+
+def test_a_stop_its_owner_withdrew_counts_as_lost_not_missing() -> None:
+    lost = trip("T1", [("A", "A1"), ("B", "B1")])
+    lost.stops[1].lost = "withdrawn by operator B: charge point c9 is faulted"
+    withdrawn = {
+        "A": state("A", [res("A1", "c1", 0, 30, trip="T1")], [lost]),
+        "B": state("B", [res("B1", "c9", 0, 30, "cancelled", trip="T1")]),
+    }
+    assert violations(withdrawn) == []
+    still_held = {**withdrawn, "B": state("B", [res("B1", "c9", 0, 30, trip="T1")])}
+    assert any("lost, but it is still held" in v for v in violations(still_held))
+    withdrawn["B"].reservations[0].state = "booked"
+    lost.stops[1].lost = ""
+    assert violations(withdrawn) == []

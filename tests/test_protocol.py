@@ -119,6 +119,7 @@ STOP_1 = p.TripStop(
     kwh=37.2,
     cost=18.6,
     reservation_id="B-r-000017",
+    lost="withdrawn by operator B: charge point B-HFD-2/1 is faulted",
 )
 STOP_2 = p.TripStop(
     city="New Haven",
@@ -232,7 +233,7 @@ SAMPLES: list[Message] = [
     p.ChargingProgress(reservation_id="A-r-000042", kwh=9.5, cost=4.655),
     p.ChargePointChanged(station_id="A-BOS-1", charge_point_id="A-BOS-1/3", status="charging"),
     p.PeerChanged(peer=PEER),
-    p.TripChanged(trip=TRIP, reason="booked"),
+    p.TripChanged(trip=TRIP, reason="stop lost", offer=p.TripOffer(query=QUERY, plan=TRIP_2)),
     p.PlanTrip(id=25, query=QUERY),
     p.BookTrip(id=26, query=p.TripQuery(origin="Boston", destination="Hartford"), plan_id="A-P0a1b2c3d4e"),
     p.TripReply(id=26, trip=TRIP, attempts=3, as_shown=True),
@@ -274,6 +275,7 @@ SAMPLES: list[Message] = [
     p.QueryDecision(id=33, txn_id="A-x-000004"),
     p.Decision(id=33, txn_id="A-x-000004", outcome="pending"),
     p.ReleaseTrip(id=34, trip_id="A-t-000009"),
+    p.StopWithdrawn(id=36, trip_id="A-t-000009", reservation_id="B-r-000017", reason="charge point faulted"),
 ]
 
 

@@ -54,3 +54,14 @@ class Trip:
     unacked: list[str]  # participants not yet told the latest decision
     info: bytes  # the TripInfo, as JSON
     created: int
+
+
+@dataclass(slots=True)
+class Withdrawal:
+    """A booked stop of a trip its owner withdrew (its charge point broke), until the coordinator knows."""
+
+    reservation_id: str
+    trip_id: str
+    coordinator: str
+    reason: str
+    told: bool = False  # the coordinator acknowledged it

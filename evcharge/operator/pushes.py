@@ -108,7 +108,7 @@ class Online:
         status = self.views.status_of(cp, books.clock.now())
         self.to_operator_tools(p.ChargePointChanged(station_id=cp.station.id, charge_point_id=cp_id, status=status))
 
-    def trip_changed(self, trip: p.TripInfo, reason: str) -> None:
-        event = p.TripChanged(trip=trip, reason=reason)
+    def trip_changed(self, trip: p.TripInfo, reason: str, offer: p.TripOffer | None = None) -> None:
+        event = p.TripChanged(trip=trip, reason=reason, offer=offer)
         self.to_vehicle(trip.vehicle_id, event)
         self.to_operator_tools(event)

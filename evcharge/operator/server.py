@@ -70,6 +70,15 @@ SWEEP_INTERVAL = 0.5  # real seconds between no-show / overdue checks
 SHUTDOWN_GRACE = 5.0
 
 
+class _Refused(Exception):
+    """A handshake refused in answer to a later frame than the Hello (a peer's proof)."""
+
+    def __init__(self, request_id: int, error: EvchargeError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.error = error
+
+
 class Server:
     def __init__(
         self,
@@ -303,7 +312,9 @@ class Server:
                     handler, request_id = await self._authenticate_peer(conn, hello, names)
                 else:
                     handler = self._authenticate(conn, hello)
-        except EvchargeError as exc:
+        except (EvchargeError, _Refused) as exc:
+            if isinstance(exc, _Refused):
+                request_id, exc = exc.request_id, exc.error
             log.info("handshake from %s refused: %s", conn.peername, exc.message)
             await conn.reply_error(request_id, exc)
             await conn.close()
@@ -374,10 +385,14 @@ class Server:
         nonce = new_nonce()
         proof = peer_proof(peer.secret, "server", hello.credential, nonce, peer.id)
         await conn.send(p.PeerChallenge(id=hello.id, nonce=nonce, proof=proof))
-        answer = await conn.receive()
+        try:
+            answer = await conn.receive()
+        except UndecodableMessage as exc:
+            raise _Refused(exc.request_id, BadRequestError(f"expected PeerProof: {exc.reason}")) from None
         expected = peer_proof(peer.secret, "client", hello.credential, nonce, peer.id)
         if not isinstance(answer, p.PeerProof) or not same_secret(expected, answer.proof):
-            raise UnauthorizedError(f"peer {peer.id}: wrong proof")
+            # Answered with the id of what it sent last, as every refusal is.
+            raise _Refused(getattr(answer, "id", 0), UnauthorizedError(f"peer {peer.id}: wrong proof"))
         return PeerHandler(self.services, conn, peer.id, idle_timeout=self.idle_timeout), answer.id
 
     def _forget(self, handler: RoleHandler) -> None:

@@ -143,6 +143,8 @@ class TripStop(msgspec.Struct, kw_only=True, omit_defaults=True):
     kwh: float
     cost: float
     reservation_id: str | None = None
+    # Why its owner withdrew this stop (its charge point broke); empty while the stop stands.
+    lost: str = ""
 
 
 TripState = Literal["planned", "committed", "cancelled"]
@@ -521,6 +523,17 @@ class ReleaseTrip(Request, kw_only=True):
     trip_id: str
 
 
+class StopWithdrawn(Request, kw_only=True):
+    """Owner -> coordinator: a committed trip's stop here was withdrawn (its charge point is out of service).
+
+    Answered ``Ok`` once the trip shows the lost stop; sent again until then (idempotent).
+    """
+
+    trip_id: str
+    reservation_id: str
+    reason: str
+
+
 # --- pushes to vehicles and operators ------------------------------------------
 
 
@@ -535,9 +548,17 @@ class ChargingProgress(Event, kw_only=True):
     cost: float
 
 
+class TripOffer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A plan shown to the vehicle (``plan.id``), booked as shown by ``BookTrip{query, plan_id: plan.id}``."""
+
+    query: TripQuery
+    plan: TripInfo
+
+
 class TripChanged(Event, kw_only=True):
     trip: TripInfo
     reason: str
+    offer: TripOffer | None = None  # a stop was lost: a fresh plan for the same route, if one was found
 
 
 class PeerChanged(Event, kw_only=True):
@@ -605,6 +626,7 @@ AnyMessage = (
     | QueryDecision
     | Decision
     | ReleaseTrip
+    | StopWithdrawn
 )
 
 
