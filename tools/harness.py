@@ -47,6 +47,7 @@ from evcharge.domain.world import (
 )
 from evcharge.links.client import open_client
 from evcharge.operator.store import Store, put_reservation, put_trip
+from evcharge.operator.store.sqlite import store_file
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import EvchargeError
 
@@ -548,7 +549,7 @@ def bench_vehicles(operators: Iterable[str], per_operator: int) -> list[VehicleC
 
 def store_path(data_dir: Path, operator: str) -> Path:
     """Where ``evcharge server --data-dir DATA_DIR --operator OPERATOR`` keeps its store."""
-    return data_dir / f"{operator}.sqlite3"
+    return store_file(data_dir, operator)
 
 
 async def seed_store(

@@ -21,7 +21,7 @@ from typing import Any
 import uvloop
 from rich.console import Console
 
-from evcharge.apps import render
+from evcharge.apps import render, stores
 from evcharge.apps.ocpp import DEFAULT_PORT as OCPP_PORT
 from evcharge.apps.tls_options import client_tls, client_tls_parser
 from evcharge.apps.vehicle import (
@@ -38,6 +38,7 @@ from evcharge.domain.world import SHIPPED, World, WorldError, load_world
 from evcharge.links.client import Client, connect
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import FRAME_TIMEOUT, HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, Server
+from evcharge.operator.store import StoreError
 from evcharge.wire.address import host_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
 from evcharge.wire.errors import EvchargeError
@@ -262,7 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not count holds of bookings in progress (holds well past their deadline still count)",
     )
+    check.add_argument(
+        "--data-dir",
+        type=Path,
+        help="check the stores in this data directory instead (servers stopped or not; nothing is changed): "
+        "what each server would refuse at start, then the invariants across them",
+    )
     check.set_defaults(run=run_check)
+
+    stores.add_backup_parser(sub, [common])
 
     webcmd.add_parser(sub, [common, client_tls])
 
@@ -324,7 +333,11 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except StoreError as exc:  # damaged, emptied, another's, or newer: one line, never served from
+        print(f"evcharge server: {exc}", file=sys.stderr)
+        return 1
     if args.ready_file:
         listeners = [
             {
@@ -429,6 +442,9 @@ async def run_monitor(world: World, args: argparse.Namespace) -> int:
 
 async def run_check(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.invariants import summary, violations
+
+    if args.data_dir is not None:
+        return await stores.check_stores(world, args.data_dir)
 
     states = {}
     for op in world.operators:

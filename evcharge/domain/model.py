@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 # A live reservation holds its slot; the others are history.
 LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
+RESERVATION_STATES: frozenset[str] = LIVE_STATES | {"completed", "cancelled", "expired", "aborted"}
+TRIP_STATES: frozenset[str] = frozenset({"committed", "cancelled"})  # a stored trip's (no row: aborted)
 
 
 @dataclass(slots=True)

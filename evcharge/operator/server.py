@@ -33,7 +33,9 @@ from evcharge.operator.pushes import Online
 from evcharge.operator.reservations import Reservations
 from evcharge.operator.services import Services
 from evcharge.operator.state import Books
-from evcharge.operator.store import Store, put_meta
+from evcharge.operator.store import DamagedStoreError, Store, StoredState, put_meta
+from evcharge.operator.store.integrity import problems
+from evcharge.operator.store.sqlite import RESTORE, store_file
 from evcharge.operator.trips.federation import Federation
 from evcharge.operator.trips.participant import Participant
 from evcharge.operator.views import Views
@@ -125,7 +127,7 @@ class Server:
         self.write_timeout = write_timeout
         self.max_in_flight = max_in_flight
         self.push_buffer_limit = push_buffer_limit
-        self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
+        self.store = Store(store_file(data_dir, operator_id), max_bytes=store_max_bytes)
         self._time_scale = time_scale
         self._clock_anchor = clock_anchor
         self.books = Books(world, operator_id, self.store, SimClock(time_scale))
@@ -169,12 +171,19 @@ class Server:
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the store (refusing one that must not be served from), then listen."""
         state = self.store.open()
+        try:
+            self._check_books(state)
+        except DamagedStoreError:
+            await self.store.close()
+            raise
         self.books.clock = self._continue_clock(state.meta)
         self.books.load(state)
         self.store.start()
         await self.store.commit(
             [
+                put_meta("operator_id", self.operator.id),
                 put_meta("clock_anchor_sim", repr(self.clock.anchor_sim)),
                 put_meta("clock_anchor_real", repr(self.clock.anchor_real)),
                 put_meta("time_scale", repr(self.clock.time_scale)),
@@ -207,6 +216,20 @@ class Server:
             self.clock.time_scale,
             self.clock.now_dt().isoformat(timespec="seconds"),
         )
+
+    def _check_books(self, state: StoredState) -> None:
+        """Refuse books that are not this operator's, or rows that cannot be what a server wrote."""
+        where = f"store {self.store.path}"
+        owner = state.meta.get("operator_id", self.operator.id)
+        if owner != self.operator.id:
+            raise DamagedStoreError(
+                f"{where} holds the books of operator {owner}, not {self.operator.id}: "
+                f"give --operator {owner}, or the data directory of {self.operator.id}"
+            )
+        found = problems(state)
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise DamagedStoreError(f"{where}: {found[0]}{more}: fix it with sqlite3 (or delete it), or {RESTORE}")
 
     def _continue_clock(self, meta: dict[str, str]) -> SimClock:
         """Simulated time carries on from where the store left it (or from a shared anchor)."""

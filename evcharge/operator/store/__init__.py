@@ -3,6 +3,7 @@
 from evcharge.operator.store.sqlite import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    DamagedStoreError,
     Op,
     Store,
     StoredState,
@@ -18,6 +19,7 @@ from evcharge.operator.store.sqlite import (
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "DamagedStoreError",
     "Op",
     "Store",
     "StoreError",

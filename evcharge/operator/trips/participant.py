@@ -27,6 +27,7 @@ from evcharge.domain.clock import to_datetime, to_seconds
 from evcharge.domain.model import Reservation, Withdrawal
 from evcharge.operator.state import MIN, Actor, Books, Change
 from evcharge.operator.store import Op, StoredState, put_meta, put_reservation
+from evcharge.operator.store.integrity import WITHDRAWN_META
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import ConflictError, ForbiddenError
 
@@ -36,7 +37,6 @@ MAX_TRIP_STOPS = 100
 # Real seconds from now a PREPARE's deadline may lie. Ours are 5 s; a hold must not keep a slot
 # from everyone else for long on a coordinator's say-so (past it, we ask the coordinator).
 MAX_HOLD_S = 30.0
-WITHDRAWN = "withdrawn:"  # meta keys: a withdrawn stop, and whether its coordinator knows yet
 
 
 class Participant:
@@ -49,7 +49,7 @@ class Participant:
     def _load(self, state: StoredState) -> None:
         self.untold = {}
         for key, value in state.meta.items():
-            if key.startswith(WITHDRAWN):
+            if key.startswith(WITHDRAWN_META):
                 withdrawal = Withdrawal(**json.loads(value))
                 if not withdrawal.told:
                     self.untold[withdrawal.reservation_id] = withdrawal
@@ -236,4 +236,4 @@ def _no(prepare: p.Prepare, reason: str) -> p.Vote:
 
 
 def _put_withdrawal(withdrawal: Withdrawal) -> Op:
-    return put_meta(WITHDRAWN + withdrawal.reservation_id, json.dumps(dataclasses.asdict(withdrawal)))
+    return put_meta(WITHDRAWN_META + withdrawal.reservation_id, json.dumps(dataclasses.asdict(withdrawal)))
