@@ -128,7 +128,10 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "deleted": (lambda d: store_of(d).unlink(), ("is empty", "had 5 reservations")),
     "a page overwritten": (lambda d: overwrite_page(store_of(d), "reservations"), ("is damaged", ".recover")),
     "cut in half": (lambda d: os.truncate(store_of(d), store_of(d).stat().st_size // 2), ("is damaged",)),
-    "header overwritten": (lambda d: store_of(d).write_bytes(b"x" * 4096), ("is damaged", "file is not a database", "backup")),
+    "header overwritten": (
+        lambda d: store_of(d).write_bytes(b"x" * 4096),
+        ("is damaged", "file is not a database", "backup"),
+    ),
     "a bogus state": (
         lambda d: sql(d, f"UPDATE reservations SET state = 'bogus' WHERE id = '{first_row(d)}'"),
         ("table reservations, row", "'bogus'", "sqlite3"),
