@@ -21,6 +21,7 @@ from typing import Any
 from evcharge.domain.clock import SimClock
 from evcharge.domain.world import World
 from evcharge.operator.charging import Charging
+from evcharge.operator.file_limit import CapLog, ConnectionCaps, connection_caps
 from evcharge.operator.handlers import (
     PUSH_BUFFER_LIMIT,
     ChargePointHandler,
@@ -154,8 +155,13 @@ class Server:
         )
         self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
+        # Connections not past their handshake, oldest first (the first to go when they are too many).
+        self._handshakes: dict[asyncio.Task[None], Connection] = {}
         self._stopping = False
+        # What the process's file limit lets it hold (set at start; until then --max-connections).
+        self.caps = ConnectionCaps(max_connections, max_connections, 0, 0)
+        self._handshakes_capped = CapLog()
+        self._clients_capped = CapLog()
 
     @property
     def clock(self) -> SimClock:
@@ -181,6 +187,11 @@ class Server:
         self.books.clock = self._continue_clock(state.meta)
         self.books.load(state)
         self.store.start()
+        self.caps = connection_caps(self.max_connections, peers=len(self.world.operators) - 1)
+        capped = self.caps.clients < self.max_connections
+        (log.warning if capped else log.info)(
+            "%s%s", self.caps.describe(), f" (fewer than --max-connections {self.max_connections})" if capped else ""
+        )
         await self.store.commit(
             [
                 put_meta("operator_id", self.operator.id),
@@ -280,23 +291,27 @@ class Server:
     async def _accept(self, listener: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._handshakes) >= self.max_connections:
-            # Connections that have not said Hello yet count too: silent or trickling ones
-            # must not exhaust our file descriptors before their Hello deadline cuts them off.
-            log.warning("%d handshakes pending; dropping a new connection", len(self._handshakes))
-            writer.transport.abort()
-            return
-        self._handshakes.add(task)
         conn = Connection(reader, writer)
         conn.frame_timeout = self.frame_timeout
         conn.write_timeout = self.write_timeout
+        if len(self._handshakes) >= self.caps.handshakes:
+            # Silent or trickling connections must not use up our file descriptors before their
+            # Hello deadline: the oldest goes, since a real client says Hello in milliseconds.
+            oldest = next(iter(self._handshakes))
+            self._handshakes.pop(oldest).abort()
+            self._handshakes_capped.bit(
+                asyncio.get_running_loop().time(),
+                "%d connections in their handshake (the most the file limit allows): dropped the oldest",
+                self.caps.handshakes,
+            )
+        self._handshakes[task] = conn
         try:
             handler = await self._handshake(conn, self.listen[listener], writer.get_extra_info("peercert"))
         except asyncio.CancelledError:
             await conn.close()
             raise
         finally:
-            self._handshakes.discard(task)
+            self._handshakes.pop(task, None)
         if handler is not None:
             await handler.run(self.max_in_flight, closed=self._forget)
 
@@ -324,8 +339,11 @@ class Server:
                     raise ForbiddenError(f"this port is for {roles}, not {hello.role}; ask the operator for yours")
                 if self._stopping:
                     raise UnavailableError("server is shutting down")
-                if len(self.online) >= self.max_connections:
-                    raise UnavailableError(f"too many connections (at most {self.max_connections}); try again later")
+                if len(self.online) >= self.caps.clients:
+                    self._clients_capped.bit(
+                        asyncio.get_running_loop().time(), "%d clients connected: refusing more", self.caps.clients
+                    )
+                    raise UnavailableError(f"too many connections (at most {self.caps.clients}); try again later")
                 if hello.role == "peer" and self.operator.peer_tls and listener.security != "mtls":
                     # Every operator has every secret: only a certificate tells B from C.
                     raise ForbiddenError("peers of this operator connect over mutual TLS, on its peer port")

@@ -24,6 +24,7 @@ real (wall-clock) seconds: they are about the network, not the simulated road.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import secrets
@@ -54,6 +55,7 @@ DECIDE_TIMEOUT = 3.0  # how long a booking or cancellation waits for the owners 
 MAX_ATTEMPTS = 4  # plans tried per booking
 RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
 MAX_REASON = 200  # characters of a peer's reason for a lost stop that the trip keeps
+MAX_BOOKINGS_AT_ONCE = 4  # per vehicle: a driver books one trip at a time; a flood is refused
 
 
 @dataclass(slots=True)
@@ -85,6 +87,7 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
         self._stopping = False
         self._trip_locks: dict[str, asyncio.Lock] = {}
+        self._booking: collections.Counter[str] = collections.Counter()  # bookings in progress per vehicle
 
     async def stop(self) -> None:
         self._stopping = True
@@ -96,6 +99,19 @@ class Coordinator:
 
     async def book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str = "") -> tuple[p.TripInfo, int, bool]:
         """The trip booked, the plans tried, and whether it is the plan shown as ``plan_id``."""
+        if self._booking[vehicle.id] >= MAX_BOOKINGS_AT_ONCE:
+            raise UnavailableError(
+                f"vehicle {vehicle.id} is booking {MAX_BOOKINGS_AT_ONCE} trips already; ask again once one is answered"
+            )
+        self._booking[vehicle.id] += 1
+        try:
+            return await self._book(vehicle, query, plan_id)
+        finally:
+            self._booking[vehicle.id] -= 1
+            if not self._booking[vehicle.id]:
+                del self._booking[vehicle.id]
+
+    async def _book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str) -> tuple[p.TripInfo, int, bool]:
         trip_id = f"{self.me}-T{secrets.token_hex(5)}"
         conflicts = ""
         shown = self.planning.shown_plan(vehicle.id, query, plan_id) if plan_id else None

@@ -18,6 +18,7 @@ from evcharge.domain import geo, planner
 from evcharge.domain.clock import to_seconds
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.world import VehicleConfig
+from evcharge.operator.fair import FairQueue
 from evcharge.operator.state import Books
 from evcharge.operator.trips.peers import Peers
 from evcharge.wire import protocol as p
@@ -27,6 +28,10 @@ AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
 CLAIM_LINGER = 2.0  # real seconds a booked trip's claim outlives its booking
 PLAN_TTL = 900.0  # real seconds a plan shown to a vehicle can be booked as shown
 MAX_PLANS_SHOWN = 16  # plans kept per vehicle for booking as shown; the oldest go first
+# Plans made at once: one searching while others ask the peers for their slots. Beyond that,
+# vehicles take turns (a fair queue), so that one vehicle's flood cannot starve the others.
+PLANS_AT_ONCE = 4
+MAX_PLANS_WAITING = 32  # per vehicle; more are refused (unavailable) until some are answered
 
 
 @dataclass(slots=True)
@@ -45,13 +50,21 @@ class Planning:
         self._shown: dict[str, OrderedDict[str, _ShownPlan]] = {}  # vehicle -> plan id -> plan, oldest first
         self._claims: dict[str, list[tuple[str, int, int]]] = {}  # trip id -> slots it is booking
         self._planning = asyncio.Lock()
+        self._turns = FairQueue(PLANS_AT_ONCE, MAX_PLANS_WAITING, "trip plans")
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{operator_id}")
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def plan(self, vehicle: VehicleConfig, query: p.TripQuery, claim: str = "") -> planner.Plan:
-        """The best plan now; with ``claim`` (a booking's trip id), its slots are claimed for it."""
+        """The best plan now; with ``claim`` (a booking's trip id), its slots are claimed for it.
+
+        In the vehicle's turn: vehicles asking for many plans at once take turns with the others.
+        """
+        async with self._turns.turn(vehicle.id):
+            return await self._plan(vehicle, query, claim)
+
+    async def _plan(self, vehicle: VehicleConfig, query: p.TripQuery, claim: str) -> planner.Plan:
         try:
             origin_name, origin = geo.find_city(query.origin)
             dest_name, dest = geo.find_city(query.destination)
