@@ -30,7 +30,7 @@ PLAN_TTL = 900.0  # real seconds a plan shown to a vehicle can be booked as show
 MAX_PLANS_SHOWN = 16  # plans kept per vehicle for booking as shown; the oldest go first
 # Plans made at once: one searching while others ask the peers for their slots. Beyond that,
 # vehicles take turns (a fair queue), so that one vehicle's flood cannot starve the others.
-PLANS_AT_ONCE = 4
+PLANS_AT_ONCE = 2
 MAX_PLANS_WAITING = 32  # per vehicle; more are refused (unavailable) until some are answered
 
 
