@@ -253,3 +253,22 @@ def test_check_of_a_sound_stopped_store_passes_and_names_what_it_holds(
     assert "5 live reservations" in checked.stdout and "invariants hold" in checked.stdout, checked
     missing = run_cli("check", "--world", str(world_path), "--data-dir", str(data / "nowhere"))
     assert missing.returncode == 1 and "no store" in missing.stdout, missing
+
+
+def test_a_refused_store_is_left_as_it_was_and_starts_once_repaired(
+    stopped_c: tuple[Path, list[str]], spawn_server, world: World, world_path: Path, tmp_path: Path
+) -> None:
+    """Chaos found it: a start refused for its rows had counted them in the marker (and the
+    repaired store, with one row fewer, was then refused as shrunk)."""
+    data, ids = stopped_c
+    marker = marker_path(store_of(data)).read_text()
+    sql(data, "INSERT INTO reservations SELECT id || '-twin', charge_point_id, vehicle_id, start, \"end\", state, "
+        "created, trip_id, hold_deadline, txn_id, coordinator FROM reservations LIMIT 1")  # fmt: skip
+    assert start_server(world_path, data, tmp_path).returncode == 1
+    assert marker_path(store_of(data)).read_text() == marker, "a refused store is not counted"
+    with sqlite3.connect(store_of(data)) as db:  # nor written to
+        assert db.execute("SELECT count(*) FROM reservations").fetchone()[0] == BOOKED + 1
+        assert db.execute("SELECT count(*) FROM meta WHERE key = 'operator_id'").fetchone()[0] == 1
+    sql(data, "DELETE FROM reservations WHERE id LIKE '%-twin'")
+    repaired: ServerProcess = spawn_server(OPERATOR, data_dir=data)
+    assert sorted(reservations_at(repaired, world)) == sorted(ids)

@@ -433,6 +433,9 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._store_id: str | None = None  # once opened
+        self._new_id = False
+        self._backup_taken: str | None = None  # when the backup was taken, if the store is one
+        self._marker: Marker | None = None
 
     def open(self) -> StoredState:
         """Check, create or migrate the file, and read everything in it (before serving).
@@ -472,16 +475,10 @@ class Store:
         if problem:
             self._close_connection()
             raise DamagedStoreError(problem)
-        if store_id is None:  # a new store (or one from before ids): it gets its own
-            store_id = secrets.token_hex(8)
-            self._conn.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id,))
-        taken = state.meta.pop(BACKUP_TAKEN, None)
-        if taken is not None:
-            had = f"; the data directory had {marker.describe()}" if marker else ""
-            log.warning("store %s: started from a backup taken at %s%s", path, taken, had)
-            self._conn.execute("DELETE FROM meta WHERE key = ?", (BACKUP_TAKEN,))
-        write_marker(path, store_id, self._conn)
-        self._store_id = store_id
+        self._new_id = store_id is None  # a new store (or one from before ids): it gets its own at start
+        self._store_id = store_id or secrets.token_hex(8)
+        self._backup_taken = state.meta.pop(BACKUP_TAKEN, None)
+        self._marker = marker
         return state
 
     def _close_connection(self) -> None:
@@ -490,7 +487,17 @@ class Store:
             self._conn = None
 
     def start(self) -> None:
-        assert self._conn is not None, "open() first"
+        """Serve from this store: its marker counts it, and the writer thread takes changes."""
+        assert self._conn is not None and self._store_id is not None, "open() first"
+        # Only now: a store refused after open (by the owner's checks of its rows) is left as it was.
+        conn = self._conn
+        if self._new_id:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (self._store_id,))
+        if self._backup_taken is not None:
+            had = f"; the data directory had {self._marker.describe()}" if self._marker else ""
+            log.warning("store %s: started from a backup taken at %s%s", self.path, self._backup_taken, had)
+            conn.execute("DELETE FROM meta WHERE key = ?", (BACKUP_TAKEN,))
+        write_marker(self.path, self._store_id, conn)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="evcharge-store", daemon=True)
         self._thread.start()
@@ -533,7 +540,7 @@ class Store:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        if self._conn is not None and self._store_id is not None:
+        if self._conn is not None and self._store_id is not None and self._loop is not None:  # served from
             try:
                 write_marker(self.path, self._store_id, self._conn)
             except sqlite3.Error as exc:  # the books on disk are as committed; only the count is older
