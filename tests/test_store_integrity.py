@@ -146,7 +146,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     ),
     "rows deleted": (
         lambda d: sql(d, "DELETE FROM reservations WHERE rowid IN (SELECT rowid FROM reservations LIMIT 3)"),
-        ("has 2 reservations", "had 5"),
+        ("has 2 reservations", "had 5 when last"),
     ),
     "a session of no reservation": (
         lambda d: sql(

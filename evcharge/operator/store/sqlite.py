@@ -110,7 +110,7 @@ class DamagedStoreError(StoreError):
 
 # What an operator can do about a store refused at start.
 RESTORE = "restore the latest backup (evcharge backup)"
-SALVAGE = "or salvage what is left: sqlite3 {path} .recover"
+SALVAGE = "or salvage what is left: sqlite3 {path} .recover | sqlite3 salvaged.sqlite3"
 MARKER_SUFFIX = ".id"
 BACKUP_TAKEN = "backup_taken"  # meta of a backup: when it was taken (cleared once it is started from)
 
@@ -279,7 +279,9 @@ def identity_problem(path: Path, marker: Marker | None, store_id: str | None, st
         ("trips", marker.trips, len(state.trips)),
     ):
         if has < had:
-            return f"store {path} has {has} {what}, but it had {had} at the last start (rows deleted?): {again}"
+            return (
+                f"store {path} has {has} {what}, but it had {had} when last started or stopped (rows deleted?): {again}"
+            )
     return ""
 
 
