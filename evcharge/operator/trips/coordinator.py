@@ -24,7 +24,6 @@ real (wall-clock) seconds: they are about the network, not the simulated road.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import random
 import secrets
@@ -38,6 +37,7 @@ from evcharge.domain.clock import to_datetime
 from evcharge.domain.model import Trip
 from evcharge.domain.world import VehicleConfig
 from evcharge.operator.crash_points import crash_point
+from evcharge.operator.fair import FairQueue
 from evcharge.operator.pushes import Online
 from evcharge.operator.state import Actor, Books, Change
 from evcharge.operator.store import StoreError, put_trip
@@ -55,7 +55,10 @@ DECIDE_TIMEOUT = 3.0  # how long a booking or cancellation waits for the owners 
 MAX_ATTEMPTS = 4  # plans tried per booking
 RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
 MAX_REASON = 200  # characters of a peer's reason for a lost stop that the trip keeps
-MAX_BOOKINGS_AT_ONCE = 4  # per vehicle: a driver books one trip at a time; a flood is refused
+# Bookings (their two-phase commits) under way at once; beyond, vehicles take turns, so that
+# one vehicle's flood of bookings does not hold everyone else's up (as for plans).
+BOOKINGS_AT_ONCE = 32
+MAX_BOOKINGS_WAITING = 1024  # per vehicle; more are refused (unavailable)
 
 
 @dataclass(slots=True)
@@ -87,7 +90,7 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
         self._stopping = False
         self._trip_locks: dict[str, asyncio.Lock] = {}
-        self._booking: collections.Counter[str] = collections.Counter()  # bookings in progress per vehicle
+        self._turns = FairQueue(BOOKINGS_AT_ONCE, MAX_BOOKINGS_WAITING, "trip bookings")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -99,17 +102,8 @@ class Coordinator:
 
     async def book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str = "") -> tuple[p.TripInfo, int, bool]:
         """The trip booked, the plans tried, and whether it is the plan shown as ``plan_id``."""
-        if self._booking[vehicle.id] >= MAX_BOOKINGS_AT_ONCE:
-            raise UnavailableError(
-                f"vehicle {vehicle.id} is booking {MAX_BOOKINGS_AT_ONCE} trips already; ask again once one is answered"
-            )
-        self._booking[vehicle.id] += 1
-        try:
+        async with self._turns.turn(vehicle.id):
             return await self._book(vehicle, query, plan_id)
-        finally:
-            self._booking[vehicle.id] -= 1
-            if not self._booking[vehicle.id]:
-                del self._booking[vehicle.id]
 
     async def _book(self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str) -> tuple[p.TripInfo, int, bool]:
         trip_id = f"{self.me}-T{secrets.token_hex(5)}"

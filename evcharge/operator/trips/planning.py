@@ -31,7 +31,9 @@ MAX_PLANS_SHOWN = 16  # plans kept per vehicle for booking as shown; the oldest 
 # Plans made at once: one searching while others ask the peers for their slots. Beyond that,
 # vehicles take turns (a fair queue), so that one vehicle's flood cannot starve the others.
 PLANS_AT_ONCE = 2
-MAX_PLANS_WAITING = 32  # per vehicle; more are refused (unavailable) until some are answered
+# Per vehicle; more are refused (unavailable). A waiting plan costs nothing but memory, while
+# a refused one comes back at once: refusing early would turn a flood into a storm of retries.
+MAX_PLANS_WAITING = 1024
 
 
 @dataclass(slots=True)
