@@ -8,6 +8,8 @@ a failure), answered ``internal``, or sent nothing at all.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +18,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
+from evcharge.apps.ocpp.gateway import Gateway
 from evcharge.domain.world import World
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
@@ -178,5 +183,39 @@ async def test_deeply_nested_frames_get_bad_request_and_no_traceback(
         error = await peer.receive()
         assert isinstance(error, p.Error) and error.code == "bad_request", error
         assert await peer.closed_by_server(timeout=5.0)
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+async def test_deeply_nested_ocpp_json_gets_a_call_error_and_no_traceback(
+    server: Server, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same in JSON: the OCPP gateway's decoder raised RecursionError out of the frame handler."""
+    caplog.set_level(logging.DEBUG)
+    cp_id = "NAT-PN-2"
+    secret = server.books.charge_points[cp_id].config.secret
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{cp_id}:{secret}".encode()).decode()}
+    gateway = Gateway(world, "A", host="127.0.0.1", port=0, server_host="127.0.0.1", server_port=server.port)
+    await gateway.start()
+    try:
+        async with ws_connect(
+            f"ws://127.0.0.1:{gateway.port}/{cp_id}",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers=auth,
+            open_timeout=5,
+            close_timeout=2,
+        ) as ws:
+            for frame in (
+                "[" * 50_000 + "]" * 50_000,
+                '[2, "n1", "Heartbeat", ' + '{"a":' * 5000 + "1" + "}" * 5000 + "]",
+            ):
+                await ws.send(frame)
+                error = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert error[0] == 4 and error[2] == "FormatViolation", error
+            await ws.send('[2, "n2", "Heartbeat", {}]')
+            ok = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert ok[:2] == [3, "n2"], "the connection should have stayed open"
+    finally:
+        await gateway.stop()
     tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert not tracebacks, [r.getMessage() for r in tracebacks]

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=MAX_CONNECTIONS,
-        help="refuse new clients beyond this many (default: %(default)s)",
+        help="refuse new clients beyond this many, and keep at most as many in their handshake; fewer if the "
+        "file limit (ulimit -n, raised at start as far as allowed) cannot hold them (default: %(default)s)",
     )
     server.add_argument(
         "--idle-timeout",

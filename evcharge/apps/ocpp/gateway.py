@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
+from ocpp.exceptions import FormatViolationError, OCPPError, ProtocolError
 from ocpp.exceptions import InternalError as OcppInternalError
-from ocpp.exceptions import OCPPError, ProtocolError
 from ocpp.messages import Call, CallError, MessageType, unpack
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as OcppChargePoint
@@ -182,6 +182,9 @@ class ChargePointLink(OcppChargePoint):
         except OCPPError as exc:
             await self._refuse_frame(raw_msg, exc)
             return
+        except RecursionError:  # JSON arrays or objects nested too deeply for the decoder
+            await self._refuse_frame(raw_msg, FormatViolationError(details={"cause": "nested too deeply"}))
+            return
         if isinstance(msg, Call):
             if not (isinstance(msg.unique_id, str) and isinstance(msg.action, str) and isinstance(msg.payload, dict)):
                 await self._refuse_frame(raw_msg, ProtocolError(details={"cause": "malformed Call"}))
@@ -204,7 +207,7 @@ class ChargePointLink(OcppChargePoint):
 
     async def _refuse_frame(self, raw_msg: str | bytes, exc: OCPPError) -> None:
         unique_id = "-1"  # OCPP's id for "the message that could not be read"
-        with contextlib.suppress(ValueError, TypeError):
+        with contextlib.suppress(ValueError, TypeError, RecursionError):
             parsed = json.loads(raw_msg)
             if isinstance(parsed, list) and len(parsed) > 1 and isinstance(parsed[1], str):
                 unique_id = parsed[1][:36]
