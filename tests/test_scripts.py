@@ -13,8 +13,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def leftover_processes(marker: str) -> str:
+    """This tree's processes with ``marker`` in their command line (other checkouts may run demos too)."""
     found = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True)
-    return found.stdout.strip()
+    return "\n".join(line for line in found.stdout.splitlines() if str(REPO) in line)
 
 
 def test_demo_quick_runs_the_whole_story_and_cleans_up() -> None:
