@@ -15,7 +15,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.timeout(300)
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "contention", "scale")
+SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "noisy", "contention", "scale")
 ROW_FIELDS = ("scenario", "connections", "operations", "ops_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "rss_mb")
 
 

@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from evcharge.domain.model import Reservation, Trip
-from evcharge.domain.world import World
+from evcharge.domain.world import World, load_world
 from evcharge.wire import protocol as p
 from tools.chaos import (
     AckedTrip,
@@ -60,8 +60,11 @@ def test_quick_chaos_run_injects_every_fault_and_finds_no_violation(tmp_path: Pa
     ack = results["acknowledged"]
     assert ack["reservations"] > 0 and ack["trips"] > 0 and ack["cancels"] > 0
     faults = results["faults"]
-    for kind in ("delay", "stall", "cut", "reset", "partition", "kill", "disk_refused"):
+    for kind in ("delay", "stall", "cut", "reset", "partition", "kill", "disk_refused", "store_damaged"):
         assert faults[kind] > 0, f"no {kind} fault injected: {faults}"
+    for kill in results["kills"]:
+        if kill["damage"]:  # refused in one line naming the store, then restarted on it put back
+            assert kill["refusal"].startswith("evcharge server: store ") and kill["restart_s"] > 0, kill
     assert results["restarts"] == faults["kill"]
     for window in results["disk_windows"]:
         assert window["probe"] == "unavailable"  # refused, never acknowledged
@@ -136,7 +139,10 @@ def acked(record: Record, r: Reservation, operator_id: str) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_the_chaos_checker_sees_every_kind_of_violation_in_real_books(world: World, tmp_path: Path) -> None:
+async def test_the_chaos_checker_sees_every_kind_of_violation_in_real_books(
+    federated_world_path: Path, tmp_path: Path
+) -> None:
+    world = load_world(str(federated_world_path))  # on free ports: the shipped ones may be taken
     now = int(time.time())
     later = now + 2 * 86400
     cp_a = world.stations_of("A")[0].charge_points[0].id
@@ -323,6 +329,8 @@ def covered(chaos: Chaos, *, but: str = "") -> Chaos:
     chaos.client_proxies["A"] = proxy
     chaos.partitions = 0 if but == "partition" else 1
     chaos.kills.append(Kill("B", 0.5, 0.0 if but == "kill" else 1.2))  # not restarted: no kill that counts
+    refusal = "" if but == "store" else "evcharge server: store data/A.sqlite3 is empty, but ..."
+    chaos.kills.append(Kill("A", 0.5, 1.1, damage="emptied", refusal=refusal))
     chaos.disk_windows.append(DiskWindow("C", 3.0, "timeout" if but == "disk" else "unavailable", int(but != "disk")))
     return chaos
 
@@ -346,6 +354,7 @@ def test_a_run_that_did_all_it_must_has_no_violation(tmp_path: Path, world: Worl
         ("partition", "no operator was partitioned"),
         ("kill", "no server was killed with kill -9 and restarted"),
         ("disk", "no disk refused writes with a request answered `unavailable`"),
+        ("store", "no killed server was restarted on a damaged store"),
     ],
 )
 def test_a_run_that_left_something_untested_has_a_violation_saying_what(
@@ -359,9 +368,9 @@ def test_a_run_that_left_something_untested_has_a_violation_saying_what(
 def test_a_run_that_did_nothing_has_a_violation_for_each_thing_and_proxy_faults_count_only_if_enabled(
     tmp_path: Path, world: World
 ) -> None:
-    assert len(quiet_chaos(tmp_path, world).results(0.0, 0.0, 0.0)["violations"]) == 3 + 4 + 3
+    assert len(quiet_chaos(tmp_path, world).results(0.0, 0.0, 0.0)["violations"]) == 3 + 4 + 4
     # With every proxy rate at zero only the server faults are enabled, and must still be injected.
     idle_proxies = quiet_chaos(tmp_path, world, "--fault-scale", "0")
-    assert idle_proxies.s.enabled_faults == ("partition", "kill", "disk_refused")
-    assert len(idle_proxies.results(0.0, 0.0, 0.0)["violations"]) == 3 + 3
+    assert idle_proxies.s.enabled_faults == ("partition", "kill", "disk_refused", "store_damaged")
+    assert len(idle_proxies.results(0.0, 0.0, 0.0)["violations"]) == 3 + 4
     assert covered(idle_proxies, but="delay").results(1.0, 14.0, 20.0)["violations"] == []

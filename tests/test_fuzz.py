@@ -4,7 +4,8 @@ Each test runs one real server on a loopback port and throws generated frames
 at it from fresh raw connections: messages of every type in the protocol's
 union, built from the msgspec types themselves, with values of the right shape
 but wrong content (out of range, NaN, far dates, unknown ids, huge strings) or
-of the wrong type, missing and extra fields; random bytes; truncated frames;
+of the wrong type, missing and extra fields; random bytes; values or whole
+bodies nested thousands of arrays or maps deep; truncated frames;
 length prefixes over the cap; bodies just under and just over the cap; Hello
 with wrong versions. Before the handshake and after one as each role.
 
@@ -306,7 +307,16 @@ ROLE_REQUESTS: dict[str | None, list[str]] = {
     ],
     "station": ["Heartbeat", "StatusNotification", "SessionComplete", "MeterValues", "SessionReport", "Error", "Ok"],
     "operator": ["Heartbeat", "Inspect", "CancelReservation", "ListStations", "FindNearest", "GetStationStatus"],
-    "peer": ["Heartbeat", "GetCatalog", "GetAvailability", "Prepare", "Decide", "QueryDecision", "ReleaseTrip"],
+    "peer": [
+        "Heartbeat",
+        "GetCatalog",
+        "GetAvailability",
+        "Prepare",
+        "Decide",
+        "QueryDecision",
+        "ReleaseTrip",
+        "StopWithdrawn",
+    ],
 }
 
 
@@ -375,7 +385,17 @@ class Huge:
     pad: str  # "str", "list" or "map"
 
 
-Case = Bodies | Truncated | Oversized | Huge
+@dataclass(frozen=True)
+class Nested:
+    """A message with one value (or the whole body) nested ``depth`` levels deep, built when sent."""
+
+    message: Any  # a message dict; None: the body is the nesting itself
+    field: str  # the field whose value is replaced (an unknown one is ignored, but still decoded)
+    kind: str  # "array", "map", "map-key" (maps in the keys), "mixed"
+    depth: int
+
+
+Case = Bodies | Truncated | Oversized | Huge | Nested
 
 
 def frames(role: str | None) -> st.SearchStrategy[Case]:
@@ -398,9 +418,16 @@ def frames(role: str | None) -> st.SearchStrategy[Case]:
         st.one_of(st.integers(-64, 0), st.integers(1, 64)),
         st.sampled_from(["str", "list", "map"]),
     )
+    nesting = st.builds(
+        Nested,
+        st.one_of(st.none(), message_dicts(role)),
+        st.sampled_from(["id", "type", "stops", "query", "zz"]),
+        st.sampled_from(["array", "map", "map-key", "mixed"]),
+        st.sampled_from([1, 40, 600, 1000, 3000, 100_000]),
+    )
     # Mostly whole frames: they are what reaches the request handlers.
-    return st.sampled_from(range(12)).flatmap(
-        lambda k: truncated if k == 9 else oversized if k == 10 else huge if k == 11 else many
+    return st.sampled_from(range(13)).flatmap(
+        lambda k: truncated if k == 9 else oversized if k == 10 else huge if k == 11 else nesting if k == 12 else many
     )
 
 
@@ -600,6 +627,33 @@ def huge_body(case: Huge, target: Target) -> bytes:
     raise AssertionError(f"cannot build a body of {size} bytes for {case}")
 
 
+def nesting(kind: str, depth: int) -> bytes:
+    """``depth`` levels of msgpack arrays or maps around one value (raw: msgspec would not encode it)."""
+    match kind:
+        case "array":
+            return b"\x91" * depth + b"\x01"
+        case "map":
+            return b"\x81\xa1k" * depth + b"\x01"
+        case "map-key":
+            return b"\x81" * depth + b"\x01" + b"\x01" * depth
+        case "mixed":
+            return b"\x91\x81\xa1k" * (depth // 2) + b"\x01"
+    raise AssertionError(kind)
+
+
+SPLICE = "\x00nested here\x00"
+
+
+def nested_body(case: Nested, target: Target) -> bytes:
+    deep = nesting(case.kind, case.depth)
+    if case.message is None:
+        return deep
+    marker = msgspec.msgpack.encode(SPLICE)
+    body = encode({**case.message, case.field: SPLICE}, target)
+    assert body.count(marker) == 1, case
+    return body.replace(marker, deep)
+
+
 # --- one example --------------------------------------------------------------------------------
 
 
@@ -684,9 +738,11 @@ async def run_case(case: Case, role: str | None, target: Target) -> str:
             payload = [encode(body, target)]
         case Huge():
             payload = [huge_body(case, target)]
+        case Nested():
+            payload = [nested_body(case, target)]
         case Oversized():
             payload = []
-    if isinstance(case, Bodies | Truncated) and any(len(b) > p.MAX_FRAME for b in payload):
+    if isinstance(case, Bodies | Truncated | Nested) and any(len(b) > p.MAX_FRAME for b in payload):
         return "skipped:too-big-by-chance"
     async with raw(target.server) as peer:
         if role is not None:
@@ -700,7 +756,7 @@ async def run_case(case: Case, role: str | None, target: Target) -> str:
 
 async def exchange(case: Case, payload: list[bytes], role: str | None, peer: RawPeer, target: Target) -> str:
     match case:
-        case Bodies():
+        case Bodies() | Nested():
             if role is None:
                 return await exchange_before_hello(peer, payload[0], target)
             return await exchange_after_hello(peer, payload, target)

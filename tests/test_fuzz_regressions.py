@@ -8,6 +8,9 @@ a failure), answered ``internal``, or sent nothing at all.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -15,7 +18,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Subprotocol
 
+from evcharge.apps.ocpp.gateway import Gateway
 from evcharge.domain.world import World
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
@@ -126,3 +132,90 @@ async def test_trip_from_a_frame_sized_city_name_does_not_hold_up_the_server(ser
         assert isinstance(error, p.Error) and error.code == "bad_request" and error.id == 9, error
         assert "unknown city" in error.message
         assert watch.longest < 1.0, f"the event loop was held for {watch.longest:.2f} s"
+
+
+def nested(kind: str, depth: int) -> bytes:
+    """``depth`` levels of msgpack nesting: arrays, maps (in their values or their keys), or both by turns."""
+    match kind:
+        case "array":
+            return b"\x91" * depth + b"\x01"
+        case "map":
+            return b"\x81\xa1k" * depth + b"\x01"
+        case "map-key":
+            return b"\x81" * depth + b"\x01" + b"\x01" * depth
+        case "mixed":
+            return b"\x91\x81\xa1k" * (depth // 2) + b"\x01"
+    raise AssertionError(kind)
+
+
+NESTING = ["array", "map", "map-key", "mixed"]
+
+
+def heartbeat_with(field: bytes, value: bytes, request_id: int) -> bytes:
+    """A Heartbeat map whose extra field ``field`` holds ``value`` (raw msgpack)."""
+    return b"\x83\xa4type\xa9Heartbeat\xa2id" + msgspec.msgpack.encode(request_id) + field + value
+
+
+@pytest.mark.parametrize("kind", NESTING)
+async def test_deeply_nested_frames_get_bad_request_and_no_traceback(
+    server: Server, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thousand nested arrays (a 1 KB frame) raised RecursionError out of the decoder: the
+    connection dropped and a traceback was logged, per frame."""
+    caplog.set_level(logging.DEBUG)
+    deep = nested(kind, 1000)
+    assert len(deep) < 4 * 1024
+    async with raw(server) as peer:
+        await peer.hello(server, "vehicle", "V01")
+        for n in range(20):  # many frames: each answered, none kills the connection
+            await peer.send_body(heartbeat_with(b"\xa1x", deep, 100 + n))
+            error = await peer.receive()
+            assert isinstance(error, p.Error) and error.code == "bad_request", error
+            assert "nested too deeply" in error.message
+        await peer.send_body(deep)  # the whole body nested
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request", error
+        await peer.send(p.Heartbeat(id=5))
+        ack = await peer.receive()
+        assert isinstance(ack, p.HeartbeatAck) and ack.id == 5, "the connection should have stayed open"
+    async with raw(server) as peer:  # as the first frame: refused like any bad Hello
+        await peer.send_body(heartbeat_with(b"\xa1x", deep, 6))
+        error = await peer.receive()
+        assert isinstance(error, p.Error) and error.code == "bad_request", error
+        assert await peer.closed_by_server(timeout=5.0)
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+async def test_deeply_nested_ocpp_json_gets_a_call_error_and_no_traceback(
+    server: Server, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same in JSON: the OCPP gateway's decoder raised RecursionError out of the frame handler."""
+    caplog.set_level(logging.DEBUG)
+    cp_id = "NAT-PN-2"
+    secret = server.books.charge_points[cp_id].config.secret
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{cp_id}:{secret}".encode()).decode()}
+    gateway = Gateway(world, "A", host="127.0.0.1", port=0, server_host="127.0.0.1", server_port=server.port)
+    await gateway.start()
+    try:
+        async with ws_connect(
+            f"ws://127.0.0.1:{gateway.port}/{cp_id}",
+            subprotocols=[Subprotocol("ocpp1.6")],
+            additional_headers=auth,
+            open_timeout=5,
+            close_timeout=2,
+        ) as ws:
+            for frame in (
+                "[" * 50_000 + "]" * 50_000,
+                '[2, "n1", "Heartbeat", ' + '{"a":' * 5000 + "1" + "}" * 5000 + "]",
+            ):
+                await ws.send(frame)
+                error = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert error[0] == 4 and error[2] == "FormatViolation", error
+            await ws.send('[2, "n2", "Heartbeat", {}]')
+            ok = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert ok[:2] == [3, "n2"], "the connection should have stayed open"
+    finally:
+        await gateway.stop()
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]

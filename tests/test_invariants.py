@@ -162,3 +162,18 @@ def test_the_checker_sees_charge_records_the_two_sides_disagree_on() -> None:
     assert differ == ["charge record B-1: B charged 10.0 kWh, R$ 24.9; A holds 10.0 kWh, R$ 20.0"]
     invented = settlement_violations(books([], [record("B-9", "B", 1.0)]))
     assert invented == ["A holds charge record B-9 of B, which B never charged"]
+
+
+def test_a_stop_its_owner_withdrew_counts_as_lost_not_missing() -> None:
+    lost = trip("T1", [("A", "A1"), ("B", "B1")])
+    lost.stops[1].lost = "withdrawn by operator B: charge point c9 is faulted"
+    withdrawn = {
+        "A": state("A", [res("A1", "c1", 0, 30, trip="T1")], [lost]),
+        "B": state("B", [res("B1", "c9", 0, 30, "cancelled", trip="T1")]),
+    }
+    assert violations(withdrawn) == []
+    still_held = {**withdrawn, "B": state("B", [res("B1", "c9", 0, 30, trip="T1")])}
+    assert any("lost, but it is still held" in v for v in violations(still_held))
+    withdrawn["B"].reservations[0].state = "booked"
+    lost.stops[1].lost = ""
+    assert violations(withdrawn) == []

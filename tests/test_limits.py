@@ -151,7 +151,7 @@ async def test_the_limits_are_options_of_evcharge_server(spawn_server: Any) -> N
         assert await trickler.closed_by_server(timeout=5.0), "--frame-timeout was not applied"
 
 
-async def test_pending_handshakes_count_against_the_connection_limit(world: World, tmp_path: Path) -> None:
+async def test_pending_handshakes_are_capped_and_the_oldest_makes_room(world: World, tmp_path: Path) -> None:
     async with running_server(world, tmp_path / "data", max_connections=2, hello_timeout=30.0) as server:
         async with raw(server) as first, raw(server) as second:
             await first.send_raw(b"\x00")
@@ -159,9 +159,12 @@ async def test_pending_handshakes_count_against_the_connection_limit(world: Worl
             async with asyncio.timeout(5):
                 while len(server._handshakes) < 2:
                     await asyncio.sleep(0.01)
-            # A third silent connection is dropped at once, not after the 30 s Hello deadline.
-            async with raw(server) as third:
-                assert await third.closed_by_server(timeout=5.0)
+            # A third connection makes room by dropping the oldest silent one, not after the
+            # 30 s Hello deadline: a client that says Hello at once gets in while others idle.
+            async with vehicle(server, "V01") as c:
+                assert await c.heartbeat()
+                assert await first.closed_by_server(timeout=5.0)
+            assert len(server._handshakes) <= 2
         async with asyncio.timeout(5):
             while server._handshakes:
                 await asyncio.sleep(0.01)

@@ -121,6 +121,7 @@ STOP_1 = p.TripStop(
     kwh=37.2,
     cost=18.6,
     reservation_id="B-r-000017",
+    lost="withdrawn by operator B: charge point B-HFD-2/1 is faulted",
 )
 STOP_2 = p.TripStop(
     city="New Haven",
@@ -235,7 +236,7 @@ SAMPLES: list[Message] = [
     p.ChargingProgress(reservation_id="A-r-000042", kwh=9.5, cost=4.655),
     p.ChargePointChanged(station_id="A-BOS-1", charge_point_id="A-BOS-1/3", status="charging"),
     p.PeerChanged(peer=PEER),
-    p.TripChanged(trip=TRIP, reason="booked"),
+    p.TripChanged(trip=TRIP, reason="stop lost", offer=p.TripOffer(query=QUERY, plan=TRIP_2)),
     p.PlanTrip(id=25, query=QUERY),
     p.BookTrip(
         id=26, query=p.TripQuery(origin="Boston", destination="Hartford"), plan_id="A-P0a1b2c3d4e", key="k-book-1"
@@ -290,6 +291,7 @@ SAMPLES: list[Message] = [
     ),
     p.StationChanged(station=STATION_2),
     p.ForVehicle(vehicle_id="V007", event=p.ChargingProgress(reservation_id="B-r-000003", kwh=3.5, cost=1.75)),
+    p.StopWithdrawn(id=38, trip_id="A-t-000009", reservation_id="B-r-000017", reason="charge point faulted"),
 ]
 
 

@@ -14,7 +14,7 @@ closed-loop scenario, whose throughput is reported as a ratio to that window
 (the machine is shared and noisy). Nothing here asserts a speed: the numbers go
 to a table and a JSON file.
 
-Scenarios: ceiling, status, reserve, trips, planning, contention, scale (see
+Scenarios: ceiling, status, reserve, trips, planning, noisy, contention, scale (see
 docs/performance.md for what each measures and how).
 """
 
@@ -79,7 +79,7 @@ from tools.harness import (
     write_world,
 )
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "contention", "scale")
+SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "noisy", "contention", "scale")
 LARGE_WORLD = "brazil-northeast"  # the planning scenario's: real size
 SCALE_PREFIX = "SC"  # generated stations of the scale world
 GRID_S = 120  # reservation grid: preloaded reservations take [cell, cell+60), the benchmark's [cell+60, cell+120)
@@ -94,6 +94,8 @@ class Settings:
     duration: float  # seconds measured per closed-loop run
     warmup: float
     trip_duration: float  # bookings take tens to hundreds of ms: a longer window even when quick
+    flood_connections: int  # the noisy neighbour's connections, each with flood_in_flight plans at once
+    flood_in_flight: int
     contention_vehicles: int
     scale_charge_points: int
     heartbeat_interval: float
@@ -113,6 +115,8 @@ class Settings:
             duration=args.duration or (0.7 if quick else 5.0),
             warmup=0.3 if quick else 1.0,
             trip_duration=max(2.0, args.duration or 0.0) if quick else (args.duration or 5.0),
+            flood_connections=2 if quick else 8,
+            flood_in_flight=16 if quick else 64,
             contention_vehicles=100,
             scale_charge_points=args.charge_points or (200 if quick else 10_000),
             heartbeat_interval=0.5 if quick else 5.0,
@@ -944,6 +948,72 @@ class Bench:
         values = load.parts.get(name, [])
         return len(values), load.seconds, values
 
+    # --- 4b. a noisy neighbour -----------------------------------------------------------------
+
+    async def noisy(self) -> None:
+        """One vehicle's plans while another floods its home with plans: alone, then amid the flood.
+
+        The flood: ``flood_connections`` connections of one vehicle, ``flood_in_flight`` PlanTrip
+        each, asked again as soon as answered (refused ones after 10 ms). The quiet vehicle asks
+        one plan at a time, as a driver does; its latency is compared with its own, alone,
+        measured just before in the same run.
+        """
+        s = self.settings
+        world, servers = await self.start_federation("noisy", 2)
+        quiet_id, flood_id = bench_vehicle_id("A", 1), bench_vehicle_id("A", 2)
+        clients: list[Client] = []
+        stop_flood = asyncio.Event()
+        flood_done: Counter[str] = Counter()
+        try:
+            clients = await self.vehicle_clients(world, servers, [quiet_id] + [flood_id] * s.flood_connections)
+            quiet, floods = clients[0], clients[1:]
+            origin, destination, soc = SPANNING_ROUTE
+            query = p.TripQuery(origin=origin, destination=destination, soc_pct=soc)
+            pids = {op_id: child.pid for op_id, child in servers.items()}
+            self.say(
+                f"noisy neighbour: {quiet_id} plans alone, then while {flood_id} keeps "
+                f"{s.flood_connections} x {s.flood_in_flight} plans in flight"
+            )
+
+            async def quiet_plan(_i: int, _notes: Counter[str]) -> None:
+                await quiet.plan_trip(query)
+
+            alone = await closed_loop(1, quiet_plan, s.trip_duration, s.warmup, pids)
+
+            async def flood(c: Client) -> None:
+                while not stop_flood.is_set():
+                    try:
+                        await c.plan_trip(query)
+                        flood_done["answered"] += 1
+                    except EvchargeError as exc:
+                        flood_done[exc.code] += 1
+                        await asyncio.sleep(0.01)
+
+            flooding = [asyncio.ensure_future(flood(c)) for c in floods for _ in range(s.flood_in_flight)]
+            try:
+                amid = await closed_loop(1, quiet_plan, s.trip_duration, max(s.warmup, 1.0), pids)
+            finally:
+                stop_flood.set()
+                await asyncio.gather(*flooding, return_exceptions=True)
+            rss = self.rss_of(servers)
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+            self.stop_servers(servers)
+        alone_row = load_row("  └ the same vehicle alone", 1, alone, rss=rss, part=True)
+        main = load_row(
+            "noisy neighbour: a plan while another vehicle floods",
+            1,
+            amid,
+            rss=rss,
+            flood_connections=s.flood_connections,
+            flood_in_flight=s.flood_connections * s.flood_in_flight,
+            flood_answers=dict(flood_done),
+            alone_p50_ms=alone_row["p50_ms"],
+            alone_p99_ms=alone_row["p99_ms"],
+        )
+        main["p99_vs_alone"] = round(main["p99_ms"] / max(alone_row["p99_ms"], 1e-9), 2)
+        self.add("noisy", main, main, alone_row)
+
     # --- 5. contention -----------------------------------------------------------------------
 
     async def contention(self) -> None:
@@ -1194,6 +1264,9 @@ def evaluate_targets(results: dict[str, Any], settings: Settings) -> list[dict[s
     if f"planning_{LARGE_WORLD}" in results:
         pl = results[f"planning_{LARGE_WORLD}"]
         add(f"plan p50 in process, {LARGE_WORLD} (ms)", pl["p50_ms"], "<= 10", pl["p50_ms"] <= 10)
+    if "noisy" in results:
+        n = results["noisy"]
+        add("noisy neighbour: plan p99 amid a flood vs alone", n["p99_vs_alone"], "<= 3", n["p99_vs_alone"] <= 3)
     if "contention" in results:
         c = results["contention"]
         add("contention: winners per slot", c["winners_per_slot"], "== 1", c["winners_per_slot"] == 1)
@@ -1346,6 +1419,7 @@ async def run_bench(settings: Settings, scenarios: list[str], work: Path, consol
         "reserve": bench.reserve,
         "trips": bench.trips,
         "planning": bench.planning,
+        "noisy": bench.noisy,
         "contention": bench.contention,
         "scale": bench.scale,
     }
@@ -1405,6 +1479,13 @@ def report(results: dict[str, Any], console: Console) -> None:
     )
     console.print(render_table(results["rows"], title))
     sc = results["scenarios"]
+    if "noisy" in sc:
+        n = sc["noisy"]
+        console.print(
+            f"noisy neighbour: a plan's p99 {n['p99_ms']:.1f} ms amid {n['flood_in_flight']} plans in flight of "
+            f"another vehicle, {n['alone_p99_ms']:.1f} ms alone (x{n['p99_vs_alone']}); the flood's answers: "
+            f"{n['flood_answers']}"
+        )
     if "contention" in sc:
         c = sc["contention"]
         console.print(

@@ -14,6 +14,11 @@ and cancel what they got, while faults are injected:
   operator is partitioned from its peers (every link to and from it swallows
   everything, new connections too) for a few seconds;
 * ``kill -9`` of a random server, restarted on the same data directory;
+* a damaged store: after a ``kill -9`` the store is emptied, deleted, has a page
+  overwritten, a row with a state nobody writes, or two live reservations
+  overlapping; the restart must refuse it in one line naming the file (and
+  serve nothing); then the store is put back byte for byte and the server
+  restarted on it;
 * a refusing disk: the kernel is told (``prlimit``, ``RLIMIT_FSIZE`` 0) to
   refuse every write of one server to its files, so SQLite's real write path
   fails; the server must answer ``unavailable`` instead of acknowledging, then
@@ -44,9 +49,11 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import os
 import random
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -80,6 +87,8 @@ from tools.harness import (
     free_ports,
     inspect_operators,
     sigterm_cancels,
+    store_path,
+    tail,
     wait_federated,
     write_json,
     write_world,
@@ -91,12 +100,15 @@ RESERVE_CELLS = 24  # twelve hours of cells: enough contention for conflicts, ro
 DEPART_CELLS = 6
 PROBE_DAY = 3  # probe reservations (the disk checks) go on their own day, one hour apart
 PROXY_FAULT_KINDS = ("delay", "stall", "cut", "reset")  # at random, per chunk, at the proxies' rates
-SERVER_FAULT_KINDS = ("partition", "kill", "disk_refused")  # by the monkey, each at least once a run
+SERVER_FAULT_KINDS = ("partition", "kill", "disk_refused", "store_damaged")  # by the monkey, each at least once a run
+# How a killed server's store is damaged before a restart that must refuse it (then it is put back).
+STORE_DAMAGE = ("emptied", "deleted", "page overwritten", "bogus state", "overlapping rows")
 NOT_INJECTED = {
     **{kind: f"the proxies made no {kind} though its rate is not zero" for kind in PROXY_FAULT_KINDS},
     "partition": "no operator was partitioned from its peers",
     "kill": "no server was killed with kill -9 and restarted",
     "disk_refused": "no disk refused writes with a request answered `unavailable` meanwhile",
+    "store_damaged": "no killed server was restarted on a damaged store (and refused it)",
 }
 UNKNOWN = ("lost", "timeout", "unfinished")  # outcomes after which nobody knows what happened
 # The answers each request may rightly get under these faults; any other is a finding (say, a
@@ -368,6 +380,35 @@ class Kill:
     operator: str
     downtime_s: float
     restart_s: float = 0.0
+    damage: str = ""  # the store was damaged before a first restart, which had to refuse it
+    refusal: str = ""  # that restart's one line
+
+
+def damage_store(path: Path, how: str) -> None:
+    """Damage a stopped server's store (``STORE_DAMAGE``): what a failing disk or a hurried operator does."""
+    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    if how in ("emptied", "deleted"):
+        for extra in (wal, shm):
+            extra.unlink(missing_ok=True)
+        path.write_bytes(b"") if how == "emptied" else path.unlink()
+        return
+    with sqlite3.connect(path) as db:
+        if how == "bogus state":
+            db.execute("UPDATE reservations SET state = 'bogus' WHERE rowid = (SELECT min(rowid) FROM reservations)")
+        elif how == "overlapping rows":
+            db.execute(
+                'INSERT INTO reservations (id, charge_point_id, vehicle_id, start, "end", state, created) '
+                "SELECT id || '-twin', charge_point_id, vehicle_id, start, \"end\", 'booked', created "
+                "FROM reservations WHERE state = 'booked' LIMIT 1"
+            )
+        else:  # the page of the reservations table, in the file itself (what the WAL held goes in first)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'reservations'").fetchone()
+    if how == "page overwritten":
+        with path.open("r+b") as f:
+            f.seek((root - 1) * page_size)
+            f.write(os.urandom(page_size))
 
 
 def outcome_of(exc: EvchargeError) -> str:
@@ -589,7 +630,7 @@ class Chaos:
         """
         await asyncio.gather(
             self._track(["disk_refused"], (1.0,), self.s.disk_gap),
-            self._track(["kill", "partition"], (0.6, 0.4), self.s.event_gap),
+            self._track(["kill", "partition", "store_damaged"], (0.45, 0.35, 0.2), self.s.event_gap),
         )
 
     async def _track(self, kinds: list[str], weights: tuple[float, ...], gap: tuple[float, float]) -> None:
@@ -608,8 +649,8 @@ class Chaos:
             self.busy.add(operator)
             self.console.print(f"  [dim]{time.monotonic() - self.began:6.1f} s[/] {kind} {operator}")
             try:
-                if kind == "kill":
-                    await self.kill_and_restart(operator)
+                if kind in ("kill", "store_damaged"):
+                    await self.kill_and_restart(operator, damage=kind == "store_damaged")
                 elif kind == "disk_refused":
                     await self.refusing_disk(operator)
                 else:
@@ -626,7 +667,9 @@ class Chaos:
         if kind == "partition":
             return self.partitions > 0
         if kind == "kill":
-            return any(k.restart_s > 0 for k in self.kills)  # killed, and restarted
+            return any(k.restart_s > 0 and not k.damage for k in self.kills)  # killed, and restarted
+        if kind == "store_damaged":
+            return any(k.refusal and k.restart_s > 0 for k in self.kills)  # refused, then restarted on the store
         if kind == "disk_refused":
             return any(w.unavailable_answers > 0 for w in self.disk_windows)  # a write was refused
         raise ValueError(f"no fault {kind!r}")
@@ -670,18 +713,56 @@ class Chaos:
             for proxy in links:
                 proxy.heal()
 
-    async def kill_and_restart(self, operator: str) -> None:
+    async def kill_and_restart(self, operator: str, *, damage: bool = False) -> None:
         server = self.servers[operator]
         kill = Kill(operator, round(self.rng.uniform(*self.s.downtime), 2))
         self.kills.append(kill)
         server.kill()
         await asyncio.sleep(kill.downtime_s)
+        if damage:
+            await self.restart_on_damaged_store(server, kill)
         try:
             kill.restart_s = round((await server.start_async()).startup_s, 2)
         except HarnessError as exc:
             # A server that cannot come back from a crash is a finding, not a broken harness.
             self.violations.append(f"server {operator} could not restart after kill -9: {exc}")
             raise
+
+    async def restart_on_damaged_store(self, server: OperatorProcess, kill: Kill) -> None:
+        """Damage the killed server's store: a restart must refuse it in one line; then it is put back as it was."""
+        store = store_path(server.data_dir, server.operator)
+        files = [store.with_name(store.name + suffix) for suffix in ("", "-wal", "-shm")]
+        kept = self.work / "kept-store"
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir()
+        for f in files:
+            if f.exists():
+                shutil.copy2(f, kept / f.name)
+        kill.damage = self.rng.choice(STORE_DAMAGE)
+        self.console.print(
+            f"  [dim]{time.monotonic() - self.began:6.1f} s[/] store of {server.operator}: {kill.damage}"
+        )
+        try:
+            await asyncio.to_thread(damage_store, store, kill.damage)
+            try:
+                await server.start_async(timeout=30.0)
+            except HarnessError:
+                pass  # refused, as it must: its log says how
+            else:
+                self.violations.append(f"server {server.operator} started on its store {kill.damage}, unchecked")
+                server.kill()
+            refusal = [line for line in tail(server.log_path, 5).splitlines() if "evcharge server: " in line]
+            kill.refusal = refusal[-1].strip() if refusal else ""
+            if not kill.refusal or str(store) not in kill.refusal or "Traceback" in tail(server.log_path, 40):
+                self.violations.append(
+                    f"server {server.operator}'s start on its store {kill.damage} was not refused in one line "
+                    f"naming {store}: {tail(server.log_path, 3)!r}"
+                )
+        finally:
+            for f in files:  # back as it was, byte for byte: nothing acknowledged may be lost by the drill
+                f.unlink(missing_ok=True)
+                if (kept / f.name).exists():
+                    shutil.copy2(kept / f.name, f)
 
     async def refusing_disk(self, operator: str) -> None:
         server = self.servers[operator]
@@ -865,6 +946,7 @@ class Chaos:
             **{kind: proxy_faults.get(kind, 0) for kind in FAULT_KINDS},
             "kill": len(self.kills),
             "disk_refused": len(self.disk_windows),
+            "store_damaged": sum(1 for k in self.kills if k.damage),
         }
         return {
             "seed": self.s.seed,
@@ -944,7 +1026,8 @@ def report(results: dict[str, Any], console: Console) -> None:
             f"{w['recovered_after_s']} s after the disk recovered"
         )
     for k in results["kills"]:
-        console.print(f"kill -9 of {k['operator']}: down {k['downtime_s']} s, restarted in {k['restart_s']} s")
+        damaged = f"; first on its store {k['damage']}: {k['refusal'] or 'NOT refused'}" if k["damage"] else ""
+        console.print(f"kill -9 of {k['operator']}: down {k['downtime_s']} s, restarted in {k['restart_s']} s{damaged}")
     for check in results["checks"]:
         console.print(
             f"check {check['name']}: settled in {check['settle_s']} s, {check['live_reservations']} live "

@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ from evcharge.domain.world import (
 )
 from evcharge.links.client import open_client
 from evcharge.operator.store import Store, put_reservation, put_trip
+from evcharge.operator.store.sqlite import store_file
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import EvchargeError
 
@@ -101,6 +103,25 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def child_setup(with_parent: bool, limits: Mapping[int, tuple[int, int]]) -> Callable[[], None] | None:
+    """A preexec_fn: the child dies with its parent (``with_parent``, see ``die_with_parent``), under ``limits``.
+
+    ``limits`` maps ``resource.RLIMIT_*`` to (soft, hard): a server started under a low file
+    limit, say. Both only call into the C library between fork and exec.
+    """
+    on_death = die_with_parent() if with_parent else None
+    if on_death is None and not limits:
+        return None
+
+    def preexec() -> None:
+        if on_death is not None:
+            on_death()
+        for which, (soft, hard) in limits.items():
+            resource.setrlimit(which, (soft, hard))
+
+    return preexec
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -181,7 +202,8 @@ class Child:
     ``env``: variables set on top of this process's environment. ``die_with_parent``: Linux
     kills the child when this process dies. ``log_through_pipe``: the output goes through a
     pipe to a ``cat`` that writes the log; a pipe is not a file, so the log keeps flowing
-    while the child's own writes to files are refused (``RLIMIT_FSIZE``).
+    while the child's own writes to files are refused (``RLIMIT_FSIZE``). ``limits``: the
+    child's resource limits (``resource.RLIMIT_*`` -> (soft, hard)), e.g. few files.
     """
 
     def __init__(
@@ -192,12 +214,14 @@ class Child:
         env: Mapping[str, str] | None = None,
         log_through_pipe: bool = False,
         die_with_parent: bool = True,
+        limits: Mapping[int, tuple[int, int]] | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
         self.env = dict(env) if env else None
         self.log_through_pipe = log_through_pipe
         self.die_with_parent = die_with_parent
+        self.limits = dict(limits or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.logger: subprocess.Popen[bytes] | None = None  # the log's cat, with log_through_pipe
         self.port = 0  # from its ready file, if it wrote one
@@ -220,7 +244,7 @@ class Child:
 
     def launch(self, args: list[str]) -> subprocess.Popen[bytes]:
         """Start ``args`` (not waiting for anything)."""
-        preexec = die_with_parent() if self.die_with_parent else None  # it only calls prctl
+        preexec = child_setup(self.die_with_parent, self.limits)
         env = {**os.environ, **self.env} if self.env else None
         if self.log_through_pipe:
             proc = subprocess.Popen(
@@ -354,6 +378,7 @@ class ServerProcess(Child):
         name: str = "",
         log_through_pipe: bool = False,
         die_with_parent: bool = True,
+        limits: Mapping[int, tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(
             name or f"server {operator}",
@@ -361,6 +386,7 @@ class ServerProcess(Child):
             env=env,
             log_through_pipe=log_through_pipe,
             die_with_parent=die_with_parent,
+            limits=limits,
         )
         self.world_path = world_path
         self.operator = operator
@@ -548,7 +574,7 @@ def bench_vehicles(operators: Iterable[str], per_operator: int) -> list[VehicleC
 
 def store_path(data_dir: Path, operator: str) -> Path:
     """Where ``evcharge server --data-dir DATA_DIR --operator OPERATOR`` keeps its store."""
-    return data_dir / f"{operator}.sqlite3"
+    return store_file(data_dir, operator)
 
 
 async def seed_store(

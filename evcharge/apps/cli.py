@@ -24,7 +24,7 @@ from typing import Any
 import uvloop
 from rich.console import Console
 
-from evcharge.apps import render
+from evcharge.apps import render, stores
 from evcharge.apps.ocpp import DEFAULT_PORT as OCPP_PORT
 from evcharge.apps.tls_options import client_tls, client_tls_parser, gateway_tls, gateway_tls_parser
 from evcharge.apps.vehicle import (
@@ -52,6 +52,7 @@ from evcharge.operator.server import (
     ClockMismatch,
     Server,
 )
+from evcharge.operator.store import StoreError
 from evcharge.wire import redact
 from evcharge.wire.address import host_port_argument, listen_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=MAX_CONNECTIONS,
-        help="refuse new clients beyond this many (default: %(default)s)",
+        help="refuse new clients beyond this many, and keep at most as many in their handshake; fewer if the "
+        "file limit (ulimit -n, raised at start as far as allowed) cannot hold them (default: %(default)s)",
     )
     server.add_argument(
         "--idle-timeout",
@@ -323,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not count holds of bookings in progress (holds well past their deadline still count)",
     )
+    check.add_argument(
+        "--data-dir",
+        type=Path,
+        help="check the stores in this data directory instead (servers stopped or not; nothing is changed): "
+        "what each server would refuse at start, then the invariants across them",
+    )
     check.set_defaults(run=run_check)
 
     settle = sub.add_parser(
@@ -336,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     settle.add_argument("--server", type=host_port_argument, help="HOST:PORT (default: the world file's)")
     settle.add_argument("--json", action="store_true")
     settle.set_defaults(run=run_settlement)
+
+    stores.add_backup_parser(sub, [common])
 
     webcmd.add_parser(sub, [common, client_tls])
 
@@ -399,6 +409,9 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+    except StoreError as exc:  # damaged, emptied, another's, or newer: one line, never served from
+        print(f"evcharge server: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ClockMismatch) as exc:
         await server.stop()
         print(f"evcharge server: {_start_failure(exc, args.operator)}", file=sys.stderr)
@@ -527,6 +540,9 @@ async def run_monitor(world: World, args: argparse.Namespace) -> int:
 
 async def run_check(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.invariants import in_transit, settlement_violations, summary, violations
+
+    if args.data_dir is not None:
+        return await stores.check_stores(world, args.data_dir)
 
     states = {}
     settlements = {}

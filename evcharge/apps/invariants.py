@@ -2,7 +2,8 @@
 
 1. Two live reservations never overlap on one charge point.
 2. A trip is whole or absent: a committed trip has each of its stops booked
-   (or already used or expired) at its owner; a cancelled trip holds none; no
+   (or already used or expired) at its owner, but for those it shows lost
+   (withdrawn by their owner, and free there); a cancelled trip holds none; no
    stop is booked for a trip no coordinator committed; nothing stays held.
 3. No hold outlives its deadline by more than the time its owner needs to ask
    the coordinator (checked when ``now`` is given; holds of bookings still in
@@ -57,11 +58,15 @@ def violations(
             if r.trip_id and r.state in _TRIP_STOP_STATES:
                 stops_of[r.trip_id].add((op_id, r.id))
     trips = {t.id: t for state in states.values() for t in state.trips}
+    holding = {(op_id, r.id) for op_id, state in states.items() for r in state.reservations if r.state in LIVE_STATES}
     for trip in trips.values():
-        expected = {(s.operator_id, s.reservation_id or "") for s in trip.stops}
-        if trip.state == "committed" and stops_of.get(trip.id, set()) != expected:
+        # A stop its owner withdrew (its charge point broke) shows in the trip as lost, and is free.
+        expected = {(s.operator_id, s.reservation_id or "") for s in trip.stops if not s.lost}
+        if trip.state == "committed" and stops_of.get(trip.id, set()) - _lost(trip) != expected:
             missing = sorted(expected - stops_of.get(trip.id, set()))
             found.append(f"trip {trip.id} is not whole: missing {missing}")
+        for stop in sorted(_lost(trip) & holding):
+            found.append(f"trip {trip.id} shows its stop {stop[1]} at {stop[0]} lost, but it is still held there")
         if trip.state == "cancelled" and any(
             r.trip_id == trip.id and r.state == "booked" for state in states.values() for r in state.reservations
         ):
@@ -70,6 +75,10 @@ def violations(
     for trip_id in sorted(set(stops_of) - committed):
         found.append(f"stops booked for trip {trip_id}, which no coordinator committed")
     return found
+
+
+def _lost(trip: p.TripInfo) -> set[tuple[str, str]]:
+    return {(s.operator_id, s.reservation_id or "") for s in trip.stops if s.lost}
 
 
 def stale_holds(states: dict[str, p.InspectResult], now: float, grace: float = HOLD_GRACE_S) -> list[str]:

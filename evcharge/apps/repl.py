@@ -69,6 +69,16 @@ HELP = """\
   release RESERVATION                 history   costs (totals by operator and month)   soc   help   quit"""
 
 
+def book_command(offer: p.TripOffer) -> str:
+    """The prompt's command that books an offered plan as shown (its question, word for word)."""
+    q = offer.query
+    words = ["book", "--from", q.origin, "--to", q.destination, "--soc", str(q.soc_pct)]
+    if q.depart is not None:
+        words += ["--depart", q.depart.isoformat()]
+    words += ["--min-arrival-soc", str(q.min_arrival_soc_pct), "--max-charge-soc", str(q.max_charge_soc_pct)]
+    return shlex.join([*words, "--plan", offer.plan.id])
+
+
 class _ReplParser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # never exit the REPL on a typo
         raise UsageError(message)
@@ -364,10 +374,12 @@ class VehicleRepl:
                 self.soc = min(1.0, start_soc + kwh / self.vehicle.battery_kwh)
                 if rid in self._progress:
                     self._progress[rid].set()
-            case p.TripChanged(trip=trip, reason=reason):
+            case p.TripChanged(trip=trip, reason=reason, offer=offer):
                 self._learn({"trip": trip})
                 route = " -> ".join(f"{s.city} ({s.operator_id})" for s in trip.stops) or "no stops"
                 self.say(f"[cyan]*[/] trip {trip.id} {trip.origin} -> {trip.destination}: {reason}; {route}")
+                if offer is not None:
+                    self.say(f"  a new plan is offered: [bold]{book_command(offer)}[/] (then cancel-trip {trip.id})")
             case p.ReservationChanged(reservation=r, reason=reason):
                 self.reservations[r.id] = r.state
                 if r.state != "charging":

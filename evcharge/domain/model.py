@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 # A live reservation holds its slot; the others are history.
 LIVE_STATES: frozenset[str] = frozenset({"held", "booked", "charging"})
+RESERVATION_STATES: frozenset[str] = LIVE_STATES | {"completed", "cancelled", "expired", "aborted"}
+TRIP_STATES: frozenset[str] = frozenset({"committed", "cancelled"})  # a stored trip's (no row: aborted)
 
 
 @dataclass(slots=True)
@@ -85,3 +87,14 @@ class ChargeRecord:
     kwh: float
     price_per_kwh: float
     cost: float
+
+
+@dataclass(slots=True)
+class Withdrawal:
+    """A booked stop of a trip its owner withdrew (its charge point broke), until the coordinator knows."""
+
+    reservation_id: str
+    trip_id: str
+    coordinator: str
+    reason: str
+    told: bool = False  # the coordinator acknowledged it

@@ -13,6 +13,7 @@ import collections
 import logging
 import secrets
 from collections.abc import Callable
+from datetime import timedelta
 
 from evcharge.domain.clock import to_seconds
 from evcharge.domain.model import Reservation
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 INSPECT_PART_BYTES = p.MAX_FRAME // 2  # room to spare under the frame cap
 PUSH_BUFFER_LIMIT = 4 << 20  # a client this far behind on pushes is disconnected
 COMMAND_TIMEOUT = 10.0  # real seconds a charge point has to answer a command
+MAX_AVAILABILITY = timedelta(days=7)  # of slots a peer may ask about at once (a plan asks for two)
 
 
 class RoleHandler(Responder):
@@ -273,6 +275,10 @@ class OperatorToolHandler(RoleHandler):
                 part.more = cursor if self._inspect_parts else ""
                 return part
             case p.CancelReservation(reservation_id=rid):
+                # A trip's stop is withdrawn (its charge point out of service), and its coordinator told.
+                if rid in s.books.reservations and s.books.reservations[rid].trip_id is not None:
+                    r = await s.participant.withdraw(self.actor, rid)
+                    return p.ReservationReply(reservation=s.views.reservation_info(r))
                 c = await s.reservations.cancel(self.actor, rid)
                 return p.ReservationReply(reservation=s.views.reservation_info(c.reservation), unchanged=c.already)
             case p.GetSettlement():
@@ -299,6 +305,8 @@ class PeerHandler(RoleHandler):
                 await s.federation_or_refuse().records.receive(coordinator, record)
                 return p.Ok()
             case p.GetAvailability(start=start, end=end):
+                if end - start > MAX_AVAILABILITY:
+                    raise BadRequestError(f"availability is given for at most {MAX_AVAILABILITY.days} days at a time")
                 busy = await s.views.busy_between(to_seconds(start), to_seconds(end))
                 return p.Availability(charge_points=busy)
             case p.Prepare(vehicle_id=vehicle_id):
@@ -310,10 +318,13 @@ class PeerHandler(RoleHandler):
                 await s.participant.resolve(coordinator, txn_id, trip_id, commit)
                 return p.Ok()
             case p.QueryDecision(txn_id=txn_id):
-                outcome = s.federation_or_refuse().coordinator.outcome(txn_id)
+                outcome = s.federation_or_refuse().coordinator.outcome(txn_id, asker=self.ident)
                 return p.Decision(txn_id=txn_id, outcome=outcome)
             case p.ReleaseTrip(trip_id=trip_id):
                 await s.participant.release_trip(coordinator, trip_id)
+                return p.Ok()
+            case p.StopWithdrawn(trip_id=trip_id, reservation_id=rid, reason=reason):
+                await s.federation_or_refuse().coordinator.stop_withdrawn(self.ident, trip_id, rid, reason)
                 return p.Ok()
             case p.Heartbeat():
                 return p.HeartbeatAck(server_time=s.books.clock.now_dt())

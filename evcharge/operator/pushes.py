@@ -174,7 +174,7 @@ class Online:
                 for event in events:
                     client.push(event)
 
-    def trip_changed(self, trip: p.TripInfo, reason: str) -> None:
-        event = p.TripChanged(trip=trip, reason=reason)
+    def trip_changed(self, trip: p.TripInfo, reason: str, offer: p.TripOffer | None = None) -> None:
+        event = p.TripChanged(trip=trip, reason=reason, offer=offer)
         self.to_vehicle(trip.vehicle_id, event)
         self.to_operator_tools(event)

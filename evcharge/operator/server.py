@@ -22,6 +22,7 @@ from typing import Any
 from evcharge.domain.clock import SimClock
 from evcharge.domain.world import World
 from evcharge.operator.charging import Charging
+from evcharge.operator.file_limit import CapLog, ConnectionCaps, connection_caps
 from evcharge.operator.handlers import (
     PUSH_BUFFER_LIMIT,
     ChargePointHandler,
@@ -35,7 +36,9 @@ from evcharge.operator.pushes import Online
 from evcharge.operator.reservations import Reservations
 from evcharge.operator.services import Services
 from evcharge.operator.state import Books
-from evcharge.operator.store import Store, put_meta
+from evcharge.operator.store import DamagedStoreError, Store, StoredState, put_meta
+from evcharge.operator.store.integrity import problems
+from evcharge.operator.store.sqlite import RESTORE, store_file
 from evcharge.operator.trips.federation import Federation
 from evcharge.operator.trips.participant import Participant
 from evcharge.operator.views import Views
@@ -75,6 +78,15 @@ CLOCK_TOLERANCE = 2.0  # simulated seconds within which a given clock anchor con
 
 class ClockMismatch(Exception):
     """A ``--clock-anchor`` that would move the simulated time its store's bookings were made in."""
+
+
+class _Refused(Exception):
+    """A handshake refused in answer to a later frame than the Hello (a peer's proof)."""
+
+    def __init__(self, request_id: int, error: EvchargeError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.error = error
 
 
 class Server:
@@ -123,7 +135,7 @@ class Server:
         self.write_timeout = write_timeout
         self.max_in_flight = max_in_flight
         self.push_buffer_limit = push_buffer_limit
-        self.store = Store(data_dir / f"{operator_id}.sqlite3", max_bytes=store_max_bytes)
+        self.store = Store(store_file(data_dir, operator_id), max_bytes=store_max_bytes)
         self._time_scale = time_scale
         self._clock_anchor = clock_anchor
         self.books = Books(world, operator_id, self.store, SimClock(time_scale))
@@ -152,8 +164,13 @@ class Server:
         )
         self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
+        # Connections not past their handshake, oldest first (the first to go when they are too many).
+        self._handshakes: dict[asyncio.Task[None], Connection] = {}
         self._stopping = False
+        # What the process's file limit lets it hold (set at start; until then --max-connections).
+        self.caps = ConnectionCaps(max_connections, max_connections, 0, 0)
+        self._handshakes_capped = CapLog()
+        self._clients_capped = CapLog()
 
     @property
     def clock(self) -> SimClock:
@@ -169,12 +186,24 @@ class Server:
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the store (refusing one that must not be served from), then listen."""
         state = self.store.open()
+        try:
+            self._check_books(state)
+        except DamagedStoreError:
+            await self.store.close()
+            raise
         self.books.clock = self._continue_clock(state.meta)
         self.books.load(state)
         self.store.start()
+        self.caps = connection_caps(self.max_connections, peers=len(self.world.operators) - 1)
+        capped = self.caps.clients < self.max_connections
+        (log.warning if capped else log.info)(
+            "%s%s", self.caps.describe(), f" (fewer than --max-connections {self.max_connections})" if capped else ""
+        )
         await self.store.commit(
             [
+                put_meta("operator_id", self.operator.id),
                 put_meta("clock_anchor_sim", repr(self.clock.anchor_sim)),
                 put_meta("clock_anchor_real", repr(self.clock.anchor_real)),
                 put_meta("time_scale", repr(self.clock.time_scale)),
@@ -207,6 +236,20 @@ class Server:
             self.clock.time_scale,
             self.clock.now_dt().isoformat(timespec="seconds"),
         )
+
+    def _check_books(self, state: StoredState) -> None:
+        """Refuse books that are not this operator's, or rows that cannot be what a server wrote."""
+        where = f"store {self.store.path}"
+        owner = state.meta.get("operator_id", self.operator.id)
+        if owner != self.operator.id:
+            raise DamagedStoreError(
+                f"{where} holds the books of operator {owner}, not {self.operator.id}: "
+                f"give --operator {owner}, or the data directory of {self.operator.id}"
+            )
+        found = problems(state)
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise DamagedStoreError(f"{where}: {found[0]}{more}: fix it with sqlite3 (or delete it), or {RESTORE}")
 
     def _continue_clock(self, meta: dict[str, str]) -> SimClock:
         """Simulated time carries on from where the store left it (or from a shared anchor)."""
@@ -268,23 +311,27 @@ class Server:
     async def _accept(self, listener: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._handshakes) >= self.max_connections:
-            # Connections that have not said Hello yet count too: silent or trickling ones
-            # must not exhaust our file descriptors before their Hello deadline cuts them off.
-            log.warning("%d handshakes pending; dropping a new connection", len(self._handshakes))
-            writer.transport.abort()
-            return
-        self._handshakes.add(task)
         conn = Connection(reader, writer)
         conn.frame_timeout = self.frame_timeout
         conn.write_timeout = self.write_timeout
+        if len(self._handshakes) >= self.caps.handshakes:
+            # Silent or trickling connections must not use up our file descriptors before their
+            # Hello deadline: the oldest goes, since a real client says Hello in milliseconds.
+            oldest = next(iter(self._handshakes))
+            self._handshakes.pop(oldest).abort()
+            self._handshakes_capped.bit(
+                asyncio.get_running_loop().time(),
+                "%d connections in their handshake (the most the file limit allows): dropped the oldest",
+                self.caps.handshakes,
+            )
+        self._handshakes[task] = conn
         try:
             handler = await self._handshake(conn, self.listen[listener], writer.get_extra_info("peercert"))
         except asyncio.CancelledError:
             await conn.close()
             raise
         finally:
-            self._handshakes.discard(task)
+            self._handshakes.pop(task, None)
         if handler is not None:
             await handler.run(self.max_in_flight, closed=self._forget)
 
@@ -312,8 +359,11 @@ class Server:
                     raise ForbiddenError(f"this port is for {roles}, not {hello.role}; ask the operator for yours")
                 if self._stopping:
                     raise UnavailableError("server is shutting down")
-                if len(self.online) >= self.max_connections:
-                    raise UnavailableError(f"too many connections (at most {self.max_connections}); try again later")
+                if len(self.online) >= self.caps.clients:
+                    self._clients_capped.bit(
+                        asyncio.get_running_loop().time(), "%d clients connected: refusing more", self.caps.clients
+                    )
+                    raise UnavailableError(f"too many connections (at most {self.caps.clients}); try again later")
                 if hello.role == "peer" and self.operator.peer_tls and listener.security != "mtls":
                     # Every operator has every secret: only a certificate tells B from C.
                     raise ForbiddenError("peers of this operator connect over mutual TLS, on its peer port")
@@ -323,7 +373,9 @@ class Server:
                     handler, request_id = await self._authenticate_peer(conn, hello, names)
                 else:
                     handler = self._authenticate(conn, hello)
-        except EvchargeError as exc:
+        except (EvchargeError, _Refused) as exc:
+            if isinstance(exc, _Refused):
+                request_id, exc = exc.request_id, exc.error
             log.info("handshake from %s refused: %s", conn.peername, exc.message)
             await conn.reply_error(request_id, exc)
             await conn.close()
@@ -394,10 +446,14 @@ class Server:
         nonce = new_nonce()
         proof = peer_proof(peer.secret, "server", hello.credential, nonce, peer.id)
         await conn.send(p.PeerChallenge(id=hello.id, nonce=nonce, proof=proof))
-        answer = await conn.receive()
+        try:
+            answer = await conn.receive()
+        except UndecodableMessage as exc:
+            raise _Refused(exc.request_id, BadRequestError(f"expected PeerProof: {exc.reason}")) from None
         expected = peer_proof(peer.secret, "client", hello.credential, nonce, peer.id)
         if not isinstance(answer, p.PeerProof) or not same_secret(expected, answer.proof):
-            raise UnauthorizedError(f"peer {peer.id}: wrong proof")
+            # Answered with the id of what it sent last, as every refusal is.
+            raise _Refused(getattr(answer, "id", 0), UnauthorizedError(f"peer {peer.id}: wrong proof"))
         return PeerHandler(self.services, conn, peer.id, idle_timeout=self.idle_timeout), answer.id
 
     def _forget(self, handler: RoleHandler) -> None:

@@ -101,6 +101,8 @@ class Books:
         self.clock = clock
         self.lock = aiorwlock.RWLock()
         self.listeners: list[Listener] = []
+        # Called with what the store holds whenever memory is (re)built from it, after the rest.
+        self.loaders: list[Callable[[StoredState], None]] = []
         self.stations: dict[str, StationConfig] = {s.id: s for s in world.stations_of(operator_id)}
         self.charge_points: dict[str, ChargePointState] = {
             cp.id: ChargePointState(cp, s) for s in self.stations.values() for cp in s.charge_points
@@ -148,6 +150,8 @@ class Books:
             self.remember_trip(trip)
         self.outcomes = {(o.scope, o.key): o for o in state.outcomes}
         self.records = {r.reservation_id: r for r in state.records}
+        for loader in self.loaders:
+            loader(state)
 
     def index(self, r: Reservation) -> None:
         self.reservations[r.id] = r

@@ -124,9 +124,15 @@ class Views:
             return [self.station_info(s, now, with_busy=True) for s in books.stations.values()]
 
     async def busy_between(self, start: int, end: int) -> list[p.CpBusy]:
+        """Taken slots per charge point; one out of service is taken throughout (plans go around it)."""
         async with self.books.lock.reader_lock:
             return [
-                p.CpBusy(cp_id, [p.Interval(to_datetime(s), to_datetime(e)) for s, e in cp.ledger.busy(start, end)])
+                p.CpBusy(
+                    cp_id,
+                    [p.Interval(to_datetime(start), to_datetime(end))]
+                    if cp.out_of_service
+                    else [p.Interval(to_datetime(s), to_datetime(e)) for s, e in cp.ledger.busy(start, end)],
+                )
                 for cp_id, cp in self.books.charge_points.items()
             ]
 

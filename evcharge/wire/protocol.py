@@ -153,6 +153,8 @@ class TripStop(msgspec.Struct, kw_only=True, omit_defaults=True):
     kwh: float
     cost: float
     reservation_id: str | None = None
+    # Why its owner withdrew this stop (its charge point broke); empty while the stop stands.
+    lost: str = ""
 
 
 TripState = Literal["planned", "committed", "cancelled"]
@@ -585,6 +587,17 @@ class Settlement(Reply, kw_only=True):
     received: list[ChargeRecordInfo]  # our vehicles at other operators' chargers
 
 
+class StopWithdrawn(Request, kw_only=True):
+    """Owner -> coordinator: a committed trip's stop here was withdrawn (its charge point is out of service).
+
+    Answered ``Ok`` once the trip shows the lost stop; sent again until then (idempotent).
+    """
+
+    trip_id: str
+    reservation_id: str
+    reason: str
+
+
 # --- pushes to vehicles and operators ------------------------------------------
 
 
@@ -599,9 +612,17 @@ class ChargingProgress(Event, kw_only=True):
     cost: float
 
 
+class TripOffer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A plan shown to the vehicle (``plan.id``), booked as shown by ``BookTrip{query, plan_id: plan.id}``."""
+
+    query: TripQuery
+    plan: TripInfo
+
+
 class TripChanged(Event, kw_only=True):
     trip: TripInfo
     reason: str
+    offer: TripOffer | None = None  # a stop was lost: a fresh plan for the same route, if one was found
 
 
 class PeerChanged(Event, kw_only=True):
@@ -688,6 +709,7 @@ AnyMessage = (
     | Settlement
     | StationChanged
     | ForVehicle
+    | StopWithdrawn
 )
 
 
@@ -736,18 +758,23 @@ def encode_frame(message: Message) -> bytes:
 
 _classes: dict[str, type[msgspec.Struct]] = {cls.__name__: cls for cls in get_args(AnyMessage)}
 
+# msgspec decodes nested arrays and maps recursively, within the interpreter's recursion
+# limit; a body nested deeper than that (a 1 KB frame holds a thousand levels) is refused.
+_TOO_DEEP = "nested too deeply"
+
 
 def decode_body(body: bytes | memoryview) -> Message:
     try:
         return _decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
+        reason = _TOO_DEEP if isinstance(exc, RecursionError) else str(exc)
         try:
             request_id = _id_probe.decode(body).id
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             request_id = 0
         if isinstance(exc, msgspec.ValidationError):
             raise UndecodableMessage(explain(str(exc), body, _classes), request_id, in_user_words=True) from None
-        raise UndecodableMessage(str(exc), request_id) from None
+        raise UndecodableMessage(reason, request_id) from None
 
 
 class FrameBuffer:

@@ -35,6 +35,7 @@ import logging
 import signal
 import ssl
 import sys
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -43,6 +44,7 @@ from aiohttp import web
 
 from evcharge.apps.tls_options import client_tls
 from evcharge.apps.web.geography import map_data
+from evcharge.apps.web.guard import allowed_names, guard, is_loopback
 from evcharge.domain.world import World
 from evcharge.links.feed import OperatorFeed
 from evcharge.links.link import Backoff
@@ -223,6 +225,7 @@ def _offer(queue: asyncio.Queue[bytes | None], item: bytes | None) -> None:
 
 # --- HTTP ---------------------------------------------------------------------------------
 
+Middleware = Any  # an aiohttp middleware (aiohttp's own alias is not public)
 DASHBOARD = web.AppKey("dashboard", Dashboard)
 KEEPALIVE_EVERY = web.AppKey("keepalive", float)
 
@@ -253,8 +256,10 @@ def _page_template() -> str:
 PAGE = _page_template()
 
 
-def make_app(dashboard: Dashboard, *, keepalive: float = KEEPALIVE) -> web.Application:
-    app = web.Application()
+def make_app(
+    dashboard: Dashboard, *, keepalive: float = KEEPALIVE, middlewares: Sequence[Middleware] = ()
+) -> web.Application:
+    app = web.Application(middlewares=list(middlewares))
     app[DASHBOARD] = dashboard
     app[KEEPALIVE_EVERY] = keepalive
     app.router.add_get("/", _page)
@@ -264,10 +269,24 @@ def make_app(dashboard: Dashboard, *, keepalive: float = KEEPALIVE) -> web.Appli
     return app
 
 
-async def serve(dashboard: Dashboard, host: str, port: int, *, keepalive: float = KEEPALIVE) -> web.AppRunner:
-    """Serve the dashboard on host:port (0: any free port; see ``runner.addresses``)."""
+async def serve(
+    dashboard: Dashboard,
+    host: str,
+    port: int,
+    *,
+    keepalive: float = KEEPALIVE,
+    allow_hosts: Sequence[str] = (),
+    password: str | None = None,
+) -> web.AppRunner:
+    """Serve the dashboard on host:port (0: any free port; see ``runner.addresses``).
+
+    Only to requests for its own names (``allow_hosts`` and those of ``host``), and with
+    ``password`` only to those who log in with it (see ``guard``).
+    """
+    realm = f"evcharge operator {dashboard.operator.id}"
+    checks = [guard(allowed_names(host, allow_hosts), password, realm)]
     runner = web.AppRunner(
-        make_app(dashboard, keepalive=keepalive),
+        make_app(dashboard, keepalive=keepalive, middlewares=checks),
         access_log=None,
         handler_cancellation=True,  # a browser that goes away ends its SSE handler at once
         shutdown_timeout=SHUTDOWN_TIMEOUT,
@@ -336,6 +355,16 @@ async def run_web(world: World, args: argparse.Namespace) -> int:
     op = world.operator(args.operator)
     host, port = args.server or (op.host, op.port)
     context, name = client_tls(args, op)
+    password: str | None = None
+    if args.login or not is_loopback(args.host):
+        try:
+            password = args.token_file.read_text().strip() if args.token_file else op.secret
+        except OSError as exc:
+            print(f"evcharge web: cannot read --token-file {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        if not password:
+            print(f"evcharge web: --token-file {args.token_file} is empty", file=sys.stderr)
+            return 2
     dashboard = Dashboard(world, op.id, host, port, ssl_context=context, server_hostname=name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -344,7 +373,7 @@ async def run_web(world: World, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         try:
-            runner = await serve(dashboard, args.host, args.port)
+            runner = await serve(dashboard, args.host, args.port, allow_hosts=args.allow_host, password=password)
         except OSError as exc:
             # Like any setup that cannot work as typed: exit 2 (see `evcharge --help`).
             print(f"evcharge web: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from evcharge.operator.store.sqlite import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    DamagedStoreError,
     Op,
     Store,
     StoredState,
@@ -21,6 +22,7 @@ from evcharge.operator.store.sqlite import (
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "DamagedStoreError",
     "Op",
     "Store",
     "StoreError",

@@ -37,6 +37,7 @@ from evcharge.domain.clock import to_datetime
 from evcharge.domain.model import Trip
 from evcharge.domain.world import VehicleConfig
 from evcharge.operator.crash_points import crash_point
+from evcharge.operator.fair import FairQueue
 from evcharge.operator.pushes import Online
 from evcharge.operator.state import Actor, Books, Change
 from evcharge.operator.store import Op, StoreError, put_trip
@@ -45,7 +46,7 @@ from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
 from evcharge.operator.trips.planning import Planning
 from evcharge.operator.views import planned_trip_info, trip_info, trip_json
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConflictError, EvchargeError, NotFoundError, UnavailableError
+from evcharge.wire.errors import ConflictError, EvchargeError, ForbiddenError, NotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ PREPARE_TIMEOUT = 5.0  # real seconds from PREPARE to decision
 DECIDE_TIMEOUT = 3.0  # how long a booking or cancellation waits for the owners to take the decision
 MAX_ATTEMPTS = 4  # plans tried per booking
 RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
+MAX_REASON = 200  # characters of a peer's reason for a lost stop that the trip keeps
+# Bookings (their two-phase commits) under way at once; beyond, vehicles take turns, so that
+# one vehicle's flood of bookings does not hold everyone else's up (as for plans).
+BOOKINGS_AT_ONCE = 32
+MAX_BOOKINGS_WAITING = 1024  # per vehicle; more are refused (unavailable)
 
 
 @dataclass(slots=True)
@@ -61,6 +67,7 @@ class _Txn:
 
     state: str  # preparing | committing | committed | aborted
     deadline: float
+    owners: list[str]  # the participants: only they may ask how it ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,7 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
         self._stopping = False
         self._trip_locks: dict[str, asyncio.Lock] = {}
+        self._turns = FairQueue(BOOKINGS_AT_ONCE, MAX_BOOKINGS_WAITING, "trip bookings")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -114,8 +122,15 @@ class Coordinator:
     ) -> Booked:
         """Book a trip: the plan shown as ``plan_id`` if its slots are still free, else a fresh plan.
 
-        ``remember`` (outcomes.py) is stored in the transaction of the COMMIT record.
+        ``remember`` (outcomes.py) is stored in the transaction of the COMMIT record. A
+        vehicle's bookings take their turns (at most a few at once per vehicle).
         """
+        async with self._turns.turn(vehicle.id):
+            return await self._book(vehicle, query, plan_id, remember)
+
+    async def _book(
+        self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str, remember: Callable[[Booked], Op] | None
+    ) -> Booked:
         trip_id = f"{self.me}-T{secrets.token_hex(5)}"
         conflicts = ""
         shown = self.planning.shown_plan(vehicle.id, query, plan_id) if plan_id else None
@@ -165,7 +180,7 @@ class Coordinator:
         for i, stop in enumerate(plan.stops):
             by_owner.setdefault(stop.option.operator_id, []).append(i)
         deadline = time.time() + PREPARE_TIMEOUT
-        txn = _Txn("preparing", deadline)
+        txn = _Txn("preparing", deadline, list(by_owner))
         self.active[txn_id] = txn
         try:
             owners = list(by_owner)
@@ -391,11 +406,14 @@ class Coordinator:
             self.books.remember_trip(updated)
             return updated
 
-    def outcome(self, txn_id: str) -> p.Outcome:
-        """What a participant in doubt is told (presumed abort)."""
-        if txn_id in self.books.trips_by_txn:
-            return "commit"
+    def outcome(self, txn_id: str, asker: str) -> p.Outcome:
+        """What a participant in doubt is told (presumed abort); anyone else is ``forbidden``."""
+        trip = self.books.trips_by_txn.get(txn_id)
         txn = self.active.get(txn_id)
+        if asker not in (trip.participants if trip else txn.owners if txn else [asker]):
+            raise ForbiddenError(f"operator {asker} takes no part in {txn_id}")
+        if trip is not None:
+            return "commit"
         if txn is None:
             return "abort"
         if txn.state == "preparing" and time.time() >= txn.deadline:
@@ -403,6 +421,63 @@ class Coordinator:
         if txn.state in ("preparing", "committing"):
             return "pending"
         return "commit" if txn.state == "committed" else "abort"
+
+    # --- a stop its owner withdrew ---------------------------------------------------------------
+
+    async def stop_withdrawn(self, owner: str, trip_id: str, reservation_id: str, reason: str) -> None:
+        """The owner of one of a trip's stops took it back: the trip shows it lost, the driver is offered a re-plan.
+
+        Idempotent: the owner tells us until we answer.
+        """
+        trip = self.books.trips.get(trip_id)
+        if trip is None:
+            raise NotFoundError(f"no trip {trip_id!r}")
+        stop = next((s for s in trip_info(trip).stops if s.reservation_id == reservation_id), None)
+        if stop is None or stop.operator_id != owner:
+            raise ForbiddenError(f"reservation {reservation_id} is not a stop of trip {trip_id} at operator {owner}")
+        if stop.lost or trip.state != "committed":
+            return  # known already, or the whole trip is released anyway
+        reason = reason[:MAX_REASON] or f"withdrawn by operator {owner}"
+
+        def lose(current: Trip) -> Trip | None:
+            info = trip_info(current)
+            lost = next(s for s in info.stops if s.reservation_id == reservation_id)
+            if lost.lost or current.state != "committed":
+                return None
+            lost.lost = reason
+            return replace(current, info=trip_json(info))
+
+        try:
+            trip = await self._update_trip(trip_id, lose)
+        except StoreError:
+            raise UnavailableError("the lost stop could not be stored; tell it again") from None
+        log.info("trip %s lost its stop %s at %s: %s", trip_id, reservation_id, owner, reason)
+        offer = await self._replan_offer(trip)
+        where = f"{stop.city} ({stop.charge_point_id}, operator {owner})"
+        self.online.trip_changed(trip_info(trip), f"stop at {where} lost: {reason}", offer)
+
+    async def _replan_offer(self, trip: Trip) -> p.TripOffer | None:
+        """A fresh plan for a trip that lost a stop, shown to its vehicle; None if underway or none found."""
+        info = trip_info(trip)
+        if not info.stops or info.depart.timestamp() <= self.books.clock.now():
+            return None  # the vehicle is on the road: where from is the driver's call
+        vehicle = self.books.world.vehicle(trip.vehicle_id)
+        first = info.stops[0]
+        # Its charge at departure: what it arrived at the first stop with, plus what the drive there took.
+        used = first.drive_km * vehicle.consumption_kwh_per_km / vehicle.battery_kwh * 100
+        query = p.TripQuery(
+            origin=info.origin,
+            destination=info.destination,
+            soc_pct=round(min(100.0, first.soc_in + used), 1),
+            depart=info.depart,
+        )
+        try:
+            plan = await self.planning.plan(vehicle, query)
+        except EvchargeError as exc:
+            log.info("trip %s: no new plan to offer: %s", trip.id, exc.message)
+            return None
+        plan_id = self.planning.show(vehicle.id, query, plan)
+        return p.TripOffer(query=query, plan=planned_trip_info(plan_id, vehicle.id, self.me, query, plan))
 
     # --- trips as the vehicle sees them -------------------------------------------------
 

@@ -1,35 +1,89 @@
 """This operator as a two-phase-commit participant: it holds trip stops, then takes the decision.
 
-PREPARE checks every stop of one owner and holds them all in one writer
-section, or none (``hold``, answering with a ``Vote``). The holds carry the
-coordinator's deadline; they end only by its decision (``resolve``), which a
-participant that voted YES never takes alone: past the deadline it asks (see
-``recovery``). A committed trip's stops are released only with their trip
-(``release_trip``), by its coordinator.
+PREPARE checks every stop of one owner against the rules of a single
+reservation and holds them all in one writer section, or none (``hold``,
+answering with a ``Vote``). The holds carry the coordinator's deadline, which
+lies at most ``MAX_HOLD_S`` ahead; they end only by its decision (``resolve``),
+which a participant that voted YES never takes alone: past the deadline it
+asks (see ``recovery``). A committed trip's stops are released only with their
+trip (``release_trip``), by its coordinator -- or withdrawn one by one by this
+operator when their charge point is out of service (``withdraw``), and then the
+coordinator is told (``recovery`` again), until it acknowledges.
+
+Only the coordinator that placed a trip's stops may repeat its PREPARE, decide
+or release them: to anyone else that trip id is ``forbidden``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import json
 import math
 import secrets
 import time
 
 from evcharge.domain.clock import to_datetime, to_seconds
-from evcharge.domain.model import Reservation
+from evcharge.domain.model import Reservation, Withdrawal
 from evcharge.operator.state import MIN, Actor, Books, Change
-from evcharge.operator.store import Op, put_reservation
+from evcharge.operator.store import Op, StoredState, put_meta, put_reservation
+from evcharge.operator.store.integrity import WITHDRAWN_META
 from evcharge.wire import protocol as p
+from evcharge.wire.errors import ConflictError, ForbiddenError
 
 # Stops of one PREPARE. Checking them runs in one writer section, quadratic in their number:
 # thousands (a frame holds ~15,000) would stall every connection for seconds. No trip has 100.
 MAX_TRIP_STOPS = 100
+# Real seconds from now a PREPARE's deadline may lie. Ours are 5 s; a hold must not keep a slot
+# from everyone else for long on a coordinator's say-so (past it, we ask the coordinator).
+MAX_HOLD_S = 30.0
 
 
 class Participant:
     def __init__(self, books: Books) -> None:
         self.books = books
         self.rules = books.rules
+        self.untold: dict[str, Withdrawal] = {}  # withdrawn stops whose coordinator does not know yet
+        books.loaders.append(self._load)
+
+    def _load(self, state: StoredState) -> None:
+        self.untold = {}
+        for key, value in state.meta.items():
+            if key.startswith(WITHDRAWN_META):
+                withdrawal = Withdrawal(**json.loads(value))
+                if not withdrawal.told:
+                    self.untold[withdrawal.reservation_id] = withdrawal
+
+    def _stops(self, coordinator: str, trip_id: str) -> list[Reservation]:
+        """The trip's stops here, if ``coordinator`` placed them: another's trip is none of its business."""
+        stops = self.books.by_trip.get(trip_id, [])
+        if any(r.coordinator != coordinator for r in stops):
+            raise ForbiddenError(f"trip {trip_id} is not a trip of operator {coordinator}")
+        return stops
+
+    def _rule_broken(self, prepare: p.Prepare, stops: list[tuple[str, int, int]]) -> str:
+        """Why the PREPARE may not hold its stops, if so: a peer's stop keeps a single reservation's rules."""
+        rules = self.rules
+        left = prepare.deadline - time.time()
+        if not math.isfinite(left) or left <= 0:
+            return "the booking's deadline has passed"
+        if left > MAX_HOLD_S:
+            return f"the booking's deadline is {left:.0f} s away; holds last at most {MAX_HOLD_S:g} s"
+        if len(stops) > MAX_TRIP_STOPS:
+            return f"{len(stops)} stops; a trip has at most {MAX_TRIP_STOPS}"
+        now = int(self.books.clock.now())
+        for cp_id, start, end in stops:
+            if cp_id not in self.books.charge_points:
+                return f"no charge point {cp_id!r} at operator {self.books.operator_id}"
+            if not start < end:
+                return f"empty slot for {cp_id}"
+            if not MIN <= end - start <= rules.max_reservation_min * MIN:
+                return f"slot of {cp_id} lasts {(end - start) / MIN:g} min, not 1..{rules.max_reservation_min}"
+            if start < now - MIN:
+                return f"slot of {cp_id} is in the past"
+            if start > now + rules.max_advance_days * 86400:
+                return f"slot of {cp_id} starts more than {rules.max_advance_days} days ahead"
+        return ""
 
     async def hold(self, coordinator: str, prepare: p.Prepare) -> p.Vote:
         """PREPARE: check every stop and hold them all in one writer section, or none."""
@@ -37,25 +91,18 @@ class Participant:
         stops = [(st.charge_point_id, to_seconds(st.start), to_seconds(st.end)) for st in prepare.stops]
 
         def mutate() -> Change[p.Vote]:
-            held = [r for r in books.by_trip.get(prepare.trip_id, []) if r.txn_id == prepare.txn_id]
+            held = [r for r in self._stops(coordinator, prepare.trip_id) if r.txn_id == prepare.txn_id]
             if held:  # a repeated PREPARE: the same answer while the holds stand
                 still = all(r.state == "held" for r in held)
                 ids = [r.id for r in held] if still else []
                 return Change(p.Vote(txn_id=prepare.txn_id, yes=still, reservation_ids=ids, reason="decided already"))
-            if not math.isfinite(prepare.deadline) or prepare.deadline <= time.time():
-                return Change(_no(prepare, "the booking's deadline has passed"))
-            if len(stops) > MAX_TRIP_STOPS:
-                return Change(_no(prepare, f"{len(stops)} stops; a trip has at most {MAX_TRIP_STOPS}"))
+            broken = self._rule_broken(prepare, stops)
+            if broken:
+                return Change(_no(prepare, broken))
             now = int(books.clock.now())
             conflicts: list[p.StopConflict] = []
             for i, (cp_id, start, end) in enumerate(stops):
-                if start < now - MIN or end > now + self.rules.max_advance_days * 86400:
-                    return Change(_no(prepare, f"slot of {cp_id} is in the past or too far ahead"))
-                cp = books.charge_points.get(cp_id)
-                if cp is None:
-                    return Change(_no(prepare, f"no charge point {cp_id!r} at operator {books.operator_id}"))
-                if not start < end:
-                    return Change(_no(prepare, f"empty slot for {cp_id}"))
+                cp = books.charge_points[cp_id]
                 clash = not cp.ledger.fits(start, end) or any(
                     other == cp_id and o_start < end and start < o_end for other, o_start, o_end in stops[:i]
                 )
@@ -100,11 +147,7 @@ class Participant:
         books = self.books
 
         def mutate() -> Change[list[Reservation]]:
-            held = [
-                r
-                for r in books.by_trip.get(trip_id, [])
-                if r.state == "held" and r.coordinator == coordinator and r.txn_id == txn_id
-            ]
+            held = [r for r in self._stops(coordinator, trip_id) if r.state == "held" and r.txn_id == txn_id]
             for r in held:
                 if commit:
                     r.state = "booked"
@@ -126,16 +169,53 @@ class Participant:
         books = self.books
 
         def mutate() -> Change[list[Reservation]]:
-            # Only the stops this coordinator placed (another's trip id is none of its business).
-            stops = [r for r in books.by_trip.get(trip_id, []) if r.coordinator == coordinator]
             # Held stops too: a cancellation can overtake the commit it follows.
-            freed = [r for r in stops if r.state in ("booked", "held")]
+            freed = [r for r in self._stops(coordinator, trip_id) if r.state in ("booked", "held")]
             for r in freed:
                 books.leave_live(r, "cancelled")
             ops = [*(put_reservation(r) for r in freed), *also_store]
             return Change(freed, ops, [(r, "trip cancelled") for r in freed])
 
         return await books.apply(Actor("coordinator", coordinator), f"release trip {trip_id}", mutate)
+
+    async def withdraw(self, actor: Actor, reservation_id: str) -> Reservation:
+        """This operator takes back a booked trip stop whose charge point is out of service.
+
+        The stop is cancelled here at once; its coordinator is told (until it acknowledges,
+        see ``told``), and the trip then shows the stop as lost.
+        """
+        books = self.books
+
+        def mutate() -> Change[Reservation]:
+            r = books.owned(actor, reservation_id)
+            if r.state in ("cancelled", "expired", "completed", "aborted"):
+                return Change(r)  # withdrawn (or over) already
+            cp = books.charge_points.get(r.charge_point_id)
+            broken = cp.out_of_service if cp is not None else "gone from the world"
+            if r.trip_id is None or r.coordinator is None or r.state != "booked" or not broken:
+                raise ConflictError(
+                    f"reservation {reservation_id} is a stop of trip {r.trip_id} ({r.state}); cancel the trip, or "
+                    f"take charge point {r.charge_point_id} out of service first to withdraw the stop"
+                )
+            books.leave_live(r, "cancelled")
+            reason = f"withdrawn by operator {books.operator_id}: charge point {r.charge_point_id} is {broken}"
+            withdrawal = Withdrawal(r.id, r.trip_id, r.coordinator, reason)
+            self.untold[r.id] = withdrawal
+            return Change(r, [put_reservation(r), _put_withdrawal(withdrawal)], [(r, reason)])
+
+        return await books.apply(actor, f"withdraw trip stop {reservation_id}", mutate)
+
+    async def told(self, withdrawal: Withdrawal) -> None:
+        """Its coordinator acknowledged a withdrawal: stop telling it."""
+
+        def mutate() -> Change[None]:
+            if self.untold.get(withdrawal.reservation_id) is not withdrawal:
+                return Change(None)
+            del self.untold[withdrawal.reservation_id]
+            withdrawal.told = True
+            return Change(None, [_put_withdrawal(withdrawal)])
+
+        await self.books.apply(Actor("coordinator", withdrawal.coordinator), "withdrawal acknowledged", mutate)
 
     def overdue_holds(self, now_real: float) -> dict[str, tuple[str, str]]:
         """Holds whose deadline passed: txn id -> (coordinator, trip id)."""
@@ -153,3 +233,7 @@ class Participant:
 
 def _no(prepare: p.Prepare, reason: str) -> p.Vote:
     return p.Vote(txn_id=prepare.txn_id, yes=False, reason=reason)
+
+
+def _put_withdrawal(withdrawal: Withdrawal) -> Op:
+    return put_meta(WITHDRAWN_META + withdrawal.reservation_id, json.dumps(dataclasses.asdict(withdrawal)))

@@ -18,6 +18,7 @@ from evcharge.domain import planner
 from evcharge.domain.clock import to_seconds
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.world import VehicleConfig
+from evcharge.operator.fair import FairQueue
 from evcharge.operator.state import Books
 from evcharge.operator.trips.peers import Peers
 from evcharge.wire import protocol as p
@@ -27,6 +28,12 @@ AVAILABILITY_WINDOW_S = 2 * 86400  # simulated seconds of slots a plan looks at
 CLAIM_LINGER = 2.0  # real seconds a booked trip's claim outlives its booking
 PLAN_TTL = 900.0  # real seconds a plan shown to a vehicle can be booked as shown
 MAX_PLANS_SHOWN = 16  # plans kept per vehicle for booking as shown; the oldest go first
+# Plans made at once: one searching while others ask the peers for their slots. Beyond that,
+# vehicles take turns (a fair queue), so that one vehicle's flood cannot starve the others.
+PLANS_AT_ONCE = 2
+# Per vehicle; more are refused (unavailable). A waiting plan costs nothing but memory, while
+# a refused one comes back at once: refusing early would turn a flood into a storm of retries.
+MAX_PLANS_WAITING = 1024
 
 
 @dataclass(slots=True)
@@ -48,13 +55,21 @@ class Planning:
         self._network: planner.Network | None = None  # of the charge options below, built again when they change
         self._network_of: list[planner.ChargeOption] | None = None
         self._planning = asyncio.Lock()
+        self._turns = FairQueue(PLANS_AT_ONCE, MAX_PLANS_WAITING, "trip plans")
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evcharge-planner-{operator_id}")
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     async def plan(self, vehicle: VehicleConfig, query: p.TripQuery, claim: str = "") -> planner.Plan:
-        """The best plan now; with ``claim`` (a booking's trip id), its slots are claimed for it."""
+        """The best plan now; with ``claim`` (a booking's trip id), its slots are claimed for it.
+
+        In the vehicle's turn: vehicles asking for many plans at once take turns with the others.
+        """
+        async with self._turns.turn(vehicle.id):
+            return await self._plan(vehicle, query, claim)
+
+    async def _plan(self, vehicle: VehicleConfig, query: p.TripQuery, claim: str) -> planner.Plan:
         try:
             origin_name, origin = self._cities.find(query.origin)
             dest_name, dest = self._cities.find(query.destination)

@@ -12,11 +12,12 @@ import asyncio
 import logging
 import time
 
+from evcharge.domain.model import Withdrawal
 from evcharge.operator.trips.coordinator import Coordinator
 from evcharge.operator.trips.participant import Participant
 from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import EvchargeError
+from evcharge.wire.errors import EvchargeError, ForbiddenError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,32 @@ class Recovery:
         await asyncio.gather(
             *(coordinator.deliver(t, wait=PEER_TIMEOUT) for t in undelivered),
             *(self._ask(txn, owner, trip) for txn, (owner, trip) in in_doubt.items()),
+            *(self._tell_withdrawal(w) for w in list(self.participant.untold.values())),
             return_exceptions=True,
         )
+
+    async def _tell_withdrawal(self, withdrawal: Withdrawal) -> None:
+        """A stop we withdrew: its coordinator is told until it acknowledges."""
+        me = self.coordinator.me
+        try:
+            if withdrawal.coordinator == me:
+                await self.coordinator.stop_withdrawn(
+                    me, withdrawal.trip_id, withdrawal.reservation_id, withdrawal.reason
+                )
+            else:
+                request = p.StopWithdrawn(
+                    trip_id=withdrawal.trip_id, reservation_id=withdrawal.reservation_id, reason=withdrawal.reason
+                )
+                await self.peers.link(withdrawal.coordinator).call(request, p.Ok)
+        except (NotFoundError, ForbiddenError) as exc:
+            # It will never show this stop: saying it again would not change that.
+            log.error("withdrawal of %s refused by %s: %s", withdrawal.reservation_id, withdrawal.coordinator, exc)
+        await self.participant.told(withdrawal)
 
     async def _ask(self, txn_id: str, coordinator: str, trip_id: str) -> None:
         """A hold past its deadline: ask its coordinator, never decide alone."""
         if coordinator == self.coordinator.me:
-            outcome = self.coordinator.outcome(txn_id)
+            outcome = self.coordinator.outcome(txn_id, asker=coordinator)
         else:
             link = self.peers.links.get(coordinator)
             if link is None:
