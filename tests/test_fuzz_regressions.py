@@ -211,7 +211,7 @@ async def test_deeply_nested_ocpp_json_gets_a_call_error_and_no_traceback(
             ):
                 await ws.send(frame)
                 error = json.loads(await asyncio.wait_for(ws.recv(), 10))
-                assert error[0] == 4 and error[2] == "FormatViolation", error
+                assert error[0] == 4 and error[2] == "FormationViolation", error
             await ws.send('[2, "n2", "Heartbeat", {}]')
             ok = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert ok[:2] == [3, "n2"], "the connection should have stayed open"

@@ -252,7 +252,7 @@ async def test_an_owner_withdraws_a_stop_whose_charge_point_broke(servers: dict[
                 await b.cancel(stop.reservation_id)  # a working charge point's stop stays the trip's
             async with station(servers["B"], stop.charge_point_id) as cp:
                 await cp.call(p.StatusNotification(status="faulted", info="contactor welded"), p.Ok)
-                withdrawn = await b.cancel(stop.reservation_id)
+                withdrawn = (await b.cancel(stop.reservation_id)).reservation
                 assert withdrawn.state == "cancelled"
 
                 async def told() -> p.TripChanged | None:
@@ -294,7 +294,7 @@ async def test_a_withdrawal_reaches_a_coordinator_that_was_down(
     await servers["A"].stop()
     async with operator(servers["B"]) as b, station(servers["B"], stop.charge_point_id) as cp:
         await cp.call(p.StatusNotification(status="unavailable", info="maintenance"), p.Ok)
-        assert (await b.cancel(stop.reservation_id)).state == "cancelled"
+        assert (await b.cancel(stop.reservation_id)).reservation.state == "cancelled"
     await restart(servers, "B", fed_world, tmp_path)
     assert stop.reservation_id in servers["B"].participant.untold
     await restart(servers, "A", fed_world, tmp_path)

@@ -152,7 +152,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
         lambda d: sql(
             d,
             "PRAGMA foreign_keys=OFF",
-            "INSERT INTO charging_sessions VALUES ('C-gone', 'V03', 'X', 0, NULL, 1.0, 1.0, 1.0)",
+            "INSERT INTO charging_sessions VALUES ('C-gone', 'V03', 'X', 0, NULL, 1.0, 1.0, 1.0, NULL, 0)",
         ),
         ("charging_sessions", "missing from reservations"),
     ),
