@@ -19,7 +19,7 @@ import pytest
 
 from evcharge.apps.invariants import violations
 from evcharge.apps.repl import book_command
-from evcharge.apps.vehicle import add_vehicle_commands, trip_query
+from evcharge.apps.vehicle import add_vehicle_commands, check_command, trip_query
 from evcharge.domain.model import Trip
 from evcharge.domain.world import World, load_world
 from evcharge.links.client import Client, connect
@@ -276,6 +276,7 @@ async def test_an_owner_withdraws_a_stop_whose_charge_point_broke(servers: dict[
                 parser = argparse.ArgumentParser(prog="")
                 add_vehicle_commands(parser.add_subparsers(dest="command"))
                 args = parser.parse_args(shlex.split(book_command(offer)))
+                check_command(args, servers["A"].world)  # as the prompt does: words joined, cities checked
                 assert trip_query(args) == offer.query and args.plan == offer.plan.id
                 booked = await v01.book_trip(trip_query(args), args.plan)
                 assert booked.as_shown, "the plan offered books as shown"

@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--max-connections",
         type=int,
-        default=MAX_CONNECTIONS,
         help="refuse new clients beyond this many, and keep at most as many in their handshake; fewer if the "
-        "file limit (ulimit -n, raised at start as far as allowed) cannot hold them (default: %(default)s)",
+        "file limit (ulimit -n, raised at start as far as allowed) cannot hold them, with a warning "
+        f"(default: as many as the file limit holds, at most {MAX_CONNECTIONS})",
     )
     server.add_argument(
         "--idle-timeout",

@@ -103,7 +103,7 @@ class Server:
         idle_timeout: float | None = IDLE_TIMEOUT,
         store_max_bytes: int | None = None,
         clock_anchor: float | None = None,
-        max_connections: int = MAX_CONNECTIONS,
+        max_connections: int | None = None,
         listen: Sequence[Listen] = (),
         tls: TlsFiles | None = None,
         frame_timeout: float | None = FRAME_TIMEOUT,
@@ -130,7 +130,9 @@ class Server:
             self.peer_ssl = client_context(tls.ca, tls.cert, tls.key)
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
+        # Asked for, a cap the file limit cannot hold is worth a warning; by default it is just the cap.
+        self.max_connections_asked = max_connections
+        self.max_connections = max_connections or MAX_CONNECTIONS
         self.frame_timeout = frame_timeout
         self.write_timeout = write_timeout
         self.max_in_flight = max_in_flight
@@ -168,7 +170,7 @@ class Server:
         self._handshakes: dict[asyncio.Task[None], Connection] = {}
         self._stopping = False
         # What the process's file limit lets it hold (set at start; until then --max-connections).
-        self.caps = ConnectionCaps(max_connections, max_connections, 0, 0)
+        self.caps = ConnectionCaps(self.max_connections, self.max_connections, 0, 0)
         self._handshakes_capped = CapLog()
         self._clients_capped = CapLog()
 
@@ -198,7 +200,7 @@ class Server:
         self.store.start()
         self.caps = connection_caps(self.max_connections, peers=len(self.world.operators) - 1)
         capped = self.caps.clients < self.max_connections
-        (log.warning if capped else log.info)(
+        (log.warning if capped and self.max_connections_asked else log.info)(
             "%s%s", self.caps.describe(), f" (fewer than --max-connections {self.max_connections})" if capped else ""
         )
         await self.store.commit(
