@@ -207,9 +207,16 @@ async def wait_until_federated(servers: dict[str, Server], timeout: float = 15.0
 
 @asynccontextmanager
 async def running_federation(
-    world: World, data_dir: Path, operators: tuple[str, ...] = ("A", "B", "C"), **options: Any
+    world: World,
+    data_dir: Path,
+    operators: tuple[str, ...] = ("A", "B", "C"),
+    new_store: NewStore | None = None,
+    **options: Any,
 ) -> AsyncIterator[dict[str, Server]]:
-    """Every operator of the world as an in-process server, sharing one simulated clock."""
+    """Every operator of the world as an in-process server, sharing one simulated clock.
+
+    ``new_store`` gives each operator its store (default: SQLite in its data directory).
+    """
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
@@ -218,7 +225,8 @@ async def running_federation(
     servers: dict[str, Server] = {}
     try:
         for op in operators:
-            servers[op] = Server(world, op, data_dir / op, host="127.0.0.1", **options)
+            store = new_store() if new_store is not None else None
+            servers[op] = Server(world, op, data_dir / op, host="127.0.0.1", store=store, **options)
             await servers[op].start()
         await wait_until_federated(servers)
         yield servers

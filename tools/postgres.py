@@ -156,9 +156,9 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Fast shutdown (SIGINT), SIGKILL if it takes longer than ``timeout``; the directory is deleted."""
+        """Immediate shutdown (SIGQUIT: its data is thrown away), SIGKILL after ``timeout``; the directory is deleted."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGQUIT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
