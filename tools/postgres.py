@@ -156,7 +156,7 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Immediate shutdown (SIGQUIT: its data is thrown away), SIGKILL after ``timeout``; the directory is deleted."""
+        """Immediate shutdown (SIGQUIT: the data is thrown away), SIGKILL after ``timeout``; the directory goes."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGQUIT)
             try:
