@@ -338,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the stores in this data directory instead (servers stopped or not; nothing is changed): "
         "what each server would refuse at start, then the invariants across them",
     )
+    check.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="OPERATOR=URL",
+        help="with --data-dir: this operator's books are in PostgreSQL at URL (repeatable; default: the world "
+        "file's `store` of each operator)",
+    )
     check.set_defaults(run=run_check)
 
     settle = sub.add_parser(
@@ -353,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     settle.set_defaults(run=run_settlement)
 
     stores.add_backup_parser(sub, [common])
+    stores.add_migrate_parser(sub, [common])
 
     webcmd.add_parser(sub, [common, client_tls])
 
@@ -571,28 +580,37 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.invariants import in_transit, settlement_violations, summary, violations
 
     if args.data_dir is not None:
-        return await stores.check_stores(world, args.data_dir)
+        urls = dict(item.split("=", 1) for item in args.store if "=" in item)
+        if len(urls) != len(args.store):
+            print("evcharge check: give --store as OPERATOR=postgresql://...", file=sys.stderr)
+            return 2
+        return await stores.check_stores(world, args.data_dir, urls)
 
     states = {}
     settlements = {}
     for op in world.operators:
         context, name = client_tls(args, op)
-        try:
-            async with connect(
-                op.host,
-                op.port,
-                role="operator",
-                ident=op.id,
-                secret=op.secret,
-                ssl_context=context,
-                server_hostname=name,
-            ) as c:
-                states[op.id] = await c.inspect()
-                if len(world.operators) > 1:
-                    settlements[op.id] = await c.settlement()
-        except EvchargeError as exc:
-            print(f"operator {op.id}: {exc.code}: {exc.message}")
-            return 1
+        addresses = [(op.host, op.port), *op.fallbacks]  # its standby, where the world file names one
+        for i, (host, port) in enumerate(addresses):
+            try:
+                async with connect(
+                    host,
+                    port,
+                    role="operator",
+                    ident=op.id,
+                    secret=op.secret,
+                    ssl_context=context,
+                    server_hostname=name,
+                ) as c:
+                    states[op.id] = await c.inspect()
+                    if len(world.operators) > 1:
+                        settlements[op.id] = await c.settlement()
+                break
+            except EvchargeError as exc:
+                if exc.code == "unavailable" and i + 1 < len(addresses):
+                    continue
+                print(f"operator {op.id}: {exc.code}: {exc.message}")
+                return 1
     broken = violations(states, allow_holds=args.allow_holds, now=time.time()) + settlement_violations(settlements)
     for problem in broken:
         print(f"VIOLATION: {problem}")
