@@ -424,3 +424,36 @@ async def test_seeded_rows_with_an_overlap_are_refused_at_start_in_one_line(
     with pytest.raises(StoreError, match="psql"):
         async with running_server(world, tmp_path / "data", store=url):
             pass
+
+
+async def test_a_server_whose_lock_the_standby_took_stops_serving(
+    world: World, tmp_path: Path, postgres: PostgresServer, url: str
+) -> None:
+    from evcharge.operator.server import Server
+
+    database = url.rsplit("/", 1)[1]
+    async with running_server(world, tmp_path / "data", time_scale=60.0, store=url) as first:
+        second = Server(world, "A", tmp_path / "data2", host="127.0.0.1", port=0, time_scale=60.0, store=url)
+        taking = asyncio.ensure_future(second.start())
+        try:
+            await asyncio.sleep(1.0)
+            assert not taking.done(), "the second server must stand by"
+            # The first server's session ends (its database connection cut): the standby takes over.
+            postgres.execute(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                f"WHERE l.locktype = 'advisory' AND l.granted AND a.datname = '{database}'"
+            )
+            async with asyncio.timeout(10):
+                await taking
+            async with vehicle(first, "V01") as c:
+                with pytest.raises(EvchargeError):
+                    await c.reserve("NAT-PN-1", c.server_now() + timedelta(hours=1), 30)
+            async with asyncio.timeout(10):
+                await first.lost.wait()
+            async with vehicle(second, "V04") as c:
+                await c.reserve("NAT-PN-1", c.server_now() + timedelta(hours=1), 30)
+        finally:
+            if not taking.done():
+                taking.cancel()
+            await asyncio.gather(taking, return_exceptions=True)
+            await second.stop()

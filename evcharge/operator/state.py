@@ -28,7 +28,7 @@ from evcharge.domain.clock import SimClock
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
 from evcharge.domain.world import ChargePointConfig, Rules, StationConfig, World
-from evcharge.operator.store import Op, StoredState, StoreError, StoreInDoubt, ThreadedStore
+from evcharge.operator.store import Op, StoredState, StoreError, StoreInDoubt, StoreLost, ThreadedStore
 from evcharge.wire.errors import NotFoundError, RequestTimeoutError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,9 @@ class Books:
             try:
                 state = await self.store.reread()
                 break
+            except StoreLost:  # another server of this operator serves from the store now: nothing to re-read
+                self._reload.consistent.set()
+                return
             except StoreError as exc:
                 log.error("cannot re-read the store: %s", exc)
                 await asyncio.sleep(delay)
