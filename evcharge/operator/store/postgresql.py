@@ -2,9 +2,9 @@
 
 The driver is psycopg 3 (sync API, ``psycopg[binary]``: libpq comes in the wheel). The
 engine is SQLite's (``base.ThreadedStore``): one writer thread, one connection, one
-transaction per batch, the batch's statements sent in one pipeline, ``synchronous_commit
-= on`` so the reply waits for the commit to be flushed (and, with a synchronous standby
-configured in PostgreSQL, for the standby too).
+transaction per batch, the batch's statements and its COMMIT sent in one pipeline (one
+round trip), ``synchronous_commit = on`` so the reply waits for the commit to be flushed
+(and, with a synchronous standby configured in PostgreSQL, for the standby too).
 
 **One active server per operator.** That writer connection holds a session-level
 advisory lock on the operator (``pg_try_advisory_lock``) from ``open`` to ``close``.
@@ -395,14 +395,13 @@ class PostgresStore(ThreadedStore):
             conn = self._writer()
         except StoreError as exc:
             return exc
-        committing = False
         try:
+            # One round trip: the batch's statements and its COMMIT in one pipeline.
             with conn.pipeline():
                 cur = conn.cursor()
                 for kind, params in ops:
                     cur.execute(POSTGRES_OPS[kind], params)
-            committing = True
-            conn.commit()
+                conn.commit()
             return None
         except pg_errors.ExclusionViolation as exc:
             _rollback(conn)
@@ -413,9 +412,8 @@ class PostgresStore(ThreadedStore):
             return _Overlap(f"two live reservations would overlap: {diag}")
         except psycopg.OperationalError as exc:  # the connection (or the server) went away
             self._broken = True
-            if committing:
-                return StoreInDoubt(f"store write may or may not have been made: {_first_line(exc)}")
-            return StoreError(f"store write failed: {_first_line(exc)}")
+            # The COMMIT went out with the batch: the database may have made it before the loss.
+            return StoreInDoubt(f"store write may or may not have been made: {_first_line(exc)}")
         except Exception as exc:  # whatever it is, the batch fails and the thread lives on
             _rollback(conn)
             if conn.closed or conn.broken:
