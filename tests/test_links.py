@@ -13,6 +13,7 @@ from evcharge.apps.web.dashboard import Dashboard
 from evcharge.domain.world import World
 from evcharge.links.feed import OperatorFeed
 from evcharge.links.link import Backoff, Link
+from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import UnauthorizedError, UnavailableError
 from evcharge.wire.tls import ROLES, Listen, client_context
@@ -151,3 +152,15 @@ async def test_the_web_dashboard_follows_an_operator_over_tls(world: World, tmp_
             assert not plain.connected and "--tls-ca" in plain.state()["error"]
         finally:
             await plain.close()
+
+
+async def test_a_link_tries_the_operators_other_addresses_in_turn(server: Server) -> None:
+    # The world file may list more addresses per operator (its standby): a dead first one is passed over.
+    from tools.harness import free_ports
+
+    dead = free_ports(1)[0]
+    v = server.world.vehicle("V01")
+    link = Link("127.0.0.1", dead, role="vehicle", ident=v.id, secret=v.token, fallbacks=[("127.0.0.1", server.port)])
+    async with link.running():
+        assert link.up and link.address == f"127.0.0.1:{server.port}"
+        assert await link.reservations() == []
