@@ -844,7 +844,7 @@ class Chaos:
                 self.violations.append(f"operator {operator} did not accept writes 30 s after its disk recovered")
         finally:
             self.open_window = None
-            if server.alive():
+            if server.alive() or server.store_url:  # a database's refusal outlives its server: always lifted
                 with contextlib.suppress(ProcessLookupError):
                     server.refuse_writes(False)
 
