@@ -782,8 +782,7 @@ class Bench:
         try:
             await self.reserve(store="postgresql")
             await self.trips(store="postgresql")
-        finally:
-            self.fleet.stop_all()
+        finally:  # its servers are stopped by their scenarios (the echo server stays up)
             pg, self.postgres = self.postgres, None
             await asyncio.to_thread(pg.stop)
         sqlite = {k: self.results.get(k) for k in ("reserve", "trips")}
