@@ -19,6 +19,7 @@ import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -457,3 +458,50 @@ async def test_a_server_whose_lock_the_standby_took_stops_serving(
                 taking.cancel()
             await asyncio.gather(taking, return_exceptions=True)
             await second.stop()
+
+
+async def test_a_trip_in_doubt_when_the_coordinator_dies_is_finished_by_its_standby(
+    federated_world_path: Path, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    from .test_crash_federation import all_linked, book, inspect, settled, wait_for
+    from .test_federation import check_invariants
+
+    world, _, standby_port = _world_with_standby(federated_world_path, tmp_path / "world.toml")
+    world_file = tmp_path / "world.toml"
+    urls = {op: postgres.fresh_database() for op in "ABC"}
+    anchor = str(time.time())
+
+    def server(op: str, name: str, **options: Any) -> ServerProcess:
+        return ServerProcess(
+            world_file,
+            op,
+            tmp_path / name,
+            tmp_path / f"{name}.log",
+            extra=("--clock-anchor", anchor, "--store", urls[op]),
+            **options,
+        )
+
+    active = server("A", "a1", world_port=True, env={"EVCHARGE_CRASH_AT": "coordinator-committed"})
+    standby = server("A", "a2", listen_port=standby_port)
+    others = {op: server(op, op.lower(), world_port=True) for op in "BC"}
+    everyone = [active, standby, *others.values()]
+    try:
+        for proc in (active, *others.values()):
+            await proc.start_async()
+        ready, _ = standby._launch_server()
+        await _standing_by(standby)
+        await wait_for(lambda: all_linked(world, {"A": active, **others}))
+        outcome = await book(world, active)
+        assert isinstance(outcome, EvchargeError), "the coordinator died before it could answer"
+        await standby.wait_ready_async(ready, 20)
+        procs = {"A": standby, **others}
+        # The peers find A at its other address; its standby re-sends the decision its store holds.
+        await wait_for(lambda: all_linked(world, procs))
+        await wait_for(lambda: settled(world, procs))
+        state = {op: await inspect(world, proc) for op, proc in procs.items()}
+        [trip] = state["A"].trips
+        assert trip.state == "committed" and {s.operator_id for s in trip.stops} == {"A", "B", "C"}
+        check_invariants(state)
+    finally:
+        for proc in everyone:
+            proc.kill()
