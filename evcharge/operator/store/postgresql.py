@@ -50,6 +50,7 @@ from evcharge.operator.store.base import (
     ThreadedStore,
     _Batch,
     read_rows,
+    rows_as_ops,
 )
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,9 @@ class PostgresStore(ThreadedStore):
             except psycopg.OperationalError as exc:  # the database went away: wait for it like for the lock
                 log.warning("store %s: %s; trying again", self.where, _first_line(exc))
                 self._close_connection()
+            except psycopg.Error as exc:  # not allowed, say: no use waiting
+                self._close_connection()
+                raise StoreError(f"store {self.where}: {_first_line(exc)}") from None
             except StoreError as exc:
                 if not announced:
                     raise
@@ -493,8 +497,6 @@ def copy_into(url: str, state: StoredState, operator_id: str) -> None:
     Refused if the database already holds books, or if an ``evcharge server`` of the operator
     holds its lock.
     """
-    from evcharge.operator.store.base import rows_as_ops
-
     where = redacted(url)
     conn = connect(url, "evcharge-migrate")
     try:
