@@ -505,3 +505,22 @@ async def test_a_trip_in_doubt_when_the_coordinator_dies_is_finished_by_its_stan
     finally:
         for proc in everyone:
             proc.kill()
+
+
+async def test_a_key_with_a_nul_character_is_refused_before_any_store_sees_it(
+    world: World, tmp_path: Path, url: str
+) -> None:
+    from evcharge.wire import protocol as p
+    from evcharge.wire.errors import BadRequestError
+
+    async with (
+        running_server(world, tmp_path / "data", time_scale=60.0, store=url) as server,
+        vehicle(server, "V01") as c,
+    ):
+        start = c.server_now() + timedelta(hours=1)
+        with pytest.raises(BadRequestError):
+            await c.call(
+                p.Reserve(charge_point_id="NAT-PN-1", start=start, minutes=30, key="a\x00b"), p.ReservationReply
+            )
+        assert not server.store.failed
+        await c.reserve("NAT-PN-1", start, 30)
