@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from evcharge.domain.world import World
 from evcharge.links.client import connect
+from evcharge.operator.outcomes import KEEP_OUTCOMES
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import BadRequestError, EvchargeError
@@ -163,3 +164,17 @@ async def test_an_outcome_outlives_a_restart(world: World, tmp_path: Path) -> No
             again = await c.call(request, p.ReservationReply)
         assert again == first
         assert len(server.books.reservations) == 1
+
+
+async def test_outcomes_are_forgotten_a_day_later_on_disk_too(world: World, tmp_path: Path) -> None:
+    anchor = time.time()
+    async with running_server(world, tmp_path / "d", clock_anchor=anchor) as server, vehicle(server, "V01") as c:
+        request = p.Reserve(charge_point_id="NAT-PN-1", start=c.server_now() + timedelta(hours=1), minutes=30, key="k")
+        await c.call(request, p.ReservationReply)
+        await server.outcomes.forget_old(time.time() + KEEP_OUTCOMES - 60)
+        assert len(server.books.outcomes) == 1, "kept for a day"
+        await server.outcomes.forget_old(time.time() + KEEP_OUTCOMES + 1)
+        assert not server.books.outcomes
+    async with running_server(world, tmp_path / "d", clock_anchor=anchor) as server:
+        assert not server.books.outcomes, "and not read back from the store"
+        assert len(server.books.reservations) == 1, "the change itself stays"

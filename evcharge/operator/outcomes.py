@@ -34,7 +34,9 @@ from evcharge.wire.errors import BadRequestError, EvchargeError, UnavailableErro
 
 T = TypeVar("T")
 
-KEEP_OUTCOMES = 7 * 86400.0  # real seconds: far beyond any client's retries
+# Real seconds: far beyond any client's retries (ours give up within --answer-within, a home's
+# forwarding within seconds), and short enough that memory stays bounded: about 0.9 KB an outcome.
+KEEP_OUTCOMES = 86400.0
 NOT_KEPT = frozenset({"unavailable", "timeout", "internal"})  # nothing happened, or not known yet
 
 _encoder = msgspec.msgpack.Encoder()
