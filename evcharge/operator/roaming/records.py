@@ -124,8 +124,11 @@ class ChargeRecords:
     async def receive(self, owner: str, record: p.ChargeRecordInfo) -> None:
         """A record from the charger's owner: kept once (the same one again changes nothing)."""
         s = record.session
-        if s.operator_id != owner:
-            raise BadRequestError(f"a charge record of operator {s.operator_id} cannot come from operator {owner}")
+        if s.operator_id != owner or not s.reservation_id.startswith(f"{owner}-"):
+            raise BadRequestError(
+                f"a charge record of reservation {s.reservation_id} at operator {s.operator_id} "
+                f"cannot come from operator {owner}"
+            )
         if self._home_of.get(record.vehicle_id) != self.me:
             raise NotFoundError(f"no vehicle {record.vehicle_id!r} of operator {self.me}")
         books = self.books
