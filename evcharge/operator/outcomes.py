@@ -78,7 +78,9 @@ class Outcomes:
         """Act on ``request`` once per key: ``act`` is given what to pass to ``Books.apply`` as ``remember``."""
         key: str = getattr(request, "key", "")
         if not key:
-            return render(await act(None))
+            result = await act(None)
+            crash_point("change-stored")
+            return render(result)
         slot = (scope_of(actor), key)
         while (running := self._running.get(slot)) is not None:
             await running.wait()  # the first delivery is still at work: its answer is this one's
