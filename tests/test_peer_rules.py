@@ -350,8 +350,8 @@ async def test_a_charge_record_must_be_its_senders_and_its_numbers_real(a: Serve
                 charge_point_id="FEC-1-1", started=now - timedelta(minutes=30), ended=now, kwh=20.0,
                 price_per_kwh=2.0, cost=cost,
             )  # fmt: skip
-            record = p.ChargeRecordInfo(vehicle_id="V01", home_operator_id="A", session=session)
-            return p.DeliverChargeRecord(record=record)
+            info = p.ChargeRecordInfo(vehicle_id="V01", home_operator_id="A", session=session)
+            return p.DeliverChargeRecord(record=info)
 
         with pytest.raises(BadRequestError, match="cost"):
             await c.call(record("C-0123456789", float("nan")), p.Ok)

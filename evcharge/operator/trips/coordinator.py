@@ -499,7 +499,10 @@ class Coordinator:
         if trip.state == "cancelled":
             return TripCancelled(trip_info(trip), already=True)
 
+        wrote: list[Trip] = []
+
         def write(updated: Trip) -> Awaitable[None]:
+            wrote.append(updated)
             also = (remember(TripCancelled(trip_info(updated), already=False)),) if remember is not None else ()
             return self._store_decision(updated, also)
 
@@ -514,6 +517,8 @@ class Coordinator:
             trip = await self._update_trip(trip_id, cancelled, write=write)
         except (StoreError, UnavailableError):
             raise UnavailableError("the cancellation could not be stored; the trip stands") from None
+        if not wrote:  # another cancellation of it, at the same time, stored it first
+            return TripCancelled(trip_info(trip), already=True)
         log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
         self.online.trip_changed(trip_info(trip), "cancelled")
         await self.deliver(trip, wait=DECIDE_TIMEOUT)
