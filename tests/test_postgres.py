@@ -331,6 +331,12 @@ async def test_the_standby_takes_over_from_a_killed_active_server_and_loses_noth
         for a, b in itertools.pairwise(live):
             assert a[0] != b[0] or a[2] <= b[1], f"overlap {a} {b}"
         assert len(acked) > 60
+        # The operator's tools find it at its other address too.
+        where = str(tmp_path / "world.toml")
+        inspected = await asyncio.to_thread(run_cli, "inspect", "--world", where, "--operator", "A", "--json")
+        assert inspected.returncode == 0, inspected.stdout + inspected.stderr
+        checked = await asyncio.to_thread(run_cli, "check", "--world", where)  # B and C are not running
+        assert "operator A:" not in checked.stdout and "operator B:" in checked.stdout, checked.stdout
     finally:
         for link in links:
             await link.close()

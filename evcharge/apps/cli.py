@@ -626,7 +626,22 @@ def _operator_connector(world: World, args: argparse.Namespace) -> Callable[[], 
     host, port = _address(world, op.id, args.server)
     context, name = client_tls(args, op)
 
+    fallbacks = world_fallbacks(op, host, port)
+
     def connector() -> Any:
+        if fallbacks:  # its standby may be the one serving: a link tries each address in turn
+            link = Link(
+                host,
+                port,
+                role="operator",
+                ident=op.id,
+                secret=op.secret,
+                ssl_context=context,
+                server_hostname=name,
+                what=f"operator {op.id}",
+                fallbacks=fallbacks,
+            )
+            return link.running()
         return connect(
             host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
         )
