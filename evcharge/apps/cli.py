@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "server",
         parents=[common],
         help="run one operator's server",
-        description="Run one operator's server: its stations in memory, its store on disk. "
+        description="Run one operator's server: its stations in memory, its store on disk (SQLite) or in "
+        "PostgreSQL (--store). "
         "SIGTERM/SIGINT stop it cleanly (in-flight requests finish, queued changes are committed).",
     )
     server.add_argument("--operator", required=True, help="operator id from the world file")
