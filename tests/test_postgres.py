@@ -98,11 +98,16 @@ def test_both_backends_migrate_to_the_same_schema(url: str) -> None:
         assert len(sqlite_store.MIGRATIONS) == SCHEMA_VERSION
 
 
-def test_every_connection_commits_synchronously_whatever_the_database_says(postgres: PostgresServer, url: str) -> None:
+def test_every_connection_commits_synchronously_and_keeps_alive_whatever_the_database_says(
+    postgres: PostgresServer, url: str
+) -> None:
     name = url.rsplit("/", 1)[1]
     postgres.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     with pg_connect(url) as conn:
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        # The database notices a vanished server within seconds, and lets go of its lock.
+        assert conn.execute("SHOW tcp_keepalives_idle").fetchone() == ("5",)
+        assert conn.execute("SHOW tcp_user_timeout").fetchone() == ("10000",)
 
 
 def test_a_database_from_a_newer_evcharge_is_refused(url: str) -> None:

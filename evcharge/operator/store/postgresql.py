@@ -67,6 +67,12 @@ CONNECTION_DEFAULTS = {
     "tcp_user_timeout": "10000",  # ms: data sent but not acknowledged for this long breaks the connection
 }
 STATEMENT_TIMEOUT_MS = 30_000
+SERVER_KEEPALIVES = (
+    "tcp_keepalives_idle = 5",
+    "tcp_keepalives_interval = 2",
+    "tcp_keepalives_count = 3",
+    "tcp_user_timeout = 10000",
+)
 
 # Each entry upgrades the schema by one version, as SQLite's MIGRATIONS do (same tables, same
 # columns in the same order; tests/test_store_schema.py checks both against base.TABLES).
@@ -188,6 +194,10 @@ def connect(url: str, application: str = "evcharge") -> psycopg.Connection[Any]:
     with conn.cursor() as cur:
         cur.execute("SET synchronous_commit = on")
         cur.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        # The database's side of the socket too: a server whose machine vanished must not keep
+        # the operator's lock for the kernel's default two hours.
+        for setting in SERVER_KEEPALIVES:
+            cur.execute(f"SET {setting}")
     conn.commit()
     return conn
 
