@@ -51,7 +51,10 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     scenarios = results["scenarios"]
     # trips has two rows, planning then booking; planning three, in process on two worlds then through servers
     planning = {"planning_northeast", "planning_brazil-northeast", "planning_servers"}
-    assert set(scenarios) == {*SCENARIOS, "trip_planning"} - {"planning"} | planning
+    on_postgresql = {"reserve_postgresql", "trips_postgresql"}  # the postgresql scenario: the same rows on it
+    assert set(scenarios) == {*SCENARIOS, "trip_planning"} - {"planning", "postgresql"} | planning | on_postgresql
+    for name in on_postgresql:
+        assert scenarios[name]["store"] == "postgresql" and scenarios[name]["vs_sqlite"] > 0, name
     for name in scenarios:
         entry = scenarios[name]
         for key in ROW_FIELDS:

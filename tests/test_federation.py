@@ -26,7 +26,7 @@ from evcharge.wire.errors import (
     UnavailableError,
 )
 
-from .conftest import running_federation, wait_until_federated
+from .conftest import NewStore, running_federation, wait_until_federated
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,8 +39,9 @@ def fed_world(federated_world_path: Path) -> World:
 
 
 @pytest.fixture
-async def servers(fed_world: World, tmp_path: Path) -> AsyncIterator[dict[str, Server]]:
-    async with running_federation(fed_world, tmp_path / "data") as running:
+async def servers(fed_world: World, tmp_path: Path, new_store: NewStore) -> AsyncIterator[dict[str, Server]]:
+    """The three operators, on each store in turn (SQLite, PostgreSQL)."""
+    async with running_federation(fed_world, tmp_path / "data", new_store=new_store) as running:
         yield running
 
 

@@ -17,6 +17,7 @@ from evcharge.domain.world import World
 from evcharge.links.feed import OperatorFeed
 from evcharge.links.link import Backoff, Link
 from evcharge.links.requests import new_key
+from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import OutcomeUnknownError, UnauthorizedError, UnavailableError
 from evcharge.wire.tls import ROLES, Listen, client_context
@@ -177,3 +178,15 @@ async def test_a_question_unanswered_is_unavailable_and_a_change_unanswered_is_o
                 await link.call(reserve, p.ReservationReply, timeout=0.5, again_until=loop.time() + 1.5)
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)
+
+
+async def test_a_link_tries_the_operators_other_addresses_in_turn(server: Server) -> None:
+    # The world file may list more addresses per operator (its standby): a dead first one is passed over.
+    from tools.harness import free_ports
+
+    dead = free_ports(1)[0]
+    v = server.world.vehicle("V01")
+    link = Link("127.0.0.1", dead, role="vehicle", ident=v.id, secret=v.token, fallbacks=[("127.0.0.1", server.port)])
+    async with link.running():
+        assert link.up and link.address == f"127.0.0.1:{server.port}"
+        assert await link.reservations() == []

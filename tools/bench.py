@@ -78,8 +78,9 @@ from tools.harness import (
     write_json,
     write_world,
 )
+from tools.postgres import PostgresServer
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "noisy", "contention", "scale")
+SCENARIOS = ("ceiling", "status", "reserve", "trips", "postgresql", "planning", "noisy", "contention", "scale")
 LARGE_WORLD = "brazil-northeast"  # the planning scenario's: real size
 SCALE_PREFIX = "SC"  # generated stations of the scale world
 GRID_S = 120  # reservation grid: preloaded reservations take [cell, cell+60), the benchmark's [cell+60, cell+120)
@@ -473,6 +474,7 @@ class Bench:
         self.ceilings: list[float] = []  # ops/s of every ceiling window of the run
         # Reservations of the benchmark go on a grid of cells from the day after tomorrow on.
         self.grid_base = (int(time.time()) // 86400 + 2) * 86400
+        self.postgres: PostgresServer | None = None  # while the postgresql scenario runs: its servers' store
 
     def say(self, text: str) -> None:
         self.console.print(f"[bold cyan]==>[/] {text}")
@@ -495,6 +497,7 @@ class Bench:
         clock_anchor: float | None = None,
     ) -> tuple[ServerProcess, float]:
         name = f"{data_dir.parent.name}-server-{operator}"
+        store = () if self.postgres is None else ("--store", self.postgres.fresh_database(f"bench_{operator}"))
         server = ServerProcess(
             world_path,
             operator,
@@ -505,6 +508,7 @@ class Bench:
             log_level=self.settings.server_log_level,
             clock_anchor=clock_anchor,
             world_port=world_port,
+            extra=store,
         )
         await self.fleet.start_server(server, timeout=120.0)
         return server, server.startup_s
@@ -707,10 +711,11 @@ class Bench:
         await asyncio.gather(*(c.close() for c in target.clients))
         self.fleet.stop(target.server)
 
-    async def reserve(self) -> None:
+    async def reserve(self, store: str = "") -> None:
         s = self.settings
-        self.say(f"reserve: reserve + cancel on one operator, durable, {s.connections} connections")
-        target = await self.reserve_target("reserve")
+        on = f", {store}" if store else ""
+        self.say(f"reserve: reserve + cancel on one operator, durable, {s.connections} connections{on}")
+        target = await self.reserve_target(f"reserve{'-' + store if store else ''}")
         try:
             ceiling = await self.ceiling_window()
             load = await closed_loop(s.connections, target.op, s.duration, s.warmup, {"A": target.server.pid})
@@ -718,10 +723,16 @@ class Bench:
         finally:
             await self.close_target(target)
         main = load_row(
-            "single reservations", s.connections, load, ops=("reserve", "cancel"), rss=rss, existing_reservations=0
+            f"single reservations{on}",
+            s.connections,
+            load,
+            ops=("reserve", "cancel"),
+            rss=rss,
+            existing_reservations=0,
+            store=store or "sqlite",
         )
         self.pair(main, ceiling)
-        self.add("reserve", main, main, *self.part_rows(main, load))
+        self.add(f"reserve{'_' + store if store else ''}", main, main, *self.part_rows(main, load))
 
     async def ledger(self) -> list[dict[str, Any]]:
         """Scenario 3 with 1k, 10k, 100k existing reservations, in interleaved rounds (noise hits all alike)."""
@@ -764,7 +775,23 @@ class Bench:
 
     # --- 4. trip bookings ----------------------------------------------------------------
 
-    async def trips(self) -> None:
+    async def postgresql(self) -> None:
+        """Reservations and trip bookings again, every operator's books in PostgreSQL (a server of its own)."""
+        self.say("postgresql: the same reservations and trip bookings, stores in PostgreSQL (fsync, synchronous)")
+        self.postgres = await asyncio.to_thread(PostgresServer().start)
+        try:
+            await self.reserve(store="postgresql")
+            await self.trips(store="postgresql")
+        finally:  # its servers are stopped by their scenarios (the echo server stays up)
+            pg, self.postgres = self.postgres, None
+            await asyncio.to_thread(pg.stop)
+        sqlite = {k: self.results.get(k) for k in ("reserve", "trips")}
+        for key in ("reserve", "trips"):
+            base, on_pg = sqlite[key], self.results.get(f"{key}_postgresql")
+            if base and on_pg and base["ops_per_s"]:
+                on_pg["vs_sqlite"] = round(on_pg["ops_per_s"] / base["ops_per_s"], 2)
+
+    async def trips(self, store: str = "") -> None:
         """Plan trips (a row of its own), then book the plans as shown, each then cancelled.
 
         A driver plans, looks, and books what was shown: the booking is the two-phase commit,
@@ -772,7 +799,8 @@ class Bench:
         """
         s = self.settings
         per_op = math.ceil(s.connections / 3)
-        world, servers = await self.start_federation("trips", per_op)
+        on = f", {store}" if store else ""
+        world, servers = await self.start_federation(f"trips{'-' + store if store else ''}", per_op)
         clients: list[Client] = []
         try:
             ids = [bench_vehicle_id("ABC"[n % 3], n // 3 + 1) for n in range(s.connections)]
@@ -824,18 +852,20 @@ class Bench:
         plan_row = load_row("trip planning", s.connections, planning, ops=("plan_trip",), rss=rss)
         self.pair(plan_row, planning_ceiling)
         main = load_row(
-            "trip bookings",
+            f"trip bookings{on}",
             s.connections,
             load,
             ops=("book_trip",),
             rss=rss,
             stops_per_trip=dict(sorted(stops.items())),
             plans_booked=sum(len(mine) for mine in plans),
+            store=store or "sqlite",
         )
         self.pair(main, ceiling)
         cancel = row("  └ cancel_trip", s.connections, *self._part(load, "cancel_trip"), part=True)
-        self.add("trip_planning", plan_row)
-        self.add("trips", main, main, cancel)
+        if not store:  # planning touches no store: measured once
+            self.add("trip_planning", plan_row)
+        self.add(f"trips{'_' + store if store else ''}", main, main, cancel)
 
     # --- 5. planning at real size ---------------------------------------------------------
 
@@ -1418,6 +1448,7 @@ async def run_bench(settings: Settings, scenarios: list[str], work: Path, consol
         "status": bench.status,
         "reserve": bench.reserve,
         "trips": bench.trips,
+        "postgresql": bench.postgresql,
         "planning": bench.planning,
         "noisy": bench.noisy,
         "contention": bench.contention,
@@ -1507,6 +1538,10 @@ def report(results: dict[str, Any], console: Console) -> None:
                 f"cost x{g['cost_ratio']:.2f} (log bound x{g['log_ratio']:.2f}) "
                 f"{'ok' if g['within_log_bound'] else 'ABOVE'}"
             )
+    for key, what in (("reserve", "reservations"), ("trips", "trip bookings")):
+        pg = sc.get(f"{key}_postgresql")
+        if pg and "vs_sqlite" in pg:
+            console.print(f"{what} on PostgreSQL: {pg['ops_per_s']:,.0f} ops/s, x{pg['vs_sqlite']} of SQLite's")
     windows = results.get("ceiling_windows_ops_per_s", [])
     if len(windows) > 1:
         console.print(

@@ -456,6 +456,10 @@ def operator_toml(op: OperatorConfig) -> str:
         text += "peer_tls = true\n"
     if op.tls_name:
         text += f"tls_name = {_q(op.tls_name)}\n"
+    if op.addresses:
+        text += f"addresses = [{', '.join(map(_q, op.addresses))}]\n"
+    if op.store:
+        text += f"store = {_q(op.store)}\n"
     return text
 
 

@@ -41,7 +41,7 @@ from evcharge.apps.vehicle import (
 from evcharge.apps.web import command as webcmd
 from evcharge.domain.world import SHIPPED, World, WorldError, load_world
 from evcharge.links.client import connect
-from evcharge.links.link import ANSWER_DEADLINE, Link
+from evcharge.links.link import ANSWER_DEADLINE, Link, world_fallbacks
 from evcharge.links.requests import Requests
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import (
@@ -52,7 +52,7 @@ from evcharge.operator.server import (
     ClockMismatch,
     Server,
 )
-from evcharge.operator.store import StoreError
+from evcharge.operator.store import STORE_ENV, StoreError
 from evcharge.wire import redact
 from evcharge.wire.address import host_port_argument, listen_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
@@ -131,11 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
         "server",
         parents=[common],
         help="run one operator's server",
-        description="Run one operator's server: its stations in memory, its store on disk. "
+        description="Run one operator's server: its stations in memory, its store on disk (SQLite) or in "
+        "PostgreSQL (--store). "
         "SIGTERM/SIGINT stop it cleanly (in-flight requests finish, queued changes are committed).",
     )
     server.add_argument("--operator", required=True, help="operator id from the world file")
     server.add_argument("--data-dir", type=Path, default=Path("data"), help="where the store lives (default: ./data)")
+    server.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep the books in PostgreSQL instead: postgresql://USER:PASSWORD@HOST:PORT/DATABASE (default: "
+        f"${STORE_ENV}, else the world file's `store` of the operator, else SQLite in --data-dir). A second "
+        "server of the operator on the same database stands by and takes over when the first dies",
+    )
     server.add_argument(
         "--time-scale",
         type=float,
@@ -331,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the stores in this data directory instead (servers stopped or not; nothing is changed): "
         "what each server would refuse at start, then the invariants across them",
     )
+    check.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="OPERATOR=URL",
+        help="with --data-dir: this operator's books are in PostgreSQL at URL (repeatable; default: the world "
+        "file's `store` of each operator)",
+    )
     check.set_defaults(run=run_check)
 
     settle = sub.add_parser(
@@ -346,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     settle.set_defaults(run=run_settlement)
 
     stores.add_backup_parser(sub, [common])
+    stores.add_migrate_parser(sub, [common])
 
     webcmd.add_parser(sub, [common, client_tls])
 
@@ -384,32 +401,48 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
     if args.listen and (args.host is not None or args.port is not None):
         print("evcharge server: give either --listen or --host/--port, not both", file=sys.stderr)
         return 2
-    server = Server(
-        world,
-        args.operator,
-        args.data_dir,
-        time_scale=args.time_scale,
-        host=args.host,
-        port=args.port,
-        store_max_bytes=limit,
-        clock_anchor=args.clock_anchor,
-        max_connections=args.max_connections,
-        idle_timeout=args.idle_timeout,
-        listen=args.listen or (),
-        tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca),
-        hello_timeout=args.hello_timeout,
-        frame_timeout=args.frame_timeout,
-        write_timeout=args.write_timeout,
-        max_in_flight=args.max_in_flight,
-        push_buffer_limit=args.push_buffer_kb * 1024,
-    )
+    store = args.store or os.environ.get(STORE_ENV) or world.operator(args.operator).store or None
+    try:
+        server = Server(
+            world,
+            args.operator,
+            args.data_dir,
+            store=store,
+            time_scale=args.time_scale,
+            host=args.host,
+            port=args.port,
+            store_max_bytes=limit,
+            clock_anchor=args.clock_anchor,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+            listen=args.listen or (),
+            tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca),
+            hello_timeout=args.hello_timeout,
+            frame_timeout=args.frame_timeout,
+            write_timeout=args.write_timeout,
+            max_in_flight=args.max_in_flight,
+            push_buffer_limit=args.push_buffer_kb * 1024,
+        )
+    except StoreError as exc:  # a store that cannot be: not a URL, a limit PostgreSQL does not take, no driver
+        print(f"evcharge server: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
-    except StoreError as exc:  # damaged, emptied, another's, or newer: one line, never served from
+        # A standby waits in start() until the active server lets go of the store; SIGTERM ends the wait.
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await server.stop()
+            return 0
+        await starting
+    except StoreError as exc:  # damaged, emptied, another's, newer, unreachable: one line, never served from
+        await server.stop()
         print(f"evcharge server: {exc}", file=sys.stderr)
         return 1
     except (OSError, ClockMismatch) as exc:
@@ -428,10 +461,16 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         ]
         ready = {"host": server.host, "port": server.port, "pid": os.getpid(), "listeners": listeners}
         _write_atomically(args.ready_file, json.dumps(ready))
+    lost = asyncio.ensure_future(server.lost.wait())
     try:
-        await stop.wait()
+        await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        lost.cancel()
+        stopping.cancel()
         await server.stop()
+    if server.lost.is_set():
+        print(f"evcharge server: another server of operator {args.operator} took over its store", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -542,28 +581,37 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.invariants import in_transit, settlement_violations, summary, violations
 
     if args.data_dir is not None:
-        return await stores.check_stores(world, args.data_dir)
+        urls = dict(item.split("=", 1) for item in args.store if "=" in item)
+        if len(urls) != len(args.store):
+            print("evcharge check: give --store as OPERATOR=postgresql://...", file=sys.stderr)
+            return 2
+        return await stores.check_stores(world, args.data_dir, urls)
 
     states = {}
     settlements = {}
     for op in world.operators:
         context, name = client_tls(args, op)
-        try:
-            async with connect(
-                op.host,
-                op.port,
-                role="operator",
-                ident=op.id,
-                secret=op.secret,
-                ssl_context=context,
-                server_hostname=name,
-            ) as c:
-                states[op.id] = await c.inspect()
-                if len(world.operators) > 1:
-                    settlements[op.id] = await c.settlement()
-        except EvchargeError as exc:
-            print(f"operator {op.id}: {exc.code}: {exc.message}")
-            return 1
+        addresses = [(op.host, op.port), *op.fallbacks]  # its standby, where the world file names one
+        for i, (host, port) in enumerate(addresses):
+            try:
+                async with connect(
+                    host,
+                    port,
+                    role="operator",
+                    ident=op.id,
+                    secret=op.secret,
+                    ssl_context=context,
+                    server_hostname=name,
+                ) as c:
+                    states[op.id] = await c.inspect()
+                    if len(world.operators) > 1:
+                        settlements[op.id] = await c.settlement()
+                break
+            except EvchargeError as exc:
+                if exc.code == "unavailable" and i + 1 < len(addresses):
+                    continue
+                print(f"operator {op.id}: {exc.code}: {exc.message}")
+                return 1
     broken = violations(states, allow_holds=args.allow_holds, now=time.time()) + settlement_violations(settlements)
     for problem in broken:
         print(f"VIOLATION: {problem}")
@@ -579,7 +627,22 @@ def _operator_connector(world: World, args: argparse.Namespace) -> Callable[[], 
     host, port = _address(world, op.id, args.server)
     context, name = client_tls(args, op)
 
+    fallbacks = world_fallbacks(op, host, port)
+
     def connector() -> Any:
+        if fallbacks:  # its standby may be the one serving: a link tries each address in turn
+            link = Link(
+                host,
+                port,
+                role="operator",
+                ident=op.id,
+                secret=op.secret,
+                ssl_context=context,
+                server_hostname=name,
+                what=f"operator {op.id}",
+                fallbacks=fallbacks,
+            )
+            return link.running()
         return connect(
             host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
         )
@@ -638,6 +701,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
             server_hostname=name,
             what=f"operator {vehicle.home}",
             answer_within=args.answer_within,
+            fallbacks=world_fallbacks(world.operator(vehicle.home), host, port),
         )
         return link.running()
 

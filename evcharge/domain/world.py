@@ -57,14 +57,38 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     peer_tls: bool = False
     # The name its certificate carries, when not `host` (e.g. a server reached by IP).
     tls_name: str = ""
+    # More places to reach it, "host:port" each, tried in turn after host:port by every client
+    # and peer: where its standby server listens once it has taken over (same roles, same port
+    # for peers).
+    addresses: list[str] = []
+    # Where its books are kept when `evcharge server` is given no --store: a postgresql:// URL
+    # (empty: SQLite in the server's --data-dir).
+    store: str = ""
+
+    def __post_init__(self) -> None:
+        for address in self.addresses:
+            _host_port(address)  # a ValueError here is reported as the world file's error
 
     @property
     def peer_address(self) -> tuple[str, int]:
         return self.host, self.peer_port if self.peer_port is not None else self.port
 
     @property
+    def fallbacks(self) -> list[tuple[str, int]]:
+        """``addresses`` as (host, port), in order."""
+        return [_host_port(a) for a in self.addresses]
+
+    @property
     def certificate_name(self) -> str:
         return self.tls_name or self.host
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host, int(port)
 
 
 class VehicleConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -28,8 +28,8 @@ from evcharge.domain.clock import SimClock
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
 from evcharge.domain.world import ChargePointConfig, Rules, StationConfig, World
-from evcharge.operator.store import Op, Store, StoredState, StoreError
-from evcharge.wire.errors import NotFoundError, UnavailableError
+from evcharge.operator.store import Op, StoredState, StoreError, StoreInDoubt, StoreLost, ThreadedStore
+from evcharge.wire.errors import NotFoundError, RequestTimeoutError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _Reload:
 
 
 class Books:
-    def __init__(self, world: World, operator_id: str, store: Store, clock: SimClock) -> None:
+    def __init__(self, world: World, operator_id: str, store: ThreadedStore, clock: SimClock) -> None:
         self.world = world
         self.operator_id = operator_id
         self.rules: Rules = world.rules
@@ -246,6 +246,11 @@ class Books:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECOVERY_WAIT):
                     await self._ensure_reload().consistent.wait()
+            if isinstance(exc, StoreInDoubt):  # the database may have committed it: not "nothing happened"
+                raise RequestTimeoutError(
+                    "the store's connection broke while committing: whether the change was made is not known "
+                    "yet; ask again with the same key"
+                ) from None
             raise UnavailableError("the change could not be stored; it was not made") from None
         if change.ops:
             log.info("%s by %s", what, actor)
@@ -270,6 +275,9 @@ class Books:
             try:
                 state = await self.store.reread()
                 break
+            except StoreLost:  # another server of this operator serves from the store now: nothing to re-read
+                self._reload.consistent.set()
+                return
             except StoreError as exc:
                 log.error("cannot re-read the store: %s", exc)
                 await asyncio.sleep(delay)

@@ -55,8 +55,9 @@ ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "una
 # service on purpose (maintenance, OCPP's Unavailable), `faulted` is broken: neither can be used.
 ReportedStatus = Literal["available", "faulted", "unavailable"]
 # A client's name for one intent of a state-changing request: the server keeps the outcome
-# under it, so a request sent again after a lost reply is answered, not done twice.
-IdempotencyKey = Annotated[str, msgspec.Meta(max_length=64)]
+# under it, so a request sent again after a lost reply is answered, not done twice. No NUL
+# character: it is stored as text, and PostgreSQL's text cannot hold one.
+IdempotencyKey = Annotated[str, msgspec.Meta(max_length=64, pattern="^[^\x00]*$")]
 
 
 class Message(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
