@@ -456,6 +456,9 @@ def operator_toml(op: OperatorConfig) -> str:
         text += "peer_tls = true\n"
     if op.tls_name:
         text += f"tls_name = {_q(op.tls_name)}\n"
+    if op.ocpi is not None:
+        text += "\n[operators.ocpi]\n"
+        text += "".join(f"{key} = {_q(value)}\n" for key, value in msgspec.structs.asdict(op.ocpi).items())
     return text
 
 

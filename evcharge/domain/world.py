@@ -44,6 +44,16 @@ class StationConfig(msgspec.Struct, forbid_unknown_fields=True):
     charge_points: Annotated[list[ChargePointConfig], msgspec.Meta(min_length=1)]
 
 
+class OcpiConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """How the operator appears on OCPI roaming platforms (``evcharge ocpi``): its party and its locations."""
+
+    country_code: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]  # ISO 3166-1 alpha-2, of the party
+    party_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{3}$")]
+    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "BRA"  # ISO 3166-1 alpha-3, of its locations
+    time_zone: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "America/Fortaleza"
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "BRL"  # ISO 4217, of price_per_kwh
+
+
 class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     id: Id
     name: str
@@ -57,6 +67,7 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     peer_tls: bool = False
     # The name its certificate carries, when not `host` (e.g. a server reached by IP).
     tls_name: str = ""
+    ocpi: OcpiConfig | None = None
 
     @property
     def peer_address(self) -> tuple[str, int]:
