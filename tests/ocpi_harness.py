@@ -29,7 +29,9 @@ def token_header(token: str) -> dict[str, str]:
 
 
 def ok(data: Any = None) -> web.Response:
-    return web.json_response({"data": data, "status_code": 1000, "status_message": "OK", "timestamp": "2026-01-01T00:00:00Z"})
+    return web.json_response(
+        {"data": data, "status_code": 1000, "status_message": "OK", "timestamp": "2026-01-01T00:00:00Z"}
+    )
 
 
 @dataclass
@@ -90,7 +92,12 @@ class Emsp:
     async def _versions(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return web.json_response({"status_code": 2000, "timestamp": "2026-01-01T00:00:00Z"}, status=401)
-        return ok([{"version": "2.1.1", "url": f"{self.base}/ocpi/2.1.1"}, {"version": "2.2.1", "url": f"{self.base}/ocpi/2.2.1"}])
+        return ok(
+            [
+                {"version": "2.1.1", "url": f"{self.base}/ocpi/2.1.1"},
+                {"version": "2.2.1", "url": f"{self.base}/ocpi/2.2.1"},
+            ]
+        )
 
     async def _details(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -140,7 +147,17 @@ class Emsp:
 
     # --- its client side (what it asks the edge) ------------------------------------------
 
-    async def call(self, method: str, path: str, body: Any = None, *, token: str | None = None, raw: bytes | None = None, headers: dict[str, str] | None = None, **params: Any) -> Answer:  # noqa: E501
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        **params: Any,
+    ) -> Answer:
         assert self._http is not None
         url = path if path.startswith("http") else f"{self.edge_url}{path}"
         sent = {**token_header(token if token is not None else self.token_c), **(headers or {})}

@@ -632,6 +632,10 @@ async def run_ocpi(world: World, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await edge.start()
+    try:
+        await edge.ready(10.0)  # ready means serving what the server has, when it can be reached
+    except TimeoutError:
+        logging.getLogger(__name__).warning("operator %s's server not reached yet; serving meanwhile", op.id)
     logging.getLogger(__name__).info(
         "OCPI %s edge of operator %s (party %s) at %s, server %s:%d",
         "2.2.1",

@@ -157,6 +157,7 @@ class Edge:
         self._tokens_a_mtime: float | None = None
         self._register_lock = asyncio.Lock()
         self._book_lock: dict[tuple[str, str], asyncio.Lock] = {}
+        self._cancelling: set[str] = set()  # bookings the eMSP is cancelling: not "cancelled by the CPO"
         self.bookings: dict[str, BookingRow] = {b.id: b for b in self.store.bookings()}
         self._booking_of_request = {(b.party, b.request_id): b.id for b in self.bookings.values()}
         # Each charge point's OCPI status as last seen, with when it changed (OCPI time).
@@ -423,6 +424,19 @@ class Edge:
             p.Roam(vehicle_id=driver, request=request), p.ReservationReply, timeout, again_until=deadline
         )
 
+    async def caught_up(self, reply: p.ReservationReply, timeout: float = 3.0) -> None:
+        """Until the snapshot shows what our own change made: a party reads its writes."""
+        r = reply.reservation
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            snap = self.feed.snapshot
+            if snap is not None and any(x.id == r.id and x.state == r.state for x in snap.reservations):
+                return
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await self.feed.wait_change(self.feed.version, left)
+
     # --- locations -------------------------------------------------------------------------------------
 
     def locations(self) -> list[o.Location]:
@@ -621,25 +635,23 @@ class Edge:
                     return o.CommandResponse(
                         result="UNKNOWN_SESSION",
                         timeout=0,
-                        message=[o.DisplayText(text=f"no session {body.session_id!r}")],
+                        message=o.text(f"no session {body.session_id!r}"),
                     )
                 self._spawn(self._finish(reg, body.response_url, self._stop_session(reg, body, r)))
             case _:
-                return o.CommandResponse(
-                    result="NOT_SUPPORTED", timeout=0, message=[o.DisplayText(text=f"{name} is not supported")]
-                )
+                return o.CommandResponse(result="NOT_SUPPORTED", timeout=0, message=o.text(f"{name} is not supported"))
         return o.CommandResponse(result="ACCEPTED", timeout=COMMAND_TIMEOUT)
 
     @staticmethod
     def _refused(why: str) -> o.CommandResponse:
-        return o.CommandResponse(result="REJECTED", timeout=0, message=[o.DisplayText(text=why)])
+        return o.CommandResponse(result="REJECTED", timeout=0, message=o.text(why))
 
     async def _finish(self, reg: Registration, url: str, work: Coroutine[Any, Any, o.CommandResult]) -> None:
         try:
             result = await work
         except Exception:
             log.exception("command for %s failed", reg.id)
-            result = o.CommandResult(result="FAILED", message=[o.DisplayText(text="the command failed")])
+            result = o.CommandResult(result="FAILED", message=o.text("the command failed"))
         for attempt in range(3):
             if await self.push(reg, "POST", url, result):
                 return
@@ -647,7 +659,7 @@ class Edge:
 
     @staticmethod
     def _result(result: o.CommandResultType, why: str = "") -> o.CommandResult:
-        return o.CommandResult(result=result, message=[o.DisplayText(text=why)] if why else None)
+        return o.CommandResult(result=result, message=o.text(why) if why else None)
 
     def _failed(self, exc: EvchargeError) -> o.CommandResult:
         match exc:
@@ -687,6 +699,7 @@ class Edge:
             )
             try:
                 reply = await self.roam(driver, request)
+                await self.caught_up(reply)
             except EvchargeError as exc:
                 last = self._failed(exc)
                 if last.result in ("EVSE_OCCUPIED", "EVSE_INOPERATIVE"):
@@ -703,9 +716,8 @@ class Edge:
                 continue
             rid, driver, _start = known
             try:
-                await self.roam(
-                    driver, p.CancelReservation(reservation_id=rid, key=key(party, "CANCEL", cmd.reservation_id))
-                )
+                cancel = p.CancelReservation(reservation_id=rid, key=key(party, "CANCEL", cmd.reservation_id))
+                await self.caught_up(await self.roam(driver, cancel))
             except ConflictError as exc:
                 return self._result("REJECTED", exc.message)
             except EvchargeError as exc:
@@ -759,9 +771,8 @@ class Edge:
             if not rid:
                 return last
         try:
-            await self.roam(
-                driver, p.StartCharging(reservation_id=rid, key=key(party, "START", cmd.response_url)), 15.0
-            )
+            start = p.StartCharging(reservation_id=rid, key=key(party, "START", cmd.response_url))
+            await self.caught_up(await self.roam(driver, start, 15.0))
         except EvchargeError as exc:
             if reserved_here and not isinstance(exc, RequestTimeoutError):
                 # The slot was taken only to charge now: give it back.
@@ -773,7 +784,8 @@ class Edge:
     async def _stop_session(self, reg: Registration, cmd: o.StopSession, r: p.ReservationInfo) -> o.CommandResult:
         party = m.party_of_driver(r.vehicle_id) or ""
         try:
-            await self.roam(r.vehicle_id, p.StopCharging(reservation_id=r.id, key=key(party, "STOP", r.id)), 15.0)
+            stop = p.StopCharging(reservation_id=r.id, key=key(party, "STOP", r.id))
+            await self.caught_up(await self.roam(r.vehicle_id, stop, 15.0))
         except ConflictError as exc:
             return self._result("REJECTED", exc.message)
         except EvchargeError as exc:
@@ -961,6 +973,7 @@ class Edge:
             except EvchargeError as exc:
                 why = exc.message
                 break
+            await self.caught_up(reply)
             row.reservation_id, row.status, row.evse_uid = reply.reservation.id, "RESERVED", cp.id
             why = ""
             break
@@ -982,10 +995,11 @@ class Edge:
         if row.status in m.FINAL_BOOKING:
             return self.booking(row), f"the booking is {row.status} already"
         try:
-            await self.roam(
-                row.driver,
-                p.CancelReservation(reservation_id=row.reservation_id, key=key(row.party, "UNBOOK", row.request_id)),
+            unbook = p.CancelReservation(
+                reservation_id=row.reservation_id, key=key(row.party, "UNBOOK", row.request_id)
             )
+            self._cancelling.add(row.id)
+            await self.caught_up(await self.roam(row.driver, unbook))
         except ConflictError as exc:
             row.requests.append({"request_status": "DECLINED", "booking_request": sent, "request_received": now_text})
             self._save(row)
@@ -994,6 +1008,8 @@ class Edge:
             raise OcpiError(3000, f"not known yet whether it was cancelled ({exc.message}); send it again") from None
         except EvchargeError as exc:
             raise OcpiError(3000, exc.message) from None
+        finally:
+            self._cancelling.discard(row.id)
         assert req.canceled is not None
         row.status = "CANCELED"
         row.canceled = {
@@ -1047,7 +1063,7 @@ class Edge:
     def _update_bookings(self, snap: p.InspectResult, now_text: str) -> None:
         by_id = {r.id: r for r in snap.reservations}
         for row in list(self.bookings.values()):
-            if row.status in m.FINAL_BOOKING or not row.reservation_id:
+            if row.status in m.FINAL_BOOKING or not row.reservation_id or row.id in self._cancelling:
                 continue
             r = by_id.get(row.reservation_id)
             if r is None:

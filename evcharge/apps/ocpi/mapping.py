@@ -127,6 +127,7 @@ def location(
         country_code=ocpi.country_code,
         party_id=ocpi.party_id,
         id=station.id,
+        publish=True,
         name=station.name,
         address=station.name,  # the world file has no street address: the station's name stands for it
         city=station.city,

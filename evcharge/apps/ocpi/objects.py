@@ -135,7 +135,7 @@ class Location(Sent, kw_only=True):
     country_code: str
     party_id: str
     id: str
-    publish: bool = True
+    publish: bool
     name: str | None = None
     address: str
     city: str
@@ -327,8 +327,12 @@ COMMANDS: dict[str, type[Any]] = {
 
 
 class DisplayText(Sent, kw_only=True):
-    language: str = "en"
+    language: str
     text: str
+
+
+def text(message: str) -> list[DisplayText]:
+    return [DisplayText(language="en", text=message)]
 
 
 class CommandResponse(Sent, kw_only=True):
