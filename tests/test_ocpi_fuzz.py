@@ -44,7 +44,13 @@ def edge(world_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     (tmp / "tokens").write_text("fuzz-token-a\n")
     server = ServerProcess(world_path, "A", tmp / "data-A", tmp / "server.log")
     process = OcpiEdgeProcess(
-        world_path, "A", 0, tmp / "edge", tmp / "edge.log", registration_tokens=tmp / "tokens", extra=("--rate-limit", "0")
+        world_path,
+        "A",
+        0,
+        tmp / "edge",
+        tmp / "edge.log",
+        registration_tokens=tmp / "tokens",
+        extra=("--rate-limit", "0"),
     )
     try:
         server.start()
@@ -89,7 +95,8 @@ def state(edge: Edge) -> tuple[Any, ...]:
 KEYS = [
     "country_code", "party_id", "request_id", "location_id", "evse_uid", "period", "start_from", "end_before",
     "tokens", "uid", "type", "token", "response_url", "reservation_id", "expiry_date", "session_id",
-    "authorization_reference", "canceled", "valid", "whitelist", "contract_id", "issuer", "last_updated", "roles", "url",
+    "authorization_reference", "canceled", "valid", "whitelist", "contract_id", "issuer", "last_updated", "roles",
+    "url",
 ]  # fmt: skip
 scalars = st.one_of(
     st.none(),
@@ -102,7 +109,8 @@ scalars = st.one_of(
 json_values = st.recursive(
     scalars,
     lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), inner, max_size=6)
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), inner, max_size=6),
     ),
     max_leaves=20,
 )

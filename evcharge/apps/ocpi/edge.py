@@ -424,18 +424,21 @@ class Edge:
             p.Roam(vehicle_id=driver, request=request), p.ReservationReply, timeout, again_until=deadline
         )
 
-    async def caught_up(self, reply: p.ReservationReply, timeout: float = 3.0) -> None:
-        """Until the snapshot shows what our own change made: a party reads its writes."""
+    async def caught_up(self, reply: p.ReservationReply) -> None:
+        """Our own change, written into the snapshot at once: a party reads its writes.
+
+        The server's push brings a fresh snapshot a moment later, which has it too."""
+        snap = self.feed.snapshot
+        if snap is None:
+            return
         r = reply.reservation
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            snap = self.feed.snapshot
-            if snap is not None and any(x.id == r.id and x.state == r.state for x in snap.reservations):
-                return
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return
-            await self.feed.wait_change(self.feed.version, left)
+        for i, known in enumerate(snap.reservations):
+            if known.id == r.id:
+                snap.reservations[i] = r
+                break
+        else:
+            snap.reservations.append(r)
+        self._dirty.set()
 
     # --- locations -------------------------------------------------------------------------------------
 
