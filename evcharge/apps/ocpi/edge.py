@@ -1077,7 +1077,7 @@ class Edge:
                 row.last_updated = now_text
                 if status == "CANCELED" and row.canceled is None:
                     row.canceled = {
-                        "cancellation_reason": "BROKEN_CHARGER" if "fault" in r.state else "UNKNOWN",
+                        "cancellation_reason": "UNKNOWN",
                         "who_canceled": "CPO",
                     }
                 self._save(row)
