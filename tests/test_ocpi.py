@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +27,7 @@ from evcharge.wire.errors import ConflictError
 from tools.harness import Child, OcpiEdgeProcess, ServerProcess, evcharge_command
 
 from . import ocpi_schemas as s
+from .conftest import REPO, run_cli
 from .ocpi_harness import Emsp
 
 pytestmark = pytest.mark.timeout(60)
@@ -479,3 +481,54 @@ async def test_bad_input_gets_the_right_status_and_changes_nothing(emsp: Emsp) -
     answer = await emsp.call("GET", f"{V}/locations", token="not-a-token")
     assert answer.status == 401 and answer.code == 2000
     assert await emsp.all_pages(f"{V}/bookings") == before
+
+
+# --- limits, restarts, the command line ------------------------------------------------------------------
+
+
+async def test_too_many_requests_are_told_when_to_come_back(emsp: Emsp) -> None:
+    answers = await asyncio.gather(*(emsp.call("GET", "/ocpi/versions") for _ in range(160)))
+    limited = [a for a in answers if a.status == 429]
+    assert limited and all(a.code == 2000 and int(a.headers["Retry-After"]) >= 1 for a in limited)
+    assert sum(a.code == 1000 for a in answers) >= 100  # the burst went through
+
+
+async def test_a_restarted_edge_keeps_its_parties_tokens_and_bookings(setup: Setup, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("restart-token-a\n")
+    edge = OcpiEdgeProcess(
+        setup.world_path, "A", setup.server.port, tmp_path / "edge", tmp_path / "edge.log", registration_tokens=tokens
+    )
+    try:
+        await asyncio.to_thread(edge.start)
+        async with Emsp(edge.url) as e:
+            assert (await e.register("restart-token-a")).code == 1000
+            assert (
+                await e.call("PUT", f"{V}/tokens/NL/{e.party_id}/KEPT", e.token("KEPT"), type="APP_USER")
+            ).code == 1000
+            now = await server_now(e)
+            booked = await e.call("POST", f"{V}/bookings", booking_request(e, "NAT-PN", now + timedelta(hours=8), 30))
+            assert booked.data["reservation_status"] == "RESERVED", booked.body
+            edge.kill()  # kill -9: what was answered was committed before the answer
+            await asyncio.to_thread(edge.start)
+            e.edge_url = edge.url
+            assert (await e.call("GET", f"{V}/tokens/NL/{e.party_id}/KEPT", type="APP_USER")).code == 1000
+            assert [b["id"] for b in await e.all_pages(f"{V}/bookings")] == [booked.data["id"]]
+            assert (await e.call("GET", "/ocpi/versions", token="restart-token-a")).status == 401  # used up for good
+    finally:
+        edge.kill()
+
+
+def test_the_command_line_says_what_it_needs(tmp_path: Path) -> None:
+    helped = run_cli("ocpi", "--help")
+    assert helped.returncode == 0
+    for words in ("--registration-tokens", "token A", "--public-url", "/ocpi/versions"):
+        assert words in " ".join(helped.stdout.split()), words
+    shipped = (REPO / "evcharge" / "worlds" / "northeast.toml").read_text()
+    bare = tmp_path / "world.toml"
+    bare.write_text(re.sub(r"\n# Its party on OCPI.*?\nparty_id = \"[A-Z0-9]+\"\n", "\n", shipped, flags=re.S))
+    assert "[operators.ocpi]" not in bare.read_text()
+    refused = run_cli("ocpi", "--world", str(bare), "--operator", "A", "--port", "0")
+    assert refused.returncode == 2 and "[operators.ocpi]" in refused.stderr
+    missing = run_cli("ocpi", "--operator", "A", "--port", "0", "--registration-tokens", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "--registration-tokens" in missing.stderr
