@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -454,6 +455,35 @@ async def test_a_foreign_booking_and_an_evcharge_vehicle_race_for_one_slot(setup
             return bool(answer.data["reservation_status"] == "RESERVED")
 
         results = await asyncio.gather(*(by_vehicle() for _ in range(3)), *(by_booking() for _ in range(3)))
+    assert sum(results) == 1, results
+
+
+async def test_a_foreign_booking_and_an_evcharge_trip_race_for_one_slot(setup: Setup, emsp: Emsp) -> None:
+    """The trip's way into A's ledger: operator B, coordinating its vehicle V02's trip, PREPAREs a stop here."""
+    world = load_world(str(setup.world_path))
+    b = world.operator("B")
+    now = await server_now(emsp)
+    start = (now + timedelta(hours=6)).replace(second=0)
+    async with connect("127.0.0.1", setup.server.port, role="peer", ident="B", secret=b.secret) as peer:
+        txn = new_key()
+
+        async def by_trip() -> bool:
+            stop = p.StopRequest(charge_point_id="MOS-1-2", start=start, end=start + timedelta(minutes=40))
+            prepare = p.Prepare(
+                txn_id=txn, trip_id=f"trip-{txn}", vehicle_id="V02", stops=[stop], deadline=time.time() + 10
+            )
+            vote = await peer.call(prepare, p.Vote)
+            if vote.yes:
+                await peer.call(p.Decide(txn_id=txn, trip_id=f"trip-{txn}", commit=True), p.Ok)
+            return vote.yes
+
+        async def by_booking() -> bool:
+            answer = await emsp.call(
+                "POST", f"{V}/bookings", booking_request(emsp, "MOS-1", start, 40, evse_uid="MOS-1-2")
+            )
+            return bool(answer.data["reservation_status"] == "RESERVED")
+
+        results = await asyncio.gather(by_trip(), *(by_booking() for _ in range(3)))
     assert sum(results) == 1, results
 
 

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit",
         type=float,
         default=50.0,
-        help="requests a second per caller (token, else address), bursts of twice that; 0: no limit "
+        help="requests a second per token (and four times that per address), bursts of twice that; 0: no limit "
         "(default: %(default)s)",
     )
     ocpi.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")

@@ -122,8 +122,9 @@ async def ocpi_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request_id = request.headers.get("X-Request-ID", "")[:100] or str(uuid.uuid4())
     correlation_id = request.headers.get("X-Correlation-ID", "")[:100] or request_id
     response: web.StreamResponse
-    who = request.headers.get("Authorization", "")[:200] or f"address {request.remote}"
-    wait = limiter.allow(who)
+    # Per token, and per address at four times that: a caller making up tokens gets no fresh buckets.
+    token = request.headers.get("Authorization", "")[:200]
+    wait = limiter.allow(f"address {request.remote}", share=4) or (limiter.allow(token) if token else None)
     if wait is not None:
         response = envelope(None, 2000, "too many requests; slow down", http_status=429, edge=edge)
         response.headers["Retry-After"] = str(max(1, round(wait)))

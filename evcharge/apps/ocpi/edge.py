@@ -1136,17 +1136,18 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def allow(self, who: str) -> float | None:
-        """None if it may go now; else the seconds until it may."""
+    def allow(self, who: str, share: int = 1) -> float | None:
+        """None if it may go now; else the seconds until it may. ``share``: this bucket is that many callers'."""
         if self.rate <= 0:
             return None
+        rate, burst = self.rate * share, float(self.burst * share)
         now = self.clock()
-        tokens, then = self._buckets.get(who, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        tokens, then = self._buckets.get(who, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
         if tokens < 1.0:
             self._buckets[who] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (1.0 - tokens) / rate
         self._buckets[who] = (tokens - 1.0, now)
-        if len(self._buckets) > 10_000:  # forget the full buckets of callers long gone
-            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
+        if len(self._buckets) > 10_000:  # forget the buckets of callers long gone (refilled by now)
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < burst / rate}
         return None
