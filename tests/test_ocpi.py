@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -492,6 +493,7 @@ async def test_a_foreign_booking_and_an_evcharge_trip_race_for_one_slot(setup: S
 
 async def test_bad_input_gets_the_right_status_and_changes_nothing(emsp: Emsp) -> None:
     before = await emsp.all_pages(f"{V}/bookings")
+    start_nowhere = {"response_url": f"{emsp.base}/emsp/commands/x", "token": emsp.token("Z"), "location_id": "NOWHERE"}
     cases = [
         ("POST", f"{V}/bookings", b"{not json", 400, 2001),
         ("POST", f"{V}/bookings", b'{"country_code": "NL"}', 200, 2001),
@@ -500,6 +502,8 @@ async def test_bad_input_gets_the_right_status_and_changes_nothing(emsp: Emsp) -
         ("POST", f"{V}/commands/TELEPORT", b"{}", 200, 2001),
         ("PUT", f"{V}/tokens/NL/{emsp.party_id}/U1", b'{"uid": "U1"}', 200, 2001),
         ("GET", f"{V}/tokens/NL/{emsp.party_id}/NOBODY", b"", 404, 2004),
+        ("POST", f"{V}/commands/STOP_SESSION", b'{"response_url": "http://x/y", "session_id": "A-0"}', 200, 1000),
+        ("POST", f"{V}/commands/START_SESSION", json.dumps(start_nowhere).encode(), 200, 2003),
         ("POST", f"{V}/bookings", b"x" * (65 * 1024), 413, 2001),
         ("GET", f"{V}/nothing/here", b"", 404, 2000),
         ("DELETE", f"{V}/locations", b"", 405, 2000),
@@ -540,6 +544,8 @@ async def test_a_restarted_edge_keeps_its_parties_tokens_and_bookings(setup: Set
             booked = await e.call("POST", f"{V}/bookings", booking_request(e, "NAT-PN", now + timedelta(hours=8), 30))
             assert booked.data["reservation_status"] == "RESERVED", booked.body
             edge.kill()  # kill -9: what was answered was committed before the answer
+            kept = b"".join(f.read_bytes() for f in (tmp_path / "edge").iterdir())
+            assert e.token_c.encode() not in kept  # only its hash is kept
             await asyncio.to_thread(edge.start)
             e.edge_url = edge.url
             assert (await e.call("GET", f"{V}/tokens/NL/{e.party_id}/KEPT", type="APP_USER")).code == 1000

@@ -11,9 +11,10 @@ and the answer names us as its ``OCPI-from-*`` party and the caller as ``OCPI-to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -158,6 +159,17 @@ async def ocpi_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+@contextlib.contextmanager
+def reached_ocpi() -> Iterator[None]:
+    """A request that names something unknown in its body got to the OCPI layer: HTTP 200 with the code."""
+    try:
+        yield
+    except OcpiError as exc:
+        if exc.http_status == 404:
+            exc.http_status = 200
+        raise
+
+
 def _registered(request: web.Request) -> Registration:
     return request.app[EDGE].registered(request.headers.get("Authorization"))
 
@@ -181,7 +193,8 @@ async def version_details(request: web.Request) -> web.Response:
 async def get_credentials(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     caller = edge.caller(request.headers.get("Authorization"))
-    token = caller.registration.token_c if caller.registration is not None else (caller.token_a or "")
+    # Their token with us is the one they just showed: we keep only its hash.
+    token = caller.token_c if caller.registration is not None else (caller.token_a or "")
     return envelope(edge.credentials(token), edge=edge)
 
 
@@ -189,8 +202,8 @@ async def post_credentials(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     caller = edge.caller(request.headers.get("Authorization"))
     theirs = decode(await request.read(), o.Credentials)
-    reg = await edge.register(caller, theirs, update=request.method == "PUT")
-    return envelope(edge.credentials(reg.token_c), edge=edge)
+    _reg, token_c = await edge.register(caller, theirs, update=request.method == "PUT")
+    return envelope(edge.credentials(token_c), edge=edge)
 
 
 async def delete_credentials(request: web.Request) -> web.Response:
@@ -295,7 +308,8 @@ async def post_command(request: web.Request) -> web.Response:
     if kind is None:
         raise OcpiError(2001, f"unknown command {name[:40]!r} (one of {', '.join(o.COMMANDS)})")
     body = decode(await request.read(), kind)
-    return envelope(edge.command(reg, name, body), edge=edge)
+    with reached_ocpi():
+        return envelope(edge.command(reg, name, body), edge=edge)
 
 
 # --- bookings ---------------------------------------------------------------------------------------------
@@ -310,7 +324,8 @@ async def post_booking(request: web.Request) -> web.Response:
     reg = _registered(request)
     edge = request.app[EDGE]
     booking_request = decode(await request.read(), o.BookingRequest)
-    booking, why = await edge.book(reg, booking_request)
+    with reached_ocpi():
+        booking, why = await edge.book(reg, booking_request)
     return envelope(booking, 1000, why or "Success", edge=edge)
 
 

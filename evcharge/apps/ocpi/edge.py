@@ -108,6 +108,7 @@ class Caller:
 
     registration: Registration | None
     token_a: str | None
+    token_c: str = ""  # the token C shown, when it is a registered party's
 
 
 class Edge:
@@ -249,7 +250,7 @@ class Edge:
     # --- authorization ----------------------------------------------------------------------------
 
     def _reindex(self) -> None:
-        self._by_token = {hashlib.sha256(r.token_c.encode()).digest(): r for r in self.registrations.values()}
+        self._by_token = {bytes.fromhex(r.token_c): r for r in self.registrations.values()}
 
     def _registration_tokens(self) -> set[str]:
         """Token A values from the operator's file, re-read when it changes; used ones are gone."""
@@ -274,9 +275,10 @@ class Edge:
 
         Tokens are looked up by their SHA-256 and then compared in constant time."""
         for candidate in token_candidates(header or ""):
-            reg = self._by_token.get(hashlib.sha256(candidate.encode()).digest())
-            if reg is not None and hmac.compare_digest(reg.token_c.encode(), candidate.encode()):
-                return Caller(reg, None)
+            presented = hashlib.sha256(candidate.encode()).digest()
+            reg = self._by_token.get(presented)
+            if reg is not None and hmac.compare_digest(bytes.fromhex(reg.token_c), presented):
+                return Caller(reg, None, candidate)
         tokens_a = self._registration_tokens()
         for candidate in token_candidates(header or ""):
             matched = any(hmac.compare_digest(t.encode(), candidate.encode()) for t in tokens_a)
@@ -312,7 +314,7 @@ class Edge:
             ],
         )
 
-    async def register(self, caller: Caller, theirs: o.Credentials, *, update: bool) -> Registration:
+    async def register(self, caller: Caller, theirs: o.Credentials, *, update: bool) -> tuple[Registration, str]:
         """The handshake: their versions and endpoints fetched with their token, then our new token."""
         async with self._register_lock:
             if caller.token_a is not None and self.store.registration_token_used(caller.token_a):
@@ -334,9 +336,10 @@ class Edge:
                 other = self.registration_of_party(party)
                 if party == self.me or (other is not None and other is not caller.registration):
                     raise OcpiError(2001, f"party {party} is registered already")
+            token_c = secrets.token_urlsafe(32)
             reg = Registration(
                 id=caller.registration.id if caller.registration is not None else f"R-{secrets.token_hex(6)}",
-                token_c=secrets.token_urlsafe(32),
+                token_c=hashlib.sha256(token_c.encode()).hexdigest(),
                 token_b=theirs.token,
                 versions_url=theirs.url,
                 endpoints=endpoints,
@@ -346,7 +349,7 @@ class Edge:
             self.registrations[reg.id] = reg
             self._reindex()
             log.info("registered %s (%s) for OCPI %s", reg.id, ", ".join(sorted(reg.parties)), VERSION)
-            return reg
+            return reg, token_c
 
     def unregister(self, reg: Registration) -> None:
         self.store.delete_registration(reg.id)

@@ -51,7 +51,7 @@ class Registration:
     """One party (or hub) registered with us through the credentials handshake."""
 
     id: str
-    token_c: str  # the token it uses with us
+    token_c: str  # SHA-256 (hex) of the token it uses with us: the token itself is kept nowhere
     token_b: str  # the token we use with it
     versions_url: str
     endpoints: dict[str, str]  # "<module>.<role>" -> url (their side)
