@@ -367,7 +367,8 @@ class Edge:
 
     # --- outgoing requests ----------------------------------------------------------------------------
 
-    def _headers(self, reg: Registration | None, token: str) -> dict[str, str]:
+    def _headers(self, reg: Registration | None, token: str, to_party: str | None = None) -> dict[str, str]:
+        """Ours; ``to_party`` ("CC-PID") addresses one of a hub's parties, else its first role."""
         request_id = str(uuid.uuid4())
         headers = {
             "Authorization": f"Token {encode_token(token)}",
@@ -376,17 +377,27 @@ class Edge:
             "OCPI-from-country-code": self.ocpi.country_code,
             "OCPI-from-party-id": self.ocpi.party_id,
         }
-        if reg is not None and reg.roles:
+        if to_party is not None:
+            headers["OCPI-to-country-code"], _, headers["OCPI-to-party-id"] = to_party.partition("-")
+        elif reg is not None and reg.roles:
             headers["OCPI-to-country-code"] = str(reg.roles[0]["country_code"])
             headers["OCPI-to-party-id"] = str(reg.roles[0]["party_id"])
         return headers
 
     async def _call(
-        self, reg: Registration | None, method: str, url: str, body: Any, *, token: str | None = None, timeout: float
+        self,
+        reg: Registration | None,
+        method: str,
+        url: str,
+        body: Any,
+        *,
+        token: str | None = None,
+        timeout: float,
+        to_party: str | None = None,
     ) -> Any:
         """One request to a party; its envelope's ``data``. ``PushError`` unless it says 1xxx."""
         assert self._http is not None
-        headers = self._headers(reg, token if token is not None else (reg.token_b if reg else ""))
+        headers = self._headers(reg, token if token is not None else (reg.token_b if reg else ""), to_party)
         payload = msgspec.json.encode(body) if body is not None else None
         if payload is not None:
             headers["Content-Type"] = "application/json"
@@ -408,10 +419,10 @@ class Edge:
             raise PushError(f"status {envelope['status_code']}: {envelope.get('status_message', '')}")
         return envelope.get("data")
 
-    async def push(self, reg: Registration, method: str, url: str, body: Any) -> bool:
+    async def push(self, reg: Registration, method: str, url: str, body: Any, to_party: str | None = None) -> bool:
         self.counters["pushes"] += 1
         try:
-            await self._call(reg, method, url, body, timeout=PUSH_TIMEOUT)
+            await self._call(reg, method, url, body, timeout=PUSH_TIMEOUT, to_party=to_party)
             return True
         except PushError as exc:
             self.counters["push_failures"] += 1
@@ -1106,13 +1117,15 @@ class Edge:
             status = "COMPLETED" if r.state == "completed" else "ACTIVE"
             if sessions_url is not None and pushed != status:
                 target = f"{sessions_url.rstrip('/')}/{self.ocpi.country_code}/{self.ocpi.party_id}/{r.id}"
-                if await self.push(reg, "PUT", target, self.session(r, started, ended)):
+                if await self.push(
+                    reg, "PUT", target, self.session(r, started, ended), m.party_of_driver(r.vehicle_id)
+                ):
                     self.store.session_pushed(r.id, status)
             complete = cdrs_url is not None and status == "COMPLETED" and not cdr_pushed
             if (
                 complete
                 and cdrs_url is not None
-                and await self.push(reg, "POST", cdrs_url, self.cdr(r, started, ended))
+                and await self.push(reg, "POST", cdrs_url, self.cdr(r, started, ended), m.party_of_driver(r.vehicle_id))
             ):
                 self.store.cdr_pushed(r.id)
         bookings_url = reg.endpoint("bookings")
@@ -1125,7 +1138,7 @@ class Edge:
                 canceled=row.canceled,
                 last_updated=row.last_updated,
             )
-            if await self.push(reg, "PATCH", target, news):
+            if await self.push(reg, "PATCH", target, news, row.party):
                 row.pushed = row.status
                 self._save(row)
 
