@@ -54,7 +54,15 @@ def setup(world_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     tokens_file.write_text("# given to eMSPs by the operator\n" + "\n".join(TOKENS_A) + "\n")
     server = ServerProcess(world_path, "A", tmp / "data-A", tmp / "server.log", time_scale=300.0)
     station = Child("stations", tmp / "station.log")
-    edge = OcpiEdgeProcess(world_path, "A", 0, tmp / "edge", tmp / "edge.log", registration_tokens=tokens_file)
+    edge = OcpiEdgeProcess(
+        world_path,
+        "A",
+        0,
+        tmp / "edge",
+        tmp / "edge.log",
+        registration_tokens=tokens_file,
+        extra=("--session-updates", "0.3"),
+    )
     try:
         server.start()
         ids = [arg for cp in ONLINE for arg in ("--id", cp)]
@@ -295,7 +303,11 @@ async def test_tokens_and_commands_through_a_session_and_its_cdr(emsp: Emsp) -> 
     assert active[0]["evse_uid"] == "NAT-PN-2" and active[0]["cdr_token"]["uid"] == "DRIVER1"
     pulled = await emsp.all_pages(f"{V}/sessions")
     assert [x["id"] for x in pulled] == [session_id]
-    await asyncio.sleep(1.0)  # it charges a while (5 simulated minutes)
+    # While it charges, its kWh and cost grow at the eMSP too.
+    growing = await emsp.wait_for(
+        lambda: [b for m, path, b in emsp.received if m == "PATCH" and path.endswith(f"sessions/BR/POT/{session_id}")]
+    )
+    assert growing[-1]["kwh"] > 0 and growing[-1]["total_cost"]["excl_vat"] > 0
     stop = {"response_url": f"{emsp.base}/emsp/commands/STOP_SESSION/1", "session_id": session_id}
     assert (await emsp.call("POST", f"{V}/commands/STOP_SESSION", stop)).data["result"] == "ACCEPTED"
     assert (await emsp.wait_for(lambda: emsp.results("STOP_SESSION/1")))[0]["result"] == "ACCEPTED"

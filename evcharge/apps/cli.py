@@ -306,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
     )
     ocpi.add_argument("--page-limit", type=int, default=100, help="most objects on one page (default: %(default)s)")
+    ocpi.add_argument(
+        "--session-updates",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a charging session's kWh and cost are pushed to its eMSP at most this often (default: %(default)s)",
+    )
     ocpi.add_argument("--max-body-kb", type=int, default=64, help="largest request body, KiB (default: %(default)s)")
     ocpi.add_argument(
         "--rate-limit",
@@ -608,6 +615,7 @@ async def run_ocpi(world: World, args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         registration_tokens=args.registration_tokens,
         page_limit=max(1, args.page_limit),
+        progress_every=max(0.1, args.session_updates),
         ssl_context=context,
         server_hostname=name,
     )

@@ -62,6 +62,7 @@ COMMAND_TIMEOUT = 30  # the CommandResponse's timeout: our CommandResult comes w
 SESSION_MINUTES = 60  # START_SESSION without a booking reserves this long from now
 CALENDAR_DAYS = 7  # how far ahead a booking calendar shows free timeslots
 SYNC_EVERY = 2.0  # real seconds between looks at what is still to push (besides every change)
+PROGRESS_EVERY = 10.0  # real seconds between a charging session's kWh updates to its eMSP
 
 
 class OcpiError(Exception):
@@ -125,6 +126,7 @@ class Edge:
         data_dir: Path,
         registration_tokens: Path | None,
         page_limit: int = 100,
+        progress_every: float = PROGRESS_EVERY,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
@@ -140,6 +142,7 @@ class Edge:
         self.port = port
         self._public_url = public_url.rstrip("/") if public_url else None
         self.page_limit = page_limit
+        self.progress_every = progress_every
         self.registration_tokens_file = registration_tokens
         self.store = EdgeStore(data_dir / f"ocpi-{operator_id}.sqlite3")
         self.feed = OperatorFeed(
@@ -169,6 +172,7 @@ class Edge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._dirty = asyncio.Event()
+        self._progress_pushed: dict[str, tuple[float, float]] = {}  # session -> (kWh pushed, when: monotonic)
         self.counters = {"pushes": 0, "push_failures": 0}
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -1096,6 +1100,16 @@ class Edge:
                     }
                 self._save(row)
 
+    async def _push_progress(self, reg: Registration, sessions_url: str, r: p.ReservationInfo) -> None:
+        """A charging session's kWh and cost as they grow, to its eMSP: a PATCH every ``PROGRESS_EVERY`` at most."""
+        kwh, when = self._progress_pushed.get(r.id, (0.0, 0.0))
+        if r.kwh == kwh or time.monotonic() - when < self.progress_every:
+            return
+        target = f"{sessions_url.rstrip('/')}/{self.ocpi.country_code}/{self.ocpi.party_id}/{r.id}"
+        patch = o.SessionPatch(kwh=r.kwh, total_cost=o.Price(excl_vat=r.cost), last_updated=self.now_text())
+        if await self.push(reg, "PATCH", target, patch, m.party_of_driver(r.vehicle_id)):
+            self._progress_pushed[r.id] = (r.kwh, time.monotonic())
+
     async def _push_to(self, reg: Registration) -> None:
         """Everything this party has not heard yet: EVSE status, sessions, CDRs, booking status."""
         patches = self._status_patches.pop(reg.id, {})
@@ -1121,6 +1135,11 @@ class Edge:
                     reg, "PUT", target, self.session(r, started, ended), m.party_of_driver(r.vehicle_id)
                 ):
                     self.store.session_pushed(r.id, status)
+                    self._progress_pushed[r.id] = (r.kwh, time.monotonic())
+            elif sessions_url is not None and status == "ACTIVE":
+                await self._push_progress(reg, sessions_url, r)
+            if status == "COMPLETED":
+                self._progress_pushed.pop(r.id, None)
             complete = cdrs_url is not None and status == "COMPLETED" and not cdr_pushed
             if (
                 complete

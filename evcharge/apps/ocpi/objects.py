@@ -243,6 +243,14 @@ class Session(Sent, kw_only=True):
     last_updated: str
 
 
+class SessionPatch(Sent, kw_only=True):
+    """A charging session's growth, pushed while it charges."""
+
+    kwh: float
+    total_cost: Price
+    last_updated: str
+
+
 class CdrLocation(Sent, kw_only=True):
     id: str
     name: str | None = None
