@@ -11,6 +11,7 @@ and the answer names us as its ``OCPI-from-*`` party and the caller as ``OCPI-to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -38,6 +39,7 @@ LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
 MAX_BODY = 64 * 1024  # OCPI objects are small; a bigger body is refused before it is read
 RATE = 50.0  # requests a second per caller (token, or address when it has none)
 BURST = 100
+BODY_TIMEOUT = 10.0  # real seconds for a request's body to arrive
 
 _encoder = msgspec.json.Encoder()
 
@@ -60,6 +62,15 @@ def envelope(
     timestamp = edge.now_text() if edge is not None else o.ocpi_time(datetime.now(UTC))
     body = {"data": data, "status_code": status_code, "status_message": message, "timestamp": timestamp}
     return web.Response(body=_encoder.encode(body), status=http_status, content_type="application/json")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within ``BODY_TIMEOUT``: a caller trickling it holds nothing for long."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await request.read()
+    except TimeoutError:
+        raise OcpiError(2001, f"the body did not arrive within {BODY_TIMEOUT:g} s", 408) from None
 
 
 def decode(body: bytes, kind: type[T]) -> T:
@@ -201,7 +212,7 @@ async def get_credentials(request: web.Request) -> web.Response:
 async def post_credentials(request: web.Request) -> web.Response:
     edge = request.app[EDGE]
     caller = edge.caller(request.headers.get("Authorization"))
-    theirs = decode(await request.read(), o.Credentials)
+    theirs = decode(await read_body(request), o.Credentials)
     _reg, token_c = await edge.register(caller, theirs, update=request.method == "PUT")
     return envelope(edge.credentials(token_c), edge=edge)
 
@@ -281,7 +292,7 @@ async def put_token(request: web.Request) -> web.Response:
     reg = _registered(request)
     edge = request.app[EDGE]
     party, uid, kind = _token_path(request, reg)
-    body = await request.read()
+    body = await read_body(request)
     if request.method == "PATCH":
         stored = edge.store.token(party, uid, kind)
         if stored is None:
@@ -307,7 +318,7 @@ async def post_command(request: web.Request) -> web.Response:
     kind = o.COMMANDS.get(name)
     if kind is None:
         raise OcpiError(2001, f"unknown command {name[:40]!r} (one of {', '.join(o.COMMANDS)})")
-    body = decode(await request.read(), kind)
+    body = decode(await read_body(request), kind)
     with reached_ocpi():
         return envelope(edge.command(reg, name, body), edge=edge)
 
@@ -323,7 +334,7 @@ async def get_bookings(request: web.Request) -> web.Response:
 async def post_booking(request: web.Request) -> web.Response:
     reg = _registered(request)
     edge = request.app[EDGE]
-    booking_request = decode(await request.read(), o.BookingRequest)
+    booking_request = decode(await read_body(request), o.BookingRequest)
     with reached_ocpi():
         booking, why = await edge.book(reg, booking_request)
     return envelope(booking, 1000, why or "Success", edge=edge)
