@@ -59,6 +59,7 @@ class Emsp:
     allow: dict[str, str] = field(default_factory=dict)  # token uid -> AllowedType for real-time authorization
     received: list[tuple[str, str, Any]] = field(default_factory=list)  # (method, path, body)
     base: str = ""
+    hang: asyncio.Event | None = None  # set: pushes wait until it is set
     _runner: web.AppRunner | None = None
     _http: aiohttp.ClientSession | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -79,6 +80,8 @@ class Emsp:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
+        if self.hang is not None:
+            self.hang.set()
         if self._http is not None:
             await self._http.close()
         if self._runner is not None:
@@ -119,6 +122,8 @@ class Emsp:
         )
 
     async def _take(self, request: web.Request) -> web.Response:
+        if self.hang is not None:  # an eMSP that takes connections and never answers
+            await self.hang.wait()
         if not self._authorized(request):
             return web.json_response({"status_code": 2000, "timestamp": "2026-01-01T00:00:00Z"}, status=401)
         body = await request.json() if request.can_read_body else None

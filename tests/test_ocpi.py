@@ -235,6 +235,39 @@ async def test_locations_paginated_and_mapped(emsp: Emsp) -> None:
     assert {t["currency"] for t in tariffs} == {"BRL"}
 
 
+async def test_an_emsp_that_does_not_answer_holds_up_no_one_else(setup: Setup, emsp: Emsp) -> None:
+    async with Emsp(setup.edge.url) as stuck:
+        assert (await stuck.register(next(setup.tokens))).code == 1000
+        stuck.hang = asyncio.Event()
+        now = await server_now(emsp)
+        reserve = {
+            "response_url": f"{emsp.base}/emsp/commands/RESERVE_NOW/h",
+            "token": emsp.token("H1"),
+            "expiry_date": s_time(now + timedelta(minutes=20)),
+            "reservation_id": "R-H",
+            "location_id": "NAT-CEN",
+            "evse_uid": "NAT-CEN-1",
+        }
+        began = time.monotonic()
+        assert (await emsp.call("POST", f"{V}/commands/RESERVE_NOW", reserve)).data["result"] == "ACCEPTED"
+        await emsp.wait_for(
+            lambda: [b for m, path, b in emsp.received if m == "PATCH" and path.endswith("NAT-CEN/NAT-CEN-1")],
+            timeout=8,
+        )
+        cancel = {"response_url": f"{emsp.base}/emsp/commands/CANCEL_RESERVATION/h", "reservation_id": "R-H"}
+        await emsp.call("POST", f"{V}/commands/CANCEL_RESERVATION", cancel)
+        await emsp.wait_for(
+            lambda: [
+                b
+                for m, path, b in emsp.received
+                if m == "PATCH" and path.endswith("NAT-CEN/NAT-CEN-1") and b["status"] == "AVAILABLE"
+            ],
+            timeout=8,
+        )
+        # Both changes arrived while the stuck eMSP still held its first push (10 s deadline).
+        assert time.monotonic() - began < 8
+
+
 # --- tokens and commands: reserve now, cancel, start, stop, the session and its CDR ------------------
 
 

@@ -172,6 +172,7 @@ class Edge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._dirty = asyncio.Event()
+        self._pushing: dict[str, asyncio.Task[None]] = {}  # per registration: its pusher, while it runs
         self._progress_pushed: dict[str, tuple[float, float]] = {}  # session -> (kWh pushed, when: monotonic)
         self.counters = {"pushes": 0, "push_failures": 0}
 
@@ -1079,7 +1080,7 @@ class Edge:
                     self._busy_seen[cp.id] = busy
                     self.calendar_updated[cp.id] = now_text
         self._update_bookings(snap, now_text)
-        await asyncio.gather(*(self._push_to(reg) for reg in list(self.registrations.values())))
+        self._push_all()
 
     def _update_bookings(self, snap: p.InspectResult, now_text: str) -> None:
         by_id = {r.id: r for r in snap.reservations}
@@ -1100,18 +1101,39 @@ class Edge:
                     }
                 self._save(row)
 
-    async def _push_progress(self, reg: Registration, sessions_url: str, r: p.ReservationInfo) -> None:
-        """A charging session's kWh and cost as they grow, to its eMSP: a PATCH every ``PROGRESS_EVERY`` at most."""
+    async def _push_progress(self, reg: Registration, sessions_url: str, r: p.ReservationInfo) -> bool:
+        """A charging session's kWh and cost as they grow, to its eMSP: a PATCH every ``progress_every`` at most.
+
+        False if the eMSP did not take it."""
         kwh, when = self._progress_pushed.get(r.id, (0.0, 0.0))
         if r.kwh == kwh or time.monotonic() - when < self.progress_every:
-            return
+            return True
         target = f"{sessions_url.rstrip('/')}/{self.ocpi.country_code}/{self.ocpi.party_id}/{r.id}"
         patch = o.SessionPatch(kwh=r.kwh, total_cost=o.Price(excl_vat=r.cost), last_updated=self.now_text())
-        if await self.push(reg, "PATCH", target, patch, m.party_of_driver(r.vehicle_id)):
-            self._progress_pushed[r.id] = (r.kwh, time.monotonic())
+        if not await self.push(reg, "PATCH", target, patch, m.party_of_driver(r.vehicle_id)):
+            return False
+        self._progress_pushed[r.id] = (r.kwh, time.monotonic())
+        return True
+
+    def _push_all(self) -> None:
+        """One pusher per party at a time: a party that does not answer holds up no one else."""
+        for reg in list(self.registrations.values()):
+            running = self._pushing.get(reg.id)
+            if running is None or running.done():
+                self._pushing[reg.id] = self._spawn(self._push_guarded(reg))
+
+    async def _push_guarded(self, reg: Registration) -> None:
+        try:
+            await self._push_to(reg)
+        except OcpiError:
+            pass  # the server's state is not in yet: the next look pushes
+        except Exception:
+            log.exception("pushing to %s failed; trying again at the next look", reg.id)
 
     async def _push_to(self, reg: Registration) -> None:
-        """Everything this party has not heard yet: EVSE status, sessions, CDRs, booking status."""
+        """Everything this party has not heard yet: EVSE status, sessions, CDRs, booking status.
+
+        The first push it does not take ends the round: the rest waits for the next look."""
         patches = self._status_patches.pop(reg.id, {})
         url = reg.endpoint("locations")
         if url is not None and patches:
@@ -1122,6 +1144,8 @@ class Edge:
             for (where, patch), ok in zip(patches.items(), results, strict=True):
                 if not ok:  # again at the next look, unless a newer status came meanwhile
                     self._status_patches.setdefault(reg.id, {}).setdefault(where, patch)
+            if not all(results):
+                return
         seen = self.store.sessions()
         sessions_url, cdrs_url = reg.endpoint("sessions"), reg.endpoint("cdrs")
         for r, started, ended in self._session_rows(reg.parties):
@@ -1129,24 +1153,23 @@ class Edge:
             if r.id not in seen:
                 self.store.session_seen(r.id, started=started, ended=ended)
             status = "COMPLETED" if r.state == "completed" else "ACTIVE"
+            party = m.party_of_driver(r.vehicle_id)
             if sessions_url is not None and pushed != status:
                 target = f"{sessions_url.rstrip('/')}/{self.ocpi.country_code}/{self.ocpi.party_id}/{r.id}"
-                if await self.push(
-                    reg, "PUT", target, self.session(r, started, ended), m.party_of_driver(r.vehicle_id)
-                ):
-                    self.store.session_pushed(r.id, status)
-                    self._progress_pushed[r.id] = (r.kwh, time.monotonic())
-            elif sessions_url is not None and status == "ACTIVE":
-                await self._push_progress(reg, sessions_url, r)
+                if not await self.push(reg, "PUT", target, self.session(r, started, ended), party):
+                    return
+                self.store.session_pushed(r.id, status)
+                self._progress_pushed[r.id] = (r.kwh, time.monotonic())
+            elif (
+                sessions_url is not None and status == "ACTIVE" and not await self._push_progress(reg, sessions_url, r)
+            ):
+                return
             if status == "COMPLETED":
                 self._progress_pushed.pop(r.id, None)
-            complete = cdrs_url is not None and status == "COMPLETED" and not cdr_pushed
-            if (
-                complete
-                and cdrs_url is not None
-                and await self.push(reg, "POST", cdrs_url, self.cdr(r, started, ended), m.party_of_driver(r.vehicle_id))
-            ):
-                self.store.cdr_pushed(r.id)
+                if cdrs_url is not None and not cdr_pushed:
+                    if not await self.push(reg, "POST", cdrs_url, self.cdr(r, started, ended), party):
+                        return
+                    self.store.cdr_pushed(r.id)
         bookings_url = reg.endpoint("bookings")
         for row in list(self.bookings.values()):
             if row.party not in reg.parties or row.pushed == row.status or bookings_url is None:
@@ -1157,9 +1180,10 @@ class Edge:
                 canceled=row.canceled,
                 last_updated=row.last_updated,
             )
-            if await self.push(reg, "PATCH", target, news, row.party):
-                row.pushed = row.status
-                self._save(row)
+            if not await self.push(reg, "PATCH", target, news, row.party):
+                return
+            row.pushed = row.status
+            self._save(row)
 
 
 class RateLimiter:
