@@ -90,6 +90,7 @@ class EdgeStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._drivers: dict[str, tuple[str, str, str, str | None]] = {}  # as last written
 
     def close(self) -> None:
         self.db.close()
@@ -159,9 +160,12 @@ class EdgeStore:
     # --- drivers, reservations, sessions -----------------------------------------------------------
 
     def remember_driver(self, driver: str, token: dict[str, Any], auth_method: str, reference: str | None) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO drivers VALUES (?, ?, ?, ?)", (driver, json.dumps(token), auth_method, reference)
-        )
+        """The token a driver came with (for its sessions' and CDRs' ``cdr_token``); written only when new."""
+        row = (driver, json.dumps(token, sort_keys=True), auth_method, reference)
+        if self._drivers.get(driver) == row:
+            return  # each write is a commit (an fsync): a driver booking again writes nothing
+        self._write("INSERT OR REPLACE INTO drivers VALUES (?, ?, ?, ?)", row)
+        self._drivers[driver] = row
 
     def driver(self, driver: str) -> tuple[dict[str, Any], str, str | None] | None:
         row = self.db.execute(
