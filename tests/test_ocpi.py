@@ -588,14 +588,23 @@ async def test_a_restarted_edge_keeps_its_parties_tokens_and_bookings(setup: Set
             now = await server_now(e)
             booked = await e.call("POST", f"{V}/bookings", booking_request(e, "NAT-PN", now + timedelta(hours=8), 30))
             assert booked.data["reservation_status"] == "RESERVED", booked.body
+            assert await evse_status(e, "MOS-1", "MOS-1-1") == "AVAILABLE"
             edge.kill()  # kill -9: what was answered was committed before the answer
             kept = b"".join(f.read_bytes() for f in (tmp_path / "edge").iterdir())
             assert e.token_c.encode() not in kept  # only its hash is kept
+            # While the edge is down, a vehicle reserves MOS-1-1 from now: RESERVED once the edge is back.
+            car = load_world(str(setup.world_path)).vehicle("T003")
+            async with connect("127.0.0.1", setup.server.port, role="vehicle", ident=car.id, secret=car.token) as c:
+                await c.reserve("MOS-1-1", c.server_now() + timedelta(minutes=1), 20)
             await asyncio.to_thread(edge.start)
             e.edge_url = edge.url
             assert (await e.call("GET", f"{V}/tokens/NL/{e.party_id}/KEPT", type="APP_USER")).code == 1000
             assert [b["id"] for b in await e.all_pages(f"{V}/bookings")] == [booked.data["id"]]
             assert (await e.call("GET", "/ocpi/versions", token="restart-token-a")).status == 401  # used up for good
+            changed = await e.wait_for(
+                lambda: [b for m, path, b in e.received if m == "PATCH" and path.endswith("MOS-1/MOS-1-1")]
+            )
+            assert changed[-1]["status"] == "RESERVED"
     finally:
         edge.kill()
 

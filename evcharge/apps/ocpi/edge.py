@@ -165,7 +165,10 @@ class Edge:
         self.bookings: dict[str, BookingRow] = {b.id: b for b in self.store.bookings()}
         self._booking_of_request = {(b.party, b.request_id): b.id for b in self.bookings.values()}
         # Each charge point's OCPI status as last seen, with when it changed (OCPI time).
-        self.evse_status: dict[str, tuple[o.EvseStatus, str]] = {}
+        self.evse_status: dict[str, tuple[o.EvseStatus, str]] = {
+            uid: (status, updated)  # type: ignore[misc]
+            for uid, (status, updated) in self.store.evse_statuses().items()
+        }
         self._busy_seen: dict[str, tuple[tuple[float, float], ...]] = {}
         self.calendar_updated: dict[str, str] = {}
         self._status_patches: dict[str, dict[tuple[str, str], o.EvseStatusPatch]] = {}  # per registration
@@ -1064,12 +1067,14 @@ class Edge:
     async def sync(self) -> None:
         snap = self.snapshot()
         now_text = self.now_text()
+        changed: list[tuple[str, str, str]] = []
         for station in snap.stations:
             for cp in station.charge_points:
                 status = m.EVSE_STATUS.get(cp.status, "UNKNOWN")
                 before = self.evse_status.get(cp.id)
                 if before is None or before[0] != status:
                     self.evse_status[cp.id] = (status, now_text)
+                    changed.append((cp.id, status, now_text))
                     if before is not None:
                         patch = o.EvseStatusPatch(status=status, last_updated=now_text)
                         for reg in self.registrations.values():
@@ -1079,6 +1084,8 @@ class Edge:
                 if self._busy_seen.get(cp.id) != busy:
                     self._busy_seen[cp.id] = busy
                     self.calendar_updated[cp.id] = now_text
+        if changed:
+            self.store.save_evse_statuses(changed)
         self._update_bookings(snap, now_text)
         self._push_all()
 

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS reservation_ids (party TEXT, ocpi_id TEXT, reservatio
 CREATE TABLE IF NOT EXISTS sessions (
     reservation_id TEXT PRIMARY KEY, started TEXT, ended TEXT, pushed TEXT DEFAULT '', cdr_pushed INTEGER DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS evse_status (uid TEXT PRIMARY KEY, status TEXT, updated TEXT);
 CREATE TABLE IF NOT EXISTS bookings (
     id TEXT PRIMARY KEY, party TEXT, request_id TEXT, request TEXT, reservation_id TEXT, driver TEXT,
     status TEXT, canceled TEXT, requests TEXT, received TEXT, last_updated TEXT, pushed TEXT DEFAULT '',
@@ -212,6 +213,17 @@ class EdgeStore:
 
     def cdr_pushed(self, reservation_id: str) -> None:
         self._write("UPDATE sessions SET cdr_pushed = 1 WHERE reservation_id = ?", (reservation_id,))
+
+    # --- EVSE status as last seen (a restarted edge pushes what changed while it was down) -----------------
+
+    def evse_statuses(self) -> dict[str, tuple[str, str]]:
+        return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT uid, status, updated FROM evse_status")}
+
+    def save_evse_statuses(self, changed: list[tuple[str, str, str]]) -> None:
+        """(uid, status, updated) of every EVSE that changed in one look: one transaction."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT OR REPLACE INTO evse_status VALUES (?, ?, ?)", changed)
 
     # --- bookings ----------------------------------------------------------------------------------
 
