@@ -144,6 +144,16 @@ async def test_a_shown_plan_whose_time_has_passed_books_nothing(servers: dict[st
         assert booked.trip.stops[0].slot_start > plan.stops[0].slot_start
 
 
+async def test_two_cancellations_of_one_trip_at_once_one_cancels_the_other_hears_it_was(
+    servers: dict[str, Server],
+) -> None:
+    async with driver(servers, "V01") as c:
+        trip = (await c.book_trip(NATAL_TO_FEIRA)).trip
+        first, second = await asyncio.gather(c.cancel_trip(trip.id), c.cancel_trip(trip.id))
+        assert sorted([first.unchanged, second.unchanged]) == [False, True]
+        assert first.trip.state == second.trip.state == "cancelled"
+
+
 async def test_cancel_trip_releases_every_stop_even_if_a_peer_is_briefly_down(
     servers: dict[str, Server], fed_world: World, tmp_path: Path
 ) -> None:

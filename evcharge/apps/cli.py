@@ -711,7 +711,8 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
-async def run_settlement(world: World, args: argparse.Namespace) -> int:
+def _operator_connector(world: World, args: argparse.Namespace) -> Callable[[], Any]:
+    """Connects as the operator's own tool (``--operator``, ``--server``, TLS options)."""
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
     context, name = client_tls(args, op)
@@ -721,13 +722,17 @@ async def run_settlement(world: World, args: argparse.Namespace) -> int:
             host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
         )
 
+    return connector
+
+
+async def run_settlement(world: World, args: argparse.Namespace) -> int:
     async def settlement(c: Requests, args: argparse.Namespace, out: Console) -> Any:
         result = await c.settlement()
         if not args.json:
             out.print(render.settlement_table(result))
         return result
 
-    return await _run_client(args, connector, settlement)
+    return await _run_client(args, _operator_connector(world, args), settlement)
 
 
 # --- vehicles and inspect -------------------------------------------------------------------
@@ -778,16 +783,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
 
 
 async def run_inspect(world: World, args: argparse.Namespace) -> int:
-    op = world.operator(args.operator)
-    host, port = _address(world, op.id, args.server)
-    context, name = client_tls(args, op)
-
-    def connector() -> Any:
-        return connect(
-            host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
-        )
-
-    return await _run_client(args, connector, inspect)
+    return await _run_client(args, _operator_connector(world, args), inspect)
 
 
 async def _run_client(

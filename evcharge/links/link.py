@@ -305,9 +305,7 @@ class Link(Requests):
                 try:
                     client = await self.wait_up(max(0.0, left))
                 except UnavailableError:
-                    raise OutcomeUnknownError(
-                        f"{self.what} did not answer ({self.last_error}); whether it was done is not known yet"
-                    ) from None
+                    raise self._no_answer(request, self.last_error) from None
             try:
                 reply = await client.call(request, expect, timeout=max(0.05, min(timeout or self.timeout, left)))
             except (ConnectionLostError, RequestTimeoutError) as exc:
@@ -315,14 +313,18 @@ class Link(Requests):
                 if isinstance(exc, RequestTimeoutError) and client is self.client:
                     self._suspect.set()
                 if loop.time() >= deadline:
-                    raise OutcomeUnknownError(
-                        f"{self.what} did not answer ({exc.message}); whether it was done is not known yet"
-                    ) from None
+                    raise self._no_answer(request, exc.message) from None
                 log.info("%s: %s lost (%s); asking again", self.name, type(request).__name__, exc.message)
                 await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))  # the link notices a loss meanwhile
                 continue
             self.last_seen = time.time()
             return reply
+
+    def _no_answer(self, request: p.Request, why: str) -> EvchargeError:
+        """No answer by the deadline: for a change, its outcome is not known; a question just went unanswered."""
+        if getattr(request, "key", ""):
+            return OutcomeUnknownError(f"{self.what} did not answer ({why}); whether it was done is not known yet")
+        return UnavailableError(f"{self.what} did not answer ({why})")
 
     async def close(self) -> None:
         client = self.client

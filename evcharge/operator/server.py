@@ -47,6 +47,7 @@ from evcharge.wire.auth import new_nonce, peer_proof, same_secret
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT, Connection, ConnectionClosed
 from evcharge.wire.errors import (
     BadRequestError,
+    ConnectionLostError,
     EvchargeError,
     ForbiddenError,
     TooLargeError,
@@ -393,17 +394,20 @@ class Server:
         except (ConnectionClosed, UndecodableMessage):
             await conn.close()
             return None
-        await conn.send(
-            p.Welcome(
-                id=request_id,
-                version=p.PROTOCOL_VERSION,
-                operator_id=self.operator.id,
-                operator_name=self.operator.name,
-                server_time=self.clock.now_dt(),
-                time_scale=self.clock.time_scale,
-                idle_timeout=handler.idle_timeout or 0.0,
-            )
+        welcome = p.Welcome(
+            id=request_id,
+            version=p.PROTOCOL_VERSION,
+            operator_id=self.operator.id,
+            operator_name=self.operator.name,
+            server_time=self.clock.now_dt(),
+            time_scale=self.clock.time_scale,
+            idle_timeout=handler.idle_timeout or 0.0,
         )
+        try:
+            await conn.send(welcome)
+        except ConnectionLostError:  # gone right after its Hello: nobody to welcome
+            await conn.close()
+            return None
         self.online.add(handler)
         log.info("%s connected", handler)
         return handler

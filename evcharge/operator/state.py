@@ -148,7 +148,8 @@ class Books:
         self.trips_by_txn = {}
         for trip in state.trips:
             self.remember_trip(trip)
-        self.outcomes = {(o.scope, o.key): o for o in state.outcomes}
+        # In the order they were made: forgetting the old ones looks at the front only.
+        self.outcomes = {(o.scope, o.key): o for o in sorted(state.outcomes, key=lambda o: o.created)}
         self.records = {r.reservation_id: r for r in state.records}
         for loader in self.loaders:
             loader(state)

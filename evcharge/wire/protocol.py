@@ -48,6 +48,7 @@ UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
 Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 Kwh = Annotated[float, msgspec.Meta(ge=0, le=100_000)]  # a meter reading (no NaN, no infinity)
+Amount = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # a price or a cost (no NaN, no infinity)
 # `unknown`: another operator's charge point whose live status we have not heard yet.
 ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "unavailable", "offline", "unknown"]
 # What a charge point may say about itself; the server derives the rest. `unavailable` is out of
@@ -132,9 +133,9 @@ class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     charge_point_id: str
     started: datetime
     ended: datetime
-    kwh: float
-    price_per_kwh: float
-    cost: float
+    kwh: Kwh
+    price_per_kwh: Amount
+    cost: Amount
 
 
 class TripStop(msgspec.Struct, kw_only=True, omit_defaults=True):
