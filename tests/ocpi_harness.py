@@ -58,6 +58,7 @@ class Emsp:
     token_c: str = ""
     allow: dict[str, str] = field(default_factory=dict)  # token uid -> AllowedType for real-time authorization
     received: list[tuple[str, str, Any]] = field(default_factory=list)  # (method, path, body)
+    addressed: list[tuple[str, str]] = field(default_factory=list)  # (path, its OCPI-to-party-id), as received
     base: str = ""
     hang: asyncio.Event | None = None  # set: pushes wait until it is set
     _runner: web.AppRunner | None = None
@@ -129,6 +130,7 @@ class Emsp:
         body = await request.json() if request.can_read_body else None
         path = request.path.removeprefix("/emsp/")
         self.received.append((request.method, path, body))
+        self.addressed.append((path, request.headers.get("OCPI-to-party-id", "")))
         self._changed.set()
         if path.startswith("tokens/") and path.endswith("/authorize"):
             uid = path.split("/")[1]
@@ -178,19 +180,18 @@ class Emsp:
             s.check(s.ENVELOPE, payload)
             return Answer(response.status, dict(response.headers), payload)
 
-    async def register(self, token_a: str) -> Answer:
-        credentials = {
-            "token": self.token_b,
-            "url": f"{self.base}/ocpi/versions",
-            "roles": [
-                {
-                    "role": "EMSP",
-                    "business_details": {"name": f"eMSP {self.party_id}"},
-                    "party_id": self.party_id,
-                    "country_code": self.country_code,
-                }
-            ],
-        }
+    async def register(self, token_a: str, *, also: tuple[str, ...] = ()) -> Answer:
+        """The credentials handshake; ``also``: more party ids it speaks for (a hub)."""
+        roles = [
+            {
+                "role": "EMSP",
+                "business_details": {"name": f"eMSP {party}"},
+                "party_id": party,
+                "country_code": self.country_code,
+            }
+            for party in (self.party_id, *also)
+        ]
+        credentials = {"token": self.token_b, "url": f"{self.base}/ocpi/versions", "roles": roles}
         answer = await self.call("POST", "/ocpi/2.2.1/credentials", credentials, token=token_a)
         if answer.code == 1000:
             self.token_c = answer.data["token"]

@@ -533,6 +533,44 @@ async def test_a_foreign_booking_and_an_evcharge_trip_race_for_one_slot(setup: S
     assert sum(results) == 1, results
 
 
+async def test_a_hub_speaks_for_its_parties_and_each_hears_of_its_own(setup: Setup) -> None:
+    async with Emsp(setup.edge.url) as hub:
+        second = f"H{hub.party_id[-2:]}"
+        assert (await hub.register(next(setup.tokens), also=(second,))).code == 1000
+        now = await server_now(hub)
+        request = booking_request(hub, "FOR-1", now + timedelta(hours=9), 30, evse_uid="FOR-1-1")
+        token = {"country_code": "NL", "party_id": second, "uid": "HUB-U", "type": "RFID", "contract_id": "C-HUB"}
+        mine = await hub.call("POST", f"{V}/bookings", dict(request, party_id=second, tokens=[token]))
+        assert mine.data["reservation_status"] == "RESERVED", mine.body
+        stranger = dict(request, request_id="REQ-STRANGER", party_id="ZZZ", tokens=[dict(token, party_id="ZZZ")])
+        assert (await hub.call("POST", f"{V}/bookings", stranger)).code == 2001  # a party it does not speak for
+        cancel = dict(
+            request,
+            party_id=second,
+            tokens=[token],
+            canceled={"cancellation_reason": "TRAFFIC", "who_canceled": "EMSP"},
+        )
+        assert (await hub.call("POST", f"{V}/bookings", cancel)).data["reservation_status"] == "CANCELED"
+        # An EVSE status change goes to the hub; a booking's news to the party it is for (OCPI-to-party-id).
+        start = {
+            "response_url": f"{hub.base}/emsp/commands/START_SESSION/hub",
+            "token": hub.token("HUB-D"),
+            "location_id": "FOR-1",
+            "evse_uid": "FOR-1-1",
+        }
+        start["token"]["party_id"] = second
+        await hub.call("POST", f"{V}/commands/START_SESSION", start)
+        assert (await hub.wait_for(lambda: hub.results("START_SESSION/hub")))[0]["result"] == "ACCEPTED"
+        sessions = await hub.wait_for(
+            lambda: [p for p, to in hub.addressed if p.startswith("sessions/") and to == second]
+        )
+        assert sessions
+        session_id = sessions[0].rpartition("/")[2]
+        stop = {"response_url": f"{hub.base}/emsp/commands/STOP_SESSION/hub", "session_id": session_id}
+        await hub.call("POST", f"{V}/commands/STOP_SESSION", stop)
+        assert (await hub.wait_for(lambda: hub.results("STOP_SESSION/hub")))[0]["result"] == "ACCEPTED"
+
+
 # --- the envelope, whatever comes ---------------------------------------------------------------------------
 
 
