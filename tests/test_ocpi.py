@@ -430,10 +430,10 @@ async def test_book_a_timeslot_same_request_again_conflict_cancel(emsp: Emsp) ->
 async def test_no_show_and_fulfilled_are_pushed(emsp: Emsp) -> None:
     now = await server_now(emsp)
     no_show = await emsp.call(
-        "POST", f"{V}/bookings", booking_request(emsp, "NAT-CEN", now + timedelta(minutes=2), 60, evse_uid="NAT-CEN-1")
+        "POST", f"{V}/bookings", booking_request(emsp, "NAT-CEN", now + timedelta(minutes=5), 60, evse_uid="NAT-CEN-1")
     )
     assert no_show.data["reservation_status"] == "RESERVED", no_show.body
-    request = booking_request(emsp, "FOR-1", now + timedelta(minutes=2), 60, evse_uid="FOR-1-2")
+    request = booking_request(emsp, "FOR-1", now + timedelta(minutes=5), 60, evse_uid="FOR-1-2")
     kept = await emsp.call("POST", f"{V}/bookings", request)
     assert kept.data["reservation_status"] == "RESERVED", kept.body
     token = emsp.token(request["tokens"][0]["uid"])  # type: ignore[index]

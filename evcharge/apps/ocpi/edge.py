@@ -237,6 +237,15 @@ class Edge:
         now = self.feed.now()
         return o.ocpi_time(now if now is not None else datetime.now().astimezone())
 
+    async def server_now(self) -> datetime:
+        """The server's simulated now, asked (a reservation "from now" must not start in its past).
+
+        The feed's estimate lags by a snapshot's transit, times the clock's scale."""
+        try:
+            return (await self.feed.link.call(p.Heartbeat(), p.HeartbeatAck, 5.0)).server_time
+        except EvchargeError:
+            return self.now()
+
     def snapshot(self) -> p.InspectResult:
         snap = self.feed.snapshot
         if snap is None:
@@ -708,7 +717,9 @@ class Edge:
         if known is not None and known[0]:
             return self._result("ACCEPTED")
         # The same reservation id asked again reserves from the same start: its key finds the first outcome.
-        start = datetime.fromisoformat(known[2]) if known is not None else self.now().replace(microsecond=0)
+        start = (
+            datetime.fromisoformat(known[2]) if known is not None else (await self.server_now()).replace(microsecond=0)
+        )
         minutes = m.minutes_between(start, o.utc(cmd.expiry_date))
         if not 1 <= minutes <= self.rules.max_reservation_min:
             return self._result("REJECTED", f"expiry_date must be 1..{self.rules.max_reservation_min} minutes ahead")
@@ -759,7 +770,7 @@ class Edge:
         party = m.party_key(cmd.token.country_code, cmd.token.party_id)
         driver = m.driver_id(cmd.token.country_code, cmd.token.party_id, cmd.token.uid)
         self.store.remember_driver(driver, msgspec.to_builtins(cmd.token), "COMMAND", cmd.authorization_reference)
-        now = self.now()
+        now = await self.server_now()
         early = timedelta(minutes=self.rules.early_start_min)
         ids = {cp.id for cp in cps}
         # The driver's own booking (a RESERVE_NOW or a Booking) here, if it may start now.
