@@ -43,7 +43,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
+from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
@@ -55,7 +57,7 @@ from evcharge.domain.world import ChargePointConfig, StationConfig, World, load_
 from evcharge.links.client import Client, open_client
 from evcharge.operator.trips.planning import MAX_PLANS_SHOWN
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConnectionLostError, EvchargeError
+from evcharge.wire.errors import BadRequestError, ConnectionLostError, EvchargeError
 from tools import plan_quality
 from tools.harness import (
     HOST,
@@ -64,6 +66,7 @@ from tools.harness import (
     SPANNING_ROUTE,
     Child,
     HarnessError,
+    OcpiEdgeProcess,
     ServerProcess,
     bench_vehicle_id,
     bench_vehicles,
@@ -80,7 +83,9 @@ from tools.harness import (
 )
 from tools.postgres import PostgresServer
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "postgresql", "planning", "noisy", "contention", "scale")
+SCENARIOS = (
+    "ceiling", "status", "reserve", "trips", "postgresql", "planning", "noisy", "contention", "scale", "ocpi",
+)
 LARGE_WORLD = "brazil-northeast"  # the planning scenario's: real size
 SCALE_PREFIX = "SC"  # generated stations of the scale world
 GRID_S = 120  # reservation grid: preloaded reservations take [cell, cell+60), the benchmark's [cell+60, cell+120)
@@ -1120,6 +1125,116 @@ class Bench:
 
     # --- 6. scale --------------------------------------------------------------------------
 
+    # --- OCPI edge ------------------------------------------------------------------------
+
+    async def ocpi(self) -> None:
+        """The OCPI edge of operator A: pages of locations, and bookings (each a reservation in the ledger)."""
+        s = self.settings
+        self.say(f"ocpi: an eMSP's locations pages and bookings through evcharge ocpi, {s.connections} connections")
+        world, world_path, data = await self.single_operator("ocpi", vehicles=1)
+        server, _ = await self.start_server(world_path, "A", data)
+        tokens = data.parent / "registration-tokens"
+        tokens.write_text("bench-token-a\n")
+        edge = OcpiEdgeProcess(
+            world_path, "A", server.port, data.parent / "edge", self.work / f"{data.parent.name}-edge.log",
+            registration_tokens=tokens, extra=("--rate-limit", "0", "--log-level", "warning"),
+        )  # fmt: skip
+        self.fleet.children.append(edge)
+        await asyncio.to_thread(edge.start, 60.0)
+        # Bookable charge points are online ones: every charge point is simulated.
+        sims = [
+            ChargePointSim(cp, HOST, server.port, heartbeat_s=world.rules.heartbeat_s)
+            for st in world.stations_of("A")
+            for cp in st.charge_points
+        ]
+        sim_tasks = [asyncio.ensure_future(sim.run()) for sim in sims]
+        stub, base = await emsp_stub("bench-emsp-token")
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        pids = {"A": server.pid, "edge": edge.pid}
+        charge_points = [cp.id for st in world.stations_of("A") for cp in st.charge_points]
+        station_of = {cp.id: st.id for st in world.stations_of("A") for cp in st.charge_points}
+        try:
+            credentials = {
+                "token": "bench-emsp-token",
+                "url": f"{base}/ocpi/versions",
+                "roles": [
+                    {"role": "EMSP", "business_details": {"name": "bench"}, "party_id": "BEN", "country_code": "NL"}
+                ],
+            }
+            async with http.post(
+                f"{edge.url}/ocpi/2.2.1/credentials", json=credentials, headers={"Authorization": "Token bench-token-a"}
+            ) as response:
+                token_c = (await response.json())["data"]["token"]
+            auth = {"Authorization": f"Token {token_c}"}
+            total = len(world.stations_of("A"))
+            async with asyncio.timeout(30):  # until the edge sees every charge point online
+                while True:
+                    async with http.get(f"{edge.url}/ocpi/2.2.1/locations", headers=auth) as response:
+                        shown = (await response.json())["data"]
+                    if all(e["status"] != "UNKNOWN" for loc in shown for e in loc["evses"]):
+                        break
+                    await asyncio.sleep(0.2)
+
+            async def ocpi_call(method: str, path: str, body: Any = None) -> Any:
+                async with http.request(method, f"{edge.url}{path}", json=body, headers=auth) as response:
+                    answer = await response.json()
+                if answer["status_code"] != 1000:
+                    raise BadRequestError(f"OCPI {answer['status_code']}: {answer.get('status_message')}")
+                return answer["data"]
+
+            rng = random.Random(7)
+
+            async def page(_i: int, _notes: Counter[str]) -> None:
+                await ocpi_call("GET", f"/ocpi/2.2.1/locations?offset={rng.randrange(total)}&limit=2")
+
+            pages = await closed_loop(s.connections, page, s.duration, s.warmup, pids)
+            cells = GRID_DAYS * 86400 // GRID_S
+            workers = s.connections
+            made = iter(range(10**9))
+
+            async def book(i: int, notes: Counter[str]) -> None:
+                cell = rng.randrange(cells // workers) * workers + i
+                start = datetime.fromtimestamp(self.grid_base + cell * GRID_S, UTC)
+                cp = rng.choice(charge_points)
+                n = next(made)
+                request = {
+                    "country_code": "NL",
+                    "party_id": "BEN",
+                    "request_id": f"BENCH-{n}",
+                    "location_id": station_of[cp],
+                    "evse_uid": cp,
+                    "tokens": [
+                        {
+                            "country_code": "NL",
+                            "party_id": "BEN",
+                            "uid": f"U{i}",
+                            "type": "APP_USER",
+                            "contract_id": f"C{i}",
+                        }
+                    ],
+                    "period": {
+                        "start_from": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "end_before": (start + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    },
+                    "authorization_reference": f"A{n}",
+                }
+                booking = await ocpi_call("POST", "/ocpi/2.2.1/bookings", request)
+                notes[booking["reservation_status"]] += 1
+
+            bookings = await closed_loop(s.connections, book, s.duration, s.warmup, pids)
+            rss = {"A": rss_mb(server.pid), "edge": rss_mb(edge.pid)}
+        finally:
+            for task in sim_tasks:
+                task.cancel()
+            await asyncio.gather(*sim_tasks, return_exceptions=True)
+            await http.close()
+            await stub.cleanup()
+            self.fleet.stop(edge)
+            self.fleet.stop(server)
+        pages_row = load_row("OCPI locations pages", s.connections, pages, rss=rss)
+        bookings_row = load_row("OCPI bookings", s.connections, bookings, rss=rss)
+        self.add("ocpi", {**pages_row, "bookings": bookings_row}, pages_row, bookings_row)
+
     async def scale(self) -> None:
         s = self.settings
         world, world_path, data = await self.single_operator("scale", vehicles=1, scale_cps=s.scale_charge_points)
@@ -1238,6 +1353,32 @@ class Bench:
                 raise BenchError(f"{proc.name} gave no result within {timeout:g} s:\n{tail(proc.log_path)}")
             await asyncio.sleep(0.05)
         return dict(result)
+
+
+async def emsp_stub(token: str) -> tuple[web.AppRunner, str]:
+    """An eMSP that answers the registration handshake (and takes no pushes: none are asked of it)."""
+
+    def ok(data: Any) -> web.Response:
+        return web.json_response({"data": data, "status_code": 1000, "timestamp": "2026-01-01T00:00:00Z"})
+
+    base = ""
+
+    async def versions(_request: web.Request) -> web.Response:
+        return ok([{"version": "2.2.1", "url": f"{base}/ocpi/2.2.1"}])
+
+    async def details(_request: web.Request) -> web.Response:
+        url = f"{base}/ocpi/2.2.1/credentials"
+        return ok({"version": "2.2.1", "endpoints": [{"identifier": "credentials", "role": "SENDER", "url": url}]})
+
+    app = web.Application()
+    app.router.add_get("/ocpi/versions", versions)
+    app.router.add_get("/ocpi/2.2.1", details)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    base = f"http://{HOST}:{runner.addresses[0][1]}"
+    return runner, base
 
 
 def ledger_growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1453,6 +1594,7 @@ async def run_bench(settings: Settings, scenarios: list[str], work: Path, consol
         "noisy": bench.noisy,
         "contention": bench.contention,
         "scale": bench.scale,
+        "ocpi": bench.ocpi,
     }
     began = time.perf_counter()
     try:

@@ -25,6 +25,7 @@ import uvloop
 from rich.console import Console
 
 from evcharge.apps import render, stores
+from evcharge.apps.ocpi import DEFAULT_PORT as OCPI_PORT
 from evcharge.apps.ocpp import DEFAULT_PORT as OCPP_PORT
 from evcharge.apps.tls_options import client_tls, client_tls_parser, gateway_tls, gateway_tls_parser
 from evcharge.apps.vehicle import (
@@ -271,6 +272,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     gateway.set_defaults(run=run_ocpp_gateway, default_log_level="info")
+
+    ocpi = sub.add_parser(
+        "ocpi",
+        parents=[common, client_tls],
+        help="appear on OCPI roaming platforms: the CPO interface of OCPI 2.2.1, and Bookings",
+        description="Serve the operator's CPO interface of OCPI 2.2.1 over HTTP (versions at /ocpi/versions): "
+        "Credentials, Locations, Tariffs, Sessions, CDRs (sent and pushed), Tokens and Commands (received), "
+        "and the Bookings module of OCPI 2.3.0. It speaks to the operator's server as one of its tools and "
+        "books in the same ledger as everyone else. An eMSP or a hub registers with a token the operator "
+        "gave it out of --registration-tokens (token A), then uses the token it gets back (token C).",
+        epilog="The world file's [operators.ocpi] table names the operator's party (country_code, party_id) and "
+        "its locations' country, time zone and currency. README.md, section OCPI, says how to register.",
+    )
+    ocpi.add_argument("--operator", required=True, help="operator id from the world file")
+    ocpi.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    ocpi.add_argument(
+        "--port",
+        type=listen_port_argument,
+        default=OCPI_PORT,
+        help="listen port, 0 for any free one (default: %(default)s)",
+    )
+    ocpi.add_argument(
+        "--public-url",
+        help="the URL eMSPs reach this edge at, as advertised in versions and credentials (default: http://HOST:PORT)",
+    )
+    ocpi.add_argument(
+        "--registration-tokens",
+        type=Path,
+        metavar="FILE",
+        help="tokens (token A) the operator gave to parties, one a line ('#' starts a comment); each is usable "
+        "for the credentials handshake until its party has registered. The file is read again when it changes.",
+    )
+    ocpi.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="where the edge keeps its parties and bookings (default: ./data)",
+    )
+    ocpi.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
+    ocpi.add_argument("--page-limit", type=int, default=100, help="most objects on one page (default: %(default)s)")
+    ocpi.add_argument(
+        "--session-updates",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a charging session's kWh and cost are pushed to its eMSP at most this often (default: %(default)s)",
+    )
+    ocpi.add_argument("--max-body-kb", type=int, default=64, help="largest request body, KiB (default: %(default)s)")
+    ocpi.add_argument(
+        "--rate-limit",
+        type=float,
+        default=50.0,
+        help="requests a second per token (and four times that per address), bursts of twice that; 0: no limit "
+        "(default: %(default)s)",
+    )
+    ocpi.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
+    ocpi.set_defaults(run=run_ocpi, default_log_level="info")
 
     vehicle = sub.add_parser(
         "vehicle",
@@ -561,6 +621,84 @@ async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
         await stop.wait()
     finally:
         await gateway.stop()
+    return 0
+
+
+async def run_ocpi(world: World, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from evcharge.apps.ocpi.app import make_app
+    from evcharge.apps.ocpi.edge import Edge
+
+    op = world.operator(args.operator)
+    if op.ocpi is None:
+        print(
+            f"evcharge ocpi: operator {op.id} has no [operators.ocpi] table in the world file "
+            '(country_code = "BR", party_id = "ABC" under its [[operators]] entry)',
+            file=sys.stderr,
+        )
+        return 2
+    if args.registration_tokens is not None and not args.registration_tokens.is_file():
+        print(f"evcharge ocpi: no file {args.registration_tokens} (--registration-tokens)", file=sys.stderr)
+        return 2
+    server_host, server_port = _address(world, op.id, args.server)
+    context, name = client_tls(args, op)
+    edge = Edge(
+        world,
+        op.id,
+        host=args.host,
+        port=args.port,
+        public_url=args.public_url,
+        server_host=server_host,
+        server_port=server_port,
+        data_dir=args.data_dir,
+        registration_tokens=args.registration_tokens,
+        page_limit=max(1, args.page_limit),
+        progress_every=max(0.1, args.session_updates),
+        ssl_context=context,
+        server_hostname=name,
+    )
+    app = make_app(
+        edge, max_body=max(1, args.max_body_kb) * 1024, rate=args.rate_limit, burst=max(1, int(2 * args.rate_limit))
+    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        edge.store.close()
+        print(f"evcharge ocpi: {_start_failure(exc, op.id)}", file=sys.stderr)
+        return 2
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    edge.port = sockets[0].getsockname()[1] if sockets else args.port
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await edge.start()
+    try:
+        await edge.ready(10.0)  # ready means serving what the server has, when it can be reached
+    except TimeoutError:
+        logging.getLogger(__name__).warning("operator %s's server not reached yet; serving meanwhile", op.id)
+    logging.getLogger(__name__).info(
+        "OCPI %s edge of operator %s (party %s) at %s, server %s:%d",
+        "2.2.1",
+        op.id,
+        edge.me,
+        edge.versions_url,
+        server_host,
+        server_port,
+    )
+    if args.ready_file:
+        _write_atomically(args.ready_file, json.dumps({"host": args.host, "port": edge.port, "pid": os.getpid()}))
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await edge.stop()
     return 0
 
 

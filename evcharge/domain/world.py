@@ -44,6 +44,16 @@ class StationConfig(msgspec.Struct, forbid_unknown_fields=True):
     charge_points: Annotated[list[ChargePointConfig], msgspec.Meta(min_length=1)]
 
 
+class OcpiConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """How the operator appears on OCPI roaming platforms (``evcharge ocpi``): its party and its locations."""
+
+    country_code: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]  # ISO 3166-1 alpha-2, of the party
+    party_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{3}$")]
+    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "BRA"  # ISO 3166-1 alpha-3, of its locations
+    time_zone: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "America/Fortaleza"
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "BRL"  # ISO 4217, of price_per_kwh
+
+
 class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     id: Id
     name: str
@@ -64,6 +74,8 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Where its books are kept when `evcharge server` is given no --store: a postgresql:// URL
     # (empty: SQLite in the server's --data-dir).
     store: str = ""
+    # Its party in OCPI (country code, party id), for `evcharge ocpi`.
+    ocpi: OcpiConfig | None = None
 
     def __post_init__(self) -> None:
         for address in self.addresses:

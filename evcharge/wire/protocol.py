@@ -566,6 +566,16 @@ class Roam(Request, kw_only=True):
     request: RoamedRequest
 
 
+# A driver of a roaming platform outside evcharge (an OCPI eMSP's token), for whom the
+# operator's own OCPI edge sends ``Roam`` over its operator connection: "ocpi:CC-PID:UID".
+# Such a driver owns its reservations and its idempotency keys exactly as a vehicle does.
+ROAMING_DRIVER_PREFIX = "ocpi:"
+
+
+def is_roaming_driver(vehicle_id: str) -> bool:
+    return vehicle_id.startswith(ROAMING_DRIVER_PREFIX) and len(vehicle_id) > len(ROAMING_DRIVER_PREFIX)
+
+
 class ChargeRecordInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A session of a vehicle at an operator other than its home (an OCPI CDR, in spirit)."""
 
