@@ -84,7 +84,16 @@ from tools.harness import (
 from tools.postgres import PostgresServer
 
 SCENARIOS = (
-    "ceiling", "status", "reserve", "trips", "postgresql", "planning", "noisy", "contention", "scale", "ocpi",
+    "ceiling",
+    "status",
+    "reserve",
+    "trips",
+    "postgresql",
+    "planning",
+    "noisy",
+    "contention",
+    "scale",
+    "ocpi",
 )
 LARGE_WORLD = "brazil-northeast"  # the planning scenario's: real size
 SCALE_PREFIX = "SC"  # generated stations of the scale world
