@@ -222,7 +222,7 @@ async def delete_credentials(request: web.Request) -> web.Response:
     caller = edge.caller(request.headers.get("Authorization"))
     if caller.registration is None:
         raise OcpiError(2000, "not registered", 405)
-    edge.unregister(caller.registration)
+    await edge.unregister(caller.registration)
     return envelope(None, edge=edge)
 
 
@@ -304,7 +304,8 @@ async def put_token(request: web.Request) -> web.Response:
     token = decode(body, o.Token)
     if m.party_key(token.country_code, token.party_id) != party or token.uid != uid or token.type != kind:
         raise OcpiError(2001, "the token's country_code, party_id, uid and type must be those of the URL")
-    created = edge.store.put_token(party, uid, kind, msgspec.to_builtins(token), o.ocpi_time(o.utc(token.last_updated)))
+    updated = o.ocpi_time(o.utc(token.last_updated))
+    created = await edge.store.put_token(party, uid, kind, msgspec.to_builtins(token), updated)
     return envelope(None, http_status=201 if created else 200, edge=edge)
 
 

@@ -362,14 +362,14 @@ class Edge:
                 endpoints=endpoints,
                 roles=[msgspec.to_builtins(r) for r in theirs.roles],
             )
-            self.store.save_registration(reg, caller.token_a)
+            await self.store.save_registration(reg, caller.token_a)
             self.registrations[reg.id] = reg
             self._reindex()
             log.info("registered %s (%s) for OCPI %s", reg.id, ", ".join(sorted(reg.parties)), VERSION)
             return reg, token_c
 
-    def unregister(self, reg: Registration) -> None:
-        self.store.delete_registration(reg.id)
+    async def unregister(self, reg: Registration) -> None:
+        await self.store.delete_registration(reg.id)
         self.registrations.pop(reg.id, None)
         self._status_patches.pop(reg.id, None)
         self._reindex()
@@ -496,9 +496,16 @@ class Edge:
             r = event.reservation
             now = self.now_text()
             if r.state == "charging":
-                self.store.session_seen(r.id, started=now)
-            elif r.state == "completed":
-                self.store.session_seen(r.id, started=o.ocpi_time(r.start), ended=now)
+                self._spawn(self._seen(r.id, started=now))
+                return
+            if r.state == "completed":
+                self._spawn(self._seen(r.id, started=o.ocpi_time(r.start), ended=now))
+                return
+        self._dirty.set()
+
+    async def _seen(self, reservation_id: str, *, started: str, ended: str = "") -> None:
+        """A session's times stored (off the loop, in order), then pushed from there."""
+        await self.store.session_seen(reservation_id, started=started, ended=ended)
         self._dirty.set()
 
     def _cdr_token(self, driver: str) -> tuple[o.CdrToken, str, str | None]:
@@ -723,8 +730,8 @@ class Edge:
         minutes = m.minutes_between(start, o.utc(cmd.expiry_date))
         if not 1 <= minutes <= self.rules.max_reservation_min:
             return self._result("REJECTED", f"expiry_date must be 1..{self.rules.max_reservation_min} minutes ahead")
-        self.store.map_reservation(party, cmd.reservation_id, "", driver, o.ocpi_time(start))
-        self.store.remember_driver(driver, msgspec.to_builtins(cmd.token), "COMMAND", cmd.authorization_reference)
+        await self.store.map_reservation(party, cmd.reservation_id, "", driver, o.ocpi_time(start))
+        await self.store.remember_driver(driver, msgspec.to_builtins(cmd.token), "COMMAND", cmd.authorization_reference)
         last: o.CommandResult = self._result("REJECTED")
         for cp in cps:
             request = p.Reserve(
@@ -741,7 +748,8 @@ class Edge:
                 if last.result in ("EVSE_OCCUPIED", "EVSE_INOPERATIVE"):
                     continue
                 return last
-            self.store.map_reservation(party, cmd.reservation_id, reply.reservation.id, driver, o.ocpi_time(start))
+            ours = reply.reservation.id
+            await self.store.map_reservation(party, cmd.reservation_id, ours, driver, o.ocpi_time(start))
             return self._result("ACCEPTED")
         return last
 
@@ -769,7 +777,7 @@ class Edge:
             return self._result("REJECTED", refused)
         party = m.party_key(cmd.token.country_code, cmd.token.party_id)
         driver = m.driver_id(cmd.token.country_code, cmd.token.party_id, cmd.token.uid)
-        self.store.remember_driver(driver, msgspec.to_builtins(cmd.token), "COMMAND", cmd.authorization_reference)
+        await self.store.remember_driver(driver, msgspec.to_builtins(cmd.token), "COMMAND", cmd.authorization_reference)
         now = await self.server_now()
         early = timedelta(minutes=self.rules.early_start_min)
         ids = {cp.id for cp in cps}
@@ -915,8 +923,8 @@ class Edge:
     def bookings_of(self, reg: Registration) -> list[o.Booking]:
         return [self.booking(b) for b in self.bookings.values() if b.party in reg.parties]
 
-    def _save(self, row: BookingRow) -> None:
-        self.store.put_booking(row)
+    async def _save(self, row: BookingRow) -> None:
+        await self.store.put_booking(row)
         self.bookings[row.id] = row
         self._booking_of_request[(row.party, row.request_id)] = row.id
 
@@ -950,7 +958,7 @@ class Edge:
                 return self.booking(row), "the same booking request again: nothing changed"
             row.requests.append({"request_status": "DECLINED", "booking_request": sent, "request_received": now_text})
             row.last_updated = now_text
-            self._save(row)
+            await self._save(row)
             return self.booking(row), "changes are not allowed (booking terms): cancel it and book again"
         if req.canceled is not None:
             raise OcpiError(2001, f"no booking with request_id {req.request_id!r} to cancel")
@@ -971,7 +979,7 @@ class Edge:
                 "type": t.type,
                 "contract_id": t.contract_id,
             }
-            self.store.remember_driver(driver, token, "COMMAND", req.authorization_reference)
+            await self.store.remember_driver(driver, token, "COMMAND", req.authorization_reference)
         row = BookingRow(
             id=f"BK-{secrets.token_hex(6)}",
             party=party,
@@ -1022,7 +1030,7 @@ class Edge:
             }
         )
         row.pushed = row.status  # the eMSP hears this status in the reply
-        self._save(row)
+        await self._save(row)
         return self.booking(row), why
 
     async def _cancel_booking(
@@ -1038,7 +1046,7 @@ class Edge:
             await self.caught_up(await self.roam(row.driver, unbook))
         except ConflictError as exc:
             row.requests.append({"request_status": "DECLINED", "booking_request": sent, "request_received": now_text})
-            self._save(row)
+            await self._save(row)
             return self.booking(row), exc.message
         except RequestTimeoutError as exc:
             raise OcpiError(3000, f"not known yet whether it was cancelled ({exc.message}); send it again") from None
@@ -1055,7 +1063,7 @@ class Edge:
         row.requests.append({"request_status": "ACCEPTED", "booking_request": sent, "request_received": now_text})
         row.last_updated = now_text
         row.pushed = row.status
-        self._save(row)
+        await self._save(row)
         return self.booking(row), ""
 
     # --- what changed, pushed to whom it concerns --------------------------------------------------------------
@@ -1096,11 +1104,11 @@ class Edge:
                     self._busy_seen[cp.id] = busy
                     self.calendar_updated[cp.id] = now_text
         if changed:
-            self.store.save_evse_statuses(changed)
-        self._update_bookings(snap, now_text)
+            await self.store.save_evse_statuses(changed)
+        await self._update_bookings(snap, now_text)
         self._push_all()
 
-    def _update_bookings(self, snap: p.InspectResult, now_text: str) -> None:
+    async def _update_bookings(self, snap: p.InspectResult, now_text: str) -> None:
         by_id = {r.id: r for r in snap.reservations}
         for row in list(self.bookings.values()):
             if row.status in m.FINAL_BOOKING or not row.reservation_id or row.id in self._cancelling:
@@ -1117,7 +1125,7 @@ class Edge:
                         "cancellation_reason": "UNKNOWN",
                         "who_canceled": "CPO",
                     }
-                self._save(row)
+                await self._save(row)
 
     async def _push_progress(self, reg: Registration, sessions_url: str, r: p.ReservationInfo) -> bool:
         """A charging session's kWh and cost as they grow, to its eMSP: a PATCH every ``progress_every`` at most.
@@ -1169,14 +1177,14 @@ class Edge:
         for r, started, ended in self._session_rows(reg.parties):
             _s, _e, pushed, cdr_pushed = seen.get(r.id, ("", "", "", False))
             if r.id not in seen:
-                self.store.session_seen(r.id, started=started, ended=ended)
+                await self.store.session_seen(r.id, started=started, ended=ended)
             status = "COMPLETED" if r.state == "completed" else "ACTIVE"
             party = m.party_of_driver(r.vehicle_id)
             if sessions_url is not None and pushed != status:
                 target = f"{sessions_url.rstrip('/')}/{self.ocpi.country_code}/{self.ocpi.party_id}/{r.id}"
                 if not await self.push(reg, "PUT", target, self.session(r, started, ended), party):
                     return
-                self.store.session_pushed(r.id, status)
+                await self.store.session_pushed(r.id, status)
                 self._progress_pushed[r.id] = (r.kwh, time.monotonic())
             elif (
                 sessions_url is not None and status == "ACTIVE" and not await self._push_progress(reg, sessions_url, r)
@@ -1187,7 +1195,7 @@ class Edge:
                 if cdrs_url is not None and not cdr_pushed:
                     if not await self.push(reg, "POST", cdrs_url, self.cdr(r, started, ended), party):
                         return
-                    self.store.cdr_pushed(r.id)
+                    await self.store.cdr_pushed(r.id)
         bookings_url = reg.endpoint("bookings")
         for row in list(self.bookings.values()):
             if row.party not in reg.parties or row.pushed == row.status or bookings_url is None:
@@ -1201,7 +1209,7 @@ class Edge:
             if not await self.push(reg, "PATCH", target, news, row.party):
                 return
             row.pushed = row.status
-            self._save(row)
+            await self._save(row)
 
 
 class RateLimiter:

@@ -1,7 +1,9 @@
 """What the OCPI edge keeps across restarts: registered parties and their tokens, bookings, sessions seen.
 
 A small SQLite file in the edge's data directory (WAL, ``synchronous=FULL``): each
-write is committed before the request that made it is answered. Reservations
+write is committed before the request that made it is answered. Writes (and so their
+fsync) run in one thread of their own, in the order they were asked for, never on the
+event loop; reads are quick lookups on the loop, and see every write that was awaited. Reservations
 themselves live only in the operator's ledger; here are only OCPI's names for
 them (a booking's id and request id, an eMSP's reservation id) and what was
 pushed to whom.
@@ -9,13 +11,17 @@ pushed to whom.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+Statement = tuple[str, Any]  # SQL and its parameters (a list of rows: executemany)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS used_registration_tokens (digest TEXT PRIMARY KEY, registration TEXT, at REAL);
@@ -87,19 +93,34 @@ class BookingRow:
 class EdgeStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self._writes = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._writes.execute("PRAGMA journal_mode=WAL")
+        self._writes.execute("PRAGMA synchronous=FULL")
+        self._writes.executescript(SCHEMA)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ocpi-store")  # one: writes stay in order
+        self.db = sqlite3.connect(path, isolation_level=None)  # reads, on the loop
         self._drivers: dict[str, tuple[str, str, str, str | None]] = {}  # as last written
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)  # what was asked for is written first
+        self._writes.close()
         self.db.close()
 
-    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(sql, args)
+    async def _commit(self, *statements: Statement) -> None:
+        """One transaction of ``statements``, done when it is on disk."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._transaction, statements)
+
+    def _transaction(self, statements: tuple[Statement, ...]) -> None:
+        with self._writes:
+            self._writes.execute("BEGIN IMMEDIATE")
+            for sql, args in statements:
+                if isinstance(args, list):
+                    self._writes.executemany(sql, args)
+                else:
+                    self._writes.execute(sql, args)
+
+    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        await self._commit((sql, args))
 
     # --- registration ----------------------------------------------------------------------
 
@@ -113,37 +134,32 @@ class EdgeStore:
         ).fetchall()
         return [Registration(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5])) for r in rows]
 
-    def save_registration(self, reg: Registration, token_a: str | None) -> None:
+    async def save_registration(self, reg: Registration, token_a: str | None) -> None:
         """Store (or replace) it, and use up the registration token it came with, in one transaction."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
-                "INSERT OR REPLACE INTO registrations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    reg.id,
-                    reg.token_c,
-                    reg.token_b,
-                    reg.versions_url,
-                    json.dumps(reg.endpoints),
-                    json.dumps(reg.roles),
-                    time.time(),
-                ),
-            )
-            if token_a is not None:
-                self.db.execute(
-                    "INSERT OR IGNORE INTO used_registration_tokens VALUES (?, ?, ?)",
-                    (digest(token_a), reg.id, time.time()),
-                )
+        row = (
+            reg.id,
+            reg.token_c,
+            reg.token_b,
+            reg.versions_url,
+            json.dumps(reg.endpoints),
+            json.dumps(reg.roles),
+            time.time(),
+        )
+        statements: list[Statement] = [("INSERT OR REPLACE INTO registrations VALUES (?, ?, ?, ?, ?, ?, ?)", row)]
+        if token_a is not None:
+            used = (digest(token_a), reg.id, time.time())
+            statements.append(("INSERT OR IGNORE INTO used_registration_tokens VALUES (?, ?, ?)", used))
+        await self._commit(*statements)
 
-    def delete_registration(self, reg_id: str) -> None:
-        self._write("DELETE FROM registrations WHERE id = ?", (reg_id,))
+    async def delete_registration(self, reg_id: str) -> None:
+        await self._write("DELETE FROM registrations WHERE id = ?", (reg_id,))
 
     # --- tokens ----------------------------------------------------------------------------------
 
-    def put_token(self, party: str, uid: str, type_: str, body: dict[str, Any], last_updated: str) -> bool:
+    async def put_token(self, party: str, uid: str, type_: str, body: dict[str, Any], last_updated: str) -> bool:
         """Store a token; True if it is new."""
         known = self.token(party, uid, type_) is not None
-        self._write(
+        await self._write(
             "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?)", (party, uid, type_, json.dumps(body), last_updated)
         )
         return not known
@@ -160,12 +176,14 @@ class EdgeStore:
 
     # --- drivers, reservations, sessions -----------------------------------------------------------
 
-    def remember_driver(self, driver: str, token: dict[str, Any], auth_method: str, reference: str | None) -> None:
+    async def remember_driver(
+        self, driver: str, token: dict[str, Any], auth_method: str, reference: str | None
+    ) -> None:
         """The token a driver came with (for its sessions' and CDRs' ``cdr_token``); written only when new."""
         row = (driver, json.dumps(token, sort_keys=True), auth_method, reference)
         if self._drivers.get(driver) == row:
             return  # each write is a commit (an fsync): a driver booking again writes nothing
-        self._write("INSERT OR REPLACE INTO drivers VALUES (?, ?, ?, ?)", row)
+        await self._write("INSERT OR REPLACE INTO drivers VALUES (?, ?, ?, ?)", row)
         self._drivers[driver] = row
 
     def driver(self, driver: str) -> tuple[dict[str, Any], str, str | None] | None:
@@ -174,9 +192,9 @@ class EdgeStore:
         ).fetchone()
         return None if row is None else (dict(json.loads(row[0])), row[1], row[2])
 
-    def map_reservation(self, party: str, ocpi_id: str, reservation_id: str, driver: str, start: str) -> None:
+    async def map_reservation(self, party: str, ocpi_id: str, reservation_id: str, driver: str, start: str) -> None:
         """An eMSP's reservation id: first its start (before asking), then ours (once booked)."""
-        self._write(
+        await self._write(
             "INSERT OR REPLACE INTO reservation_ids VALUES (?, ?, ?, ?, ?)",
             (party, ocpi_id, reservation_id, driver, start),
         )
@@ -194,41 +212,36 @@ class EdgeStore:
         rows = self.db.execute("SELECT reservation_id, started, ended, pushed, cdr_pushed FROM sessions").fetchall()
         return {r[0]: (r[1] or "", r[2] or "", r[3] or "", bool(r[4])) for r in rows}
 
-    def session_seen(self, reservation_id: str, *, started: str = "", ended: str = "") -> None:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR IGNORE INTO sessions (reservation_id) VALUES (?)", (reservation_id,))
-            if started:
-                self.db.execute(
-                    "UPDATE sessions SET started = ? WHERE reservation_id = ? AND started IS NULL",
-                    (started, reservation_id),
-                )
-            if ended:
-                self.db.execute(
-                    "UPDATE sessions SET ended = ? WHERE reservation_id = ? AND ended IS NULL", (ended, reservation_id)
-                )
+    async def session_seen(self, reservation_id: str, *, started: str = "", ended: str = "") -> None:
+        rid = reservation_id
+        statements: list[Statement] = [("INSERT OR IGNORE INTO sessions (reservation_id) VALUES (?)", (rid,))]
+        if started:
+            sql = "UPDATE sessions SET started = ? WHERE reservation_id = ? AND started IS NULL"
+            statements.append((sql, (started, rid)))
+        if ended:
+            sql = "UPDATE sessions SET ended = ? WHERE reservation_id = ? AND ended IS NULL"
+            statements.append((sql, (ended, rid)))
+        await self._commit(*statements)
 
-    def session_pushed(self, reservation_id: str, status: str) -> None:
-        self._write("UPDATE sessions SET pushed = ? WHERE reservation_id = ?", (status, reservation_id))
+    async def session_pushed(self, reservation_id: str, status: str) -> None:
+        await self._write("UPDATE sessions SET pushed = ? WHERE reservation_id = ?", (status, reservation_id))
 
-    def cdr_pushed(self, reservation_id: str) -> None:
-        self._write("UPDATE sessions SET cdr_pushed = 1 WHERE reservation_id = ?", (reservation_id,))
+    async def cdr_pushed(self, reservation_id: str) -> None:
+        await self._write("UPDATE sessions SET cdr_pushed = 1 WHERE reservation_id = ?", (reservation_id,))
 
     # --- EVSE status as last seen (a restarted edge pushes what changed while it was down) -----------------
 
     def evse_statuses(self) -> dict[str, tuple[str, str]]:
         return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT uid, status, updated FROM evse_status")}
 
-    def save_evse_statuses(self, changed: list[tuple[str, str, str]]) -> None:
+    async def save_evse_statuses(self, changed: list[tuple[str, str, str]]) -> None:
         """(uid, status, updated) of every EVSE that changed in one look: one transaction."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR REPLACE INTO evse_status VALUES (?, ?, ?)", changed)
+        await self._commit(("INSERT OR REPLACE INTO evse_status VALUES (?, ?, ?)", changed))
 
     # --- bookings ----------------------------------------------------------------------------------
 
-    def put_booking(self, b: BookingRow) -> None:
-        self._write(
+    async def put_booking(self, b: BookingRow) -> None:
+        await self._write(
             "INSERT OR REPLACE INTO bookings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 b.id,
