@@ -668,7 +668,7 @@ async def run_ocpi(world: World, args: argparse.Namespace) -> int:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        edge.store.close()
+        await edge.store.close()
         print(f"evcharge ocpi: {_start_failure(exc, op.id)}", file=sys.stderr)
         return 2
     server = site._server

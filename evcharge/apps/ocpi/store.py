@@ -3,7 +3,8 @@
 A small SQLite file in the edge's data directory (WAL, ``synchronous=FULL``): each
 write is committed before the request that made it is answered. Writes (and so their
 fsync) run in one thread of their own, in the order they were asked for, never on the
-event loop; reads are quick lookups on the loop, and see every write that was awaited. Reservations
+event loop; those asked for while a transaction is on its way to the disk share the next
+one (group commit). Reads are quick lookups on the loop and see every write awaited. Reservations
 themselves live only in the operator's ledger; here are only OCPI's names for
 them (a booking's id and request id, an eMSP's reservation id) and what was
 pushed to whom.
@@ -100,17 +101,40 @@ class EdgeStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ocpi-store")  # one: writes stay in order
         self.db = sqlite3.connect(path, isolation_level=None)  # reads, on the loop
         self._drivers: dict[str, tuple[str, str, str, str | None]] = {}  # as last written
+        # Writes asked for while one transaction is on its way to the disk go in the next, together.
+        self._queued: list[tuple[tuple[Statement, ...], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
-    def close(self) -> None:
-        self._writer.shutdown(wait=True)  # what was asked for is written first
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)  # what was asked for is written first
+        self._writer.shutdown(wait=True)
         self._writes.close()
         self.db.close()
 
     async def _commit(self, *statements: Statement) -> None:
-        """One transaction of ``statements``, done when it is on disk."""
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._transaction, statements)
+        """``statements`` in one transaction (shared with other writes asked for meanwhile), done once on disk."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queued.append((statements, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        await asyncio.shield(done)  # a caller that gives up does not take the write back
 
-    def _transaction(self, statements: tuple[Statement, ...]) -> None:
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                await loop.run_in_executor(self._writer, self._transaction, [s for stmts, _ in batch for s in stmts])
+            except Exception as exc:  # each writer hears it: nothing of the batch was stored
+                for _, done in batch:
+                    done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    done.set_result(None)
+
+    def _transaction(self, statements: list[Statement]) -> None:
         with self._writes:
             self._writes.execute("BEGIN IMMEDIATE")
             for sql, args in statements:
