@@ -125,3 +125,12 @@ async def test_five_operators_plan_between_any_two_cities_under_the_rules(tmp_pa
     for stop in fast.stops + cheap.stops:
         assert stop.soc_out - stop.soc_in >= world.rules.min_stop_charge_pct - 0.1  # percent, rounded to 0.1
         assert stop.slot_start >= stop.arrival + timedelta(minutes=world.rules.stop_overhead_min)
+
+
+def test_a_test_world_may_give_one_operator_the_port_another_had(tmp_path: Path) -> None:
+    """Ports were edited one operator at a time: A taking B's old port made B's line twice."""
+    shipped = {op.id: op.port for op in load_world("northeast").operators}
+    swapped = {"A": shipped["B"], "B": shipped["A"], "C": shipped["C"] + 1}
+    world = write_world(tmp_path / "world.toml", "northeast", ports=swapped)
+    assert {op.id: op.port for op in world.operators} == swapped
+    assert {op.id: op.port for op in load_world(str(tmp_path / "world.toml")).operators} == swapped

@@ -581,11 +581,12 @@ def write_world(
     vehicles, stations = list(vehicles), list(stations)
     if kept == [op.id for op in world.operators]:
         text = resolve_world_path(str(base)).read_text(encoding="utf-8")
+        # All at once: one operator's new port may be another's old one.
+        new_port = {op.port: ports[op.id] for op in world.operators if op.id in ports}
         for op in world.operators:
-            if op.id in ports:
-                text, found = re.subn(rf"^port = {op.port}$", f"port = {ports[op.id]}", text, flags=re.M)
-                if found != 1:
-                    raise ValueError(f"{world.source}: operator {op.id}'s port {op.port} is not on one line of its own")
+            if op.id in ports and len(re.findall(rf"^port = {op.port}$", text, flags=re.M)) != 1:
+                raise ValueError(f"{world.source}: operator {op.id}'s port {op.port} is not on one line of its own")
+        text = re.sub(r"^port = (\d+)$", lambda m: f"port = {new_port.get(int(m[1]), int(m[1]))}", text, flags=re.M)
         text += "".join([*map(station_toml, stations), *map(vehicle_toml, vehicles)])
     else:
         cut = World(
