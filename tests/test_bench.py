@@ -51,7 +51,7 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     scenarios = results["scenarios"]
     # trips has two rows, planning then booking; planning three, in process on two worlds then through servers
     planning = {"planning_northeast", "planning_brazil-northeast", "planning_servers"}
-    assert set(scenarios) == {*SCENARIOS, "trip_planning"} - {"planning"} | planning
+    assert set(scenarios) == {*SCENARIOS, "trip_planning", "raw_ceiling"} - {"planning"} | planning
     for name in scenarios:
         entry = scenarios[name]
         for key in ROW_FIELDS:
@@ -60,12 +60,14 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
         assert entry["p50_ms"] <= entry["p90_ms"] <= entry["p99_ms"] <= entry["max_ms"], name
         assert entry["rss_mb"] and all(mb > 0 for mb in entry["rss_mb"].values()), name
     assert scenarios["ceiling"]["ratio_to_ceiling"] == 1.0
+    assert scenarios["raw_ceiling"]["ratio_to_raw"] == 1.0
     assert scenarios["trips"]["plans_booked"] > 0
     notes = scenarios["trips"].get("notes", {})
     # Every booking books a plan as shown, unless that plan lost its slots and was re-planned.
     assert notes.get("not_as_shown", 0) <= notes.get("replanned", 0), notes
     for name in ("status", "reserve", "trip_planning", "trips"):
         assert scenarios[name]["ratio_to_ceiling"] > 0, name
+        assert scenarios[name]["ratio_to_raw"] > 0, name
     assert set(scenarios["trips"]["rss_mb"]) == {"A", "B", "C"}
     assert scenarios["planning_brazil-northeast"]["no_route"] == 0  # the demo world has gaps; this one none
     assert scenarios["planning_brazil-northeast"]["charge_points"] > 900
