@@ -271,12 +271,11 @@ async def raw_window(
     end = begin + duration
     per_client: list[list[float]] = [[] for _ in range(connections)]
     dones: list[asyncio.Future[None]] = [loop.create_future() for _ in range(connections)]
-    transports = []
+    transports: list[asyncio.BaseTransport] = []
     for i in range(connections):
-        transport, _ = await loop.create_connection(
-            lambda i=i: RawEchoClient(begin, end, per_client[i], dones[i]), host, port
-        )
-        transports.append(transport)
+        client = RawEchoClient(begin, end, per_client[i], dones[i])
+        opened, _ = await loop.create_connection(lambda client=client: client, host, port)  # type: ignore[misc]
+        transports.append(opened)
     try:
         await asyncio.sleep(max(0.0, begin - time.perf_counter()))
         before = cpu_times(pids or {})
@@ -286,8 +285,8 @@ async def raw_window(
         async with asyncio.timeout(10):
             await asyncio.gather(*dones)
     finally:
-        for transport in transports:
-            transport.close()
+        for each in transports:
+            each.close()
     result.latencies = [x for mine in per_client for x in mine]
     return result
 
@@ -1394,9 +1393,7 @@ def evaluate_targets(results: dict[str, Any], settings: Settings) -> list[dict[s
 # --- report -------------------------------------------------------------------------------
 
 
-def apply_ratios(
-    rows: list[dict[str, Any]], ceiling: dict[str, Any] | None, raw: dict[str, Any] | None = None
-) -> None:
+def apply_ratios(rows: list[dict[str, Any]], ceiling: dict[str, Any] | None, raw: dict[str, Any] | None = None) -> None:
     """Throughput (and median latency) of each closed-loop row over the ceilings measured next to it."""
     if not ceiling or ceiling["ops_per_s"] <= 0:
         return
