@@ -306,14 +306,17 @@ class Coordinator:
             raise UnavailableError("the trip could not be stored; it was not booked") from None
         self.books.remember_trip(trip)
         crash_point("coordinator-committed")
-        self.online.trip_changed(info, "booked")
         log.info(
             "trip %s committed for vehicle %s: %d stops at %s", trip_id, vehicle_id, len(plan.stops), trip.participants
         )
         # Booked from here on, whatever happens to the messages. The reply waits (a little)
         # for the other owners too, so that a booked trip is booked everywhere when the
-        # vehicle hears of it; the resolver keeps telling those that did not answer.
-        await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        # vehicle hears of it; the resolver keeps telling those that did not answer. The
+        # vehicle's push goes then too, in the same write as the reply.
+        try:
+            await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        finally:
+            self.online.trip_changed(info, "booked")
         return info
 
     async def _store_decision(self, trip: Trip, also: tuple[Op, ...] = ()) -> None:
@@ -571,6 +574,8 @@ class Coordinator:
         except (StoreError, UnavailableError):
             raise UnavailableError("the cancellation could not be stored; the trip stands") from None
         log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
-        self.online.trip_changed(trip_info(trip), "cancelled")
-        await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        try:
+            await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        finally:  # after the owners were told, as for a booking, and in the reply's write
+            self.online.trip_changed(trip_info(trip), "cancelled")
         return TripCancelled(trip_info(self.books.trips[trip_id]), already=False)
