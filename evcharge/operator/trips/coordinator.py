@@ -117,7 +117,7 @@ class Coordinator:
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(b.stop() for b in self._batchers.values()), return_exceptions=True)
 
-    def _batcher(self, owner: str) -> Batcher:
+    def batcher(self, owner: str) -> Batcher:
         """The batches to one owner: ourselves (our own participant, directly), or a peer over its link."""
         batcher = self._batchers.get(owner)
         if batcher is not None:
@@ -268,7 +268,7 @@ class Coordinator:
         ]
         prepare = p.Prepare(txn_id=txn_id, trip_id=trip_id, vehicle_id=vehicle_id, stops=stops, deadline=deadline)
         timeout = None if owner == self.me else deadline - time.time()
-        vote = await self._batcher(owner).submit(prepare, timeout)
+        vote = await self.batcher(owner).submit(prepare, timeout)
         if not isinstance(vote, p.Vote):
             raise UnavailableError(f"operator {owner} answered a PREPARE with {type(vote).__name__}")
         return vote
@@ -329,9 +329,9 @@ class Coordinator:
             await self._store_row(trip, also)
         elif trip.state == "committed":
             decide = p.Decide(txn_id=trip.txn_id, trip_id=trip.id, commit=True)
-            await self._batcher(self.me).submit(decide, None, also=row)
+            await self.batcher(self.me).submit(decide, None, also=row)
         else:
-            await self._batcher(self.me).submit(p.ReleaseTrip(trip_id=trip.id), None, also=row)
+            await self.batcher(self.me).submit(p.ReleaseTrip(trip_id=trip.id), None, also=row)
 
     async def _store_row(self, trip: Trip, also: tuple[Op, ...] = ()) -> None:
         ops = [put_trip(trip), *also]
@@ -360,7 +360,7 @@ class Coordinator:
             request = p.ReleaseTrip(trip_id=trip_id)
         else:
             request = p.Decide(txn_id=txn_id, trip_id=trip_id, commit=decision == "commit")
-        await self._batcher(owner).submit(request, None if owner == self.me else PEER_TIMEOUT)
+        await self.batcher(owner).submit(request, None if owner == self.me else PEER_TIMEOUT)
         return owner
 
     async def _tell_abort(self, txn_id: str, trip_id: str, owners: list[str]) -> None:
