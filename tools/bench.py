@@ -1510,7 +1510,7 @@ def cpu_model() -> str:
 
 def versions() -> dict[str, str]:
     out = {}
-    for name in ("evcharge", "msgspec", "uvloop", "rich", "aiorwlock"):
+    for name in ("evcharge", "msgspec", "uvloop", "rich"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

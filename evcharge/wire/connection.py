@@ -101,6 +101,9 @@ class Connection:
         # an idle timeout alone is reset by every byte, so a trickle would hold the connection forever.
         self.frame_timeout: float | None = None
         self._frame_started: float | None = None
+        self._waiting_since: float | None = None  # when the read now waiting began (monotonic)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_expired = False
         self.write_timeout = WRITE_TIMEOUT
         self._loop = asyncio.get_running_loop()
         self.last_sent = self._loop.time()  # when we last wrote a frame (monotonic)
@@ -145,8 +148,12 @@ class Connection:
                 if wait is None or left < wait:
                     wait, frame_deadline = max(left, 0.0), True
             try:
-                if wait is None:  # no timer to arm and disarm for every read
-                    data = await self._reader.read(READ_CHUNK)
+                if wait is None:  # no timer to arm and disarm for every read (serve's idle watch looks)
+                    self._waiting_since = self._loop.time()
+                    try:
+                        data = await self._reader.read(READ_CHUNK)
+                    finally:
+                        self._waiting_since = None
                 else:
                     async with asyncio.timeout(wait):
                         data = await self._reader.read(READ_CHUNK)
@@ -157,8 +164,20 @@ class Connection:
             except (ConnectionError, OSError) as exc:
                 raise ConnectionClosed from exc
             if not data:
+                if self._idle_expired:
+                    raise TimeoutError
                 raise ConnectionClosed
             self._frames.feed(data)
+
+    def _watch_idle(self, idle: float) -> None:
+        """Serve's idle timeout: one timer per connection, looked at when due, not one per read."""
+        since = self._waiting_since
+        now = self._loop.time()
+        if since is not None and now - since >= idle:
+            self._idle_expired = True
+            self._reader.feed_eof()  # the read waiting now ends, as at the end of the stream
+            return
+        self._idle_timer = self._loop.call_at((since if since is not None else now) + idle, self._watch_idle, idle)
 
     def resolve(self, reply: Reply) -> None:
         """Hand a reply to the request waiting for it (late replies are dropped)."""
@@ -326,10 +345,12 @@ class Connection:
         replies it will never take. ``idle_timeout``: close when nothing arrives that long.
         """
         slots = asyncio.Semaphore(max_in_flight)
+        if idle_timeout is not None:
+            self._idle_timer = self._loop.call_later(idle_timeout, self._watch_idle, idle_timeout)
         try:
             while True:
                 try:
-                    message = await self.receive(timeout=idle_timeout)
+                    message = await self.receive()
                 except UndecodableMessage as exc:
                     await self._answer_undecodable(exc)
                     continue
@@ -353,6 +374,8 @@ class Connection:
         except ConnectionClosed:
             return "closed"
         finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             await self.close()
 
     async def _answer_undecodable(self, exc: UndecodableMessage) -> None:
