@@ -11,7 +11,7 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from evcharge.links.client import Client, connect
 from evcharge.operator.server import Server
 from evcharge.wire.tls import TlsFiles
 from tools.harness import ROOT, ServerProcess, evcharge_command, free_ports, write_world
+from tools.postgres import PostgresServer
 
 from .ocpp_harness import GatewayProcess
 
@@ -49,6 +50,44 @@ def world_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def world(world_path: Path) -> World:
     return load_world(str(world_path))
+
+
+# --- stores: SQLite in a data directory, or a real PostgreSQL server ---------------------------
+
+STORES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (started when a test first needs it)."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Run the test on each store: SQLite, then PostgreSQL."""
+    return str(request.param)
+
+
+NewStore = Callable[[], "str | None"]
+
+
+@pytest.fixture
+def new_store(store_kind: str, request: pytest.FixtureRequest) -> NewStore:
+    """A fresh store per call: None for SQLite (the data directory's), a new database's URL for PostgreSQL."""
+    if store_kind == "sqlite":
+        return lambda: None
+    pg: PostgresServer = request.getfixturevalue("postgres")
+    return pg.fresh_database
+
+
+def store_args(store: str | None) -> tuple[str, ...]:
+    """The server's command-line arguments for ``store`` (none for SQLite)."""
+    return () if store is None else ("--store", store)
 
 
 @asynccontextmanager
@@ -168,9 +207,16 @@ async def wait_until_federated(servers: dict[str, Server], timeout: float = 15.0
 
 @asynccontextmanager
 async def running_federation(
-    world: World, data_dir: Path, operators: tuple[str, ...] = ("A", "B", "C"), **options: Any
+    world: World,
+    data_dir: Path,
+    operators: tuple[str, ...] = ("A", "B", "C"),
+    new_store: NewStore | None = None,
+    **options: Any,
 ) -> AsyncIterator[dict[str, Server]]:
-    """Every operator of the world as an in-process server, sharing one simulated clock."""
+    """Every operator of the world as an in-process server, sharing one simulated clock.
+
+    ``new_store`` gives each operator its store (default: SQLite in its data directory).
+    """
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
@@ -179,7 +225,8 @@ async def running_federation(
     servers: dict[str, Server] = {}
     try:
         for op in operators:
-            servers[op] = Server(world, op, data_dir / op, host="127.0.0.1", **options)
+            store = new_store() if new_store is not None else None
+            servers[op] = Server(world, op, data_dir / op, host="127.0.0.1", store=store, **options)
             await servers[op].start()
         await wait_until_federated(servers)
         yield servers

@@ -15,7 +15,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.timeout(300)
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "noisy", "contention", "scale")
+SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "noisy", "contention", "scale", "ocpi")
 ROW_FIELDS = ("scenario", "connections", "operations", "ops_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "rss_mb")
 
 
@@ -51,7 +51,11 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     scenarios = results["scenarios"]
     # trips has two rows, planning then booking; planning three, in process on two worlds then through servers
     planning = {"planning_northeast", "planning_brazil-northeast", "planning_servers"}
-    assert set(scenarios) == {*SCENARIOS, "trip_planning", "raw_ceiling"} - {"planning"} | planning
+    on_postgresql = {"reserve_postgresql", "trips_postgresql"}  # the postgresql scenario: the same rows on it
+    expected = {*SCENARIOS, "trip_planning", "raw_ceiling"} - {"planning", "postgresql"} | planning | on_postgresql
+    assert set(scenarios) == expected
+    for name in on_postgresql:
+        assert scenarios[name]["store"] == "postgresql" and scenarios[name]["vs_sqlite"] > 0, name
     for name in scenarios:
         entry = scenarios[name]
         for key in ROW_FIELDS:
@@ -80,6 +84,10 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     assert contention["winners_per_slot"] == 1
     assert contention["invariant_violations"] == []
     assert contention["time_to_all_answered_s"] > 0
+
+    ocpi = scenarios["ocpi"]
+    assert ocpi["ops_per_s"] > 0 and ocpi["bookings"]["ops_per_s"] > 0
+    assert ocpi["bookings"]["notes"].get("RESERVED", 0) > 0 and set(ocpi["rss_mb"]) == {"A", "edge"}
 
     scale = scenarios["scale"]
     assert scale["connected"] == scale["charge_points"] > 0 and scale["connect_errors"] == 0

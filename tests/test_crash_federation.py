@@ -14,7 +14,7 @@ from evcharge.links.client import connect
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import EvchargeError
 
-from .conftest import ServerProcess
+from .conftest import NewStore, ServerProcess, store_args
 from .test_federation import NATAL_TO_FEIRA, check_invariants
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,7 +32,9 @@ async def wait_for(condition, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.2)
 
 
-def start_operators(spawn_server, world_file: Path, crash: dict[str, str]) -> dict[str, ServerProcess]:
+def start_operators(
+    spawn_server, world_file: Path, crash: dict[str, str], new_store: NewStore
+) -> dict[str, ServerProcess]:
     anchor = str(time.time())
     return {
         op: spawn_server(
@@ -40,7 +42,7 @@ def start_operators(spawn_server, world_file: Path, crash: dict[str, str]) -> di
             world=world_file,
             world_port=True,
             env={"EVCHARGE_CRASH_AT": crash[op]} if op in crash else None,
-            extra=("--clock-anchor", anchor),
+            extra=("--clock-anchor", anchor, *store_args(new_store())),
         )
         for op in ("A", "B", "C")
     }
@@ -69,6 +71,17 @@ async def book(world: World, proc: ServerProcess) -> p.TripReply | EvchargeError
         return exc
 
 
+def stored_states(proc: ServerProcess) -> set[str]:
+    """The states of the reservations in the store of a server that is not running (read from outside)."""
+    if "--store" in proc.extra:
+        import psycopg
+
+        with psycopg.connect(proc.extra[proc.extra.index("--store") + 1]) as db:
+            return {state for (state,) in db.execute("SELECT state FROM reservations")}
+    with sqlite3.connect(proc.data_dir / f"{proc.operator}.sqlite3") as db:
+        return {state for (state,) in db.execute("SELECT state FROM reservations")}
+
+
 def restart(proc: ServerProcess) -> None:
     assert proc.proc is not None
     assert proc.proc.wait(timeout=20) == -9, "the crash point should have killed it"
@@ -76,9 +89,11 @@ def restart(proc: ServerProcess) -> None:
     proc.start()
 
 
-async def test_participant_killed_after_voting_yes(spawn_server, federated_world_path: Path) -> None:
+async def test_participant_killed_after_voting_yes(
+    spawn_server, federated_world_path: Path, new_store: NewStore
+) -> None:
     world = load_world(str(federated_world_path))
-    procs = start_operators(spawn_server, federated_world_path, {"B": "participant-voted"})
+    procs = start_operators(spawn_server, federated_world_path, {"B": "participant-voted"}, new_store)
     await wait_for(lambda: all_linked(world, procs))
     outcome = await book(world, procs["A"])
     restart(procs["B"])
@@ -95,15 +110,16 @@ async def test_participant_killed_after_voting_yes(spawn_server, federated_world
         assert not any(r.state == "booked" for s in state.values() for r in s.reservations)
 
 
-async def test_coordinator_killed_after_its_commit_record(spawn_server, federated_world_path: Path) -> None:
+async def test_coordinator_killed_after_its_commit_record(
+    spawn_server, federated_world_path: Path, new_store: NewStore
+) -> None:
     world = load_world(str(federated_world_path))
-    procs = start_operators(spawn_server, federated_world_path, {"A": "coordinator-committed"})
+    procs = start_operators(spawn_server, federated_world_path, {"A": "coordinator-committed"}, new_store)
     await wait_for(lambda: all_linked(world, procs))
     outcome = await book(world, procs["A"])
     assert isinstance(outcome, EvchargeError), "the coordinator died before it could answer"
     # Its own stops took the decision in the transaction that stored it: already booked on disk.
-    with sqlite3.connect(procs["A"].data_dir / "A.sqlite3") as db:
-        assert {state for (state,) in db.execute("SELECT state FROM reservations")} == {"booked"}
+    assert stored_states(procs["A"]) == {"booked"}
     restart(procs["A"])
     await wait_for(lambda: all_linked(world, procs))
     await wait_for(lambda: settled(world, procs))

@@ -18,7 +18,7 @@ from evcharge.operator import store as store_mod
 from evcharge.operator.store import Store, StoreError, put_reservation
 from evcharge.wire.errors import ConflictError, EvchargeError, UnavailableError
 
-from .conftest import ServerProcess
+from .conftest import NewStore, ServerProcess, store_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,8 +71,8 @@ async def test_full_store_fails_changes_then_recovers(tmp_path: Path) -> None:
     await unlimited.close()
 
 
-async def test_kill_9_keeps_every_acknowledged_reservation(spawn_server, world: World) -> None:
-    server: ServerProcess = spawn_server("A")
+async def test_kill_9_keeps_every_acknowledged_reservation(spawn_server, world: World, new_store: NewStore) -> None:
+    server: ServerProcess = spawn_server("A", extra=store_args(new_store()))
     cps = [cp.id for s in world.stations_of("A") for cp in s.charge_points]
     vehicles = [f"T{n:03d}" for n in range(1, 13)]
     acked: dict[str, tuple[str, str, datetime]] = {}
@@ -123,8 +123,8 @@ async def test_kill_9_keeps_every_acknowledged_reservation(spawn_server, world: 
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(intervals))
 
 
-async def test_sigterm_finishes_cleanly_and_keeps_state(spawn_server, world: World) -> None:
-    server: ServerProcess = spawn_server("A")
+async def test_sigterm_finishes_cleanly_and_keeps_state(spawn_server, world: World, new_store: NewStore) -> None:
+    server: ServerProcess = spawn_server("A", extra=store_args(new_store()))
     v = world.vehicle("V01")
     async with connect("127.0.0.1", server.port, role="vehicle", ident=v.id, secret=v.token) as c:
         r = await c.reserve("NAT-PN-3", c.server_now() + timedelta(minutes=30), 30)

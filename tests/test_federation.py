@@ -26,7 +26,7 @@ from evcharge.wire.errors import (
     UnavailableError,
 )
 
-from .conftest import running_federation, wait_until_federated
+from .conftest import NewStore, running_federation, wait_until_federated
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,8 +39,9 @@ def fed_world(federated_world_path: Path) -> World:
 
 
 @pytest.fixture
-async def servers(fed_world: World, tmp_path: Path) -> AsyncIterator[dict[str, Server]]:
-    async with running_federation(fed_world, tmp_path / "data") as running:
+async def servers(fed_world: World, tmp_path: Path, new_store: NewStore) -> AsyncIterator[dict[str, Server]]:
+    """The three operators, on each store in turn (SQLite, PostgreSQL)."""
+    async with running_federation(fed_world, tmp_path / "data", new_store=new_store) as running:
         yield running
 
 
@@ -142,6 +143,16 @@ async def test_a_shown_plan_whose_time_has_passed_books_nothing(servers: dict[st
         booked = await c.book_trip(NATAL_TO_FEIRA)  # a fresh plan, asked for as such
         assert booked.trip.state == "committed" and not booked.as_shown and booked.attempts == 1
         assert booked.trip.stops[0].slot_start > plan.stops[0].slot_start
+
+
+async def test_two_cancellations_of_one_trip_at_once_one_cancels_the_other_hears_it_was(
+    servers: dict[str, Server],
+) -> None:
+    async with driver(servers, "V01") as c:
+        trip = (await c.book_trip(NATAL_TO_FEIRA)).trip
+        first, second = await asyncio.gather(c.cancel_trip(trip.id), c.cancel_trip(trip.id))
+        assert sorted([first.unchanged, second.unchanged]) == [False, True]
+        assert first.trip.state == second.trip.state == "cancelled"
 
 
 async def test_cancel_trip_releases_every_stop_even_if_a_peer_is_briefly_down(

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from evcharge.domain.world import World
 from evcharge.links.client import connect
+from evcharge.operator.outcomes import KEEP_OUTCOMES, REFUSALS_KEPT
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import BadRequestError, EvchargeError
+from evcharge.wire.errors import BadRequestError, EvchargeError, NotFoundError, UnavailableError
 
 from .conftest import running_server, vehicle
 
@@ -163,3 +164,50 @@ async def test_an_outcome_outlives_a_restart(world: World, tmp_path: Path) -> No
             again = await c.call(request, p.ReservationReply)
         assert again == first
         assert len(server.books.reservations) == 1
+
+
+async def test_outcomes_are_forgotten_a_day_later_on_disk_too(world: World, tmp_path: Path) -> None:
+    anchor = time.time()
+    async with running_server(world, tmp_path / "d", clock_anchor=anchor) as server, vehicle(server, "V01") as c:
+        request = p.Reserve(charge_point_id="NAT-PN-1", start=c.server_now() + timedelta(hours=1), minutes=30, key="k")
+        await c.call(request, p.ReservationReply)
+        await server.outcomes.forget_old(time.time() + KEEP_OUTCOMES - 60)
+        assert len(server.books.outcomes) == 1, "kept for a day"
+        await server.outcomes.forget_old(time.time() + KEEP_OUTCOMES + 1)
+        assert not server.books.outcomes
+    async with running_server(world, tmp_path / "d", clock_anchor=anchor) as server:
+        assert not server.books.outcomes, "and not read back from the store"
+        assert len(server.books.reservations) == 1, "the change itself stays"
+
+
+async def test_a_retry_hears_its_stored_outcome_while_the_store_refuses_writes(world: World, tmp_path: Path) -> None:
+    async with (
+        running_server(world, tmp_path / "d", store_max_bytes=256 * 1024) as server,
+        vehicle(server, "V01") as c,
+        vehicle(server, "V04") as filler,
+    ):
+        start = c.server_now() + timedelta(hours=1)
+        request = p.Reserve(charge_point_id="NAT-PN-1", start=start, minutes=30, key="k")
+        first = await c.call(request, p.ReservationReply)
+        # Someone else's changes fill the disk: the store refuses every write for now.
+        with pytest.raises(UnavailableError):
+            for n in range(100_000):
+                await filler.reserve("NAT-PN-2", start + timedelta(minutes=20 * n), 15)
+        assert server.books.store.failed
+        # The reservation was made and stored: the retry says so, not "unavailable".
+        again = await c.call(request, p.ReservationReply)
+        assert (again.reservation, again.unchanged) == (first.reservation, first.unchanged)
+
+
+async def test_refusals_are_repeated_from_memory_a_bounded_number_per_client(server: Server) -> None:
+    async with vehicle(server, "V01") as c:
+        commits = server.books.store.commits
+        for n in range(REFUSALS_KEPT + 40):
+            with pytest.raises(NotFoundError):
+                await c.call(p.CancelReservation(reservation_id="nope", key=f"k{n}"), p.ReservationReply)
+        assert server.books.store.commits == commits, "a refusal costs no disk sync"
+        kept = [slot for slot in server.books.outcomes if slot[0] == "vehicle:V01"]
+        assert len(kept) == REFUSALS_KEPT and ("vehicle:V01", f"k{REFUSALS_KEPT + 39}") in kept
+        # The newest is heard again, as it was the first time.
+        with pytest.raises(NotFoundError, match="nope"):
+            await c.call(p.CancelReservation(reservation_id="nope", key=f"k{REFUSALS_KEPT + 39}"), p.ReservationReply)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from datetime import timedelta
 from pathlib import Path
 
 import msgspec
@@ -13,8 +16,10 @@ from evcharge.apps.web.dashboard import Dashboard
 from evcharge.domain.world import World
 from evcharge.links.feed import OperatorFeed
 from evcharge.links.link import Backoff, Link
+from evcharge.links.requests import new_key
+from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import UnauthorizedError, UnavailableError
+from evcharge.wire.errors import OutcomeUnknownError, UnauthorizedError, UnavailableError
 from evcharge.wire.tls import ROLES, Listen, client_context
 
 from .conftest import Pki, running_server
@@ -151,3 +156,37 @@ async def test_the_web_dashboard_follows_an_operator_over_tls(world: World, tmp_
             assert not plain.connected and "--tls-ca" in plain.state()["error"]
         finally:
             await plain.close()
+
+
+async def test_a_question_unanswered_is_unavailable_and_a_change_unanswered_is_outcome_unknown(
+    spawn_server, world: World
+) -> None:
+    """`stations` with the server stopped answered exit 3, "whether it was done is not known"."""
+    server = spawn_server("A")
+    async with vehicle_link(world, server.port).running() as link:
+        await link.wait_up(timeout=10)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)  # connected, and answering nothing
+        try:
+            loop = asyncio.get_running_loop()
+            with pytest.raises(UnavailableError, match="did not answer") as asked:
+                await link.call(p.ListStations(), p.StationList, timeout=0.5, again_until=loop.time() + 1.5)
+            assert not isinstance(asked.value, OutcomeUnknownError)
+            start = link.server_now() + timedelta(hours=1)
+            reserve = p.Reserve(charge_point_id="NAT-PN-1", start=start, minutes=30, key=new_key())
+            with pytest.raises(OutcomeUnknownError, match="whether it was done is not known"):
+                await link.call(reserve, p.ReservationReply, timeout=0.5, again_until=loop.time() + 1.5)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+
+
+async def test_a_link_tries_the_operators_other_addresses_in_turn(server: Server) -> None:
+    # The world file may list more addresses per operator (its standby): a dead first one is passed over.
+    from tools.harness import free_ports
+
+    dead = free_ports(1)[0]
+    v = server.world.vehicle("V01")
+    link = Link("127.0.0.1", dead, role="vehicle", ident=v.id, secret=v.token, fallbacks=[("127.0.0.1", server.port)])
+    async with link.running():
+        assert link.up and link.address == f"127.0.0.1:{server.port}"
+        assert await link.reservations() == []

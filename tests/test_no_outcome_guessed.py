@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from evcharge.domain.world import World, load_world
 from evcharge.links.client import connect
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import EvchargeError
+from evcharge.wire.errors import EvchargeError, RequestTimeoutError
 from tools.harness import evcharge_command
 
 from .conftest import REPO, ServerProcess
@@ -221,3 +222,19 @@ async def test_a_charge_record_survives_kill_9_of_home_and_owner_and_arrives_onc
     finally:
         station.kill()
         await station.wait()
+
+
+async def test_a_request_without_a_key_whose_reply_was_lost_is_not_called_nothing_done(
+    spawn_server, federated_world_path: Path
+) -> None:
+    """Without a key the home cannot ask again; the owner died after its change: not known, not unavailable."""
+    world = load_world(str(federated_world_path))
+    procs = start_operators(spawn_server, federated_world_path, {"C": "change-stored"})
+    await linked(world, procs)
+    v = world.vehicle("V01")
+    async with connect("127.0.0.1", procs["A"].port, role="vehicle", ident=v.id, secret=v.token) as c:
+        reserve = p.Reserve(charge_point_id="FEC-1-2", start=c.server_now() + timedelta(hours=1), minutes=20)
+        with pytest.raises(RequestTimeoutError, match="whether it was done is not known"):
+            await c.call(reserve, p.ReservationReply, timeout=30)
+    await died_and_restarted(procs["C"])
+    assert [(vehicle, state) for _, vehicle, state in reservations_in_store(procs["C"])] == [("V01", "booked")]

@@ -337,3 +337,26 @@ async def inspect_all(servers: dict[str, Server]) -> dict[str, p.InspectResult]:
 def check_invariants(states: dict[str, p.InspectResult]) -> None:
     broken = violations(states)
     assert not broken, "\n".join(broken)
+
+
+async def test_a_charge_record_must_be_its_senders_and_its_numbers_real(a: Server) -> None:
+    """C's record with a NaN cost failed A's store every 5 s; C could also take B's reservation id."""
+    async with as_peer(a, "C") as c:
+        now = c.server_now()
+
+        def record(reservation_id: str, cost: float) -> p.DeliverChargeRecord:
+            session = p.SessionInfo(
+                reservation_id=reservation_id, operator_id="C", station_id="FEC-1", city="Feira de Santana",
+                charge_point_id="FEC-1-1", started=now - timedelta(minutes=30), ended=now, kwh=20.0,
+                price_per_kwh=2.0, cost=cost,
+            )  # fmt: skip
+            info = p.ChargeRecordInfo(vehicle_id="V01", home_operator_id="A", session=session)
+            return p.DeliverChargeRecord(record=info)
+
+        with pytest.raises(BadRequestError, match="cost"):
+            await c.call(record("C-0123456789", float("nan")), p.Ok)
+        with pytest.raises(BadRequestError, match="reservation B-0123456789"):
+            await c.call(record("B-0123456789", 40.0), p.Ok)
+        assert a.books.records == {} and not a.books.store.failed
+        await c.call(record("C-0123456789", 40.0), p.Ok)
+        assert list(a.books.records) == ["C-0123456789"]

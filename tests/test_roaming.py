@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
 import pytest
 
 from evcharge.apps.simulator import ChargePointSim
@@ -267,3 +268,19 @@ async def test_a_driver_is_reminded_of_a_reservation_at_another_operator(servers
         assert reminder.startswith("reminder: starts in ")
         await asyncio.sleep(1.0)
         assert len(reminders()) == 1  # once
+
+
+async def test_a_peer_speaks_only_for_its_own_stations_of_the_world_file(servers: dict[str, Server]) -> None:
+    """A catalog lacking a station made its status an internal error; one adding stations listed them."""
+    directory = servers["A"].federation.directory
+    async with driver(servers, "V01") as c:
+        rec_bv = await c.station_status("REC-BV")
+        made_up = msgspec.structs.replace(rec_bv, id="B-NOWHERE", name="Nowhere")
+        not_bs = next(s for s in await c.list_stations() if s.operator_id == "C")
+        directory.catalog("B", [made_up, msgspec.structs.replace(not_bs, operator_id="B")])
+        directory.station_changed("B", made_up)
+        listed = {s.id for s in await c.list_stations()}
+        assert "B-NOWHERE" not in listed and listed == {s.id for s in servers["A"].world.stations}
+        # REC-BV is not in that catalog: shown as never heard of, not an error.
+        status = await c.station_status("REC-BV")
+        assert {cp.status for cp in status.charge_points} == {"unknown"}

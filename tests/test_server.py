@@ -19,7 +19,7 @@ from evcharge.wire.errors import (
     UnavailableError,
 )
 
-from .conftest import operator, running_server, vehicle
+from .conftest import NewStore, operator, running_server, vehicle
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +28,14 @@ def soon(client, minutes: float = 5):
     return client.server_now() + timedelta(minutes=minutes)
 
 
-async def test_fifty_vehicles_race_for_one_slot_exactly_one_wins(server: Server, world: World) -> None:
+async def test_fifty_vehicles_race_for_one_slot_exactly_one_wins(
+    world: World, tmp_path: Path, new_store: NewStore
+) -> None:
+    async with running_server(world, tmp_path / "data", time_scale=60.0, store=new_store()) as server:
+        await _race_for_one_slot(server)
+
+
+async def _race_for_one_slot(server: Server) -> None:
     racers = [f"T{n:03d}" for n in range(1, 51)]
     async with vehicle(server, racers[0]) as probe:
         start = soon(probe, 30).replace(microsecond=0)

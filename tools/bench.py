@@ -43,7 +43,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
+from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
@@ -55,7 +57,7 @@ from evcharge.domain.world import ChargePointConfig, StationConfig, World, load_
 from evcharge.links.client import Client, open_client
 from evcharge.operator.trips.planning import MAX_PLANS_SHOWN
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConnectionLostError, EvchargeError
+from evcharge.wire.errors import BadRequestError, ConnectionLostError, EvchargeError
 from tools import plan_quality
 from tools.harness import (
     HOST,
@@ -64,6 +66,7 @@ from tools.harness import (
     SPANNING_ROUTE,
     Child,
     HarnessError,
+    OcpiEdgeProcess,
     ServerProcess,
     bench_vehicle_id,
     bench_vehicles,
@@ -78,8 +81,20 @@ from tools.harness import (
     write_json,
     write_world,
 )
+from tools.postgres import PostgresServer
 
-SCENARIOS = ("ceiling", "status", "reserve", "trips", "planning", "noisy", "contention", "scale")
+SCENARIOS = (
+    "ceiling",
+    "status",
+    "reserve",
+    "trips",
+    "postgresql",
+    "planning",
+    "noisy",
+    "contention",
+    "scale",
+    "ocpi",
+)
 LARGE_WORLD = "brazil-northeast"  # the planning scenario's: real size
 SCALE_PREFIX = "SC"  # generated stations of the scale world
 GRID_S = 120  # reservation grid: preloaded reservations take [cell, cell+60), the benchmark's [cell+60, cell+120)
@@ -551,6 +566,7 @@ class Bench:
         self.last_raw: LoadResult | None = None
         # Reservations of the benchmark go on a grid of cells from the day after tomorrow on.
         self.grid_base = (int(time.time()) // 86400 + 2) * 86400
+        self.postgres: PostgresServer | None = None  # while the postgresql scenario runs: its servers' store
 
     def say(self, text: str) -> None:
         self.console.print(f"[bold cyan]==>[/] {text}")
@@ -573,6 +589,7 @@ class Bench:
         clock_anchor: float | None = None,
     ) -> tuple[ServerProcess, float]:
         name = f"{data_dir.parent.name}-server-{operator}"
+        store = () if self.postgres is None else ("--store", self.postgres.fresh_database(f"bench_{operator}"))
         server = ServerProcess(
             world_path,
             operator,
@@ -583,6 +600,7 @@ class Bench:
             log_level=self.settings.server_log_level,
             clock_anchor=clock_anchor,
             world_port=world_port,
+            extra=store,
         )
         await self.fleet.start_server(server, timeout=120.0)
         return server, server.startup_s
@@ -799,10 +817,11 @@ class Bench:
         await asyncio.gather(*(c.close() for c in target.clients))
         self.fleet.stop(target.server)
 
-    async def reserve(self) -> None:
+    async def reserve(self, store: str = "") -> None:
         s = self.settings
-        self.say(f"reserve: reserve + cancel on one operator, durable, {s.connections} connections")
-        target = await self.reserve_target("reserve")
+        on = f", {store}" if store else ""
+        self.say(f"reserve: reserve + cancel on one operator, durable, {s.connections} connections{on}")
+        target = await self.reserve_target(f"reserve{'-' + store if store else ''}")
         try:
             ceiling = await self.ceiling_window()
             load = await closed_loop(s.connections, target.op, s.duration, s.warmup, {"A": target.server.pid})
@@ -810,10 +829,16 @@ class Bench:
         finally:
             await self.close_target(target)
         main = load_row(
-            "single reservations", s.connections, load, ops=("reserve", "cancel"), rss=rss, existing_reservations=0
+            f"single reservations{on}",
+            s.connections,
+            load,
+            ops=("reserve", "cancel"),
+            rss=rss,
+            existing_reservations=0,
+            store=store or "sqlite",
         )
         self.pair(main, ceiling)
-        self.add("reserve", main, main, *self.part_rows(main, load))
+        self.add(f"reserve{'_' + store if store else ''}", main, main, *self.part_rows(main, load))
 
     async def ledger(self) -> list[dict[str, Any]]:
         """Scenario 3 with 1k, 10k, 100k existing reservations, in interleaved rounds (noise hits all alike)."""
@@ -856,7 +881,23 @@ class Bench:
 
     # --- 4. trip bookings ----------------------------------------------------------------
 
-    async def trips(self) -> None:
+    async def postgresql(self) -> None:
+        """Reservations and trip bookings again, every operator's books in PostgreSQL (a server of its own)."""
+        self.say("postgresql: the same reservations and trip bookings, stores in PostgreSQL (fsync, synchronous)")
+        self.postgres = await asyncio.to_thread(PostgresServer().start)
+        try:
+            await self.reserve(store="postgresql")
+            await self.trips(store="postgresql")
+        finally:  # its servers are stopped by their scenarios (the echo server stays up)
+            pg, self.postgres = self.postgres, None
+            await asyncio.to_thread(pg.stop)
+        sqlite = {k: self.results.get(k) for k in ("reserve", "trips")}
+        for key in ("reserve", "trips"):
+            base, on_pg = sqlite[key], self.results.get(f"{key}_postgresql")
+            if base and on_pg and base["ops_per_s"]:
+                on_pg["vs_sqlite"] = round(on_pg["ops_per_s"] / base["ops_per_s"], 2)
+
+    async def trips(self, store: str = "") -> None:
         """Plan trips (a row of its own), then book the plans as shown, each then cancelled.
 
         A driver plans, looks, and books what was shown: the booking is the two-phase commit,
@@ -864,7 +905,8 @@ class Bench:
         """
         s = self.settings
         per_op = math.ceil(s.connections / 3)
-        world, servers = await self.start_federation("trips", per_op)
+        on = f", {store}" if store else ""
+        world, servers = await self.start_federation(f"trips{'-' + store if store else ''}", per_op)
         clients: list[Client] = []
         try:
             ids = [bench_vehicle_id("ABC"[n % 3], n // 3 + 1) for n in range(s.connections)]
@@ -916,18 +958,20 @@ class Bench:
         plan_row = load_row("trip planning", s.connections, planning, ops=("plan_trip",), rss=rss)
         self.pair(plan_row, planning_ceiling)
         main = load_row(
-            "trip bookings",
+            f"trip bookings{on}",
             s.connections,
             load,
             ops=("book_trip",),
             rss=rss,
             stops_per_trip=dict(sorted(stops.items())),
             plans_booked=sum(len(mine) for mine in plans),
+            store=store or "sqlite",
         )
         self.pair(main, ceiling)
         cancel = row("  └ cancel_trip", s.connections, *self._part(load, "cancel_trip"), part=True)
-        self.add("trip_planning", plan_row)
-        self.add("trips", main, main, cancel)
+        if not store:  # planning touches no store: measured once
+            self.add("trip_planning", plan_row)
+        self.add(f"trips{'_' + store if store else ''}", main, main, cancel)
 
     # --- 5. planning at real size ---------------------------------------------------------
 
@@ -1182,6 +1226,116 @@ class Bench:
 
     # --- 6. scale --------------------------------------------------------------------------
 
+    # --- OCPI edge ------------------------------------------------------------------------
+
+    async def ocpi(self) -> None:
+        """The OCPI edge of operator A: pages of locations, and bookings (each a reservation in the ledger)."""
+        s = self.settings
+        self.say(f"ocpi: an eMSP's locations pages and bookings through evcharge ocpi, {s.connections} connections")
+        world, world_path, data = await self.single_operator("ocpi", vehicles=1)
+        server, _ = await self.start_server(world_path, "A", data)
+        tokens = data.parent / "registration-tokens"
+        tokens.write_text("bench-token-a\n")
+        edge = OcpiEdgeProcess(
+            world_path, "A", server.port, data.parent / "edge", self.work / f"{data.parent.name}-edge.log",
+            registration_tokens=tokens, extra=("--rate-limit", "0", "--log-level", "warning"),
+        )  # fmt: skip
+        self.fleet.children.append(edge)
+        await asyncio.to_thread(edge.start, 60.0)
+        # Bookable charge points are online ones: every charge point is simulated.
+        sims = [
+            ChargePointSim(cp, HOST, server.port, heartbeat_s=world.rules.heartbeat_s)
+            for st in world.stations_of("A")
+            for cp in st.charge_points
+        ]
+        sim_tasks = [asyncio.ensure_future(sim.run()) for sim in sims]
+        stub, base = await emsp_stub("bench-emsp-token")
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        pids = {"A": server.pid, "edge": edge.pid}
+        charge_points = [cp.id for st in world.stations_of("A") for cp in st.charge_points]
+        station_of = {cp.id: st.id for st in world.stations_of("A") for cp in st.charge_points}
+        try:
+            credentials = {
+                "token": "bench-emsp-token",
+                "url": f"{base}/ocpi/versions",
+                "roles": [
+                    {"role": "EMSP", "business_details": {"name": "bench"}, "party_id": "BEN", "country_code": "NL"}
+                ],
+            }
+            async with http.post(
+                f"{edge.url}/ocpi/2.2.1/credentials", json=credentials, headers={"Authorization": "Token bench-token-a"}
+            ) as response:
+                token_c = (await response.json())["data"]["token"]
+            auth = {"Authorization": f"Token {token_c}"}
+            total = len(world.stations_of("A"))
+            async with asyncio.timeout(30):  # until the edge sees every charge point online
+                while True:
+                    async with http.get(f"{edge.url}/ocpi/2.2.1/locations", headers=auth) as response:
+                        shown = (await response.json())["data"]
+                    if all(e["status"] != "UNKNOWN" for loc in shown for e in loc["evses"]):
+                        break
+                    await asyncio.sleep(0.2)
+
+            async def ocpi_call(method: str, path: str, body: Any = None) -> Any:
+                async with http.request(method, f"{edge.url}{path}", json=body, headers=auth) as response:
+                    answer = await response.json()
+                if answer["status_code"] != 1000:
+                    raise BadRequestError(f"OCPI {answer['status_code']}: {answer.get('status_message')}")
+                return answer["data"]
+
+            rng = random.Random(7)
+
+            async def page(_i: int, _notes: Counter[str]) -> None:
+                await ocpi_call("GET", f"/ocpi/2.2.1/locations?offset={rng.randrange(total)}&limit=2")
+
+            pages = await closed_loop(s.connections, page, s.duration, s.warmup, pids)
+            cells = GRID_DAYS * 86400 // GRID_S
+            workers = s.connections
+            made = iter(range(10**9))
+
+            async def book(i: int, notes: Counter[str]) -> None:
+                cell = rng.randrange(cells // workers) * workers + i
+                start = datetime.fromtimestamp(self.grid_base + cell * GRID_S, UTC)
+                cp = rng.choice(charge_points)
+                n = next(made)
+                request = {
+                    "country_code": "NL",
+                    "party_id": "BEN",
+                    "request_id": f"BENCH-{n}",
+                    "location_id": station_of[cp],
+                    "evse_uid": cp,
+                    "tokens": [
+                        {
+                            "country_code": "NL",
+                            "party_id": "BEN",
+                            "uid": f"U{i}",
+                            "type": "APP_USER",
+                            "contract_id": f"C{i}",
+                        }
+                    ],
+                    "period": {
+                        "start_from": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "end_before": (start + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    },
+                    "authorization_reference": f"A{n}",
+                }
+                booking = await ocpi_call("POST", "/ocpi/2.2.1/bookings", request)
+                notes[booking["reservation_status"]] += 1
+
+            bookings = await closed_loop(s.connections, book, s.duration, s.warmup, pids)
+            rss = {"A": rss_mb(server.pid), "edge": rss_mb(edge.pid)}
+        finally:
+            for task in sim_tasks:
+                task.cancel()
+            await asyncio.gather(*sim_tasks, return_exceptions=True)
+            await http.close()
+            await stub.cleanup()
+            self.fleet.stop(edge)
+            self.fleet.stop(server)
+        pages_row = load_row("OCPI locations pages", s.connections, pages, rss=rss)
+        bookings_row = load_row("OCPI bookings", s.connections, bookings, rss=rss)
+        self.add("ocpi", {**pages_row, "bookings": bookings_row}, pages_row, bookings_row)
+
     async def scale(self) -> None:
         s = self.settings
         world, world_path, data = await self.single_operator("scale", vehicles=1, scale_cps=s.scale_charge_points)
@@ -1300,6 +1454,32 @@ class Bench:
                 raise BenchError(f"{proc.name} gave no result within {timeout:g} s:\n{tail(proc.log_path)}")
             await asyncio.sleep(0.05)
         return dict(result)
+
+
+async def emsp_stub(token: str) -> tuple[web.AppRunner, str]:
+    """An eMSP that answers the registration handshake (and takes no pushes: none are asked of it)."""
+
+    def ok(data: Any) -> web.Response:
+        return web.json_response({"data": data, "status_code": 1000, "timestamp": "2026-01-01T00:00:00Z"})
+
+    base = ""
+
+    async def versions(_request: web.Request) -> web.Response:
+        return ok([{"version": "2.2.1", "url": f"{base}/ocpi/2.2.1"}])
+
+    async def details(_request: web.Request) -> web.Response:
+        url = f"{base}/ocpi/2.2.1/credentials"
+        return ok({"version": "2.2.1", "endpoints": [{"identifier": "credentials", "role": "SENDER", "url": url}]})
+
+    app = web.Application()
+    app.router.add_get("/ocpi/versions", versions)
+    app.router.add_get("/ocpi/2.2.1", details)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    base = f"http://{HOST}:{runner.addresses[0][1]}"
+    return runner, base
 
 
 def ledger_growth(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1533,10 +1713,12 @@ async def run_bench(settings: Settings, scenarios: list[str], work: Path, consol
         "status": bench.status,
         "reserve": bench.reserve,
         "trips": bench.trips,
+        "postgresql": bench.postgresql,
         "planning": bench.planning,
         "noisy": bench.noisy,
         "contention": bench.contention,
         "scale": bench.scale,
+        "ocpi": bench.ocpi,
     }
     began = time.perf_counter()
     try:
@@ -1624,6 +1806,10 @@ def report(results: dict[str, Any], console: Console) -> None:
                 f"cost x{g['cost_ratio']:.2f} (log bound x{g['log_ratio']:.2f}) "
                 f"{'ok' if g['within_log_bound'] else 'ABOVE'}"
             )
+    for key, what in (("reserve", "reservations"), ("trips", "trip bookings")):
+        pg = sc.get(f"{key}_postgresql")
+        if pg and "vs_sqlite" in pg:
+            console.print(f"{what} on PostgreSQL: {pg['ops_per_s']:,.0f} ops/s, x{pg['vs_sqlite']} of SQLite's")
     windows = results.get("ceiling_windows_ops_per_s", [])
     if len(windows) > 1:
         console.print(

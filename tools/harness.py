@@ -441,6 +441,64 @@ class ServerProcess(Child):
 # --- world files --------------------------------------------------------------------------
 
 
+class OcpiEdgeProcess(Child):
+    """``python -m evcharge ocpi`` for one operator as a child process, on a free port."""
+
+    def __init__(
+        self,
+        world_path: Path,
+        operator: str,
+        server_port: int,
+        data_dir: Path,
+        log_path: Path,
+        *,
+        registration_tokens: Path | None = None,
+        extra: Iterable[str] = (),
+    ) -> None:
+        super().__init__(f"OCPI edge {operator}", log_path)
+        self.world_path = world_path
+        self.operator = operator
+        self.server_port = server_port
+        self.data_dir = data_dir
+        self.registration_tokens = registration_tokens
+        self.extra = tuple(extra)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def command(self, ready_file: Path) -> list[str]:
+        tokens = () if self.registration_tokens is None else ("--registration-tokens", str(self.registration_tokens))
+        return evcharge_command(
+            "ocpi",
+            "--world",
+            str(self.world_path),
+            "--operator",
+            self.operator,
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--server",
+            f"{HOST}:{self.server_port}",
+            "--data-dir",
+            str(self.data_dir),
+            *tokens,
+            "--log-level",
+            "info",
+            *self.extra,
+            "--ready-file",
+            str(ready_file),
+        )
+
+    def start(self, timeout: float = 20.0) -> OcpiEdgeProcess:
+        ready = self.data_dir.parent / f"ocpi-{self.operator}.{time.monotonic_ns()}.ready"
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.launch(self.command(ready))
+        self.wait_ready(ready, timeout)
+        return self
+
+
 def _q(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # a JSON string is a TOML basic string
 
@@ -456,6 +514,13 @@ def operator_toml(op: OperatorConfig) -> str:
         text += "peer_tls = true\n"
     if op.tls_name:
         text += f"tls_name = {_q(op.tls_name)}\n"
+    if op.addresses:
+        text += f"addresses = [{', '.join(map(_q, op.addresses))}]\n"
+    if op.store:
+        text += f"store = {_q(op.store)}\n"
+    if op.ocpi is not None:
+        text += "\n[operators.ocpi]\n"
+        text += "".join(f"{key} = {_q(value)}\n" for key, value in msgspec.structs.asdict(op.ocpi).items())
     return text
 
 

@@ -25,6 +25,7 @@ import uvloop
 from rich.console import Console
 
 from evcharge.apps import render, stores
+from evcharge.apps.ocpi import DEFAULT_PORT as OCPI_PORT
 from evcharge.apps.ocpp import DEFAULT_PORT as OCPP_PORT
 from evcharge.apps.tls_options import client_tls, client_tls_parser, gateway_tls, gateway_tls_parser
 from evcharge.apps.vehicle import (
@@ -41,7 +42,7 @@ from evcharge.apps.vehicle import (
 from evcharge.apps.web import command as webcmd
 from evcharge.domain.world import SHIPPED, World, WorldError, load_world
 from evcharge.links.client import connect
-from evcharge.links.link import ANSWER_DEADLINE, Link
+from evcharge.links.link import ANSWER_DEADLINE, Link, world_fallbacks
 from evcharge.links.requests import Requests
 from evcharge.operator.handlers import PUSH_BUFFER_LIMIT
 from evcharge.operator.server import (
@@ -52,7 +53,7 @@ from evcharge.operator.server import (
     ClockMismatch,
     Server,
 )
-from evcharge.operator.store import StoreError
+from evcharge.operator.store import STORE_ENV, StoreError
 from evcharge.wire import redact
 from evcharge.wire.address import host_port_argument, listen_port_argument
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT
@@ -131,11 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
         "server",
         parents=[common],
         help="run one operator's server",
-        description="Run one operator's server: its stations in memory, its store on disk. "
+        description="Run one operator's server: its stations in memory, its store on disk (SQLite) or in "
+        "PostgreSQL (--store). "
         "SIGTERM/SIGINT stop it cleanly (in-flight requests finish, queued changes are committed).",
     )
     server.add_argument("--operator", required=True, help="operator id from the world file")
     server.add_argument("--data-dir", type=Path, default=Path("data"), help="where the store lives (default: ./data)")
+    server.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep the books in PostgreSQL instead: postgresql://USER:PASSWORD@HOST:PORT/DATABASE (default: "
+        f"${STORE_ENV}, else the world file's `store` of the operator, else SQLite in --data-dir). A second "
+        "server of the operator on the same database stands by and takes over when the first dies",
+    )
     server.add_argument(
         "--time-scale",
         type=float,
@@ -264,6 +273,65 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
     gateway.set_defaults(run=run_ocpp_gateway, default_log_level="info")
 
+    ocpi = sub.add_parser(
+        "ocpi",
+        parents=[common, client_tls],
+        help="appear on OCPI roaming platforms: the CPO interface of OCPI 2.2.1, and Bookings",
+        description="Serve the operator's CPO interface of OCPI 2.2.1 over HTTP (versions at /ocpi/versions): "
+        "Credentials, Locations, Tariffs, Sessions, CDRs (sent and pushed), Tokens and Commands (received), "
+        "and the Bookings module of OCPI 2.3.0. It speaks to the operator's server as one of its tools and "
+        "books in the same ledger as everyone else. An eMSP or a hub registers with a token the operator "
+        "gave it out of --registration-tokens (token A), then uses the token it gets back (token C).",
+        epilog="The world file's [operators.ocpi] table names the operator's party (country_code, party_id) and "
+        "its locations' country, time zone and currency. README.md, section OCPI, says how to register.",
+    )
+    ocpi.add_argument("--operator", required=True, help="operator id from the world file")
+    ocpi.add_argument("--host", default="127.0.0.1", help="listen address (default: %(default)s)")
+    ocpi.add_argument(
+        "--port",
+        type=listen_port_argument,
+        default=OCPI_PORT,
+        help="listen port, 0 for any free one (default: %(default)s)",
+    )
+    ocpi.add_argument(
+        "--public-url",
+        help="the URL eMSPs reach this edge at, as advertised in versions and credentials (default: http://HOST:PORT)",
+    )
+    ocpi.add_argument(
+        "--registration-tokens",
+        type=Path,
+        metavar="FILE",
+        help="tokens (token A) the operator gave to parties, one a line ('#' starts a comment); each is usable "
+        "for the credentials handshake until its party has registered. The file is read again when it changes.",
+    )
+    ocpi.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="where the edge keeps its parties and bookings (default: ./data)",
+    )
+    ocpi.add_argument(
+        "--server", type=host_port_argument, help="HOST:PORT of the operator's server (default: the world file's)"
+    )
+    ocpi.add_argument("--page-limit", type=int, default=100, help="most objects on one page (default: %(default)s)")
+    ocpi.add_argument(
+        "--session-updates",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a charging session's kWh and cost are pushed to its eMSP at most this often (default: %(default)s)",
+    )
+    ocpi.add_argument("--max-body-kb", type=int, default=64, help="largest request body, KiB (default: %(default)s)")
+    ocpi.add_argument(
+        "--rate-limit",
+        type=float,
+        default=50.0,
+        help="requests a second per token (and four times that per address), bursts of twice that; 0: no limit "
+        "(default: %(default)s)",
+    )
+    ocpi.add_argument("--ready-file", type=Path, help="write {host, port, pid} as JSON here once listening")
+    ocpi.set_defaults(run=run_ocpi, default_log_level="info")
+
     vehicle = sub.add_parser(
         "vehicle",
         parents=[common, client_tls],
@@ -331,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the stores in this data directory instead (servers stopped or not; nothing is changed): "
         "what each server would refuse at start, then the invariants across them",
     )
+    check.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="OPERATOR=URL",
+        help="with --data-dir: this operator's books are in PostgreSQL at URL (repeatable; default: the world "
+        "file's `store` of each operator)",
+    )
     check.set_defaults(run=run_check)
 
     settle = sub.add_parser(
@@ -346,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     settle.set_defaults(run=run_settlement)
 
     stores.add_backup_parser(sub, [common])
+    stores.add_migrate_parser(sub, [common])
 
     webcmd.add_parser(sub, [common, client_tls])
 
@@ -384,32 +461,48 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
     if args.listen and (args.host is not None or args.port is not None):
         print("evcharge server: give either --listen or --host/--port, not both", file=sys.stderr)
         return 2
-    server = Server(
-        world,
-        args.operator,
-        args.data_dir,
-        time_scale=args.time_scale,
-        host=args.host,
-        port=args.port,
-        store_max_bytes=limit,
-        clock_anchor=args.clock_anchor,
-        max_connections=args.max_connections,
-        idle_timeout=args.idle_timeout,
-        listen=args.listen or (),
-        tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca),
-        hello_timeout=args.hello_timeout,
-        frame_timeout=args.frame_timeout,
-        write_timeout=args.write_timeout,
-        max_in_flight=args.max_in_flight,
-        push_buffer_limit=args.push_buffer_kb * 1024,
-    )
+    store = args.store or os.environ.get(STORE_ENV) or world.operator(args.operator).store or None
+    try:
+        server = Server(
+            world,
+            args.operator,
+            args.data_dir,
+            store=store,
+            time_scale=args.time_scale,
+            host=args.host,
+            port=args.port,
+            store_max_bytes=limit,
+            clock_anchor=args.clock_anchor,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+            listen=args.listen or (),
+            tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_ca),
+            hello_timeout=args.hello_timeout,
+            frame_timeout=args.frame_timeout,
+            write_timeout=args.write_timeout,
+            max_in_flight=args.max_in_flight,
+            push_buffer_limit=args.push_buffer_kb * 1024,
+        )
+    except StoreError as exc:  # a store that cannot be: not a URL, a limit PostgreSQL does not take, no driver
+        print(f"evcharge server: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
-    except StoreError as exc:  # damaged, emptied, another's, or newer: one line, never served from
+        # A standby waits in start() until the active server lets go of the store; SIGTERM ends the wait.
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await server.stop()
+            return 0
+        await starting
+    except StoreError as exc:  # damaged, emptied, another's, newer, unreachable: one line, never served from
+        await server.stop()
         print(f"evcharge server: {exc}", file=sys.stderr)
         return 1
     except (OSError, ClockMismatch) as exc:
@@ -428,10 +521,16 @@ async def run_server(world: World, args: argparse.Namespace) -> int:
         ]
         ready = {"host": server.host, "port": server.port, "pid": os.getpid(), "listeners": listeners}
         _write_atomically(args.ready_file, json.dumps(ready))
+    lost = asyncio.ensure_future(server.lost.wait())
     try:
-        await stop.wait()
+        await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        lost.cancel()
+        stopping.cancel()
         await server.stop()
+    if server.lost.is_set():
+        print(f"evcharge server: another server of operator {args.operator} took over its store", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -525,6 +624,84 @@ async def run_ocpp_gateway(world: World, args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_ocpi(world: World, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from evcharge.apps.ocpi.app import make_app
+    from evcharge.apps.ocpi.edge import Edge
+
+    op = world.operator(args.operator)
+    if op.ocpi is None:
+        print(
+            f"evcharge ocpi: operator {op.id} has no [operators.ocpi] table in the world file "
+            '(country_code = "BR", party_id = "ABC" under its [[operators]] entry)',
+            file=sys.stderr,
+        )
+        return 2
+    if args.registration_tokens is not None and not args.registration_tokens.is_file():
+        print(f"evcharge ocpi: no file {args.registration_tokens} (--registration-tokens)", file=sys.stderr)
+        return 2
+    server_host, server_port = _address(world, op.id, args.server)
+    context, name = client_tls(args, op)
+    edge = Edge(
+        world,
+        op.id,
+        host=args.host,
+        port=args.port,
+        public_url=args.public_url,
+        server_host=server_host,
+        server_port=server_port,
+        data_dir=args.data_dir,
+        registration_tokens=args.registration_tokens,
+        page_limit=max(1, args.page_limit),
+        progress_every=max(0.1, args.session_updates),
+        ssl_context=context,
+        server_hostname=name,
+    )
+    app = make_app(
+        edge, max_body=max(1, args.max_body_kb) * 1024, rate=args.rate_limit, burst=max(1, int(2 * args.rate_limit))
+    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await edge.store.close()
+        print(f"evcharge ocpi: {_start_failure(exc, op.id)}", file=sys.stderr)
+        return 2
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    edge.port = sockets[0].getsockname()[1] if sockets else args.port
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await edge.start()
+    try:
+        await edge.ready(10.0)  # ready means serving what the server has, when it can be reached
+    except TimeoutError:
+        logging.getLogger(__name__).warning("operator %s's server not reached yet; serving meanwhile", op.id)
+    logging.getLogger(__name__).info(
+        "OCPI %s edge of operator %s (party %s) at %s, server %s:%d",
+        "2.2.1",
+        op.id,
+        edge.me,
+        edge.versions_url,
+        server_host,
+        server_port,
+    )
+    if args.ready_file:
+        _write_atomically(args.ready_file, json.dumps({"host": args.host, "port": edge.port, "pid": os.getpid()}))
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await edge.stop()
+    return 0
+
+
 async def run_monitor(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.monitor import run_monitor as monitor
     from evcharge.links.feed import OperatorFeed
@@ -542,28 +719,37 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
     from evcharge.apps.invariants import in_transit, settlement_violations, summary, violations
 
     if args.data_dir is not None:
-        return await stores.check_stores(world, args.data_dir)
+        urls = dict(item.split("=", 1) for item in args.store if "=" in item)
+        if len(urls) != len(args.store):
+            print("evcharge check: give --store as OPERATOR=postgresql://...", file=sys.stderr)
+            return 2
+        return await stores.check_stores(world, args.data_dir, urls)
 
     states = {}
     settlements = {}
     for op in world.operators:
         context, name = client_tls(args, op)
-        try:
-            async with connect(
-                op.host,
-                op.port,
-                role="operator",
-                ident=op.id,
-                secret=op.secret,
-                ssl_context=context,
-                server_hostname=name,
-            ) as c:
-                states[op.id] = await c.inspect()
-                if len(world.operators) > 1:
-                    settlements[op.id] = await c.settlement()
-        except EvchargeError as exc:
-            print(f"operator {op.id}: {exc.code}: {exc.message}")
-            return 1
+        addresses = [(op.host, op.port), *op.fallbacks]  # its standby, where the world file names one
+        for i, (host, port) in enumerate(addresses):
+            try:
+                async with connect(
+                    host,
+                    port,
+                    role="operator",
+                    ident=op.id,
+                    secret=op.secret,
+                    ssl_context=context,
+                    server_hostname=name,
+                ) as c:
+                    states[op.id] = await c.inspect()
+                    if len(world.operators) > 1:
+                        settlements[op.id] = await c.settlement()
+                break
+            except EvchargeError as exc:
+                if exc.code == "unavailable" and i + 1 < len(addresses):
+                    continue
+                print(f"operator {op.id}: {exc.code}: {exc.message}")
+                return 1
     broken = violations(states, allow_holds=args.allow_holds, now=time.time()) + settlement_violations(settlements)
     for problem in broken:
         print(f"VIOLATION: {problem}")
@@ -573,23 +759,43 @@ async def run_check(world: World, args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
-async def run_settlement(world: World, args: argparse.Namespace) -> int:
+def _operator_connector(world: World, args: argparse.Namespace) -> Callable[[], Any]:
+    """Connects as the operator's own tool (``--operator``, ``--server``, TLS options)."""
     op = world.operator(args.operator)
     host, port = _address(world, op.id, args.server)
     context, name = client_tls(args, op)
 
+    fallbacks = world_fallbacks(op, host, port)
+
     def connector() -> Any:
+        if fallbacks:  # its standby may be the one serving: a link tries each address in turn
+            link = Link(
+                host,
+                port,
+                role="operator",
+                ident=op.id,
+                secret=op.secret,
+                ssl_context=context,
+                server_hostname=name,
+                what=f"operator {op.id}",
+                fallbacks=fallbacks,
+            )
+            return link.running()
         return connect(
             host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
         )
 
+    return connector
+
+
+async def run_settlement(world: World, args: argparse.Namespace) -> int:
     async def settlement(c: Requests, args: argparse.Namespace, out: Console) -> Any:
         result = await c.settlement()
         if not args.json:
             out.print(render.settlement_table(result))
         return result
 
-    return await _run_client(args, connector, settlement)
+    return await _run_client(args, _operator_connector(world, args), settlement)
 
 
 # --- vehicles and inspect -------------------------------------------------------------------
@@ -633,6 +839,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
             server_hostname=name,
             what=f"operator {vehicle.home}",
             answer_within=args.answer_within,
+            fallbacks=world_fallbacks(world.operator(vehicle.home), host, port),
         )
         return link.running()
 
@@ -640,16 +847,7 @@ async def run_vehicle(world: World, args: argparse.Namespace) -> int:
 
 
 async def run_inspect(world: World, args: argparse.Namespace) -> int:
-    op = world.operator(args.operator)
-    host, port = _address(world, op.id, args.server)
-    context, name = client_tls(args, op)
-
-    def connector() -> Any:
-        return connect(
-            host, port, role="operator", ident=op.id, secret=op.secret, ssl_context=context, server_hostname=name
-        )
-
-    return await _run_client(args, connector, inspect)
+    return await _run_client(args, _operator_connector(world, args), inspect)
 
 
 async def _run_client(

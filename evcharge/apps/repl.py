@@ -45,7 +45,7 @@ from evcharge.apps.vehicle import (
 from evcharge.domain import geo
 from evcharge.domain.world import VehicleConfig, World
 from evcharge.links.client import Client
-from evcharge.links.link import Link
+from evcharge.links.link import Link, world_fallbacks
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import EvchargeError, NotFoundError, UnavailableError
 
@@ -115,6 +115,7 @@ class VehicleRepl:
             on_up=self._came_up,
             on_down=self._went_down,
             name=f"vehicle {vehicle.id}",
+            fallbacks=world_fallbacks(world.operator(vehicle.home), host, port),
         )
         self._was_up = False  # connected at least once (then a new connection is news)
         self._lost = False  # told the user the connection was lost, not yet that it is back

@@ -15,11 +15,12 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Sequence
 from datetime import datetime
 
 from evcharge.domain.world import ChargePointConfig, World
 from evcharge.links.client import Client
-from evcharge.links.link import Link
+from evcharge.links.link import Link, world_fallbacks
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import ConflictError
 
@@ -39,6 +40,7 @@ class ChargePointSim:
         fault_rate: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        fallbacks: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.cp = cp
         self.fault_rate = fault_rate
@@ -55,6 +57,7 @@ class ChargePointSim:
             on_up=self._came_up,
             on_down=self._went_down,
             name=f"charge point {cp.id}",
+            fallbacks=fallbacks,
         )
         self.charging: str | None = None
         self.kwh = 0.0
@@ -162,11 +165,14 @@ async def run_stations(
     cps = [cp for cp in every if (not only or cp.id in only) and cp.id not in (skip or ())]
     if not cps:
         raise ValueError("no charge point left to simulate")
+    host = host or op.host
+    port = port if port is not None else op.port
     sims = [
         ChargePointSim(
             cp,
-            host or op.host,
-            port if port is not None else op.port,
+            host,
+            port,
+            fallbacks=world_fallbacks(op, host, port),
             heartbeat_s=world.rules.heartbeat_s,
             fault_rate=fault_rate,
             ssl_context=ssl_context,

@@ -65,7 +65,7 @@ class Trip:
 class Outcome:
     """The answer to one keyed state-changing request, kept so that a retry gets it again."""
 
-    scope: str  # who asked ("vehicle:V01", "peer:B/vehicle:V07"): keys are theirs, not global
+    scope: str  # who asked ("vehicle:V01", also when its home forwards it): keys are theirs, not global
     key: str
     fingerprint: str  # of the request: one key names one request
     reply: bytes  # the reply as it was sent (msgpack)

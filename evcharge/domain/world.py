@@ -44,6 +44,16 @@ class StationConfig(msgspec.Struct, forbid_unknown_fields=True):
     charge_points: Annotated[list[ChargePointConfig], msgspec.Meta(min_length=1)]
 
 
+class OcpiConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """How the operator appears on OCPI roaming platforms (``evcharge ocpi``): its party and its locations."""
+
+    country_code: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{2}$")]  # ISO 3166-1 alpha-2, of the party
+    party_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{3}$")]
+    country: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "BRA"  # ISO 3166-1 alpha-3, of its locations
+    time_zone: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "America/Fortaleza"
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "BRL"  # ISO 4217, of price_per_kwh
+
+
 class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     id: Id
     name: str
@@ -57,14 +67,40 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True):
     peer_tls: bool = False
     # The name its certificate carries, when not `host` (e.g. a server reached by IP).
     tls_name: str = ""
+    # More places to reach it, "host:port" each, tried in turn after host:port by every client
+    # and peer: where its standby server listens once it has taken over (same roles, same port
+    # for peers).
+    addresses: list[str] = []
+    # Where its books are kept when `evcharge server` is given no --store: a postgresql:// URL
+    # (empty: SQLite in the server's --data-dir).
+    store: str = ""
+    # Its party in OCPI (country code, party id), for `evcharge ocpi`.
+    ocpi: OcpiConfig | None = None
+
+    def __post_init__(self) -> None:
+        for address in self.addresses:
+            _host_port(address)  # a ValueError here is reported as the world file's error
 
     @property
     def peer_address(self) -> tuple[str, int]:
         return self.host, self.peer_port if self.peer_port is not None else self.port
 
     @property
+    def fallbacks(self) -> list[tuple[str, int]]:
+        """``addresses`` as (host, port), in order."""
+        return [_host_port(a) for a in self.addresses]
+
+    @property
     def certificate_name(self) -> str:
         return self.tls_name or self.host
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host, int(port)
 
 
 class VehicleConfig(msgspec.Struct, forbid_unknown_fields=True):

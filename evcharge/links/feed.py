@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from evcharge.domain.world import OperatorConfig
 from evcharge.links.client import Client
-from evcharge.links.link import Backoff, Link
+from evcharge.links.link import Backoff, Link, world_fallbacks
 from evcharge.wire import protocol as p
 from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT
 from evcharge.wire.errors import EvchargeError
@@ -61,6 +61,7 @@ class OperatorFeed:
             on_up=self._came_up,
             on_down=self._went_down,
             name=f"feed of operator {operator.id}",
+            fallbacks=world_fallbacks(operator, host, port),
         )
         self.settle = settle
         self.reserved_soon_min = reserved_soon_min

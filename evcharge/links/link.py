@@ -28,10 +28,11 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
+from evcharge.domain.world import OperatorConfig
 from evcharge.links.client import Client, open_client
 from evcharge.links.requests import Requests
 from evcharge.wire import protocol as p
@@ -74,6 +75,14 @@ class Backoff:
 ANSWER_DEADLINE = 30.0  # real seconds a request whose reply was lost is asked for again
 
 
+def world_fallbacks(operator: OperatorConfig, host: str, port: int) -> list[tuple[str, int]]:
+    """The operator's other addresses (its standby), when ``host:port`` is where its world file says it is.
+
+    An address given by hand (``--server``) is taken alone.
+    """
+    return operator.fallbacks if (host, port) == (operator.host, operator.port) else []
+
+
 class Link(Requests):
     def __init__(
         self,
@@ -95,8 +104,11 @@ class Link(Requests):
         name: str = "",
         what: str = "",
         answer_within: float = ANSWER_DEADLINE,
+        fallbacks: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.host, self.port = host, port
+        # Where the server may be, tried in turn (a standby that took over listens elsewhere).
+        self.addresses: list[tuple[str, int]] = [(host, port), *(a for a in fallbacks if a != (host, port))]
         self.role, self.ident, self.secret = role, ident, secret
         self.ssl_context, self.server_hostname = ssl_context, server_hostname
         self.timeout = timeout
@@ -166,8 +178,14 @@ class Link(Requests):
             await self.close()
 
     async def run(self) -> None:
-        """Stay connected until cancelled, or until refused (that error is raised)."""
+        """Stay connected until cancelled, or until refused (that error is raised).
+
+        Each address is tried in turn; a round that reached none backs off before the next.
+        A connection that was up is sought again at the address it had.
+        """
+        at = 0
         while True:
+            self.host, self.port = self.addresses[at]
             try:
                 client = await open_client(
                     self.host,
@@ -180,10 +198,15 @@ class Link(Requests):
                     server_hostname=self.server_hostname,
                 )
             except EvchargeError as exc:
+                if exc.code in REFUSALS and not self.retry_refused:
+                    self._failed(exc)
+                    self._tried.set()
+                    raise
+                at = (at + 1) % len(self.addresses)
+                if at != 0 and exc.code not in REFUSALS:
+                    continue  # the next address at once: a round fails only once none answered
                 self._failed(exc)
                 self._tried.set()
-                if exc.code in REFUSALS and not self.retry_refused:
-                    raise
                 await self.backoff.sleep()
                 continue
             self._down(await self._keep(client))
@@ -305,9 +328,7 @@ class Link(Requests):
                 try:
                     client = await self.wait_up(max(0.0, left))
                 except UnavailableError:
-                    raise OutcomeUnknownError(
-                        f"{self.what} did not answer ({self.last_error}); whether it was done is not known yet"
-                    ) from None
+                    raise self._no_answer(request, self.last_error) from None
             try:
                 reply = await client.call(request, expect, timeout=max(0.05, min(timeout or self.timeout, left)))
             except (ConnectionLostError, RequestTimeoutError) as exc:
@@ -315,14 +336,18 @@ class Link(Requests):
                 if isinstance(exc, RequestTimeoutError) and client is self.client:
                     self._suspect.set()
                 if loop.time() >= deadline:
-                    raise OutcomeUnknownError(
-                        f"{self.what} did not answer ({exc.message}); whether it was done is not known yet"
-                    ) from None
+                    raise self._no_answer(request, exc.message) from None
                 log.info("%s: %s lost (%s); asking again", self.name, type(request).__name__, exc.message)
                 await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))  # the link notices a loss meanwhile
                 continue
             self.last_seen = time.time()
             return reply
+
+    def _no_answer(self, request: p.Request, why: str) -> EvchargeError:
+        """No answer by the deadline: for a change, its outcome is not known; a question just went unanswered."""
+        if getattr(request, "key", ""):
+            return OutcomeUnknownError(f"{self.what} did not answer ({why}); whether it was done is not known yet")
+        return UnavailableError(f"{self.what} did not answer ({why})")
 
     async def close(self) -> None:
         client = self.client

@@ -7,9 +7,9 @@ crash point does nothing. The named points:
 * ``participant-voted``: a participant has stored its holds and sent YES.
 * ``coordinator-committed``: a coordinator has stored the COMMIT record and
   told nobody yet.
-* ``change-stored``: a keyed change (reserve, cancel, charge, release, book,
-  cancel a trip -- a vehicle's own, or one its home forwarded) is stored with
-  its outcome, and its reply is not sent yet.
+* ``change-stored``: a change (reserve, cancel, charge, release, book,
+  cancel a trip -- a vehicle's own, or one its home forwarded) is stored (with
+  its outcome, when it has a key), and its reply is not sent yet.
 """
 
 from __future__ import annotations

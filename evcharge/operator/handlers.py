@@ -283,6 +283,14 @@ class OperatorToolHandler(RoleHandler):
                 return p.ReservationReply(reservation=s.views.reservation_info(c.reservation), unchanged=c.already)
             case p.GetSettlement():
                 return s.federation_or_refuse().records.settlement()
+            case p.Roam(vehicle_id=driver, request=asked):
+                # The operator's OCPI edge, for a driver of a roaming platform: that driver owns its
+                # reservations and keys as a vehicle does. No vehicle of the world can be spoken for.
+                if not p.is_roaming_driver(driver) or any(v.id == driver for v in s.world.vehicles):
+                    raise ForbiddenError(
+                        f"an operator speaks only for roaming drivers ({p.ROAMING_DRIVER_PREFIX}…), not {driver!r}"
+                    )
+                return await act_for_vehicle(s, Actor("vehicle", driver, via=self.ident), asked)
         return await super().handle(request)
 
 

@@ -8,11 +8,14 @@ change is. A delivery of the same key again -- a retry after a lost reply,
 before or after a crash of either side -- acts no more: it waits for the
 first one if that is still running, then gets the stored reply.
 
-Refusals are kept too (a conflict, a reservation that is not there): the
-request was answered, and a retry hears the same. ``unavailable`` and
-``timeout`` are not kept: nothing happened, or nobody knows yet, so the
-retry tries again. A key reused for a different request is refused.
-Outcomes are forgotten ``KEEP_OUTCOMES`` seconds after they were made.
+Refusals (a conflict, a reservation that is not there) are kept too, so that a
+retry hears the same, but in memory only and at most ``REFUSALS_KEPT`` per
+client: nothing was done, so writing them to disk would let anyone cost the
+server a disk sync per request, and after a restart a retry answered afresh is
+as true. ``unavailable`` and ``timeout`` are not kept at all: nothing happened,
+or nobody knows yet, so the retry tries again. A key reused for a different
+request is refused. Outcomes are forgotten ``KEEP_OUTCOMES`` seconds after
+they were made.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -28,13 +32,16 @@ import msgspec
 from evcharge.domain.model import Outcome
 from evcharge.operator.crash_points import crash_point
 from evcharge.operator.state import Actor, Books, Change
-from evcharge.operator.store import Op, StoreError, forget_outcomes, put_outcome
+from evcharge.operator.store import Op, forget_outcomes, put_outcome
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import BadRequestError, EvchargeError, UnavailableError, error_from_reply
+from evcharge.wire.errors import BadRequestError, EvchargeError, error_from_reply
 
 T = TypeVar("T")
 
-KEEP_OUTCOMES = 7 * 86400.0  # real seconds: far beyond any client's retries
+# Real seconds: far beyond any client's retries (ours give up within --answer-within, a home's
+# forwarding within seconds), and short enough that memory stays bounded: about 0.9 KB an outcome.
+KEEP_OUTCOMES = 86400.0
+REFUSALS_KEPT = 256  # per client, the newest: a retry comes soon after its refusal
 NOT_KEPT = frozenset({"unavailable", "timeout", "internal"})  # nothing happened, or not known yet
 
 _encoder = msgspec.msgpack.Encoder()
@@ -59,6 +66,7 @@ class Outcomes:
     def __init__(self, books: Books) -> None:
         self.books = books
         self._running: dict[tuple[str, str], asyncio.Event] = {}  # first deliveries not answered yet
+        self._refusals: dict[str, deque[Outcome]] = {}  # each client's kept refusals, oldest first
 
     async def once(
         self,
@@ -70,7 +78,9 @@ class Outcomes:
         """Act on ``request`` once per key: ``act`` is given what to pass to ``Books.apply`` as ``remember``."""
         key: str = getattr(request, "key", "")
         if not key:
-            return render(await act(None))
+            result = await act(None)
+            crash_point("change-stored")
+            return render(result)
         slot = (scope_of(actor), key)
         while (running := self._running.get(slot)) is not None:
             await running.wait()  # the first delivery is still at work: its answer is this one's
@@ -94,20 +104,17 @@ class Outcomes:
             if exc.code in NOT_KEPT:
                 self.books.outcomes.pop(slot, None)  # remembered for a change that was not stored
             else:
-                await self._keep_refusal(actor, slot, request_print, exc.to_reply(0))
+                self._keep_refusal(slot, request_print, exc.to_reply(0))
             raise
         finally:
             del self._running[slot]
             done.set()
 
     async def _again(self, kept: Outcome, request_print: str, key: str) -> p.Reply:
+        # No wait for the disk here: a first delivery still being stored holds ``_running``,
+        # and what was loaded from the store is on it.
         if kept.fingerprint != request_print:
             raise BadRequestError(f"key {key!r} was used for a different request; use a new key for a new request")
-        # What the first delivery wrote may still be on its way to the disk: answer after it.
-        try:
-            await self.books.store.commit([])
-        except StoreError:
-            raise UnavailableError("the operator's store cannot be written; ask again in a moment") from None
         reply = _replies.decode(kept.reply)
         assert isinstance(reply, p.Reply)
         if isinstance(reply, p.Error):
@@ -115,31 +122,39 @@ class Outcomes:
         return reply
 
     def _keep(self, slot: tuple[str, str], request_print: str, reply: p.Reply) -> Op:
-        """Remember ``reply`` in memory now and return its write (call under the writer lock)."""
-        reply = msgspec.structs.replace(reply, id=0)
-        outcome = Outcome(slot[0], slot[1], request_print, _encoder.encode(reply), time.time())
+        """Remember ``reply`` in memory now and return its write (for the change's own transaction)."""
+        outcome = self._outcome(slot, request_print, reply)
         self.books.outcomes[slot] = outcome
         return put_outcome(outcome)
 
-    async def _keep_refusal(self, actor: Actor, slot: tuple[str, str], request_print: str, error: p.Error) -> None:
-        def mutate() -> Change[None]:
-            return Change(None, [self._keep(slot, request_print, error)])
+    def _keep_refusal(self, slot: tuple[str, str], request_print: str, error: p.Error) -> None:
+        outcome = self.books.outcomes[slot] = self._outcome(slot, request_print, error)
+        refused = self._refusals.setdefault(slot[0], deque())
+        refused.append(outcome)
+        if len(refused) > REFUSALS_KEPT:
+            oldest = refused.popleft()
+            if self.books.outcomes.get((oldest.scope, oldest.key)) is oldest:  # not forgotten or reloaded since
+                del self.books.outcomes[(oldest.scope, oldest.key)]
 
-        try:
-            await self.books.apply(actor, f"keep the refusal of key {slot[1]}", mutate)
-        except EvchargeError:
-            pass  # not kept: a retry is answered afresh, which is as true
+    @staticmethod
+    def _outcome(slot: tuple[str, str], request_print: str, reply: p.Reply) -> Outcome:
+        reply = msgspec.structs.replace(reply, id=0)
+        return Outcome(slot[0], slot[1], request_print, _encoder.encode(reply), time.time())
 
     async def forget_old(self, now: float) -> None:
-        """Drop outcomes older than ``KEEP_OUTCOMES``: their clients have long stopped asking."""
+        """Drop outcomes older than ``KEEP_OUTCOMES``: their clients have long stopped asking.
+
+        ``books.outcomes`` is in the order they were made (and loaded), so only its oldest are looked at.
+        """
         before = now - KEEP_OUTCOMES
         books = self.books
-        if not any(o.created < before for o in books.outcomes.values()):
+        oldest = next(iter(books.outcomes.values()), None)
+        if oldest is None or oldest.created >= before:
             return
 
         def mutate() -> Change[None]:
-            for slot in [s for s, o in books.outcomes.items() if o.created < before]:
-                del books.outcomes[slot]
+            while (o := next(iter(books.outcomes.values()), None)) is not None and o.created < before:
+                del books.outcomes[(o.scope, o.key)]
             return Change(None, [forget_outcomes(before)])
 
         await books.apply(Actor("operator", books.operator_id), "forget old outcomes", mutate)

@@ -36,9 +36,9 @@ from evcharge.operator.pushes import Online
 from evcharge.operator.reservations import Reservations
 from evcharge.operator.services import Services
 from evcharge.operator.state import Books
-from evcharge.operator.store import DamagedStoreError, Store, StoredState, put_meta
+from evcharge.operator.store import DamagedStoreError, StoredState, put_meta, store_for
 from evcharge.operator.store.integrity import problems
-from evcharge.operator.store.sqlite import RESTORE, store_file
+from evcharge.operator.store.sqlite import RESTORE, Store
 from evcharge.operator.trips.federation import Federation
 from evcharge.operator.trips.participant import Participant
 from evcharge.operator.views import Views
@@ -47,6 +47,7 @@ from evcharge.wire.auth import new_nonce, peer_proof, same_secret
 from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT, Connection, ConnectionClosed
 from evcharge.wire.errors import (
     BadRequestError,
+    ConnectionLostError,
     EvchargeError,
     ForbiddenError,
     TooLargeError,
@@ -110,6 +111,7 @@ class Server:
         write_timeout: float = WRITE_TIMEOUT,
         max_in_flight: int = MAX_IN_FLIGHT,
         push_buffer_limit: int = PUSH_BUFFER_LIMIT,
+        store: str | None = None,
     ) -> None:
         self.world = world
         self.operator = world.operator(operator_id)
@@ -137,7 +139,10 @@ class Server:
         self.write_timeout = write_timeout
         self.max_in_flight = max_in_flight
         self.push_buffer_limit = push_buffer_limit
-        self.store = Store(store_file(data_dir, operator_id), max_bytes=store_max_bytes)
+        # SQLite in data_dir, or the PostgreSQL database ``store`` names (--store, the world file, $EVCHARGE_STORE).
+        self.store = store_for(store, data_dir, operator_id, max_bytes=store_max_bytes)
+        self.store.on_lost = self._store_lost
+        self.lost = asyncio.Event()  # another server of this operator took the store over: stop serving
         self._time_scale = time_scale
         self._clock_anchor = clock_anchor
         self.books = Books(world, operator_id, self.store, SimClock(time_scale))
@@ -188,8 +193,16 @@ class Server:
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store (refusing one that must not be served from), then listen."""
-        state = self.store.open()
+        """Open the store (refusing one that must not be served from), then listen.
+
+        A PostgreSQL store another server of this operator serves from is waited for here:
+        a standby listens only once it holds the store (cancel ``start`` to give up).
+        """
+        try:
+            state = await asyncio.to_thread(self.store.open)
+        except asyncio.CancelledError:
+            self.store.abandon()
+            raise
         try:
             self._check_books(state)
         except DamagedStoreError:
@@ -241,7 +254,8 @@ class Server:
 
     def _check_books(self, state: StoredState) -> None:
         """Refuse books that are not this operator's, or rows that cannot be what a server wrote."""
-        where = f"store {self.store.path}"
+        where = f"store {self.store.where}"
+        fix = "fix it with sqlite3 (or delete it)" if isinstance(self.store, Store) else "fix it with psql"
         owner = state.meta.get("operator_id", self.operator.id)
         if owner != self.operator.id:
             raise DamagedStoreError(
@@ -251,7 +265,8 @@ class Server:
         found = problems(state)
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise DamagedStoreError(f"{where}: {found[0]}{more}: fix it with sqlite3 (or delete it), or {RESTORE}")
+            restore = RESTORE if isinstance(self.store, Store) else "restore the database from its backup"
+            raise DamagedStoreError(f"{where}: {found[0]}{more}: {fix}, or {restore}")
 
     def _continue_clock(self, meta: dict[str, str]) -> SimClock:
         """Simulated time carries on from where the store left it (or from a shared anchor)."""
@@ -269,13 +284,21 @@ class Server:
         if stored is not None and abs(anchored.now() - stored.now()) > CLOCK_TOLERANCE:
             # A new anchor would move every booking of the store to another moment ("expired ... in 51 min").
             raise ClockMismatch(
-                f"{self.store.path} keeps simulated time at {stored.now_dt():%Y-%m-%d %H:%M}Z "
+                f"{self.store.where} keeps simulated time at {stored.now_dt():%Y-%m-%d %H:%M}Z "
                 f"(x{stored.time_scale:g}), "
                 f"but --clock-anchor {self._clock_anchor:.0f} --time-scale {self._time_scale:g} would make it "
                 f"{anchored.now_dt():%Y-%m-%d %H:%M}Z: give the anchor and time scale it was started with, "
                 "or no --clock-anchor (its clock carries on), or another --data-dir"
             )
         return anchored
+
+    def _store_lost(self) -> None:
+        """Another server of this operator holds the store now: this one must not serve a moment longer."""
+        if not self.lost.is_set():
+            log.critical("operator %s: another server took over the store; stopping", self.operator.id)
+            self.lost.set()
+            for listener in self._listeners:
+                listener.close()
 
     async def stop(self) -> None:
         """Stop accepting, finish requests in flight, close links, commit what is queued."""
@@ -393,17 +416,20 @@ class Server:
         except (ConnectionClosed, UndecodableMessage):
             await conn.close()
             return None
-        await conn.send(
-            p.Welcome(
-                id=request_id,
-                version=p.PROTOCOL_VERSION,
-                operator_id=self.operator.id,
-                operator_name=self.operator.name,
-                server_time=self.clock.now_dt(),
-                time_scale=self.clock.time_scale,
-                idle_timeout=handler.idle_timeout or 0.0,
-            )
+        welcome = p.Welcome(
+            id=request_id,
+            version=p.PROTOCOL_VERSION,
+            operator_id=self.operator.id,
+            operator_name=self.operator.name,
+            server_time=self.clock.now_dt(),
+            time_scale=self.clock.time_scale,
+            idle_timeout=handler.idle_timeout or 0.0,
         )
+        try:
+            await conn.send(welcome)
+        except ConnectionLostError:  # gone right after its Hello: nobody to welcome
+            await conn.close()
+            return None
         self.online.add(handler)
         log.info("%s connected", handler)
         return handler

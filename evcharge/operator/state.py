@@ -27,8 +27,8 @@ from evcharge.domain.ledger import Ledger
 from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
 from evcharge.domain.world import ChargePointConfig, Rules, StationConfig, World
 from evcharge.operator.rwlock import RWLock
-from evcharge.operator.store import Op, Store, StoredState, StoreError
-from evcharge.wire.errors import NotFoundError, UnavailableError
+from evcharge.operator.store import Op, StoredState, StoreError, StoreInDoubt, StoreLost, ThreadedStore
+from evcharge.wire.errors import NotFoundError, RequestTimeoutError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class _Reload:
 
 
 class Books:
-    def __init__(self, world: World, operator_id: str, store: Store, clock: SimClock) -> None:
+    def __init__(self, world: World, operator_id: str, store: ThreadedStore, clock: SimClock) -> None:
         self.world = world
         self.operator_id = operator_id
         self.rules: Rules = world.rules
@@ -147,7 +147,8 @@ class Books:
         self.trips_by_txn = {}
         for trip in state.trips:
             self.remember_trip(trip)
-        self.outcomes = {(o.scope, o.key): o for o in state.outcomes}
+        # In the order they were made: forgetting the old ones looks at the front only.
+        self.outcomes = {(o.scope, o.key): o for o in sorted(state.outcomes, key=lambda o: o.created)}
         self.records = {r.reservation_id: r for r in state.records}
         for loader in self.loaders:
             loader(state)
@@ -244,6 +245,11 @@ class Books:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECOVERY_WAIT):
                     await self._ensure_reload().consistent.wait()
+            if isinstance(exc, StoreInDoubt):  # the database may have committed it: not "nothing happened"
+                raise RequestTimeoutError(
+                    "the store's connection broke while committing: whether the change was made is not known "
+                    "yet; ask again with the same key"
+                ) from None
             raise UnavailableError("the change could not be stored; it was not made") from None
         if change.ops:
             log.info("%s by %s", what, actor)
@@ -268,6 +274,9 @@ class Books:
             try:
                 state = await self.store.reread()
                 break
+            except StoreLost:  # another server of this operator serves from the store now: nothing to re-read
+                self._reload.consistent.set()
+                return
             except StoreError as exc:
                 log.error("cannot re-read the store: %s", exc)
                 await asyncio.sleep(delay)

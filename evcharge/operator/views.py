@@ -13,7 +13,7 @@ import msgspec
 from evcharge.domain import planner
 from evcharge.domain.clock import to_datetime
 from evcharge.domain.geo import great_circle_km
-from evcharge.domain.model import Reservation, Trip
+from evcharge.domain.model import ChargingSession, Reservation, Trip
 from evcharge.domain.world import ChargePointConfig, StationConfig
 from evcharge.operator.state import MIN, Books, ChargePointState
 from evcharge.wire import protocol as p
@@ -183,21 +183,7 @@ class Views:
                 s = books.sessions.get(r.id)
                 if s is None or s.ended is None:
                     continue
-                cp = books.charge_points[s.charge_point_id]
-                sessions.append(
-                    p.SessionInfo(
-                        reservation_id=r.id,
-                        operator_id=books.operator_id,
-                        station_id=cp.station.id,
-                        city=cp.station.city,
-                        charge_point_id=s.charge_point_id,
-                        started=to_datetime(s.started),
-                        ended=to_datetime(s.ended),
-                        kwh=s.kwh,
-                        price_per_kwh=s.price_per_kwh,
-                        cost=s.cost,
-                    )
-                )
+                sessions.append(session_info(books, s))
         sessions.sort(key=lambda s: s.started)
         return p.History(
             sessions=sessions,
@@ -220,6 +206,23 @@ class Views:
 
 
 # --- trips ------------------------------------------------------------------------------
+
+
+def session_info(books: Books, s: ChargingSession) -> p.SessionInfo:
+    """One of this operator's charging sessions, ended (or as of its start), as the wire shows it."""
+    cp = books.charge_points.get(s.charge_point_id)
+    return p.SessionInfo(
+        reservation_id=s.reservation_id,
+        operator_id=books.operator_id,
+        station_id=cp.station.id if cp else "",
+        city=cp.station.city if cp else "",
+        charge_point_id=s.charge_point_id,
+        started=to_datetime(s.started),
+        ended=to_datetime(s.ended if s.ended is not None else s.started),
+        kwh=s.kwh,
+        price_per_kwh=s.price_per_kwh,
+        cost=s.cost,
+    )
 
 
 def trip_info(trip: Trip) -> p.TripInfo:

@@ -48,14 +48,16 @@ UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
 Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 Kwh = Annotated[float, msgspec.Meta(ge=0, le=100_000)]  # a meter reading (no NaN, no infinity)
+Amount = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # a price or a cost (no NaN, no infinity)
 # `unknown`: another operator's charge point whose live status we have not heard yet.
 ChargePointStatus = Literal["available", "reserved", "charging", "faulted", "unavailable", "offline", "unknown"]
 # What a charge point may say about itself; the server derives the rest. `unavailable` is out of
 # service on purpose (maintenance, OCPP's Unavailable), `faulted` is broken: neither can be used.
 ReportedStatus = Literal["available", "faulted", "unavailable"]
 # A client's name for one intent of a state-changing request: the server keeps the outcome
-# under it, so a request sent again after a lost reply is answered, not done twice.
-IdempotencyKey = Annotated[str, msgspec.Meta(max_length=64)]
+# under it, so a request sent again after a lost reply is answered, not done twice. No NUL
+# character: it is stored as text, and PostgreSQL's text cannot hold one.
+IdempotencyKey = Annotated[str, msgspec.Meta(max_length=64, pattern="^[^\x00]*$")]
 
 
 class Message(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
@@ -132,9 +134,9 @@ class SessionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     charge_point_id: str
     started: datetime
     ended: datetime
-    kwh: float
-    price_per_kwh: float
-    cost: float
+    kwh: Kwh
+    price_per_kwh: Amount
+    cost: Amount
 
 
 class TripStop(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -582,6 +584,16 @@ RoamedRequest = Reserve | CancelReservation | StartCharging | StopCharging | Lis
 class Roam(Request, kw_only=True):
     vehicle_id: str
     request: RoamedRequest
+
+
+# A driver of a roaming platform outside evcharge (an OCPI eMSP's token), for whom the
+# operator's own OCPI edge sends ``Roam`` over its operator connection: "ocpi:CC-PID:UID".
+# Such a driver owns its reservations and its idempotency keys exactly as a vehicle does.
+ROAMING_DRIVER_PREFIX = "ocpi:"
+
+
+def is_roaming_driver(vehicle_id: str) -> bool:
+    return vehicle_id.startswith(ROAMING_DRIVER_PREFIX) and len(vehicle_id) > len(ROAMING_DRIVER_PREFIX)
 
 
 class ChargeRecordInfo(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -26,9 +26,9 @@ from websockets.exceptions import ConnectionClosed
 from evcharge.apps.ocpp import mapping as m
 from evcharge.apps.ocpp.rpc import OcppEndpoint, is_not_taken
 from evcharge.domain.model import LIVE_STATES
-from evcharge.domain.world import ChargePointConfig, World
+from evcharge.domain.world import ChargePointConfig, OperatorConfig, World
 from evcharge.links.client import Client
-from evcharge.links.link import Link
+from evcharge.links.link import Link, world_fallbacks
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import (
     ConflictError,
@@ -56,6 +56,7 @@ class Gateway(Protocol):
     """What a charge point's link needs of the gateway it came through (``gateway.Gateway``)."""
 
     world: World
+    operator: OperatorConfig
     tags: m.IdTags
     heartbeat_s: float
     server_host: str
@@ -103,6 +104,7 @@ class ChargePointLink(OcppEndpoint):
             on_up=self._came_up,
             on_down=self._went_down,
             name=f"charge point {config.id}'s server link",
+            fallbacks=world_fallbacks(gateway.operator, gateway.server_host, gateway.server_port),
         )
         self.synced = False  # the server link is up and our copy of its reservations is current
         self.connectors: dict[int, tuple[str, str]] = {}  # connector -> (its OCPP status, details)

@@ -48,16 +48,18 @@ class Directory:
 
     # --- news from the owners --------------------------------------------------------------
 
+    def _theirs(self, operator_id: str, station: p.StationInfo) -> bool:
+        """A station the world file gives to that operator: nobody adds stations, nor speaks for another's."""
+        return station.operator_id == operator_id and self.owner_of_station.get(station.id) == operator_id
+
     def catalog(self, operator_id: str, stations: list[p.StationInfo]) -> None:
-        self.remote[operator_id] = {s.id: s for s in stations if s.operator_id == operator_id}
+        self.remote[operator_id] = {s.id: s for s in stations if self._theirs(operator_id, s)}
         self.heard_at[operator_id] = self.books.clock.now()
         self._down.discard(operator_id)
 
     def station_changed(self, operator_id: str, station: p.StationInfo) -> None:
-        if station.operator_id != operator_id:
-            log.warning(
-                "operator %s sent news of station %s of %s; ignored", operator_id, station.id, station.operator_id
-            )
+        if not self._theirs(operator_id, station):
+            log.warning("operator %s sent news of station %s, not one of its own; ignored", operator_id, station.id)
             return
         self.remote.setdefault(operator_id, {})[station.id] = station
         self.heard_at[operator_id] = self.books.clock.now()
@@ -111,18 +113,21 @@ class Directory:
         owner = self.owner_of_station.get(station_id)
         if owner is None or owner == self.me:
             return await self.views.station_status(station_id)
-        return self._as_now(owner, self._latest(owner)[station_id], with_busy=True)
+        heard = self.remote.get(owner, {}).get(station_id) or self._never_heard[owner][station_id]
+        return self._as_now(owner, heard, with_busy=True)
 
     # --- as of now -------------------------------------------------------------------------
 
-    def _latest(self, operator_id: str) -> dict[str, p.StationInfo]:
-        return self.remote.get(operator_id) or self._never_heard.get(operator_id, {})
+    def _latest(self, operator_id: str) -> list[p.StationInfo]:
+        """Each of its stations in the world file: as last heard, or never heard of (its catalog may lack some)."""
+        heard = self.remote.get(operator_id, {})
+        return [heard.get(sid, unknown) for sid, unknown in self._never_heard.get(operator_id, {}).items()]
 
     def _others(self) -> list[p.StationInfo]:
         return [
             self._as_now(operator_id, station)
             for operator_id in sorted(self._never_heard)
-            for station in self._latest(operator_id).values()
+            for station in self._latest(operator_id)
         ]
 
     def _as_now(self, operator_id: str, station: p.StationInfo, *, with_busy: bool = False) -> p.StationInfo:

@@ -6,7 +6,9 @@ answers as it would answer the vehicle, and the vehicle hears that answer --
 after the owner committed it. The vehicle's idempotency key goes along, so
 the owner keeps the outcome: a reply lost on the way (the owner crashed, the
 link broke) is asked for again with the same key until ``ROAM_DEADLINE``, and
-only then does the vehicle hear that the outcome is not known yet.
+only then does the vehicle hear that the outcome is not known yet. A request
+without a key is sent once; a reply lost after it was sent is ``timeout`` (not known), never
+``unavailable`` (nothing done).
 
 Whose charger or reservation it is: charge points by the world file,
 reservations by the operator id their ids begin with.
@@ -24,7 +26,7 @@ from evcharge.domain.clock import to_datetime
 from evcharge.domain.world import World
 from evcharge.operator.trips.peers import Peers
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import EvchargeError, UnavailableError
+from evcharge.wire.errors import ConnectionLostError, EvchargeError, RequestTimeoutError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,19 @@ class Roaming:
             raise UnavailableError(f"operator {owner} cannot be reached now ({link.last_error}); nothing was done")
         deadline = asyncio.get_running_loop().time() + ROAM_DEADLINE
         roam = p.Roam(vehicle_id=vehicle_id, request=request)
-        if not getattr(request, "key", ""):
-            return await link.call(roam, expect)  # no key: asking again could act twice
-        return await link.call(roam, expect, again_until=deadline)
+        if getattr(request, "key", ""):
+            return await link.call(roam, expect, again_until=deadline)
+        # No key: asking again could act twice, so it is asked once; and once it was sent, a reply
+        # that never came is not "nothing was done".
+        client = link.client
+        if client is None:
+            raise UnavailableError(f"operator {owner} cannot be reached now ({link.last_error}); nothing was done")
+        try:
+            return await client.call(roam, expect, timeout=ROAM_DEADLINE)
+        except ConnectionLostError as exc:
+            raise RequestTimeoutError(
+                f"operator {owner} did not answer ({exc.message}); whether it was done is not known yet"
+            ) from None
 
     async def reservations_elsewhere(self, vehicle_id: str, include_past: bool) -> list[p.ReservationInfo]:
         """The vehicle's reservations at every other operator: fresh, or as last heard (``as_of``)."""

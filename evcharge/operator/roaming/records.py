@@ -25,6 +25,7 @@ from evcharge.domain.world import World
 from evcharge.operator.state import Actor, Books, Change
 from evcharge.operator.store import put_record, put_session
 from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
+from evcharge.operator.views import session_info
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import BadRequestError, EvchargeError, NotFoundError
 
@@ -42,11 +43,6 @@ class ChargeRecords:
         self._wake = asyncio.Event()
 
     # --- the owner's side ---------------------------------------------------------------------
-
-    def home_of_visitor(self, vehicle_id: str) -> str | None:
-        """The home operator of a vehicle charging here, if it is not ours."""
-        home = self._home_of.get(vehicle_id)
-        return home if home is not None and home != self.me else None
 
     def session_ended(self, session: ChargingSession) -> None:
         if session.home is not None:
@@ -100,23 +96,11 @@ class ChargeRecords:
             log.warning("could not store that %s was delivered: %s", session.reservation_id, exc)
 
     def record_info(self, session: ChargingSession) -> p.ChargeRecordInfo:
-        cp = self.books.charge_points.get(session.charge_point_id)
         return p.ChargeRecordInfo(
             vehicle_id=session.vehicle_id,
             home_operator_id=session.home or self.me,
             delivered=session.delivered,
-            session=p.SessionInfo(
-                reservation_id=session.reservation_id,
-                operator_id=self.me,
-                station_id=cp.station.id if cp else "",
-                city=cp.station.city if cp else "",
-                charge_point_id=session.charge_point_id,
-                started=to_datetime(session.started),
-                ended=to_datetime(session.ended or session.started),
-                kwh=session.kwh,
-                price_per_kwh=session.price_per_kwh,
-                cost=session.cost,
-            ),
+            session=session_info(self.books, session),
         )
 
     # --- the home's side ----------------------------------------------------------------------
@@ -124,8 +108,11 @@ class ChargeRecords:
     async def receive(self, owner: str, record: p.ChargeRecordInfo) -> None:
         """A record from the charger's owner: kept once (the same one again changes nothing)."""
         s = record.session
-        if s.operator_id != owner:
-            raise BadRequestError(f"a charge record of operator {s.operator_id} cannot come from operator {owner}")
+        if s.operator_id != owner or not s.reservation_id.startswith(f"{owner}-"):
+            raise BadRequestError(
+                f"a charge record of reservation {s.reservation_id} at operator {s.operator_id} "
+                f"cannot come from operator {owner}"
+            )
         if self._home_of.get(record.vehicle_id) != self.me:
             raise NotFoundError(f"no vehicle {record.vehicle_id!r} of operator {self.me}")
         books = self.books

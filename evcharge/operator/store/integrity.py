@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import msgspec
 
 from evcharge.domain.model import LIVE_STATES, RESERVATION_STATES, TRIP_STATES, Reservation, Withdrawal
-from evcharge.operator.store.sqlite import StoredState
+from evcharge.operator.store.base import StoredState
 from evcharge.wire import protocol as p
 
 # Meta values the server reads back as numbers (its clock across restarts).

@@ -23,27 +23,31 @@ checks one without changing it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import os
-import queue
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
+from evcharge.operator.store.base import (
+    FORGET_OUTCOMES,
+    OP_COLUMNS,
+    OP_TABLES,
+    RECORD,
+    DamagedStoreError,
+    Op,
+    StoredState,
+    StoreError,
+    ThreadedStore,
+    read_rows,
+)
 
 log = logging.getLogger(__name__)
-
-Op = tuple[str, tuple[Any, ...]]
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS: list[str] = [
@@ -127,29 +131,11 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class StoreError(Exception):
-    """The change could not be made durable; it was not acknowledged."""
-
-
-class DamagedStoreError(StoreError):
-    """The store on disk is damaged, emptied or another's: nobody may be served from it."""
-
-
 # What an operator can do about a store refused at start.
 RESTORE = "restore the latest backup (evcharge backup)"
 SALVAGE = "or salvage what is left: sqlite3 {path} .recover | sqlite3 salvaged.sqlite3"
 MARKER_SUFFIX = ".id"
 BACKUP_TAKEN = "backup_taken"  # meta of a backup: when it was taken (cleared once it is started from)
-
-
-@dataclass
-class StoredState:
-    reservations: list[Reservation] = field(default_factory=list)
-    sessions: list[ChargingSession] = field(default_factory=list)
-    trips: list[Trip] = field(default_factory=list)
-    outcomes: list[Outcome] = field(default_factory=list)
-    records: list[ChargeRecord] = field(default_factory=list)
-    meta: dict[str, str] = field(default_factory=dict)
 
 
 def _connect(path: Path, max_bytes: int | None) -> sqlite3.Connection:
@@ -184,40 +170,21 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 def read_state(conn: sqlite3.Connection) -> StoredState:
     """Everything in the store, as stored; a trip row that cannot be read raises ``DamagedStoreError``."""
-    state = StoredState()
-    for row in conn.execute(
-        'SELECT id, charge_point_id, vehicle_id, start, "end", state, created, trip_id, hold_deadline, '
-        "txn_id, coordinator FROM reservations ORDER BY start"
-    ):
-        state.reservations.append(Reservation(*row))
-    for row in conn.execute(
-        "SELECT reservation_id, vehicle_id, charge_point_id, started, price_per_kwh, ended, kwh, home, delivered "
-        "FROM charging_sessions ORDER BY started"
-    ):
-        rid, vehicle, cp_id, started, price, ended, kwh, home, delivered = row
-        state.sessions.append(ChargingSession(rid, vehicle, cp_id, started, price, ended, kwh, home, bool(delivered)))
-    for row in conn.execute(
-        "SELECT id, vehicle_id, state, txn_id, participants, unacked, info, created FROM trips ORDER BY created"
-    ):
-        tid, vehicle, trip_state, txn, participants, unacked, info, created = row
-        try:
-            trip = Trip(
-                tid, vehicle, trip_state, txn, json.loads(participants), json.loads(unacked), info.encode(), created
-            )
-        except (ValueError, TypeError, AttributeError):
-            raise DamagedStoreError(
-                f"table trips, row {tid!r}: participants, unacked or info is not text of JSON"
-            ) from None
-        state.trips.append(trip)
-    for row in conn.execute("SELECT scope, key, fingerprint, reply, created FROM outcomes"):
-        state.outcomes.append(Outcome(*row))
-    for row in conn.execute(
-        "SELECT reservation_id, owner, vehicle_id, station_id, city, charge_point_id, started, ended, kwh, "
-        "price_per_kwh, cost FROM charge_records ORDER BY started"
-    ):
-        state.records.append(ChargeRecord(*row))
-    state.meta = dict(conn.execute("SELECT key, value FROM meta"))
-    return state
+    return read_rows(conn.execute)
+
+
+def _render(kind: str) -> str:
+    if kind == FORGET_OUTCOMES:
+        return "DELETE FROM outcomes WHERE created < ?"
+    columns = OP_COLUMNS[kind]
+    verb = "INSERT OR IGNORE" if kind == RECORD else "INSERT OR REPLACE"
+    names = ", ".join(f'"{c}"' if c == "end" else c for c in columns)
+    return f"{verb} INTO {OP_TABLES[kind]} ({names}) VALUES ({', '.join('?' * len(columns))})"
+
+
+# Each store-neutral write as SQLite's SQL (base.OP_KINDS).
+SQLITE_OPS: dict[str, str] = {kind: _render(kind) for kind in (*OP_TABLES, FORGET_OUTCOMES)}
+_PROBE_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', hex(randomblob(4096)))"
 
 
 # --- the store's marker, integrity and identity ----------------------------------------------
@@ -322,98 +289,6 @@ def identity_problem(path: Path, marker: Marker | None, store_id: str | None, st
     return ""
 
 
-def put_reservation(r: Reservation) -> Op:
-    return (
-        'INSERT OR REPLACE INTO reservations (id, charge_point_id, vehicle_id, start, "end", state, '
-        "created, trip_id, hold_deadline, txn_id, coordinator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            r.id,
-            r.charge_point_id,
-            r.vehicle_id,
-            r.start,
-            r.end,
-            r.state,
-            r.created,
-            r.trip_id,
-            r.hold_deadline,
-            r.txn_id,
-            r.coordinator,
-        ),
-    )
-
-
-def put_trip(t: Trip) -> Op:
-    return (
-        "INSERT OR REPLACE INTO trips (id, vehicle_id, state, txn_id, participants, unacked, info, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            t.id,
-            t.vehicle_id,
-            t.state,
-            t.txn_id,
-            json.dumps(t.participants),
-            json.dumps(t.unacked),
-            t.info.decode(),
-            t.created,
-        ),
-    )
-
-
-def put_session(s: ChargingSession) -> Op:
-    return (
-        "INSERT OR REPLACE INTO charging_sessions (reservation_id, vehicle_id, charge_point_id, started, "
-        "ended, kwh, price_per_kwh, cost, home, delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            s.reservation_id,
-            s.vehicle_id,
-            s.charge_point_id,
-            s.started,
-            s.ended,
-            s.kwh,
-            s.price_per_kwh,
-            s.cost,
-            s.home,
-            int(s.delivered),
-        ),
-    )
-
-
-def put_outcome(o: Outcome) -> Op:
-    return (
-        "INSERT OR REPLACE INTO outcomes (scope, key, fingerprint, reply, created) VALUES (?, ?, ?, ?, ?)",
-        (o.scope, o.key, o.fingerprint, o.reply, o.created),
-    )
-
-
-def forget_outcomes(before: float) -> Op:
-    return ("DELETE FROM outcomes WHERE created < ?", (before,))
-
-
-def put_record(r: ChargeRecord) -> Op:
-    """A charge record received from its owner; the same one again changes nothing."""
-    return (
-        "INSERT OR IGNORE INTO charge_records (reservation_id, owner, vehicle_id, station_id, city, "
-        "charge_point_id, started, ended, kwh, price_per_kwh, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            r.reservation_id,
-            r.owner,
-            r.vehicle_id,
-            r.station_id,
-            r.city,
-            r.charge_point_id,
-            r.started,
-            r.ended,
-            r.kwh,
-            r.price_per_kwh,
-            r.cost,
-        ),
-    )
-
-
-def put_meta(key: str, value: str) -> Op:
-    return ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
-
 # --- copies and checks from outside the server ---------------------------------------------------
 
 
@@ -488,31 +363,14 @@ def examine(path: Path) -> tuple[StoredState | None, list[str]]:
     return state, [problem] if problem else []
 
 
-_PROBE: list[Op] = [
-    ("INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', hex(randomblob(4096)))", ()),
-    ("DELETE FROM meta WHERE key = 'write_probe'", ()),
-]
-_STOP = object()
+class Store(ThreadedStore):
+    """An operator's books in one SQLite file (WAL, ``synchronous=FULL``)."""
 
-
-class _Batch:
-    __slots__ = ("future", "ops")
-
-    def __init__(self, ops: list[Op], future: asyncio.Future[None]) -> None:
-        self.ops = ops
-        self.future = future
-
-
-class Store:
     def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
+        super().__init__()
         self.path = path
+        self.where = str(path)
         self.max_bytes = max_bytes
-        self.failed = False
-        self.on_failure: Callable[[], object] | None = None  # called on the loop when a commit fails
-        self.commits = 0  # transactions committed (for benchmarks and tests)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._store_id: str | None = None  # once opened
         self._new_id = False
@@ -580,48 +438,14 @@ class Store:
             log.warning("store %s: started from a backup taken at %s%s", self.path, self._backup_taken, had)
             conn.execute("DELETE FROM meta WHERE key = ?", (BACKUP_TAKEN,))
         write_marker(self.path, self._store_id, conn)
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="evcharge-store", daemon=True)
-        self._thread.start()
+        self._start_thread()
 
-    def commit(self, ops: list[Op]) -> asyncio.Future[None]:
-        """Queue ``ops`` for the next group commit; the future resolves once durable."""
-        assert self._loop is not None, "start() first"
-        future: asyncio.Future[None] = self._loop.create_future()
-        if self._thread is None or not self._thread.is_alive():
-            future.set_exception(StoreError("the store is closed"))
-        elif self.failed:
-            future.set_exception(StoreError("the store cannot be written"))
-        else:
-            self._queue.put(_Batch(ops, future))
-        return future
-
-    async def reread(self) -> StoredState:
-        """What is on disk, read after everything queued before this call."""
-        state: StoredState = await self._ask_thread("reread")
-        return state
-
-    async def probe(self) -> bool:
-        """Whether a write (of a page or so) goes through now."""
-        writable: bool = await self._ask_thread("probe")
-        return writable
-
-    def resume(self) -> None:
-        """Accept changes again (the owner's memory matches the disk)."""
-        self.failed = False
-
-    async def _ask_thread(self, what: str) -> Any:
-        assert self._loop is not None
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((what, future))
-        return await future
+    def abandon(self) -> None:
+        """Give up an ``open`` still under way (nothing to wait for with SQLite)."""
 
     async def close(self) -> None:
         """Commit whatever is queued, stop the writer thread, and count the rows in the marker."""
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        await self._stop_thread()
         if self._conn is not None and self._store_id is not None and self._loop is not None:  # served from
             try:
                 write_marker(self.path, self._store_id, self._conn)
@@ -629,54 +453,15 @@ class Store:
                 log.warning("store %s: rows not counted at close: %s", self.path, exc)
         self._close_connection()
 
-    # --- the writer thread -------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            batch: list[_Batch] = []
-            stop = False
-            while True:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, _Batch):
-                    batch.append(item)
-                else:
-                    self._flush(batch)
-                    batch = []
-                    self._answer(*item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._flush(batch)
-            if stop:
-                return
-
-    def _flush(self, batch: list[_Batch]) -> None:
-        if not batch:
-            return
-        error: Exception | None = None
-        if self.failed:
-            error = StoreError("the store cannot be written")
-        else:
-            error = self._transaction([op for b in batch for op in b.ops])
-            if error is not None:
-                self.failed = True
-                log.error("store %s: commit failed, refusing changes until it recovers: %s", self.path, error)
-            else:
-                self.commits += 1
-        self._call_loop(_resolve_batch, batch, error)
-        if error is not None and self.on_failure is not None:
-            self._call_loop(self.on_failure)
+    # --- on the writer thread ---
 
     def _transaction(self, ops: list[Op]) -> Exception | None:
         conn = self._conn
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for sql, params in ops:
-                conn.execute(sql, params)
+            for kind, params in ops:
+                conn.execute(SQLITE_OPS[kind], params)
             conn.execute("COMMIT")
             return None
         except Exception as exc:  # whatever it is, the batch fails and the thread lives on
@@ -684,36 +469,23 @@ class Store:
                 conn.execute("ROLLBACK")
             return StoreError(f"store write failed: {exc}")
 
-    def _answer(self, what: str, future: asyncio.Future[Any]) -> None:
+    def _read(self) -> StoredState:
         assert self._conn is not None
         try:
-            result = read_state(self._conn) if what == "reread" else self._transaction(_PROBE) is None
-        except (sqlite3.Error, StoreError) as exc:
-            self._call_loop(_set_exception, future, StoreError(f"store read failed: {exc}"))
-            return
-        self._call_loop(_set_result, future, result)
+            return read_state(self._conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from None
 
-    def _call_loop(self, fn: Any, *args: Any) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-            self._loop.call_soon_threadsafe(fn, *args)
-
-
-def _resolve_batch(batch: list[_Batch], error: Exception | None) -> None:
-    for item in batch:
-        if item.future.done():
-            continue
-        if error is None:
-            item.future.set_result(None)
-        else:
-            item.future.set_exception(StoreError(str(error)))
-
-
-def _set_result(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: Exception) -> None:
-    if not future.done():
-        future.set_exception(exc)
+    def _probe(self) -> bool:
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_PROBE_SQL)
+            conn.execute("DELETE FROM meta WHERE key = 'write_probe'")
+            conn.execute("COMMIT")
+            return True
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return False

@@ -511,9 +511,14 @@ class Coordinator:
         except StoreError:
             raise UnavailableError("the lost stop could not be stored; tell it again") from None
         log.info("trip %s lost its stop %s at %s: %s", trip_id, reservation_id, owner, reason)
-        offer = await self._replan_offer(trip)
+        # The owner (or our own resolver) waits for this answer only: the re-plan, which asks every
+        # peer and queues behind the vehicle's own plans, is done beside it.
         where = f"{stop.city} ({stop.charge_point_id}, operator {owner})"
-        self.online.trip_changed(trip_info(trip), f"stop at {where} lost: {reason}", offer)
+        self._spawn(self._offer_replan(trip, f"stop at {where} lost: {reason}"))
+
+    async def _offer_replan(self, trip: Trip, reason: str) -> None:
+        offer = await self._replan_offer(trip)
+        self.online.trip_changed(trip_info(self.books.trips[trip.id]), reason, offer)
 
     async def _replan_offer(self, trip: Trip) -> p.TripOffer | None:
         """A fresh plan for a trip that lost a stop, shown to its vehicle; None if underway or none found."""
@@ -558,7 +563,10 @@ class Coordinator:
         if trip.state == "cancelled":
             return TripCancelled(trip_info(trip), already=True)
 
+        wrote: list[Trip] = []
+
         def write(updated: Trip) -> Awaitable[None]:
+            wrote.append(updated)
             also = (remember(TripCancelled(trip_info(updated), already=False)),) if remember is not None else ()
             return self._store_decision(updated, also)
 
@@ -573,6 +581,8 @@ class Coordinator:
             trip = await self._update_trip(trip_id, cancelled, write=write)
         except (StoreError, UnavailableError):
             raise UnavailableError("the cancellation could not be stored; the trip stands") from None
+        if not wrote:  # another cancellation of it, at the same time, stored it first
+            return TripCancelled(trip_info(trip), already=True)
         log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
         try:
             await self.deliver(trip, wait=DECIDE_TIMEOUT)

@@ -61,6 +61,7 @@ class PeerLink(Link):
             retry_refused=True,  # its operator may fix its side while we wait
             name=f"peer link to {peer.id}",
             what=f"operator {peer.id}",
+            fallbacks=peer.fallbacks,
         )
         self.peer = peer
         self._on_up, self._on_change = on_up, on_change
