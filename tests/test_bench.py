@@ -45,14 +45,15 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     for key in ("git_commit", "timestamp", "machine", "python", "versions", "targets", "rows"):
         assert key in results, key
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["platform"]
-    assert set(results["versions"]) >= {"msgspec", "uvloop", "rich", "aiorwlock"}
+    assert set(results["versions"]) >= {"msgspec", "uvloop", "rich"}
     assert results["python"]["version"].startswith("3.")
 
     scenarios = results["scenarios"]
     # trips has two rows, planning then booking; planning three, in process on two worlds then through servers
     planning = {"planning_northeast", "planning_brazil-northeast", "planning_servers"}
     on_postgresql = {"reserve_postgresql", "trips_postgresql"}  # the postgresql scenario: the same rows on it
-    assert set(scenarios) == {*SCENARIOS, "trip_planning"} - {"planning", "postgresql"} | planning | on_postgresql
+    expected = {*SCENARIOS, "trip_planning", "raw_ceiling"} - {"planning", "postgresql"} | planning | on_postgresql
+    assert set(scenarios) == expected
     for name in on_postgresql:
         assert scenarios[name]["store"] == "postgresql" and scenarios[name]["vs_sqlite"] > 0, name
     for name in scenarios:
@@ -63,12 +64,14 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
         assert entry["p50_ms"] <= entry["p90_ms"] <= entry["p99_ms"] <= entry["max_ms"], name
         assert entry["rss_mb"] and all(mb > 0 for mb in entry["rss_mb"].values()), name
     assert scenarios["ceiling"]["ratio_to_ceiling"] == 1.0
+    assert scenarios["raw_ceiling"]["ratio_to_raw"] == 1.0
     assert scenarios["trips"]["plans_booked"] > 0
     notes = scenarios["trips"].get("notes", {})
     # Every booking books a plan as shown, unless that plan lost its slots and was re-planned.
     assert notes.get("not_as_shown", 0) <= notes.get("replanned", 0), notes
     for name in ("status", "reserve", "trip_planning", "trips"):
         assert scenarios[name]["ratio_to_ceiling"] > 0, name
+        assert scenarios[name]["ratio_to_raw"] > 0, name
     assert set(scenarios["trips"]["rss_mb"]) == {"A", "B", "C"}
     assert scenarios["planning_brazil-northeast"]["no_route"] == 0  # the demo world has gaps; this one none
     assert scenarios["planning_brazil-northeast"]["charge_points"] > 900

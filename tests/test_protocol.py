@@ -280,6 +280,28 @@ SAMPLES: list[Message] = [
     p.QueryDecision(id=33, txn_id="A-x-000004"),
     p.Decision(id=33, txn_id="A-x-000004", outcome="pending"),
     p.ReleaseTrip(id=34, trip_id="A-t-000009"),
+    p.TwoPhaseBatch(
+        id=34,
+        items=[
+            p.Prepare(
+                txn_id="A-x-000005",
+                trip_id="A-t-000010",
+                vehicle_id="V007",
+                stops=[p.StopRequest(charge_point_id="B-HFD-2/1", start=at(500), end=at(530))],
+                deadline=1715934616.5,
+            ),
+            p.Decide(txn_id="A-x-000004", trip_id="A-t-000009", commit=False),
+            p.ReleaseTrip(trip_id="A-t-000008"),
+        ],
+    ),
+    p.TwoPhaseResults(
+        id=34,
+        results=[
+            p.Vote(txn_id="A-x-000005", yes=True, reservation_ids=["B-r-000018"]),
+            p.Ok(),
+            p.Error(code="forbidden", message="trip A-t-000008 is not a trip of operator A"),
+        ],
+    ),
     p.Roam(id=35, vehicle_id="V007", request=p.Reserve(charge_point_id="B-HFD-2/1", start=at(60), minutes=30)),
     p.DeliverChargeRecord(id=36, record=p.ChargeRecordInfo(vehicle_id="V007", home_operator_id="A", session=SESSION)),
     p.GetSettlement(id=37),

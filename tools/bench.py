@@ -179,6 +179,7 @@ class LoadResult:
     errors: Counter[str] = field(default_factory=Counter)
     notes: Counter[str] = field(default_factory=Counter)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used in the window, per process
+    raw: LoadResult | None = None  # of a ceiling window: the raw window measured just before it
 
 
 Op = Callable[[int, Counter[str]], Awaitable[dict[str, float] | None]]
@@ -227,6 +228,81 @@ async def closed_loop(
         result.cpu = {name: round(after[name] - before[name], 3) for name in after}
 
     await asyncio.gather(sample(), *(worker(i) for i in range(workers)))
+    return result
+
+
+class RawEchoClient(asyncio.Protocol):
+    """The raw ceiling's client: our framing and codec driven from ``data_received``.
+
+    One request in flight, as the closed loop's clients keep, but no task, future,
+    timeout or request id table per request: what any client of this framing could
+    at most do on this machine.
+    """
+
+    def __init__(self, begin: float, end: float, latencies: list[float], done: asyncio.Future[None]) -> None:
+        self.frames = p.FrameBuffer()
+        self.begin, self.end = begin, end
+        self.latencies = latencies
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+        self.sent_at = 0.0
+        self.next_id = 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        hello = p.Hello(version=p.PROTOCOL_VERSION, role="vehicle", ident="raw", credential="echo-secret", id=1)
+        transport.write(p.encode_frame(hello))  # type: ignore[attr-defined]
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        self.next_id += 1
+        self.sent_at = time.perf_counter()
+        self.transport.write(p.encode_frame(p.Heartbeat(id=self.next_id)))
+
+    def data_received(self, data: bytes) -> None:
+        self.frames.feed(data)
+        while (body := self.frames.next_body()) is not None:
+            message = p.decode_body(body)
+            now = time.perf_counter()
+            if isinstance(message, p.HeartbeatAck) and self.begin <= now <= self.end:
+                self.latencies.append(now - self.sent_at)
+            if now < self.end:
+                self._send()
+            elif not self.done.done():
+                self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def raw_window(
+    host: str, port: int, connections: int, duration: float, warmup: float, pids: dict[str, int] | None = None
+) -> LoadResult:
+    """The raw ceiling: ``connections`` callback clients (``RawEchoClient``) against the echo server."""
+    loop = asyncio.get_running_loop()
+    result = LoadResult(seconds=duration)
+    begin = time.perf_counter() + warmup
+    end = begin + duration
+    per_client: list[list[float]] = [[] for _ in range(connections)]
+    dones: list[asyncio.Future[None]] = [loop.create_future() for _ in range(connections)]
+    transports: list[asyncio.BaseTransport] = []
+    for i in range(connections):
+        client = RawEchoClient(begin, end, per_client[i], dones[i])
+        opened, _ = await loop.create_connection(lambda client=client: client, host, port)  # type: ignore[misc]
+        transports.append(opened)
+    try:
+        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
+        before = cpu_times(pids or {})
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        after = cpu_times(pids or {})
+        result.cpu = {name: round(after[name] - before[name], 3) for name in after}
+        async with asyncio.timeout(10):
+            await asyncio.gather(*dones)
+    finally:
+        for each in transports:
+            each.close()
+    result.latencies = [x for mine in per_client for x in mine]
     return result
 
 
@@ -486,6 +562,8 @@ class Bench:
         self.echo: Child | None = None
         self.echo_clients: list[Client] = []
         self.ceilings: list[float] = []  # ops/s of every ceiling window of the run
+        self.raw_ceilings: list[float] = []  # ops/s of every raw ceiling window of the run
+        self.last_raw: LoadResult | None = None
         # Reservations of the benchmark go on a grid of cells from the day after tomorrow on.
         self.grid_base = (int(time.time()) // 86400 + 2) * 86400
         self.postgres: PostgresServer | None = None  # while the postgresql scenario runs: its servers' store
@@ -593,30 +671,44 @@ class Bench:
             self.echo = None
 
     async def ceiling_window(self) -> LoadResult:
-        """One closed-loop window against the echo server, with the same clients and load as the scenarios."""
+        """One closed-loop window against the echo server, with the same clients and load as the scenarios.
+
+        A raw window (``raw_window``: the same echo server, a callback client) is measured
+        right before it, so that every scenario also has its ratio to the raw ceiling.
+        """
         s = self.settings
         echo = await self.start_echo()
         clients = self.echo_clients
+        self.last_raw = await raw_window(HOST, echo.port, s.connections, s.duration, s.warmup, {"echo": echo.pid})
+        self.raw_ceilings.append(len(self.last_raw.latencies) / self.last_raw.seconds)
 
         async def op(i: int, _notes: Counter[str]) -> None:
             await clients[i].heartbeat()
 
         load = await closed_loop(s.connections, op, s.duration, s.warmup, {"echo": echo.pid})
         self.ceilings.append(len(load.latencies) / load.seconds)
+        load.raw = self.last_raw
         return load
 
     @staticmethod
     def pair(result: dict[str, Any], ceiling: LoadResult) -> None:
-        """Remember the ceiling measured right next to this result (the machine is shared and noisy)."""
+        """Remember the ceilings measured right next to this result (the machine is shared and noisy)."""
         result["paired_ceiling_ops_per_s"] = round(len(ceiling.latencies) / ceiling.seconds, 1)
         result["paired_ceiling_p50_ms"] = latency_stats(ceiling.latencies)["p50_ms"]
+        if ceiling.raw is not None:
+            result["paired_raw_ops_per_s"] = round(len(ceiling.raw.latencies) / ceiling.raw.seconds, 1)
 
     async def ceiling(self) -> None:
         s = self.settings
         self.say(f"ceiling: echo server (our framing and codec, uvloop), {s.connections} connections")
         load = await self.ceiling_window()
-        assert self.echo is not None
-        self.add("ceiling", load_row("ceiling (echo)", s.connections, load, rss={"echo": rss_mb(self.echo.pid)}))
+        assert self.echo is not None and load.raw is not None
+        rss = {"echo": rss_mb(self.echo.pid)}
+        raw = load_row("raw ceiling (echo, callback client)", s.connections, load.raw, rss=rss)
+        ours = load_row("ceiling (echo)", s.connections, load, rss=rss)
+        self.pair(ours, load)
+        self.add("raw_ceiling", raw, raw)
+        self.add("ceiling", ours, ours)
 
     # --- 2. status queries ------------------------------------------------------------------
 
@@ -1431,12 +1523,22 @@ def evaluate_targets(results: dict[str, Any], settings: Settings) -> list[dict[s
     def add(name: str, value: Any, goal: str, met: bool | None, note: str = "") -> None:
         targets.append({"target": name, "value": value, "goal": goal, "met": met, **({"note": note} if note else {})})
 
+    if "ceiling" in results:
+        ratio = results["ceiling"].get("ratio_to_raw")
+        add("our Client's echo vs the raw ceiling", ratio, ">= 0.60", None if ratio is None else ratio >= 0.6)
     if "status" in results:
         ratio = results["status"].get("ratio_to_ceiling")
         add("status queries vs ceiling", ratio, ">= 0.50", None if ratio is None else ratio >= 0.5)
+        ratio = results["status"].get("ratio_to_raw")
+        add("status queries vs the raw ceiling", ratio, ">= 0.40", None if ratio is None else ratio >= 0.4)
     if "reserve" in results:
         ratio = results["reserve"].get("ratio_to_ceiling")
         add("single durable reservations vs ceiling", ratio, ">= 0.20", None if ratio is None else ratio >= 0.2)
+        ops = results["reserve"]["ops_per_s"]
+        add("single durable reservations per second", ops, ">= 15000", ops >= 15000)
+    if "trip_planning" in results:
+        ops = results["trip_planning"]["ops_per_s"]
+        add("trip plans per second (3 servers)", ops, ">= 1500", ops >= 1500)
     if "trips" in results:
         t = results["trips"]
         add("trip bookings per second", t["ops_per_s"], ">= 3000", t["ops_per_s"] >= 3000)
@@ -1471,17 +1573,27 @@ def evaluate_targets(results: dict[str, Any], settings: Settings) -> list[dict[s
 # --- report -------------------------------------------------------------------------------
 
 
-def apply_ratios(rows: list[dict[str, Any]], ceiling: dict[str, Any] | None) -> None:
-    """Throughput (and median latency) of each closed-loop row over the ceiling measured next to it."""
+def apply_ratios(rows: list[dict[str, Any]], ceiling: dict[str, Any] | None, raw: dict[str, Any] | None = None) -> None:
+    """Throughput (and median latency) of each closed-loop row over the ceilings measured next to it."""
     if not ceiling or ceiling["ops_per_s"] <= 0:
         return
     for r in rows:
+        if r is raw:
+            r["ratio_to_raw"] = 1.0
+            r["ratio_to_ceiling"] = round(r["ops_per_s"] / ceiling["ops_per_s"], 4)
+            continue
         if r is ceiling:
+            raw_ops = r.get("paired_raw_ops_per_s")
+            if raw_ops:
+                r["ratio_to_raw"] = round(r["ops_per_s"] / raw_ops, 4)
             r["ratio_to_ceiling"] = 1.0
             r["p50_ratio_to_ceiling"] = 1.0
             continue
         if not r.get("closed_loop") or r.get("part"):
             continue
+        raw_ops = r.get("paired_raw_ops_per_s") or (raw or {}).get("ops_per_s")
+        if raw_ops:
+            r["ratio_to_raw"] = round(r["ops_per_s"] / raw_ops, 4)
         base_ops = r.get("paired_ceiling_ops_per_s") or ceiling["ops_per_s"]
         base_p50 = r.get("paired_ceiling_p50_ms") or ceiling["p50_ms"]
         r["ratio_to_ceiling"] = round(r["ops_per_s"] / base_ops, 4)
@@ -1504,6 +1616,7 @@ COLUMNS = (
     "ops",
     "ops/s",
     "vs ceiling",
+    "vs raw",
     "p50 ms",
     "p90 ms",
     "p99 ms",
@@ -1515,6 +1628,7 @@ COLUMNS = (
 
 def cells(r: dict[str, Any]) -> list[str]:
     ratio = r.get("ratio_to_ceiling")
+    to_raw = r.get("ratio_to_raw")
     cpu = r.get("server_cpu_ms_per_op")
     return [
         r["scenario"],
@@ -1522,6 +1636,7 @@ def cells(r: dict[str, Any]) -> list[str]:
         f"{r['operations']:,}",
         f"{r['ops_per_s']:,.0f}",
         "" if ratio is None else f"{ratio:.2f}",
+        "" if to_raw is None else f"{to_raw:.3f}",
         f"{r['p50_ms']:.2f}",
         f"{r['p90_ms']:.2f}",
         f"{r['p99_ms']:.2f}",
@@ -1575,7 +1690,7 @@ def cpu_model() -> str:
 
 def versions() -> dict[str, str]:
     out = {}
-    for name in ("evcharge", "msgspec", "uvloop", "rich", "aiorwlock"):
+    for name in ("evcharge", "msgspec", "uvloop", "rich"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -1613,12 +1728,13 @@ async def run_bench(settings: Settings, scenarios: list[str], work: Path, consol
         with contextlib.suppress(Exception):
             await bench.stop_echo()
         bench.fleet.stop_all()
-    apply_ratios(bench.rows, bench.results.get("ceiling"))
+    apply_ratios(bench.rows, bench.results.get("ceiling"), bench.results.get("raw_ceiling"))
     for name, result in bench.results.items():  # the scenario entries carry the ratio too
         match = next((r for r in bench.rows if r["scenario"] == result["scenario"]), None)
         if match is not None and match is not result:
             result["ratio_to_ceiling"] = match["ratio_to_ceiling"]
             result["p50_ratio_to_ceiling"] = match["p50_ratio_to_ceiling"]
+            result["ratio_to_raw"] = match.get("ratio_to_raw")
         bench.results[name] = result
     return {
         "quick": settings.quick,
@@ -1646,6 +1762,7 @@ async def run_bench(settings: Settings, scenarios: list[str], work: Path, consol
         },
         "wall_time_s": round(time.perf_counter() - began, 1),
         "ceiling_windows_ops_per_s": [round(x, 1) for x in bench.ceilings],
+        "raw_ceiling_windows_ops_per_s": [round(x, 1) for x in bench.raw_ceilings],
         "scenarios": bench.results,
         "rows": bench.rows,
         "targets": evaluate_targets(bench.results, settings),

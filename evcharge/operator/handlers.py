@@ -299,6 +299,17 @@ class PeerHandler(RoleHandler):
 
     role = "peer"
 
+    def _not_for(self, item: p.TwoPhaseItem) -> ForbiddenError | None:
+        """An operator books trips for its own vehicles only; it cannot speak for another's."""
+        if isinstance(item, p.Prepare) and self.services.home_of(item.vehicle_id) != self.ident:
+            return ForbiddenError(f"vehicle {item.vehicle_id!r} is not a vehicle of operator {self.ident}")
+        return None
+
+    def replied(self, request: p.Request, reply: p.Reply) -> None:
+        super().replied(request, reply)
+        if isinstance(reply, p.TwoPhaseResults) and any(isinstance(r, p.Vote) and r.yes for r in reply.results):
+            crash_point("participant-voted")
+
     async def handle(self, request: p.Request) -> p.Reply:
         s, coordinator = self.services, self.ident
         match request:
@@ -317,11 +328,16 @@ class PeerHandler(RoleHandler):
                     raise BadRequestError(f"availability is given for at most {MAX_AVAILABILITY.days} days at a time")
                 busy = await s.views.busy_between(to_seconds(start), to_seconds(end))
                 return p.Availability(charge_points=busy)
-            case p.Prepare(vehicle_id=vehicle_id):
-                # An operator books trips for its own vehicles only; it cannot speak for another's.
-                if not any(v.id == vehicle_id and v.home == coordinator for v in s.world.vehicles):
-                    raise ForbiddenError(f"vehicle {vehicle_id!r} is not a vehicle of operator {coordinator}")
+            case p.Prepare():
+                refused = self._not_for(request)
+                if refused is not None:
+                    raise refused
                 return await s.participant.hold(coordinator, request)
+            case p.TwoPhaseBatch(items=items):
+                if len(items) > p.MAX_BATCH_ITEMS:
+                    raise BadRequestError(f"{len(items)} items in one batch; at most {p.MAX_BATCH_ITEMS}")
+                results = await s.participant.batch(coordinator, items, allowed=self._not_for)
+                return p.TwoPhaseResults(results=results)
             case p.Decide(txn_id=txn_id, trip_id=trip_id, commit=commit):
                 await s.participant.resolve(coordinator, txn_id, trip_id, commit)
                 return p.Ok()

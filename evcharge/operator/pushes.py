@@ -23,6 +23,8 @@ from evcharge.wire.errors import ConflictError, ConnectionLostError
 
 log = logging.getLogger(__name__)
 
+# Why a trip's stop changes by its two-phase commit (participant.py): the trip's own news.
+_TRIP_DECISIONS = frozenset({"held", "booked", "aborted", "trip cancelled"})
 STATION_NEWS_DELAY = 0.2  # real seconds a station's changes are gathered into one push to the peers
 
 
@@ -131,7 +133,11 @@ class Online:
 
     def reservation_changed(self, reservation: Reservation, reason: str) -> None:
         event = p.ReservationChanged(reservation=self.views.reservation_info(reservation), reason=reason)
-        self.to_vehicle(reservation.vehicle_id, event)
+        # A trip's stops change by its two-phase commit only with their trip, and the vehicle
+        # hears of that from its home (TripChanged, with every stop): the same news per stop
+        # would only be more frames, across operators even (ForVehicle).
+        if reservation.trip_id is None or reason not in _TRIP_DECISIONS:
+            self.to_vehicle(reservation.vehicle_id, event)
         charge_point = self.charge_points.get(reservation.charge_point_id)
         if charge_point is not None:  # a gateway turns these into its charge point's reservations
             charge_point.push(event)

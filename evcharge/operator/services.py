@@ -35,6 +35,13 @@ class Services:
     federation: Federation | None
     push_buffer_limit: int
     counters: Counters = field(default_factory=Counters)
+    homes: dict[str, str] = field(default_factory=dict)  # vehicle id -> its home operator (the world's, at start)
+
+    def __post_init__(self) -> None:
+        self.homes = {v.id: v.home for v in self.world.vehicles}
+
+    def home_of(self, vehicle_id: str) -> str | None:
+        return self.homes.get(vehicle_id)
 
     def federation_or_refuse(self) -> Federation:
         if self.federation is None:

@@ -22,12 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-import aiorwlock
-
 from evcharge.domain.clock import SimClock
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
 from evcharge.domain.world import ChargePointConfig, Rules, StationConfig, World
+from evcharge.operator.rwlock import RWLock
 from evcharge.operator.store import Op, StoredState, StoreError, StoreInDoubt, StoreLost, ThreadedStore
 from evcharge.wire.errors import NotFoundError, RequestTimeoutError, UnavailableError
 
@@ -99,7 +98,7 @@ class Books:
         self.rules: Rules = world.rules
         self.store = store
         self.clock = clock
-        self.lock = aiorwlock.RWLock()
+        self.lock = RWLock()
         self.listeners: list[Listener] = []
         # Called with what the store holds whenever memory is (re)built from it, after the rest.
         self.loaders: list[Callable[[StoredState], None]] = []

@@ -15,8 +15,6 @@ import contextlib
 import itertools
 import logging
 
-import msgspec
-
 from evcharge.wire.errors import (
     BadRequestError,
     ConnectionLostError,
@@ -61,6 +59,15 @@ class FrameTimeout(TimeoutError):
     """A frame began but did not arrive whole in time (a slowloris, or a peer that died mid-frame)."""
 
 
+class _Expired(Exception):
+    """A request's reply did not come in time (set on its future by its timer)."""
+
+
+def _expire(future: asyncio.Future[Reply]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 class Responder:
     """What ``Connection.serve`` hands the peer's requests and events to."""
 
@@ -94,11 +101,19 @@ class Connection:
         # an idle timeout alone is reset by every byte, so a trickle would hold the connection forever.
         self.frame_timeout: float | None = None
         self._frame_started: float | None = None
+        self._waiting_since: float | None = None  # when the read now waiting began (monotonic)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_expired = False
         self.write_timeout = WRITE_TIMEOUT
-        self.last_sent = asyncio.get_running_loop().time()  # when we last wrote a frame (monotonic)
+        self._loop = asyncio.get_running_loop()
+        self.last_sent = self._loop.time()  # when we last wrote a frame (monotonic)
         self._serving: set[asyncio.Task[None]] = set()  # requests of the peer's being handled
         # The last error the peer sent unasked (id 0): if it then closes, why (say, replaced by a newer connection).
         self.farewell: Error | None = None
+        self._transport = writer.transport
+        self._out: list[bytes] = []  # frames of this turn of the event loop, written together at its end
+        self._out_bytes = 0
+        self._flush_due = False
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -133,8 +148,15 @@ class Connection:
                 if wait is None or left < wait:
                     wait, frame_deadline = max(left, 0.0), True
             try:
-                async with asyncio.timeout(wait):
-                    data = await self._reader.read(READ_CHUNK)
+                if wait is None:  # no timer to arm and disarm for every read (serve's idle watch looks)
+                    self._waiting_since = self._loop.time()
+                    try:
+                        data = await self._reader.read(READ_CHUNK)
+                    finally:
+                        self._waiting_since = None
+                else:
+                    async with asyncio.timeout(wait):
+                        data = await self._reader.read(READ_CHUNK)
             except TimeoutError:
                 if frame_deadline:
                     raise FrameTimeout(f"a frame was not complete within {self.frame_timeout:g} s") from None
@@ -142,8 +164,20 @@ class Connection:
             except (ConnectionError, OSError) as exc:
                 raise ConnectionClosed from exc
             if not data:
+                if self._idle_expired:
+                    raise TimeoutError
                 raise ConnectionClosed
             self._frames.feed(data)
+
+    def _watch_idle(self, idle: float) -> None:
+        """Serve's idle timeout: one timer per connection, looked at when due, not one per read."""
+        since = self._waiting_since
+        now = self._loop.time()
+        if since is not None and now - since >= idle:
+            self._idle_expired = True
+            self._reader.feed_eof()  # the read waiting now ends, as at the end of the stream
+            return
+        self._idle_timer = self._loop.call_at((since if since is not None else now) + idle, self._watch_idle, idle)
 
     def resolve(self, reply: Reply) -> None:
         """Hand a reply to the request waiting for it (late replies are dropped)."""
@@ -165,31 +199,62 @@ class Connection:
     @property
     def buffered_out(self) -> int:
         """Bytes written but not yet taken by the peer."""
-        return self._writer.transport.get_write_buffer_size()
+        return self._transport.get_write_buffer_size() + self._out_bytes
 
     def write_nowait(self, message: Message) -> None:
         """Queue a frame without waiting for the peer to read (for pushes)."""
-        if self._closed or self._writer.transport.is_closing():
+        if self._closed or self._transport.is_closing():
             raise ConnectionLostError("connection is closed")
+        self._queue(encode_frame(message))
+
+    def _queue(self, frame: bytes) -> None:
+        """Send ``frame`` with the others of this turn of the event loop.
+
+        Replies and pushes made in one turn (a batch's replies, a reservation's events
+        and its reply) leave in one write: one system call, not one per frame.
+        """
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        self.last_sent = self._loop.time()
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_due = False
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        if self._transport.is_closing():
+            return  # aborted meanwhile: what was queued goes nowhere, as a write after the abort would
         try:
-            self._writer.write(encode_frame(message))
-        except (RuntimeError, ConnectionError, OSError) as exc:  # uvloop: RuntimeError once aborted
-            raise ConnectionLostError(f"connection lost: {exc}") from None
-        self.last_sent = asyncio.get_running_loop().time()
+            self._transport.write(data)
+        except (ConnectionError, OSError, RuntimeError):  # uvloop: RuntimeError once aborted
+            log.debug("%s: write failed; dropping the connection", self.peername, exc_info=True)
+            self.abort()
 
     async def send(self, message: Message) -> None:
-        if self._closed or self._writer.transport.is_closing():
+        self._send_frame(encode_frame(message), message)
+        if self.buffered_out > WRITE_HIGH_WATER:
+            await self._drain()
+
+    def _send_frame(self, frame: bytes, message: Message) -> None:
+        if self._closed or self._transport.is_closing():
             raise ConnectionLostError("connection is closed")
-        frame = encode_frame(message)
         if len(frame) - 4 > self._frames.max_frame:
             # The peer would refuse it and drop the connection: say so instead of sending it.
             raise TooLargeError(f"{type(message).__name__} of {len(frame) - 4} bytes is over the frame limit")
+        self._queue(frame)
+
+    async def _drain(self) -> None:
+        self._flush_out()  # what waits for the next turn counts as written: hand it over first
+        if self._closed:
+            raise ConnectionLostError("connection lost")
         try:
-            self._writer.write(frame)
-            self.last_sent = asyncio.get_running_loop().time()
-            if self.buffered_out > WRITE_HIGH_WATER:
-                async with asyncio.timeout(self.write_timeout):
-                    await self._writer.drain()
+            async with asyncio.timeout(self.write_timeout):
+                await self._writer.drain()
         except TimeoutError:
             # A peer that does not read for this long is gone for our purposes. Abort, not
             # close: a close would keep what it never read buffered here until it did.
@@ -203,18 +268,30 @@ class Connection:
         """Send a request and wait for its reply; an ``Error`` reply is raised."""
         if self._closed:
             raise ConnectionLostError("connection is closed")
-        # A copy with our id: the caller's message may be in flight on other connections too.
-        message = msgspec.structs.replace(message, id=next(self._ids))
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[message.id] = future
+        request_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self._pending[request_id] = future
+        # One timer handle on the future, not a timeout context (its task bookkeeping) per request.
+        timer = loop.call_later(timeout, _expire, future)
         try:
-            await self.send(message)
-            async with asyncio.timeout(timeout):
-                reply = await future
-        except TimeoutError:
+            # Our id goes on the caller's message only for as long as encoding it takes (no
+            # await in between): it may be in flight on other connections too, with theirs.
+            previous = message.id
+            message.id = request_id
+            try:
+                frame = encode_frame(message)
+            finally:
+                message.id = previous
+            self._send_frame(frame, message)
+            if self.buffered_out > WRITE_HIGH_WATER:
+                await self._drain()
+            reply = await future
+        except _Expired:
             raise RequestTimeoutError(f"no reply to {type(message).__name__} within {timeout:g} s") from None
         finally:
-            self._pending.pop(message.id, None)
+            timer.cancel()
+            self._pending.pop(request_id, None)
         if isinstance(reply, Error):
             raise error_from_reply(reply)
         return reply
@@ -235,13 +312,14 @@ class Connection:
         if self._closed:
             return
         self._mark_closed()
+        self._flush_out()  # the last replies (a farewell Error, say) go before the close
         self._writer.close()
         try:
             async with asyncio.timeout(CLOSE_GRACE):
                 await self._writer.wait_closed()
         except TimeoutError:
             # The peer is not taking what is still buffered; do not keep it for the peer's sake.
-            self._writer.transport.abort()
+            self._transport.abort()
         except Exception:  # wait_closed re-raises whatever broke the connection: it is closed all the same
             log.debug("closing %s", self.peername, exc_info=True)
 
@@ -249,7 +327,9 @@ class Connection:
         """Drop the connection now, without waiting for buffered writes."""
         if not self._closed:
             self._mark_closed()
-        self._writer.transport.abort()
+        self._out.clear()
+        self._out_bytes = 0
+        self._transport.abort()
 
     # --- the receive loop ------------------------------------------------------------
 
@@ -265,10 +345,12 @@ class Connection:
         replies it will never take. ``idle_timeout``: close when nothing arrives that long.
         """
         slots = asyncio.Semaphore(max_in_flight)
+        if idle_timeout is not None:
+            self._idle_timer = self._loop.call_later(idle_timeout, self._watch_idle, idle_timeout)
         try:
             while True:
                 try:
-                    message = await self.receive(timeout=idle_timeout)
+                    message = await self.receive()
                 except UndecodableMessage as exc:
                     await self._answer_undecodable(exc)
                     continue
@@ -292,6 +374,8 @@ class Connection:
         except ConnectionClosed:
             return "closed"
         finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             await self.close()
 
     async def _answer_undecodable(self, exc: UndecodableMessage) -> None:

@@ -549,6 +549,26 @@ class ReleaseTrip(Request, kw_only=True):
     trip_id: str
 
 
+# Items of one ``TwoPhaseBatch``: each is what it would be alone, to the letter.
+TwoPhaseItem = Prepare | Decide | ReleaseTrip
+MAX_BATCH_ITEMS = 64  # per TwoPhaseBatch; a coordinator sends more as further batches
+
+
+class TwoPhaseBatch(Request, kw_only=True):
+    """Several trips' PREPAREs, decisions and releases to one participant, in one frame.
+
+    The participant takes them in order, in one writer section and one commit, and
+    answers each as it would have answered it alone (a NO, or an error, for one item
+    never touches another): ``TwoPhaseResults.results[i]`` answers ``items[i]``.
+    """
+
+    items: list[TwoPhaseItem]
+
+
+class TwoPhaseResults(Reply, kw_only=True):
+    results: list[Vote | Ok | Error]  # a Vote for a Prepare, Ok for a Decide or ReleaseTrip, or why not
+
+
 # --- roaming (a home operator speaking for its vehicles at other operators) ------
 #
 # A vehicle talks only to its home operator. What it asks about another operator's
@@ -715,6 +735,8 @@ AnyMessage = (
     | QueryDecision
     | Decision
     | ReleaseTrip
+    | TwoPhaseBatch
+    | TwoPhaseResults
     | Roam
     | DeliverChargeRecord
     | GetSettlement

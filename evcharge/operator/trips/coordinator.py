@@ -41,6 +41,7 @@ from evcharge.operator.fair import FairQueue
 from evcharge.operator.pushes import Online
 from evcharge.operator.state import Actor, Books, Change
 from evcharge.operator.store import Op, StoreError, put_trip
+from evcharge.operator.trips.batching import Batcher, Result
 from evcharge.operator.trips.participant import Participant
 from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
 from evcharge.operator.trips.planning import Planning
@@ -103,13 +104,38 @@ class Coordinator:
         self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
         self._stopping = False
         self._trip_locks: dict[str, asyncio.Lock] = {}
+        self._writing: set[str] = set()  # trips whose row is being changed under their lock (_update_trip)
         self._turns = FairQueue(BOOKINGS_AT_ONCE, MAX_BOOKINGS_WAITING, "trip bookings")
+        self._batchers: dict[str, Batcher] = {}  # per owner: concurrent trips' messages share frames and commits
+        self._acks: dict[str, tuple[str, set[str]]] = {}  # trip id -> (its state, who acknowledged): to store
+        self._acks_writer: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         self._stopping = True
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(b.stop() for b in self._batchers.values()), return_exceptions=True)
+
+    def batcher(self, owner: str) -> Batcher:
+        """The batches to one owner: ourselves (our own participant, directly), or a peer over its link."""
+        batcher = self._batchers.get(owner)
+        if batcher is not None:
+            return batcher
+        if owner == self.me:
+
+            async def send(items: list[p.TwoPhaseItem], also: list[tuple[Op, ...]], deadline: float) -> list[Result]:
+                return await self.participant.batch(self.me, items, also)
+
+        else:
+            link = self.peers.link(owner)
+
+            async def send(items: list[p.TwoPhaseItem], also: list[tuple[Op, ...]], deadline: float) -> list[Result]:
+                batch = p.TwoPhaseBatch(items=items)
+                return (await link.call(batch, p.TwoPhaseResults, timeout=deadline - time.time())).results
+
+        batcher = self._batchers[owner] = Batcher(f"operator {owner}", send)
+        return batcher
 
     # --- booking ------------------------------------------------------------------------
 
@@ -241,9 +267,11 @@ class Coordinator:
             for i in indexes
         ]
         prepare = p.Prepare(txn_id=txn_id, trip_id=trip_id, vehicle_id=vehicle_id, stops=stops, deadline=deadline)
-        if owner == self.me:
-            return await self.participant.hold(self.me, prepare)
-        return await self.peers.link(owner).call(prepare, p.Vote, timeout=deadline - time.time())
+        timeout = None if owner == self.me else deadline - time.time()
+        vote = await self.batcher(owner).submit(prepare, timeout)
+        if not isinstance(vote, p.Vote):
+            raise UnavailableError(f"operator {owner} answered a PREPARE with {type(vote).__name__}")
+        return vote
 
     async def _commit(
         self,
@@ -278,14 +306,17 @@ class Coordinator:
             raise UnavailableError("the trip could not be stored; it was not booked") from None
         self.books.remember_trip(trip)
         crash_point("coordinator-committed")
-        self.online.trip_changed(info, "booked")
         log.info(
             "trip %s committed for vehicle %s: %d stops at %s", trip_id, vehicle_id, len(plan.stops), trip.participants
         )
         # Booked from here on, whatever happens to the messages. The reply waits (a little)
         # for the other owners too, so that a booked trip is booked everywhere when the
-        # vehicle hears of it; the resolver keeps telling those that did not answer.
-        await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        # vehicle hears of it; the resolver keeps telling those that did not answer. The
+        # vehicle's push goes then too, in the same write as the reply.
+        try:
+            await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        finally:
+            self.online.trip_changed(info, "booked")
         return info
 
     async def _store_decision(self, trip: Trip, also: tuple[Op, ...] = ()) -> None:
@@ -297,9 +328,10 @@ class Coordinator:
         if self.me not in trip.participants:
             await self._store_row(trip, also)
         elif trip.state == "committed":
-            await self.participant.resolve(self.me, trip.txn_id, trip.id, commit=True, also_store=row)
+            decide = p.Decide(txn_id=trip.txn_id, trip_id=trip.id, commit=True)
+            await self.batcher(self.me).submit(decide, None, also=row)
         else:
-            await self.participant.release_trip(self.me, trip.id, also_store=row)
+            await self.batcher(self.me).submit(p.ReleaseTrip(trip_id=trip.id), None, also=row)
 
     async def _store_row(self, trip: Trip, also: tuple[Op, ...] = ()) -> None:
         ops = [put_trip(trip), *also]
@@ -323,16 +355,12 @@ class Coordinator:
 
     async def _tell(self, owner: str, trip_id: str, txn_id: str, decision: str) -> str:
         """Deliver one decision ("commit", "abort" or "release") to one owner; returns the owner."""
-        if owner == self.me:
-            if decision == "release":
-                await self.participant.release_trip(self.me, trip_id)
-            else:
-                await self.participant.resolve(self.me, txn_id, trip_id, commit=decision == "commit")
-        elif decision == "release":
-            await self.peers.link(owner).call(p.ReleaseTrip(trip_id=trip_id), p.Ok)
+        request: p.TwoPhaseItem
+        if decision == "release":
+            request = p.ReleaseTrip(trip_id=trip_id)
         else:
-            decide = p.Decide(txn_id=txn_id, trip_id=trip_id, commit=decision == "commit")
-            await self.peers.link(owner).call(decide, p.Ok)
+            request = p.Decide(txn_id=txn_id, trip_id=trip_id, commit=decision == "commit")
+        await self.batcher(owner).submit(request, None if owner == self.me else PEER_TIMEOUT)
         return owner
 
     async def _tell_abort(self, txn_id: str, trip_id: str, owners: list[str]) -> None:
@@ -368,23 +396,50 @@ class Coordinator:
                 if not t.cancelled() and t.exception() is not None:
                     log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
             if acked:
-                self.storing_acks.add(trip.id)
-                self._spawn(self._store_acks(trip, acked))
+                self._store_acks(trip, acked)
         finally:
             self.sending.discard(trip.id)
 
-    async def _store_acks(self, trip: Trip, acked: set[str]) -> None:
-        def without_acked(current: Trip) -> Trip | None:
-            if current.state != trip.state:  # a newer decision is delivered afresh
-                return None
-            return replace(current, unacked=[o for o in current.unacked if o not in acked])
+    def _store_acks(self, trip: Trip, acked: set[str]) -> None:
+        """Store who acknowledged, with the acknowledgements of other trips: one writer section, one commit."""
+        self.storing_acks.add(trip.id)
+        state, before = self._acks.get(trip.id, (trip.state, set()))
+        self._acks[trip.id] = (trip.state, acked | before if state == trip.state else acked)
+        if self._acks_writer is None or self._acks_writer.done():
+            if self._stopping:  # what it would store is redone after a restart (the decision is sent again)
+                return
+            self._acks_writer = asyncio.get_running_loop().create_task(self._write_acks())
+            self._background.add(self._acks_writer)
+            self._acks_writer.add_done_callback(self._background_done)
 
-        try:
-            await self._update_trip(trip.id, without_acked)
-        except (StoreError, UnavailableError) as exc:
-            log.warning("trip %s: could not store acknowledgements: %s", trip.id, exc)
-        finally:
-            self.storing_acks.discard(trip.id)
+    async def _write_acks(self) -> None:
+        while self._acks:
+            taken, self._acks = self._acks, {}
+
+            def mutate(taken: dict[str, tuple[str, set[str]]] = taken) -> Change[None]:
+                ops: list[Op] = []
+                for trip_id, (state, acked) in taken.items():
+                    current = self.books.trips.get(trip_id)
+                    # A row being rewritten now (a cancellation, say) is not overwritten with
+                    # what it was; a newer decision is delivered afresh: its own acks follow.
+                    if current is None or current.state != state or trip_id in self._writing:
+                        continue
+                    unacked = [o for o in current.unacked if o not in acked]
+                    if unacked != current.unacked:
+                        updated = replace(current, unacked=unacked)
+                        # Memory first, under the writer lock, as every change: a failed commit reloads it.
+                        self.books.remember_trip(updated)
+                        ops.append(put_trip(updated))
+                return Change(None, ops)
+
+            try:
+                await self.books.apply(Actor("coordinator", self.me), f"acknowledgements of {len(taken)} trips", mutate)
+            except (StoreError, UnavailableError) as exc:
+                log.warning("acknowledgements of %d trips not stored (sent again later): %s", len(taken), exc)
+            finally:
+                for trip_id in taken:
+                    if trip_id not in self._acks:
+                        self.storing_acks.discard(trip_id)
 
     async def _update_trip(
         self,
@@ -398,13 +453,17 @@ class Coordinator:
         overwritten by a late acknowledgement computed before it); nothing else waits on it.
         """
         async with self._trip_locks.setdefault(trip_id, asyncio.Lock()):
-            current = self.books.trips[trip_id]
-            updated = change(current)
-            if updated is None:
-                return current
-            await (write or self._store_row)(updated)
-            self.books.remember_trip(updated)
-            return updated
+            self._writing.add(trip_id)
+            try:
+                current = self.books.trips[trip_id]
+                updated = change(current)
+                if updated is None:
+                    return current
+                await (write or self._store_row)(updated)
+                self.books.remember_trip(updated)
+                return updated
+            finally:
+                self._writing.discard(trip_id)
 
     def outcome(self, txn_id: str, asker: str) -> p.Outcome:
         """What a participant in doubt is told (presumed abort); anyone else is ``forbidden``."""
@@ -525,6 +584,8 @@ class Coordinator:
         if not wrote:  # another cancellation of it, at the same time, stored it first
             return TripCancelled(trip_info(trip), already=True)
         log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
-        self.online.trip_changed(trip_info(trip), "cancelled")
-        await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        try:
+            await self.deliver(trip, wait=DECIDE_TIMEOUT)
+        finally:  # after the owners were told, as for a booking, and in the reply's write
+            self.online.trip_changed(trip_info(trip), "cancelled")
         return TripCancelled(trip_info(self.books.trips[trip_id]), already=False)

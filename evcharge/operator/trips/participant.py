@@ -22,6 +22,7 @@ import json
 import math
 import secrets
 import time
+from collections.abc import Callable, Sequence
 
 from evcharge.domain.clock import to_datetime, to_seconds
 from evcharge.domain.model import Reservation, Withdrawal
@@ -29,7 +30,7 @@ from evcharge.operator.state import MIN, Actor, Books, Change
 from evcharge.operator.store import Op, StoredState, put_meta, put_reservation
 from evcharge.operator.store.integrity import WITHDRAWN_META
 from evcharge.wire import protocol as p
-from evcharge.wire.errors import ConflictError, ForbiddenError
+from evcharge.wire.errors import ConflictError, EvchargeError, ForbiddenError
 
 # Stops of one PREPARE. Checking them runs in one writer section, quadratic in their number:
 # thousands (a frame holds ~15,000) would stall every connection for seconds. No trip has 100.
@@ -87,6 +88,11 @@ class Participant:
 
     async def hold(self, coordinator: str, prepare: p.Prepare) -> p.Vote:
         """PREPARE: check every stop and hold them all in one writer section, or none."""
+        what = f"hold {len(prepare.stops)} stops of trip {prepare.trip_id}"
+        return await self.books.apply(Actor("coordinator", coordinator), what, self._holding(coordinator, prepare))
+
+    def _holding(self, coordinator: str, prepare: p.Prepare) -> Callable[[], Change[p.Vote]]:
+        """The PREPARE's change, to run under the writer lock (alone, or in a batch)."""
         books = self.books
         stops = [(st.charge_point_id, to_seconds(st.start), to_seconds(st.end)) for st in prepare.stops]
 
@@ -132,9 +138,7 @@ class Participant:
             vote = p.Vote(txn_id=prepare.txn_id, yes=True, reservation_ids=[r.id for r in made])
             return Change(vote, [put_reservation(r) for r in made], [(r, "held") for r in made])
 
-        return await books.apply(
-            Actor("coordinator", coordinator), f"hold {len(stops)} stops of trip {prepare.trip_id}", mutate
-        )
+        return mutate
 
     async def resolve(
         self, coordinator: str, txn_id: str, trip_id: str, commit: bool, also_store: tuple[Op, ...] = ()
@@ -144,6 +148,13 @@ class Participant:
         ``also_store`` goes into the same transaction: a coordinator stores its decision
         and applies it to its own stops at once.
         """
+        what = f"{'commit' if commit else 'abort'} {txn_id}"
+        mutate = self._resolving(coordinator, txn_id, trip_id, commit, also_store)
+        return await self.books.apply(Actor("coordinator", coordinator), what, mutate)
+
+    def _resolving(
+        self, coordinator: str, txn_id: str, trip_id: str, commit: bool, also_store: tuple[Op, ...] = ()
+    ) -> Callable[[], Change[list[Reservation]]]:
         books = self.books
 
         def mutate() -> Change[list[Reservation]]:
@@ -158,14 +169,19 @@ class Participant:
             reason = "booked" if commit else "aborted"
             return Change(held, [*(put_reservation(r) for r in held), *also_store], [(r, reason) for r in held])
 
-        what = f"{'commit' if commit else 'abort'} {txn_id}"
-        return await books.apply(Actor("coordinator", coordinator), what, mutate)
+        return mutate
 
     async def release_trip(self, coordinator: str, trip_id: str, also_store: tuple[Op, ...] = ()) -> list[Reservation]:
         """Cancel the trip's booked stops here (only its coordinator may); idempotent.
 
         ``also_store`` goes into the same transaction (the coordinator's own cancellation).
         """
+        mutate = self._releasing(coordinator, trip_id, also_store)
+        return await self.books.apply(Actor("coordinator", coordinator), f"release trip {trip_id}", mutate)
+
+    def _releasing(
+        self, coordinator: str, trip_id: str, also_store: tuple[Op, ...] = ()
+    ) -> Callable[[], Change[list[Reservation]]]:
         books = self.books
 
         def mutate() -> Change[list[Reservation]]:
@@ -176,7 +192,57 @@ class Participant:
             ops = [*(put_reservation(r) for r in freed), *also_store]
             return Change(freed, ops, [(r, "trip cancelled") for r in freed])
 
-        return await books.apply(Actor("coordinator", coordinator), f"release trip {trip_id}", mutate)
+        return mutate
+
+    async def batch(
+        self,
+        coordinator: str,
+        items: Sequence[p.TwoPhaseItem],
+        also_store: Sequence[tuple[Op, ...]] = (),
+        allowed: Callable[[p.TwoPhaseItem], EvchargeError | None] | None = None,
+    ) -> list[p.Vote | p.Ok | p.Error]:
+        """Several trips' PREPAREs, decisions and releases of one coordinator: one writer section, one commit.
+
+        Each item is taken in order exactly as it would be alone: a NO or an error for
+        one (``allowed`` may refuse one before it is looked at) never touches the others.
+        ``also_store[i]`` is written in the same transaction as item ``i`` (the
+        coordinator's own trip rows, when it is its own participant).
+        """
+
+        def mutate() -> Change[list[p.Vote | p.Ok | p.Error]]:
+            results: list[p.Vote | p.Ok | p.Error] = []
+            ops: list[Op] = []
+            changed: list[tuple[Reservation, str]] = []
+            for i, item in enumerate(items):
+                also = also_store[i] if also_store else ()
+                try:
+                    refused = allowed(item) if allowed is not None else None
+                    if refused is not None:
+                        raise refused
+                    match item:
+                        case p.Prepare():
+                            vote = self._holding(coordinator, item)()
+                            results.append(vote.result)
+                            ops.extend(vote.ops)
+                            changed.extend(vote.changed)
+                        case p.Decide(txn_id=txn_id, trip_id=trip_id, commit=commit):
+                            done = self._resolving(coordinator, txn_id, trip_id, commit)()
+                            results.append(p.Ok())
+                            ops.extend(done.ops)
+                            changed.extend(done.changed)
+                        case p.ReleaseTrip(trip_id=trip_id):
+                            done = self._releasing(coordinator, trip_id)()
+                            results.append(p.Ok())
+                            ops.extend(done.ops)
+                            changed.extend(done.changed)
+                except EvchargeError as exc:  # refused before it changed anything (see _stops)
+                    results.append(exc.to_reply(0))
+                    continue
+                ops.extend(also)
+            return Change(results, ops, changed)
+
+        what = f"{len(items)} two-phase-commit messages"
+        return await self.books.apply(Actor("coordinator", coordinator), what, mutate)
 
     async def withdraw(self, actor: Actor, reservation_id: str) -> Reservation:
         """This operator takes back a booked trip stop whose charge point is out of service.
