@@ -45,7 +45,7 @@ def test_quick_bench_reports_every_scenario_and_leaves_nothing_running(tmp_path:
     for key in ("git_commit", "timestamp", "machine", "python", "versions", "targets", "rows"):
         assert key in results, key
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["platform"]
-    assert set(results["versions"]) >= {"msgspec", "uvloop", "rich"}
+    assert set(results["versions"]) >= {"msgspec", "uvloop", "rich", "aiorwlock"}
     assert results["python"]["version"].startswith("3.")
 
     scenarios = results["scenarios"]

@@ -1690,7 +1690,7 @@ def cpu_model() -> str:
 
 def versions() -> dict[str, str]:
     out = {}
-    for name in ("evcharge", "msgspec", "uvloop", "rich"):
+    for name in ("evcharge", "msgspec", "uvloop", "rich", "aiorwlock"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+import aiorwlock
+
 from evcharge.domain.clock import SimClock
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.model import ChargeRecord, ChargingSession, Outcome, Reservation, Trip
 from evcharge.domain.world import ChargePointConfig, Rules, StationConfig, World
-from evcharge.operator.rwlock import RWLock
 from evcharge.operator.store import Op, StoredState, StoreError, StoreInDoubt, StoreLost, ThreadedStore
 from evcharge.wire.errors import NotFoundError, RequestTimeoutError, UnavailableError
 
@@ -98,7 +99,8 @@ class Books:
         self.rules: Rules = world.rules
         self.store = store
         self.clock = clock
-        self.lock = RWLock()
+        # fast: no yield to the loop after each acquire (every section under it is synchronous).
+        self.lock = aiorwlock.RWLock(fast=True)
         self.listeners: list[Listener] = []
         # Called with what the store holds whenever memory is (re)built from it, after the rest.
         self.loaders: list[Callable[[StoredState], None]] = []
