@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -47,6 +48,9 @@ def test_demo_interrupted_with_ctrl_c_stops_everything() -> None:
         for line in proc.stdout:
             if "V01 reserves" in line:
                 break  # the server and the charge points are running now
+        # Go on reading: a demo whose output pipe is full would block on it and never get to exit.
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)
+        drain.start()
         assert leftover_processes("evcharge-demo") != ""
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) != 0
