@@ -286,7 +286,7 @@ class OperatorToolHandler(RoleHandler):
             case p.Roam(vehicle_id=driver, request=asked):
                 # The operator's OCPI edge, for a driver of a roaming platform: that driver owns its
                 # reservations and keys as a vehicle does. No vehicle of the world can be spoken for.
-                if not p.is_roaming_driver(driver) or any(v.id == driver for v in s.world.vehicles):
+                if not p.is_roaming_driver(driver) or s.home_of(driver) is not None:
                     raise ForbiddenError(
                         f"an operator speaks only for roaming drivers ({p.ROAMING_DRIVER_PREFIX}…), not {driver!r}"
                     )
@@ -317,7 +317,7 @@ class PeerHandler(RoleHandler):
                 return p.Catalog(operator_id=s.operator.id, stations=await s.views.catalog())
             case p.Roam(vehicle_id=vehicle_id, request=asked):
                 # An operator speaks for its own vehicles only; another's is not disclosed.
-                if not any(v.id == vehicle_id and v.home == coordinator for v in s.world.vehicles):
+                if s.home_of(vehicle_id) != coordinator:
                     raise NotFoundError(f"no vehicle {vehicle_id!r} of operator {coordinator}")
                 return await act_for_vehicle(s, Actor("vehicle", vehicle_id, via=coordinator), asked)
             case p.DeliverChargeRecord(record=record):

@@ -35,7 +35,7 @@ class Services:
     federation: Federation | None
     push_buffer_limit: int
     counters: Counters = field(default_factory=Counters)
-    homes: dict[str, str] = field(default_factory=dict)  # vehicle id -> its home operator (the world's, at start)
+    homes: dict[str, str] = field(init=False)  # vehicle id -> its home operator (the world's, at start)
 
     def __post_init__(self) -> None:
         self.homes = {v.id: v.home for v in self.world.vehicles}
