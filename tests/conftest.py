@@ -126,6 +126,12 @@ async def operator(server: Server) -> AsyncIterator[Client]:
         yield client
 
 
+def as_peer(server: Server, peer_id: str) -> Any:
+    """A connection to ``server`` as operator ``peer_id``'s peer link would make it."""
+    secret = server.world.operator(peer_id).secret
+    return connect("127.0.0.1", server.port, role="peer", ident=peer_id, secret=secret)
+
+
 def vehicles_of(world: World, operator_id: str) -> list[str]:
     return [v.id for v in world.vehicles if v.home == operator_id]
 
@@ -194,6 +200,11 @@ def write_federated_world(source: Path, dest: Path) -> Path:
 @pytest.fixture
 def federated_world_path(world_path: Path, tmp_path: Path) -> Path:
     return write_federated_world(world_path, tmp_path / "federated.toml")
+
+
+@pytest.fixture
+def fed_world(federated_world_path: Path) -> World:
+    return load_world(str(federated_world_path))
 
 
 async def wait_until_federated(servers: dict[str, Server], timeout: float = 15.0) -> None:

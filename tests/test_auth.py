@@ -31,11 +31,6 @@ from .conftest import operator, running_federation, running_server, vehicle
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def fed_world(federated_world_path: Path) -> World:
-    return load_world(str(federated_world_path))
-
-
 class Raw:
     """A hand-driven socket that keeps every byte it sent, to replay them later."""
 

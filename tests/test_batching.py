@@ -14,18 +14,16 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from evcharge.domain.clock import to_datetime
-from evcharge.domain.world import World, load_world
-from evcharge.links.client import connect
+from evcharge.domain.world import World
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import BadRequestError, ForbiddenError
 
-from .conftest import operator, running_federation, running_server
+from .conftest import as_peer, operator, running_federation, running_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,19 +31,9 @@ CP, OTHER_CP = "MOS-1-1", "MOS-1-2"  # A's
 
 
 @pytest.fixture
-def fed_world(federated_world_path: Path) -> World:
-    return load_world(str(federated_world_path))
-
-
-@pytest.fixture
 async def a(fed_world: World, tmp_path: Path) -> AsyncIterator[Server]:
     async with running_server(fed_world, tmp_path / "data", operator="A", time_scale=1.0) as server:
         yield server
-
-
-def as_peer(server: Server, peer_id: str) -> Any:
-    secret = server.world.operator(peer_id).secret
-    return connect("127.0.0.1", server.port, role="peer", ident=peer_id, secret=secret)
 
 
 def prepare(trip: str, *stops: tuple[str, datetime, float], vehicle: str = "V02") -> p.Prepare:

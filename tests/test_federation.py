@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from evcharge.apps.invariants import violations
-from evcharge.domain.world import World, load_world
+from evcharge.domain.world import World
 from evcharge.links.client import Client, connect
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
@@ -31,11 +31,6 @@ from .conftest import NewStore, running_federation, wait_until_federated
 pytestmark = pytest.mark.timeout(120)
 
 NATAL_TO_FEIRA = p.TripQuery(origin="Natal", destination="Feira de Santana", soc_pct=80)
-
-
-@pytest.fixture
-def fed_world(federated_world_path: Path) -> World:
-    return load_world(str(federated_world_path))
 
 
 @pytest.fixture

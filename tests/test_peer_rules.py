@@ -21,7 +21,7 @@ from evcharge.apps.invariants import violations
 from evcharge.apps.repl import book_command
 from evcharge.apps.vehicle import add_vehicle_commands, check_command, trip_query
 from evcharge.domain.model import Trip
-from evcharge.domain.world import World, load_world
+from evcharge.domain.world import World
 from evcharge.links.client import Client, connect
 from evcharge.operator.server import Server
 from evcharge.operator.state import Actor, Change
@@ -32,7 +32,7 @@ from evcharge.wire import protocol as p
 from evcharge.wire.auth import new_nonce
 from evcharge.wire.errors import BadRequestError, ConflictError, ForbiddenError
 
-from .conftest import operator, running_federation, running_server
+from .conftest import as_peer, operator, running_federation, running_server
 from .raw import raw
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,19 +41,9 @@ CP = "MOS-1-1"  # one of A's
 
 
 @pytest.fixture
-def fed_world(federated_world_path: Path) -> World:
-    return load_world(str(federated_world_path))
-
-
-@pytest.fixture
 async def a(fed_world: World, tmp_path: Path) -> AsyncIterator[Server]:
     async with running_server(fed_world, tmp_path / "data", operator="A", time_scale=1.0) as server:
         yield server
-
-
-def as_peer(server: Server, peer_id: str) -> Any:
-    secret = server.world.operator(peer_id).secret
-    return connect("127.0.0.1", server.port, role="peer", ident=peer_id, secret=secret)
 
 
 def prepare(

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from evcharge.apps.simulator import ChargePointSim
-from evcharge.domain.world import World, load_world
+from evcharge.domain.world import World
 from evcharge.links.client import Client, connect
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
@@ -24,11 +24,6 @@ from .conftest import running_federation, wait_until_federated
 pytestmark = pytest.mark.timeout(120)
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def fed_world(federated_world_path: Path) -> World:
-    return load_world(str(federated_world_path))
 
 
 @pytest.fixture
