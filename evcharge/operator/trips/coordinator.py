@@ -52,7 +52,6 @@ from evcharge.wire.errors import ConflictError, EvchargeError, ForbiddenError, N
 log = logging.getLogger(__name__)
 
 PREPARE_TIMEOUT = 5.0  # real seconds from PREPARE to decision
-DECIDE_TIMEOUT = 3.0  # how long a booking or cancellation waits for the owners to take the decision
 MAX_ATTEMPTS = 4  # plans tried per booking
 RETRY_JITTER = 0.1  # seconds (times the attempt) of random delay before re-planning
 MAX_REASON = 200  # characters of a peer's reason for a lost stop that the trip keeps
@@ -99,9 +98,11 @@ class Coordinator:
         self.planning = planning
         self.online = online
         self.active: dict[str, _Txn] = {}
-        self.sending: set[str] = set()  # trips whose decision is being delivered now
+        # (trip id, state) of the decisions being delivered now: a cancellation is delivered
+        # even while its commit still is (an owner takes either order).
+        self.sending: set[tuple[str, str]] = set()
         self.storing_acks: set[str] = set()  # trips whose acknowledgements are being stored
-        self._background: set[asyncio.Task[None]] = set()  # acknowledgements being stored
+        self._background: set[asyncio.Task[None]] = set()  # decisions being delivered, acknowledgements stored
         self._stopping = False
         self._trip_locks: dict[str, asyncio.Lock] = {}
         self._writing: set[str] = set()  # trips whose row is being changed under their lock (_update_trip)
@@ -309,14 +310,11 @@ class Coordinator:
         log.info(
             "trip %s committed for vehicle %s: %d stops at %s", trip_id, vehicle_id, len(plan.stops), trip.participants
         )
-        # Booked from here on, whatever happens to the messages. The reply waits (a little)
-        # for the other owners too, so that a booked trip is booked everywhere when the
-        # vehicle hears of it; the resolver keeps telling those that did not answer. The
-        # vehicle's push goes then too, in the same write as the reply.
-        try:
-            await self.deliver(trip, wait=DECIDE_TIMEOUT)
-        finally:
-            self.online.trip_changed(info, "booked")
+        # Booked from here on, whatever happens to the messages: the vehicle hears at once, and
+        # the other owners beside it. Until they hear they hold the stops (nobody else gets
+        # them), and the resolver keeps telling those that did not answer.
+        self._spawn(self.deliver(trip))
+        self.online.trip_changed(info, "booked")
         return info
 
     async def _store_decision(self, trip: Trip, also: tuple[Op, ...] = ()) -> None:
@@ -372,33 +370,31 @@ class Coordinator:
             if isinstance(result, BaseException):
                 log.info("abort of %s not delivered to %s (it will ask): %s", txn_id, owner, result)
 
-    async def deliver(self, trip: Trip, wait: float | None = PEER_TIMEOUT) -> None:
+    async def deliver(self, trip: Trip) -> None:
         """Tell the participants not yet told the trip's latest decision; store who acknowledged.
 
-        Who acknowledged is stored after this returns: a booking need not wait for that
-        write, since a decision sent again (after a crash, or by the resolver before the
-        write) is acknowledged again: deciding is idempotent.
+        Who acknowledged is stored after this returns, with other trips' acknowledgements:
+        a decision sent again (after a crash, or by the resolver before the write) is
+        acknowledged again: deciding is idempotent.
         """
-        if trip.id in self.sending or not trip.unacked:
+        key = (trip.id, trip.state)
+        if key in self.sending or not trip.unacked:
             return
-        self.sending.add(trip.id)
+        self.sending.add(key)
         try:
             decision = "commit" if trip.state == "committed" else "release"
-            pending = [asyncio.ensure_future(self._tell(o, trip.id, trip.txn_id, decision)) for o in trip.unacked]
-            try:
-                done, _ = await asyncio.wait(pending, timeout=wait)
-            finally:  # whatever did not answer in time (or if we are cancelled) is retried later
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-            acked = {t.result() for t in done if not t.cancelled() and t.exception() is None}
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    log.info("trip %s: decision not delivered yet: %s", trip.id, t.exception())
+            owners = list(trip.unacked)
+            results = await asyncio.gather(
+                *(self._tell(o, trip.id, trip.txn_id, decision) for o in owners), return_exceptions=True
+            )
+            for owner, result in zip(owners, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.info("trip %s: decision not delivered to %s yet: %s", trip.id, owner, result)
+            acked = {owner for owner, result in zip(owners, results, strict=True) if result == owner}
             if acked:
                 self._store_acks(trip, acked)
         finally:
-            self.sending.discard(trip.id)
+            self.sending.discard(key)
 
     def _store_acks(self, trip: Trip, acked: set[str]) -> None:
         """Store who acknowledged, with the acknowledgements of other trips: one writer section, one commit."""
@@ -584,8 +580,8 @@ class Coordinator:
         if not wrote:  # another cancellation of it, at the same time, stored it first
             return TripCancelled(trip_info(trip), already=True)
         log.info("trip %s cancelled by vehicle %s", trip_id, vehicle_id)
-        try:
-            await self.deliver(trip, wait=DECIDE_TIMEOUT)
-        finally:  # after the owners were told, as for a booking, and in the reply's write
-            self.online.trip_changed(trip_info(trip), "cancelled")
-        return TripCancelled(trip_info(self.books.trips[trip_id]), already=False)
+        # Cancelled from here on; the other owners release their stops beside the reply, as
+        # for a booking.
+        self._spawn(self.deliver(trip))
+        self.online.trip_changed(trip_info(trip), "cancelled")
+        return TripCancelled(trip_info(trip), already=False)

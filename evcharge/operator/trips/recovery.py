@@ -15,7 +15,7 @@ import time
 from evcharge.domain.model import Withdrawal
 from evcharge.operator.trips.coordinator import Coordinator
 from evcharge.operator.trips.participant import Participant
-from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
+from evcharge.operator.trips.peers import Peers
 from evcharge.wire import protocol as p
 from evcharge.wire.errors import EvchargeError, ForbiddenError, NotFoundError
 
@@ -41,11 +41,14 @@ class Recovery:
     async def resolve_once(self) -> None:
         coordinator = self.coordinator
         # A trip whose acknowledgements are being stored looks undelivered until they are.
-        busy = coordinator.sending | coordinator.storing_acks
-        undelivered = [t for t in coordinator.books.trips.values() if t.unacked and t.id not in busy]
+        undelivered = [
+            t
+            for t in coordinator.books.trips.values()
+            if t.unacked and (t.id, t.state) not in coordinator.sending and t.id not in coordinator.storing_acks
+        ]
         in_doubt = self.participant.overdue_holds(time.time())
         await asyncio.gather(
-            *(coordinator.deliver(t, wait=PEER_TIMEOUT) for t in undelivered),
+            *(coordinator.deliver(t) for t in undelivered),
             *(self._ask(txn, owner, trip) for txn, (owner, trip) in in_doubt.items()),
             *(self._tell_withdrawal(w) for w in list(self.participant.untold.values())),
             return_exceptions=True,
