@@ -132,16 +132,18 @@ class Online:
             client.push(event)
 
     def reservation_changed(self, reservation: Reservation, reason: str) -> None:
-        event = p.ReservationChanged(reservation=self.views.reservation_info(reservation), reason=reason)
         # A trip's stops change by its two-phase commit only with their trip, and the vehicle
         # hears of that from its home (TripChanged, with every stop): the same news per stop
         # would only be more frames, across operators even (ForVehicle).
-        if reservation.trip_id is None or reason not in _TRIP_DECISIONS:
-            self.to_vehicle(reservation.vehicle_id, event)
+        to_vehicle = reservation.trip_id is None or reason not in _TRIP_DECISIONS
         charge_point = self.charge_points.get(reservation.charge_point_id)
-        if charge_point is not None:  # a gateway turns these into its charge point's reservations
-            charge_point.push(event)
-        self.to_operator_tools(event)
+        if to_vehicle or charge_point is not None or self.operator_tools:  # else nobody hears: nothing to build
+            event = p.ReservationChanged(reservation=self.views.reservation_info(reservation), reason=reason)
+            if to_vehicle:
+                self.to_vehicle(reservation.vehicle_id, event)
+            if charge_point is not None:  # a gateway turns these into its charge point's reservations
+                charge_point.push(event)
+            self.to_operator_tools(event)
         self._station_news(reservation.charge_point_id)
 
     def charge_point_changed(self, cp_id: str) -> None:

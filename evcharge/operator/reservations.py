@@ -8,12 +8,12 @@ reader lock or run inside a ``mutate``.
 from __future__ import annotations
 
 import heapq
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from evcharge.domain.clock import to_datetime
 from evcharge.domain.model import Reservation
+from evcharge.operator.ids import new_id
 from evcharge.operator.state import MIN, Actor, Books, Change, ChargePointState
 from evcharge.operator.store import Op, put_reservation
 from evcharge.wire.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
@@ -68,7 +68,7 @@ class Reservations:
                     next_free=to_datetime(free),
                 )
             r = Reservation(
-                id=f"{books.operator_id}-{secrets.token_hex(5)}",
+                id=new_id(f"{books.operator_id}-"),
                 charge_point_id=cp_id,
                 vehicle_id=vehicle_id,
                 start=start,

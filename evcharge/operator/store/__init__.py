@@ -19,6 +19,7 @@ from evcharge.operator.store.base import (
     put_reservation,
     put_session,
     put_trip,
+    put_trip_unacked,
 )
 from evcharge.operator.store.sqlite import MIGRATIONS, SCHEMA_VERSION, Store, migrate, read_state, store_file
 
@@ -69,6 +70,7 @@ __all__ = [
     "put_reservation",
     "put_session",
     "put_trip",
+    "put_trip_unacked",
     "read_state",
     "store_file",
     "store_for",

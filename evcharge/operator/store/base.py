@@ -34,12 +34,13 @@ Op = tuple[str, tuple[Any, ...]]  # (kind, values): rendered as SQL by each back
 RESERVATION = "reservation"  # upsert by id
 SESSION = "session"  # upsert by reservation id
 TRIP = "trip"  # upsert by id
+TRIP_UNACKED = "trip_unacked"  # update a stored trip's unacked (the only column acknowledgements change)
 OUTCOME = "outcome"  # upsert by (scope, key)
 FORGET_OUTCOMES = "forget_outcomes"  # delete outcomes created before (real seconds)
 RECORD = "record"  # insert; the same charge record again changes nothing
 META = "meta"  # upsert by key
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
-OP_KINDS = (RESERVATION, SESSION, TRIP, OUTCOME, FORGET_OUTCOMES, RECORD, META)
+OP_KINDS = (RESERVATION, SESSION, TRIP, TRIP_UNACKED, OUTCOME, FORGET_OUTCOMES, RECORD, META)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,11 @@ def put_trip(t: Trip) -> Op:
             t.created,
         ),
     )
+
+
+def put_trip_unacked(t: Trip) -> Op:
+    """Who has not acknowledged the decision yet, for a trip whose row is stored already."""
+    return (TRIP_UNACKED, (json.dumps(t.unacked), t.id))
 
 
 def put_session(s: ChargingSession) -> Op:

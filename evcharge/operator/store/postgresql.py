@@ -41,6 +41,7 @@ from evcharge.operator.store.base import (
     OP_TABLES,
     PRIMARY_KEYS,
     RECORD,
+    TRIP_UNACKED,
     DamagedStoreError,
     Op,
     StoredState,
@@ -247,6 +248,8 @@ def read_state(conn: psycopg.Connection[Any]) -> StoredState:
 def _render(kind: str) -> str:
     if kind == FORGET_OUTCOMES:
         return "DELETE FROM outcomes WHERE created < %s"
+    if kind == TRIP_UNACKED:
+        return "UPDATE trips SET unacked = %s WHERE id = %s"
     table = OP_TABLES[kind]
     columns = OP_COLUMNS[kind]
     names = ", ".join(f'"{c}"' for c in columns)
@@ -259,7 +262,7 @@ def _render(kind: str) -> str:
 
 
 # Each store-neutral write as PostgreSQL's SQL (base.OP_KINDS).
-POSTGRES_OPS: dict[str, str] = {kind: _render(kind) for kind in (*OP_TABLES, FORGET_OUTCOMES)}
+POSTGRES_OPS: dict[str, str] = {kind: _render(kind) for kind in (*OP_TABLES, FORGET_OUTCOMES, TRIP_UNACKED)}
 
 
 class _Overlap(StoreError):

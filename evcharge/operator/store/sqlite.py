@@ -39,6 +39,7 @@ from evcharge.operator.store.base import (
     OP_COLUMNS,
     OP_TABLES,
     RECORD,
+    TRIP_UNACKED,
     DamagedStoreError,
     Op,
     StoredState,
@@ -176,6 +177,8 @@ def read_state(conn: sqlite3.Connection) -> StoredState:
 def _render(kind: str) -> str:
     if kind == FORGET_OUTCOMES:
         return "DELETE FROM outcomes WHERE created < ?"
+    if kind == TRIP_UNACKED:
+        return "UPDATE trips SET unacked = ? WHERE id = ?"
     columns = OP_COLUMNS[kind]
     verb = "INSERT OR IGNORE" if kind == RECORD else "INSERT OR REPLACE"
     names = ", ".join(f'"{c}"' if c == "end" else c for c in columns)
@@ -183,7 +186,7 @@ def _render(kind: str) -> str:
 
 
 # Each store-neutral write as SQLite's SQL (base.OP_KINDS).
-SQLITE_OPS: dict[str, str] = {kind: _render(kind) for kind in (*OP_TABLES, FORGET_OUTCOMES)}
+SQLITE_OPS: dict[str, str] = {kind: _render(kind) for kind in (*OP_TABLES, FORGET_OUTCOMES, TRIP_UNACKED)}
 _PROBE_SQL = "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', hex(randomblob(4096)))"
 
 

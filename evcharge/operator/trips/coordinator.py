@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -38,9 +37,10 @@ from evcharge.domain.model import Trip
 from evcharge.domain.world import VehicleConfig
 from evcharge.operator.crash_points import crash_point
 from evcharge.operator.fair import FairQueue
+from evcharge.operator.ids import new_id
 from evcharge.operator.pushes import Online
 from evcharge.operator.state import Actor, Books, Change
-from evcharge.operator.store import Op, StoreError, put_trip
+from evcharge.operator.store import Op, StoreError, put_trip, put_trip_unacked
 from evcharge.operator.trips.batching import Batcher, Result
 from evcharge.operator.trips.participant import Participant
 from evcharge.operator.trips.peers import PEER_TIMEOUT, Peers
@@ -158,7 +158,7 @@ class Coordinator:
     async def _book(
         self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str, remember: Callable[[Booked], Op] | None
     ) -> Booked:
-        trip_id = f"{self.me}-T{secrets.token_hex(5)}"
+        trip_id = new_id(f"{self.me}-T")
         conflicts = ""
         shown = self.planning.shown_plan(vehicle.id, query, plan_id) if plan_id else None
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -425,7 +425,7 @@ class Coordinator:
                         updated = replace(current, unacked=unacked)
                         # Memory first, under the writer lock, as every change: a failed commit reloads it.
                         self.books.remember_trip(updated)
-                        ops.append(put_trip(updated))
+                        ops.append(put_trip_unacked(updated))
                 return Change(None, ops)
 
             try:

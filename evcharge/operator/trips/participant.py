@@ -20,12 +20,12 @@ import dataclasses
 import heapq
 import json
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 
 from evcharge.domain.clock import to_datetime, to_seconds
 from evcharge.domain.model import Reservation, Withdrawal
+from evcharge.operator.ids import new_id
 from evcharge.operator.state import MIN, Actor, Books, Change
 from evcharge.operator.store import Op, StoredState, put_meta, put_reservation
 from evcharge.operator.store.integrity import WITHDRAWN_META
@@ -119,7 +119,7 @@ class Participant:
                 return Change(p.Vote(txn_id=prepare.txn_id, yes=False, conflicts=conflicts, reason="slots taken"))
             made = [
                 Reservation(
-                    id=f"{books.operator_id}-{secrets.token_hex(5)}",
+                    id=new_id(f"{books.operator_id}-"),
                     charge_point_id=cp_id,
                     vehicle_id=prepare.vehicle_id,
                     start=start,

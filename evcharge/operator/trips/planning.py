@@ -8,7 +8,6 @@ would all go for the same slots and all but one lose.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from evcharge.domain.clock import to_seconds
 from evcharge.domain.ledger import Ledger
 from evcharge.domain.world import VehicleConfig
 from evcharge.operator.fair import FairQueue
+from evcharge.operator.ids import new_id
 from evcharge.operator.state import Books
 from evcharge.operator.trips.peers import Peers
 from evcharge.wire import protocol as p
@@ -144,7 +144,7 @@ class Planning:
 
     def show(self, vehicle_id: str, query: p.TripQuery, plan: planner.Plan) -> str:
         """Keep a plan shown to a vehicle for a while, so that it can book exactly that plan."""
-        plan_id = f"{self.operator_id}-P{secrets.token_hex(5)}"
+        plan_id = new_id(f"{self.operator_id}-P")
         # Per vehicle, so that nobody's plans push out anyone else's.
         mine = self._shown.setdefault(vehicle_id, OrderedDict())
         mine[plan_id] = _ShownPlan(query, plan, time.monotonic() + PLAN_TTL)
