@@ -68,7 +68,7 @@ class Reservations:
                     next_free=to_datetime(free),
                 )
             r = Reservation(
-                id=new_id(f"{books.operator_id}-"),
+                id=new_id(f"{books.operator_id}-", books.reservations),
                 charge_point_id=cp_id,
                 vehicle_id=vehicle_id,
                 start=start,

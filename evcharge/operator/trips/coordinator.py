@@ -104,6 +104,7 @@ class Coordinator:
         self.storing_acks: set[str] = set()  # trips whose acknowledgements are being stored
         self._background: set[asyncio.Task[None]] = set()  # decisions being delivered, acknowledgements stored
         self._stopping = False
+        self._booking: set[str] = set()  # ids of the trips being booked now (not stored yet)
         self._trip_locks: dict[str, asyncio.Lock] = {}
         self._writing: set[str] = set()  # trips whose row is being changed under their lock (_update_trip)
         self._turns = FairQueue(BOOKINGS_AT_ONCE, MAX_BOOKINGS_WAITING, "trip bookings")
@@ -153,12 +154,21 @@ class Coordinator:
         vehicle's bookings take their turns (at most a few at once per vehicle).
         """
         async with self._turns.turn(vehicle.id):
-            return await self._book(vehicle, query, plan_id, remember)
+            trip_id = new_id(f"{self.me}-T", self.books.trips, self._booking)
+            self._booking.add(trip_id)
+            try:
+                return await self._book(trip_id, vehicle, query, plan_id, remember)
+            finally:
+                self._booking.discard(trip_id)
 
     async def _book(
-        self, vehicle: VehicleConfig, query: p.TripQuery, plan_id: str, remember: Callable[[Booked], Op] | None
+        self,
+        trip_id: str,
+        vehicle: VehicleConfig,
+        query: p.TripQuery,
+        plan_id: str,
+        remember: Callable[[Booked], Op] | None,
     ) -> Booked:
-        trip_id = new_id(f"{self.me}-T")
         conflicts = ""
         shown = self.planning.shown_plan(vehicle.id, query, plan_id) if plan_id else None
         for attempt in range(1, MAX_ATTEMPTS + 1):

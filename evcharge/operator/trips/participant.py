@@ -117,9 +117,10 @@ class Participant:
                     conflicts.append(p.StopConflict(charge_point_id=cp_id, next_free=to_datetime(free)))
             if conflicts:
                 return Change(p.Vote(txn_id=prepare.txn_id, yes=False, conflicts=conflicts, reason="slots taken"))
-            made = [
-                Reservation(
-                    id=new_id(f"{books.operator_id}-"),
+            made: list[Reservation] = []
+            for cp_id, start, end in stops:
+                r = Reservation(
+                    id=new_id(f"{books.operator_id}-", books.reservations),
                     charge_point_id=cp_id,
                     vehicle_id=prepare.vehicle_id,
                     start=start,
@@ -131,10 +132,8 @@ class Participant:
                     txn_id=prepare.txn_id,
                     coordinator=coordinator,
                 )
-                for cp_id, start, end in stops
-            ]
-            for r in made:
-                books.index(r)
+                books.index(r)  # before the next id is drawn: it is taken now
+                made.append(r)
             vote = p.Vote(txn_id=prepare.txn_id, yes=True, reservation_ids=[r.id for r in made])
             return Change(vote, [put_reservation(r) for r in made], [(r, "held") for r in made])
 

@@ -144,9 +144,9 @@ class Planning:
 
     def show(self, vehicle_id: str, query: p.TripQuery, plan: planner.Plan) -> str:
         """Keep a plan shown to a vehicle for a while, so that it can book exactly that plan."""
-        plan_id = new_id(f"{self.operator_id}-P")
         # Per vehicle, so that nobody's plans push out anyone else's.
         mine = self._shown.setdefault(vehicle_id, OrderedDict())
+        plan_id = new_id(f"{self.operator_id}-P", mine)
         mine[plan_id] = _ShownPlan(query, plan, time.monotonic() + PLAN_TTL)
         while len(mine) > MAX_PLANS_SHOWN:
             mine.popitem(last=False)
