@@ -14,7 +14,7 @@ import pytest
 from evcharge.domain.world import World
 from evcharge.operator.server import Server
 from evcharge.wire import protocol as p
-from evcharge.wire.connection import Connection
+from evcharge.wire.connection import Connection, open_connection
 from evcharge.wire.errors import TooLargeError
 
 from .conftest import operator, running_server, vehicle
@@ -203,7 +203,7 @@ async def test_a_reply_over_the_frame_limit_is_refused_not_sent() -> None:
 
     listener = await asyncio.start_server(sink, "127.0.0.1", 0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
+        reader, writer = await open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
         conn = Connection(reader, writer, max_frame=64)
         with pytest.raises(TooLargeError, match="over the frame limit"):
             await conn.send(p.Error(id=1, code="internal", message="x" * 200))

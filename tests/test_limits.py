@@ -130,6 +130,22 @@ async def test_a_frame_trickled_after_hello_is_cut_off_by_the_frame_timeout(worl
                 await asyncio.sleep(0.02)
 
 
+async def test_each_frame_has_its_own_frame_timeout(world: World, tmp_path: Path) -> None:
+    async with (
+        running_server(world, tmp_path / "data", frame_timeout=2.0, idle_timeout=600) as server,
+        raw(server) as peer,
+    ):
+        await peer.hello(server, "vehicle", "V01")
+        first, second = p.encode_frame(p.Heartbeat(id=2)), p.encode_frame(p.Heartbeat(id=3))
+        # Each frame is whole 1.2 s after it began, the second 2.4 s after the first began.
+        await peer.send_raw(first[:7])
+        await asyncio.sleep(1.2)
+        await peer.send_raw(first[7:] + second[:7])
+        await asyncio.sleep(1.2)
+        await peer.send_raw(second[7:])
+        assert [(await peer.receive()).id, (await peer.receive()).id] == [2, 3]
+
+
 async def test_the_limits_are_options_of_evcharge_server(spawn_server: Any) -> None:
     # A real `evcharge server` process takes every limit option; two of them are seen at work.
     proc = spawn_server(

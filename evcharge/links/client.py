@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from evcharge.links.requests import Requests
 from evcharge.wire import protocol as p
 from evcharge.wire.auth import new_nonce, peer_proof, same_secret
-from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT, Connection, ConnectionClosed, Responder
+from evcharge.wire.connection import DEFAULT_REQUEST_TIMEOUT, Connection, ConnectionClosed, Responder, open_connection
 from evcharge.wire.errors import (
     BadRequestError,
     ConnectionLostError,
@@ -152,7 +152,7 @@ async def open_client(
         tls = {"ssl": ssl_context, "server_hostname": server_hostname, "ssl_handshake_timeout": timeout}
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=p.MAX_FRAME, **tls)
+            reader, writer = await open_connection(host, port, **tls)
     except TimeoutError:
         raise RequestTimeoutError(f"could not connect to {host}:{port} within {timeout:g} s") from None
     except ssl.SSLCertVerificationError as exc:

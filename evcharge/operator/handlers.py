@@ -4,7 +4,7 @@ Every request a client can send is handled in exactly one ``handle`` method
 below, by a ``match`` on its type: ``VehicleHandler``, ``ChargePointHandler``
 (the wire role ``station``: one charge point), ``OperatorToolHandler`` (the
 operator's own monitor, dashboard and inspect) and ``PeerHandler`` (another
-operator). The receive loop itself is ``Connection.serve``.
+operator). What arrives is dispatched to them by ``Connection.serve``.
 """
 
 from __future__ import annotations

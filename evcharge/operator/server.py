@@ -44,7 +44,7 @@ from evcharge.operator.trips.participant import Participant
 from evcharge.operator.views import Views
 from evcharge.wire import protocol as p
 from evcharge.wire.auth import new_nonce, peer_proof, same_secret
-from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT, Connection, ConnectionClosed
+from evcharge.wire.connection import MAX_IN_FLIGHT, WRITE_TIMEOUT, Connection, ConnectionClosed, start_server
 from evcharge.wire.errors import (
     BadRequestError,
     ConnectionLostError,
@@ -230,9 +230,7 @@ class Server:
             if context is not None:
                 # A TLS handshake has a deadline like the Hello after it.
                 tls = {"ssl": context, "ssl_handshake_timeout": self.hello_timeout, "ssl_shutdown_timeout": 2.0}
-            opened = await asyncio.start_server(
-                functools.partial(self._accept, i), listener.host, listener.port, limit=p.MAX_FRAME, **tls
-            )
+            opened = await start_server(functools.partial(self._accept, i), listener.host, listener.port, **tls)
             self._listeners.append(opened)
             self.listen[i] = replace(listener, port=opened.sockets[0].getsockname()[1])
         self.port = self.listen[0].port

@@ -1,11 +1,16 @@
-"""A framed, pipelined connection over asyncio streams, and its one dispatch loop.
+"""A framed, pipelined connection over asyncio streams, and its dispatch.
 
 ``Connection`` is shared by the server and every client. It reads frames into
 messages, matches replies to the requests that are waiting for them (many may be
 in flight, answered in any order), and writes with a deadline so a peer that
-stops reading cannot stall us forever. ``Connection.serve`` is the receive loop
-of both sides: replies go to their waiting requests, events and requests to a
+stops reading cannot stall us forever. ``Connection.serve`` dispatches for both
+sides: replies go to their waiting requests, events and requests to a
 ``Responder`` (the server's role handlers, a client's callbacks).
+
+Bytes do not go through a ``StreamReader``: the transport hands them to the
+connection (``FramedProtocol``), which splits and dispatches them in that same
+callback, so a reply wakes only the request waiting for it -- no read loop task
+in between. Streams open with ``open_connection`` and ``start_server`` here.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from evcharge.wire.errors import (
     BadRequestError,
@@ -42,7 +49,8 @@ from evcharge.wire.protocol import (
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 64 * 1024
+# Bytes buffered, not yet taken by ``receive`` (before serving), above which we stop reading.
+RECEIVE_BUFFER = 2 * MAX_FRAME
 DEFAULT_REQUEST_TIMEOUT = 10.0
 WRITE_TIMEOUT = 10.0
 # Above this many unsent bytes we wait for the peer to read before writing more.
@@ -83,6 +91,68 @@ class Responder:
         """The reply to ``request`` was handed to the connection (or could not be)."""
 
 
+class FramedProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol (its writer, drain and close as they are), whose bytes go to a ``Connection``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.receiver: Connection | None = None
+        self.early = bytearray()  # what came before the connection was made (a moment, usually nothing)
+        self.ended_early = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.receiver is not None:
+            self.receiver._data_received(data)
+            return
+        self.early += data
+        if len(self.early) > RECEIVE_BUFFER and self.transport is not None:
+            self.transport.pause_reading()  # the connection resumes it
+
+    def eof_received(self) -> bool:
+        keep_open = bool(super().eof_received())
+        self._ended()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._ended()
+
+    def _ended(self) -> None:
+        if self.receiver is not None:
+            self.receiver._ended()
+        else:
+            self.ended_early = True
+
+
+async def open_connection(host: str, port: int, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``asyncio.open_connection`` for a ``Connection`` (its bytes go to the connection, not to the reader)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    protocol = FramedProtocol(reader, loop=loop)
+    transport, _ = await loop.create_connection(lambda: protocol, host, port, **kwargs)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+async def start_server(
+    connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    **kwargs: Any,
+) -> asyncio.Server:
+    """``asyncio.start_server`` for ``Connection``s."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> FramedProtocol:
+        return FramedProtocol(asyncio.StreamReader(loop=loop), connected, loop=loop)
+
+    return await loop.create_server(factory, host, port, **kwargs)
+
+
 class Connection:
     def __init__(
         self,
@@ -91,19 +161,31 @@ class Connection:
         *,
         max_frame: int = MAX_FRAME,
     ) -> None:
-        self._reader = reader
+        protocol = writer.transport.get_protocol()
+        if not isinstance(protocol, FramedProtocol):
+            raise TypeError("a Connection needs the streams of open_connection or start_server (evcharge.wire)")
+        assert protocol.transport is not None  # connection_made came before the streams
+        self._reading = protocol.transport
         self._writer = writer
         self._frames = FrameBuffer(max_frame)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._ended_reading = False  # the peer closed its side, or the connection broke
+        self._data_waiter: asyncio.Future[None] | None = None  # a receive() waiting for bytes
+        self._reading_paused = False
         # Once a frame's first bytes are in, all of it must arrive within this (None: no limit);
         # an idle timeout alone is reset by every byte, so a trickle would hold the connection forever.
         self.frame_timeout: float | None = None
         self._frame_started: float | None = None
-        self._waiting_since: float | None = None  # when the read now waiting began (monotonic)
+        self._frame_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._idle_expired = False
+        self._last_data = 0.0  # when bytes last came (monotonic), while serving with an idle timeout
+        # While serving: where requests and events go, how many requests at once, why it ended.
+        self._responder: Responder | None = None
+        self._max_in_flight = MAX_IN_FLIGHT
+        self._requests = 0  # the peer's requests being handled, their replies not yet handed over
+        self._ending: asyncio.Future[str] | None = None
         self.write_timeout = WRITE_TIMEOUT
         self._loop = asyncio.get_running_loop()
         self.last_sent = self._loop.time()  # when we last wrote a frame (monotonic)
@@ -117,13 +199,21 @@ class Connection:
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        protocol.receiver = self
+        if protocol.early:
+            self._frames.feed(bytes(protocol.early))
+            protocol.early.clear()
+            if self._frames.buffered > RECEIVE_BUFFER:
+                self._pause_reading()
+        if protocol.ended_early:
+            self._ended_reading = True
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     async def receive(self, timeout: float | None = None) -> Message:
-        """The next message from the peer.
+        """The next message from the peer (before ``serve``: the handshake).
 
         Raises ``ConnectionClosed`` at end of stream, ``TimeoutError`` when no
         byte arrives within ``timeout``, ``FrameTimeout`` when a begun frame is
@@ -136,48 +226,88 @@ class Connection:
             if body is not None:
                 # The clock runs only while we wait for the peer, never while we are busy elsewhere.
                 self._frame_started = None
+                if self._reading_paused and self._frames.buffered <= RECEIVE_BUFFER:
+                    self._resume_reading()
                 return decode_body(body)
-            if self._closed:
+            if self._ended_reading or self._closed:
                 raise ConnectionClosed
             wait, frame_deadline = timeout, False
             if self.frame_timeout is not None and self._frames.buffered:
-                now = asyncio.get_running_loop().time()
+                now = self._loop.time()
                 if self._frame_started is None:
                     self._frame_started = now
                 left = self._frame_started + self.frame_timeout - now
                 if wait is None or left < wait:
                     wait, frame_deadline = max(left, 0.0), True
+            self._data_waiter = waiter = self._loop.create_future()
             try:
-                if wait is None:  # no timer to arm and disarm for every read (serve's idle watch looks)
-                    self._waiting_since = self._loop.time()
-                    try:
-                        data = await self._reader.read(READ_CHUNK)
-                    finally:
-                        self._waiting_since = None
+                if wait is None:
+                    await waiter
                 else:
                     async with asyncio.timeout(wait):
-                        data = await self._reader.read(READ_CHUNK)
+                        await waiter
             except TimeoutError:
                 if frame_deadline:
                     raise FrameTimeout(f"a frame was not complete within {self.frame_timeout:g} s") from None
                 raise
-            except (ConnectionError, OSError) as exc:
-                raise ConnectionClosed from exc
-            if not data:
-                if self._idle_expired:
-                    raise TimeoutError
-                raise ConnectionClosed
-            self._frames.feed(data)
+            finally:
+                self._data_waiter = None
+
+    # --- bytes from the transport (FramedProtocol) ---------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        self._frames.feed(data)
+        if self._ending is not None:  # serving
+            if self._idle_timer is not None:
+                self._last_data = self._loop.time()
+            self._dispatch()
+            return
+        if self._frames.buffered > RECEIVE_BUFFER:
+            self._pause_reading()
+        self._wake_receive()
+
+    def _ended(self) -> None:
+        self._ended_reading = True
+        if self._ending is not None:
+            self._dispatch()  # what is buffered still counts; then serve ends
+        else:
+            self._wake_receive()
+
+    def _wake_receive(self) -> None:
+        waiter = self._data_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            with contextlib.suppress(RuntimeError):  # uvloop: closing meanwhile
+                self._reading.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            with contextlib.suppress(RuntimeError):
+                self._reading.resume_reading()
 
     def _watch_idle(self, idle: float) -> None:
         """Serve's idle timeout: one timer per connection, looked at when due, not one per read."""
-        since = self._waiting_since
         now = self._loop.time()
-        if since is not None and now - since >= idle:
-            self._idle_expired = True
-            self._reader.feed_eof()  # the read waiting now ends, as at the end of the stream
+        if self._reading_paused:  # we are not reading (too busy): the peer is not idle
+            self._last_data = now
+        elif now - self._last_data >= idle:
+            self._end(f"idle for {idle:g} s")
             return
-        self._idle_timer = self._loop.call_at((since if since is not None else now) + idle, self._watch_idle, idle)
+        self._idle_timer = self._loop.call_at(self._last_data + idle, self._watch_idle, idle)
+
+    def _frame_overdue(self) -> None:
+        self._frame_timer = None
+        self._end(f"a frame was not complete within {self.frame_timeout:g} s")
+
+    def _end(self, why: str) -> None:
+        """Serving ends (``serve`` then closes the connection)."""
+        if self._ending is not None and not self._ending.done():
+            self._ending.set_result(why)
 
     def resolve(self, reply: Reply) -> None:
         """Hand a reply to the request waiting for it (late replies are dropped)."""
@@ -344,48 +474,89 @@ class Connection:
         slots and then we stop reading its requests (backpressure) instead of piling up
         replies it will never take. ``idle_timeout``: close when nothing arrives that long.
         """
-        slots = asyncio.Semaphore(max_in_flight)
+        self._responder = responder
+        self._max_in_flight = max_in_flight
+        ending: asyncio.Future[str] = self._loop.create_future()
+        self._ending = ending
         if idle_timeout is not None:
+            self._last_data = self._loop.time()
             self._idle_timer = self._loop.call_later(idle_timeout, self._watch_idle, idle_timeout)
         try:
-            while True:
-                try:
-                    message = await self.receive()
-                except UndecodableMessage as exc:
-                    await self._answer_undecodable(exc)
-                    continue
-                if isinstance(message, Reply):
-                    self.resolve(message)
-                elif isinstance(message, Event):
-                    responder.handle_event(message)
-                else:
-                    assert isinstance(message, Request)
-                    await slots.acquire()
-                    task = asyncio.get_running_loop().create_task(self._answer(responder, message, slots))
-                    self._serving.add(task)
-                    task.add_done_callback(self._serving.discard)
-        except FrameTooLarge as exc:
-            await self.reply_error(0, TooLargeError(str(exc)))
-            return str(exc)
-        except FrameTimeout as exc:
-            return str(exc)
-        except TimeoutError:
-            return f"idle for {idle_timeout:g} s"
-        except ConnectionClosed:
-            return "closed"
+            self._resume_reading()
+            self._dispatch()  # what came before (during the handshake, say)
+            return await ending
         finally:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            for timer in (self._idle_timer, self._frame_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._idle_timer = self._frame_timer = None
             await self.close()
 
-    async def _answer_undecodable(self, exc: UndecodableMessage) -> None:
+    def _dispatch(self) -> None:
+        """Hand every whole message buffered to where it goes, as long as requests have slots."""
+        responder, ending = self._responder, self._ending
+        assert responder is not None and ending is not None
+        frames = self._frames
+        whole = 0  # frames taken now: the one begun after them gets its own time
+        while True:
+            if ending.done():
+                return
+            if self._requests >= self._max_in_flight:
+                self._pause_reading()  # _request_done resumes, and dispatches what waits
+                self._frame_clock(running=False)  # we are not reading: the peer is not slow
+                return
+            try:
+                body = frames.next_body()
+                if body is None:
+                    break
+                whole += 1
+                message = decode_body(body)
+            except FrameTooLarge as exc:
+                with contextlib.suppress(ConnectionLostError):
+                    self.write_nowait(TooLargeError(str(exc)).to_reply(0))
+                self._end(str(exc))
+                return
+            except UndecodableMessage as exc:
+                self._answer_undecodable(exc)
+                continue
+            if isinstance(message, Reply):
+                self.resolve(message)
+            elif isinstance(message, Event):
+                try:
+                    responder.handle_event(message)
+                except Exception:  # one bad handler must not end the connection
+                    log.exception("%s: handling %s failed", responder, type(message).__name__)
+            else:
+                assert isinstance(message, Request)
+                self._requests += 1
+                task = self._loop.create_task(self._answer(responder, message))
+                self._serving.add(task)
+                task.add_done_callback(self._serving.discard)
+        if self._ended_reading or self._closed:
+            self._end("closed")
+        elif self.frame_timeout is not None:
+            if not frames.buffered:
+                self._frame_clock(running=False)
+            elif whole or self._frame_timer is None:  # a frame begun now
+                self._frame_clock(running=True)
+
+    def _frame_clock(self, *, running: bool) -> None:
+        """A begun frame must be whole within ``frame_timeout``: (re)start its clock, or stop it."""
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+        if running and self.frame_timeout is not None:
+            self._frame_timer = self._loop.call_later(self.frame_timeout, self._frame_overdue)
+
+    def _answer_undecodable(self, exc: UndecodableMessage) -> None:
         error = BadRequestError(exc.reason if exc.in_user_words else f"undecodable message: {exc.reason}")
         if exc.request_id and self.fail_request(exc.request_id, error):
             return  # it was the reply to one of our own requests
         log.info("%s: bad message: %s", self.peername, exc.reason)
-        await self.reply_error(exc.request_id, error)
+        with contextlib.suppress(ConnectionLostError):
+            self.write_nowait(error.to_reply(exc.request_id))
 
-    async def _answer(self, responder: Responder, request: Request, slots: asyncio.Semaphore) -> None:
+    async def _answer(self, responder: Responder, request: Request) -> None:
         try:
             try:
                 if isinstance(request, Hello):
@@ -403,13 +574,19 @@ class Connection:
                 except TooLargeError as exc:
                     await self.send(exc.to_reply(request.id))
         finally:
-            slots.release()
+            self._request_done()
         responder.replied(request, reply)
+
+    def _request_done(self) -> None:
+        self._requests -= 1
+        if self._reading_paused and self._requests < self._max_in_flight and self._ending is not None:
+            self._resume_reading()
+            self._dispatch()
 
     @property
     def in_flight(self) -> int:
-        """The peer's requests being handled or answered right now."""
-        return len(self._serving)
+        """The peer's requests being handled or answered right now (their replies not yet handed over)."""
+        return self._requests
 
     async def wait_served(self) -> None:
         """Wait for the peer's requests being handled (at shutdown)."""
