@@ -203,8 +203,8 @@ async def test_a_reply_over_the_frame_limit_is_refused_not_sent() -> None:
 
     listener = await asyncio.start_server(sink, "127.0.0.1", 0)
     try:
-        reader, writer = await open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
-        conn = Connection(reader, writer, max_frame=64)
+        writer = await open_connection("127.0.0.1", listener.sockets[0].getsockname()[1])
+        conn = Connection(writer, max_frame=64)
         with pytest.raises(TooLargeError, match="over the frame limit"):
             await conn.send(p.Error(id=1, code="internal", message="x" * 200))
         await conn.send(p.Ok(id=2))  # the connection is still good for what fits

@@ -152,7 +152,7 @@ async def open_client(
         tls = {"ssl": ssl_context, "server_hostname": server_hostname, "ssl_handshake_timeout": timeout}
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await open_connection(host, port, **tls)
+            writer = await open_connection(host, port, **tls)
     except TimeoutError:
         raise RequestTimeoutError(f"could not connect to {host}:{port} within {timeout:g} s") from None
     except ssl.SSLCertVerificationError as exc:
@@ -164,7 +164,7 @@ async def open_client(
         raise UnavailableError(f"TLS handshake with {host}:{port} failed: {describe_ssl_failure(exc)}") from None
     except OSError as exc:
         raise UnavailableError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-    conn = Connection(reader, writer)
+    conn = Connection(writer)
     try:
         # A peer sends a nonce, never its secret (see evcharge.wire.auth).
         nonce = new_nonce() if role == "peer" else ""

@@ -334,7 +334,7 @@ class Server:
     async def _accept(self, listener: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        conn = Connection(reader, writer)
+        conn = Connection(writer)
         conn.frame_timeout = self.frame_timeout
         conn.write_timeout = self.write_timeout
         if len(self._handshakes) >= self.caps.handshakes:

@@ -129,13 +129,13 @@ class FramedProtocol(asyncio.StreamReaderProtocol):
             self.ended_early = True
 
 
-async def open_connection(host: str, port: int, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """``asyncio.open_connection`` for a ``Connection`` (its bytes go to the connection, not to the reader)."""
+async def open_connection(host: str, port: int, **kwargs: Any) -> asyncio.StreamWriter:
+    """``asyncio.open_connection`` for a ``Connection``: only its writer (the bytes go to the connection)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(loop=loop)
     protocol = FramedProtocol(reader, loop=loop)
     transport, _ = await loop.create_connection(lambda: protocol, host, port, **kwargs)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    return asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def start_server(
@@ -154,13 +154,8 @@ async def start_server(
 
 
 class Connection:
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        max_frame: int = MAX_FRAME,
-    ) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, *, max_frame: int = MAX_FRAME) -> None:
+        """Over the streams of ``open_connection`` or ``start_server`` (the reader is not used: see the module)."""
         protocol = writer.transport.get_protocol()
         if not isinstance(protocol, FramedProtocol):
             raise TypeError("a Connection needs the streams of open_connection or start_server (evcharge.wire)")
