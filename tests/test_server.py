@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -219,7 +219,9 @@ async def test_no_show_expires_and_frees_the_slot(world: World, tmp_path: Path) 
     async with running_server(world, tmp_path / "data", time_scale=600.0) as srv, vehicle(srv, "V01") as c:
         pushed = []
         c.on_event.append(pushed.append)
-        r = await c.reserve("FOR-1-1", c.server_now(), 60)
+        # The server's own clock, half a simulated minute ahead: at x600 a client's estimate from
+        # its handshake, or a reply delayed 0.1 s on a busy machine, is a minute off.
+        r = await c.reserve("FOR-1-1", datetime.fromtimestamp(srv.clock.now() + 30, UTC), 60)
         async with asyncio.timeout(10):
             while (await c.reservations(include_past=True))[0].state == "booked":
                 await asyncio.sleep(0.1)
