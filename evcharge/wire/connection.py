@@ -160,7 +160,7 @@ class Connection:
         if not isinstance(protocol, FramedProtocol):
             raise TypeError("a Connection needs the streams of open_connection or start_server (evcharge.wire)")
         assert protocol.transport is not None  # connection_made came before the streams
-        self._reading = protocol.transport
+        self._reading = protocol.transport  # writer.transport, as the read side sees it (pause and resume)
         self._writer = writer
         self._frames = FrameBuffer(max_frame)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
