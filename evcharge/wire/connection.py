@@ -160,7 +160,7 @@ class Connection:
         if not isinstance(protocol, FramedProtocol):
             raise TypeError("a Connection needs the streams of open_connection or start_server (evcharge.wire)")
         assert protocol.transport is not None  # connection_made came before the streams
-        self._reading = protocol.transport  # writer.transport, as the read side sees it (pause and resume)
+        self._transport = protocol.transport  # writer.transport, typed for reading too (pause, resume)
         self._writer = writer
         self._frames = FrameBuffer(max_frame)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
@@ -187,11 +187,10 @@ class Connection:
         self._serving: set[asyncio.Task[None]] = set()  # requests of the peer's being handled
         # The last error the peer sent unasked (id 0): if it then closes, why (say, replaced by a newer connection).
         self.farewell: Error | None = None
-        self._transport = writer.transport
         self._out: list[bytes] = []  # frames of this turn of the event loop, written together at its end
         self._out_bytes = 0
         self._flush_due = False
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = writer.get_extra_info("peername")
         self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         protocol.receiver = self
@@ -277,13 +276,13 @@ class Connection:
         if not self._reading_paused:
             self._reading_paused = True
             with contextlib.suppress(RuntimeError):  # uvloop: closing meanwhile
-                self._reading.pause_reading()
+                self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
         if self._reading_paused:
             self._reading_paused = False
             with contextlib.suppress(RuntimeError):
-                self._reading.resume_reading()
+                self._transport.resume_reading()
 
     def _watch_idle(self, idle: float) -> None:
         """Serve's idle timeout: one timer per connection, looked at when due, not one per read."""

@@ -361,15 +361,14 @@ class Coordinator:
         if not task.cancelled() and task.exception() is not None:
             log.error("background work failed", exc_info=task.exception())
 
-    async def _tell(self, owner: str, trip_id: str, txn_id: str, decision: str) -> str:
-        """Deliver one decision ("commit", "abort" or "release") to one owner; returns the owner."""
+    async def _tell(self, owner: str, trip_id: str, txn_id: str, decision: str) -> None:
+        """Deliver one decision ("commit", "abort" or "release") to one owner."""
         request: p.TwoPhaseItem
         if decision == "release":
             request = p.ReleaseTrip(trip_id=trip_id)
         else:
             request = p.Decide(txn_id=txn_id, trip_id=trip_id, commit=decision == "commit")
         await self.batcher(owner).submit(request, None if owner == self.me else PEER_TIMEOUT)
-        return owner
 
     async def _tell_abort(self, txn_id: str, trip_id: str, owners: list[str]) -> None:
         """Best effort: a participant not reached asks us after its deadline."""
@@ -397,10 +396,12 @@ class Coordinator:
             results = await asyncio.gather(
                 *(self._tell(o, trip.id, trip.txn_id, decision) for o in owners), return_exceptions=True
             )
+            acked: set[str] = set()
             for owner, result in zip(owners, results, strict=True):
                 if isinstance(result, BaseException):
                     log.info("trip %s: decision not delivered to %s yet: %s", trip.id, owner, result)
-            acked = {owner for owner, result in zip(owners, results, strict=True) if result == owner}
+                else:
+                    acked.add(owner)
             if acked:
                 self._store_acks(trip, acked)
         finally:
